@@ -1,0 +1,350 @@
+"""Shared plumbing for the coati-vs-TRL benchmarks: model presets, worker subprocesses, clocks, memory.
+
+Each ``bench_*.py`` prepares one model directory and one tokenized data file in the parent process, then
+runs every framework in its own child process (``--_worker coati|trl``) so that peak memory is per framework
+and neither pays for the other's imports. Children report one ``BENCH_RESULT {...}`` line; the parent prints
+one JSON line that holds both results and their ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+RESULT_TAG = "BENCH_RESULT "
+
+# LLaMA shapes. "small" is the recorded CPU config; "1b" is TinyLlama-1.1B's shape (GPU only).
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),
+}
+
+
+# ----- command line ---------------------------------------------------------------------------------------
+
+def common_parser(description: str, *, steps: int, batch_size: int, seq_len: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(PRESETS), default="small", help="LLaMA shape preset")
+    p.add_argument("--hidden", type=int, default=None, help="override the preset's hidden size")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    p.add_argument("--steps", type=int, default=steps, help="timed optimizer steps")
+    p.add_argument("--warmup_steps", type=int, default=2, help="untimed optimizer steps before timing")
+    p.add_argument("--batch_size", type=int, default=batch_size)
+    p.add_argument("--seq_len", type=int, default=seq_len, help="max tokens per sequence (truncation length)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32 weights either way; bf16 = autocast in both frameworks")
+    p.add_argument("--threads", type=int, default=1, help="torch/OMP threads per worker process")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each framework this many times, alternating, and keep the median run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip_trl", action="store_true", help="measure coati only")
+    p.add_argument("--skip_coati", action="store_true", help="measure TRL only")
+    p.add_argument("--output", default=None, help="also write the JSON line to this file")
+    p.add_argument("--keep_workdir", action="store_true", help="keep the temp dir (model, data, worker logs)")
+    p.add_argument("--_worker", choices=["coati", "trl"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_job", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def model_config(args: argparse.Namespace, vocab_size: int = 32000) -> dict[str, Any]:
+    cfg = dict(PRESETS[args.config])
+    if args.hidden is not None:
+        cfg["hidden_size"] = args.hidden
+        cfg["intermediate_size"] = int(round(args.hidden * 2.6875 / 8)) * 8
+    if args.layers is not None:
+        cfg["num_hidden_layers"] = args.layers
+    cfg.update(vocab_size=vocab_size, max_position_embeddings=max(2048, args.seq_len * 2), bos_token_id=1,
+               eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, rms_norm_eps=1e-5)
+    return cfg
+
+
+# ----- model and tokenizer --------------------------------------------------------------------------------
+
+def llama_tokenizer():
+    """The LLaMA-2 tokenizer as tests/tiny.py loads it (pad = <unk>, id 0)."""
+    from transformers import LlamaTokenizer
+
+    tok = LlamaTokenizer.from_pretrained(str(SHARED_DATA / "tokenizers" / "llama2"))
+    tok.pad_token = tok.unk_token
+    return tok
+
+
+def write_model_dir(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    """A random-weight LLaMA (seeded) + tokenizer as a save_pretrained dir both frameworks load."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model_config(args)
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.save_pretrained(str(path))
+    llama_tokenizer().save_pretrained(str(path))
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"family": "llama", **{k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                       "num_attention_heads", "num_key_value_heads",
+                                                       "vocab_size")},
+            "params_m": round(n_params / 1e6, 2)}
+
+
+# ----- measurement ----------------------------------------------------------------------------------------
+
+def setup_worker(job: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(job["seed"])
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:  # pragma: no cover
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """High-water RSS of this process since it started (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MemoryProbe:
+    """Peak memory of the training phase: CPU = process RSS high-water, GPU = max_memory_allocated."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.rss_before = 0.0
+
+    def start(self) -> None:
+        self.rss_before = rss_mb()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def report(self) -> dict[str, float]:
+        out = {"peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_train_mb": round(self.rss_before, 1)}
+        if self.device == "cuda":
+            import torch
+
+            out["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return out
+
+
+class StepClock:
+    """Wall and process-CPU timestamps at the end of every optimizer step.
+
+    Wall time is the headline figure. On a shared CPU, other processes stretch wall time but not the CPU
+    time this (single-threaded) process spends, so the ``*_per_cpu_s`` figures are the steadier comparison
+    there; they are reported for ``--device cpu`` only (on a GPU the host CPU time means little).
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def tick(self) -> None:
+        sync(self.device)
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def __len__(self) -> int:
+        return len(self.wall)
+
+    def window(self, warmup: int, steps: int) -> tuple[float, float]:
+        """(wall s, CPU s) from the end of the last warmup step to the end of the last timed step."""
+        if len(self.wall) < warmup + steps:
+            raise RuntimeError(f"only {len(self.wall)} steps ran, expected {warmup + steps}")
+        a, b = warmup - 1, warmup + steps - 1
+        return self.wall[b] - self.wall[a], self.cpu[b] - self.cpu[a]
+
+    def rates(self, warmup: int, steps: int, counts: dict[str, float]) -> dict[str, float]:
+        """``{name}_per_s`` (wall) and, on CPU, ``{name}_per_cpu_s`` for each count over the timed window."""
+        wall, cpu = self.window(warmup, steps)
+        out = {f"{k}_per_s": round(v / wall, 3) for k, v in counts.items()}
+        if self.device == "cpu":
+            out.update({f"{k}_per_cpu_s": round(v / cpu, 3) for k, v in counts.items()})
+        out.update(step_s=round(wall / steps, 4), timed_s=round(wall, 3))
+        if self.device == "cpu":
+            out["timed_cpu_s"] = round(cpu, 3)
+        return out
+
+
+def emit(result: dict[str, Any]) -> None:
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# ----- the parent: jobs, workers, the report line -----------------------------------------------------------
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "accelerate", "peft", "coati"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            info["cpu"] = names[0]
+    except OSError:
+        pass
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_worker(script: str, framework: str, job_path: Path, threads: int, device: str,
+               log_path: Path) -> dict[str, Any]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["WANDB_DISABLED"] = "true"
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, script, "--_worker", framework, "--_job", str(job_path)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(REPO))
+    log_path.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    results = [line[len(RESULT_TAG):] for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not results:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        sys.stderr.write(f"[{framework}] worker failed (rc={proc.returncode}); log: {log_path}\n{tail}\n")
+        return {"error": f"worker exited with {proc.returncode}", "log_tail": tail[-2000:]}
+    result = json.loads(results[-1])
+    result["process_wall_s"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def run_frameworks(args: argparse.Namespace, script: str, job: dict[str, Any], workdir: Path,
+                   key_metrics: list[str]) -> dict[str, dict[str, Any]]:
+    """Run coati and TRL workers (alternating when repeating). With repeats, every numeric figure is the
+    median over the runs, and ``runs`` keeps each run's ``key_metrics``."""
+    frameworks = [f for f, skip in (("coati", args.skip_coati), ("trl", args.skip_trl)) if not skip]
+    job_path = workdir / "job.json"
+    job_path.write_text(json.dumps(job))
+    runs: dict[str, list[dict[str, Any]]] = {f: [] for f in frameworks}
+    for r in range(args.repeats):
+        for fw in frameworks:
+            sys.stderr.write(f"[bench] {fw} run {r + 1}/{args.repeats} ...\n")
+            res = run_worker(script, fw, job_path, args.threads, args.device, workdir / f"{fw}_{r}.log")
+            runs[fw].append(res)
+            if "error" not in res:
+                sys.stderr.write(f"[bench] {fw}: " + ", ".join(f"{k} = {res.get(k)}" for k in key_metrics) + "\n")
+    combined: dict[str, dict[str, Any]] = {}
+    for fw, rs in runs.items():
+        ok = [x for x in rs if "error" not in x]
+        if not ok:
+            combined[fw] = rs[-1]
+            continue
+        merged = dict(ok[0])
+        if len(ok) > 1:
+            for k, v in ok[0].items():
+                if isinstance(v, int) and not isinstance(v, bool):
+                    merged[k] = int(statistics.median(x[k] for x in ok))
+                elif isinstance(v, float):
+                    merged[k] = round(statistics.median(x[k] for x in ok), 4)
+                elif isinstance(v, dict) and all(isinstance(u, (int, float)) for u in v.values()):
+                    merged[k] = {kk: round(statistics.median(x[k][kk] for x in ok), 4) for kk in v}
+            merged["runs"] = [{k: x.get(k) for k in key_metrics} for x in ok]
+        combined[fw] = merged
+    return combined
+
+
+def ratios(coati: dict[str, Any], trl: dict[str, Any], keys: list[str]) -> dict[str, float]:
+    out = {}
+    for k in keys:
+        a, b = coati.get(k), trl.get(k)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+            out[k] = round(a / b, 3)
+    return out
+
+
+def main(args: argparse.Namespace, *, script: str, bench: str, prepare: Callable[[argparse.Namespace, Path],
+         dict[str, Any]], key_metrics: list[str], ratio_keys: list[str], notes: str) -> dict[str, Any]:
+    """Parent flow: build the model dir and data file, run the workers, print one JSON line."""
+    if args.warmup_steps < 1:
+        raise SystemExit("--warmup_steps must be >= 1 (the first step compiles and allocates)")
+    tmp = tempfile.mkdtemp(prefix=f"coati_{bench}_")
+    workdir = Path(tmp)
+    model_dir = workdir / "model"
+    model_info = write_model_dir(args, model_dir)
+    job = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    job.update(model_dir=str(model_dir), workdir=str(workdir))
+    job.update(prepare(args, workdir))
+    results = run_frameworks(args, script, job, workdir, key_metrics)
+    report: dict[str, Any] = {
+        "bench": bench,
+        "model": model_info,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "warmup_steps": args.warmup_steps,
+        "timed_steps": args.steps,
+        "device": args.device,
+        "precision": args.precision,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        **{k: v for k, v in job.items() if k.startswith("data_") and k != "data_file"},
+        "coati": results.get("coati"),
+        "trl": results.get("trl"),
+    }
+    if "coati" in results and "trl" in results:
+        report["ratio_coati_over_trl"] = ratios(results["coati"], results["trl"], ratio_keys)
+    report["notes"] = notes
+    report["versions"] = versions()
+    report["machine"] = machine(args.device)
+    report["command"] = "python " + " ".join([os.path.relpath(script, REPO)] + sys.argv[1:])
+    line = json.dumps(report)
+    print(line, flush=True)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(line + "\n")
+    if not args.keep_workdir:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        sys.stderr.write(f"[bench] kept {workdir}\n")
+    return report
+
+

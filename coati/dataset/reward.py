@@ -1,0 +1,66 @@
+"""Preference pairs for reward-model training, tokenized exactly like SFT samples (prompt, response, EOS).
+
+A ranked list ``[best, ..., worst]`` becomes every (better, worse) pair, C(n, 2) of them;
+``max_datasets_size`` then counts pairs. Over-long pairs: ``overlong="truncate"`` keeps the first
+``max_len`` tokens of each side and drops the pair (``num_skipped``) when a side loses all its response tokens
+or both sides become identical; ``overlong="skip"`` drops every pair with a side longer than ``max_len``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .common import as_tensor, check_choice, convert_all, finish, has_target, select_subset, source_name
+from .formats import format_from_name, reward_converter
+from .io import load_records
+from .templates import SegmentEncoder, render_segments, resolve_template
+
+
+class RewardDataset(Dataset):
+    """Items ``{"chosen_input_ids": LongTensor, "rejected_input_ids": LongTensor}``.
+
+    ``format``: "hh-rlhf", "rm-static", "sharegpt", "ranked", "chat", or None to infer it from the dataset
+    name (:func:`~coati.dataset.formats.format_from_name`) and else from the first record's keys.
+    """
+
+    def __init__(self, path: Any, tokenizer, *, max_len: int = 512, max_datasets_size: int | None = None,
+                 prompt_template: str = "auto", overlong: str = "truncate", seed: int = 42,
+                 format: str | None = None, empty: str = "skip", split: str = "train"):
+        check_choice("overlong", overlong, ("truncate", "skip"))
+        resolve_template(tokenizer, prompt_template)
+        self.source = source_name(path)
+        if format is None and self.source != "<records>":
+            format = format_from_name(self.source)
+        records = load_records(path, split=split)
+        pairs, self.num_empty, first_empty = convert_all(records, reward_converter(records[0], format), empty)
+        pairs = select_subset(pairs, max_datasets_size, seed)
+        segments = []
+        for _, (chosen, rejected) in pairs:
+            segments += [render_segments(chosen, tokenizer, prompt_template),
+                         render_segments(rejected, tokenizer, prompt_template)]
+        encoded = SegmentEncoder(tokenizer).encode_many(segments, progress=len(pairs) > 1000, desc="reward data")
+
+        self.num_truncated = self.num_skipped = 0
+        self.chosen: list[torch.Tensor] = []
+        self.rejected: list[torch.Tensor] = []
+        for k in range(len(pairs)):
+            (c_ids, c_labels), (r_ids, r_labels) = encoded[2 * k], encoded[2 * k + 1]
+            if len(c_ids) > max_len or len(r_ids) > max_len:
+                c_ids, c_labels, r_ids, r_labels = c_ids[:max_len], c_labels[:max_len], r_ids[:max_len], \
+                    r_labels[:max_len]
+                if overlong == "skip" or not (has_target(c_labels) and has_target(r_labels)) or c_ids == r_ids:
+                    self.num_skipped += 1
+                    continue
+                self.num_truncated += 1
+            self.chosen.append(as_tensor(c_ids))
+            self.rejected.append(as_tensor(r_ids))
+        finish(self, "reward", self.source, len(self.chosen), first_empty, max_len)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return {"chosen_input_ids": self.chosen[idx], "rejected_input_ids": self.rejected[idx]}
+

@@ -1,0 +1,56 @@
+"""Supervised fine-tuning samples: the loss is on response tokens only (every assistant turn + its EOS).
+
+Over-long samples: ``overlong="truncate"`` keeps the first ``max_len`` tokens and drops the sample (counted
+in ``num_skipped``) when no response token survives, so a row of only -100 labels never reaches the loss;
+``overlong="skip"`` drops every sample longer than ``max_len``. Records with an empty response are skipped
+and counted in ``num_empty`` (``empty="raise"`` makes them an error instead).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .common import as_tensor, check_choice, convert_all, finish, has_target, select_subset, source_name
+from .formats import sft_converter
+from .io import load_records
+from .templates import SegmentEncoder, resolve_template
+
+
+class SFTDataset(Dataset):
+    """Items ``{"input_ids": LongTensor, "labels": LongTensor}`` (labels -100 outside responses)."""
+
+    def __init__(self, path_or_records: Any, tokenizer, *, max_len: int = 512, max_datasets_size: int | None = None,
+                 prompt_template: str = "auto", overlong: str = "truncate", seed: int = 42, empty: str = "skip",
+                 split: str = "train"):
+        check_choice("overlong", overlong, ("truncate", "skip"))
+        resolve_template(tokenizer, prompt_template)
+        self.source = source_name(path_or_records)
+        records = load_records(path_or_records, split=split)
+        examples, self.num_empty, first_empty = convert_all(records, sft_converter(records[0]), empty)
+        examples = select_subset(examples, max_datasets_size, seed)
+        segments = [conv.segments(tokenizer, prompt_template) for _, conv in examples]
+        encoded = SegmentEncoder(tokenizer).encode_many(segments, progress=len(segments) > 1000, desc="SFT data")
+
+        self.num_truncated = self.num_skipped = 0
+        self.input_ids: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.locations: list[str] = []
+        for (rec, _), (ids, labels) in zip(examples, encoded):
+            if len(ids) > max_len:
+                ids, labels = ids[:max_len], labels[:max_len]
+                if overlong == "skip" or not has_target(labels):
+                    self.num_skipped += 1
+                    continue
+                self.num_truncated += 1
+            self.input_ids.append(as_tensor(ids))
+            self.labels.append(as_tensor(labels))
+            self.locations.append(rec.location)
+        finish(self, "SFT", self.source, len(self.input_ids), first_empty, max_len)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[idx], "labels": self.labels[idx]}

@@ -1,0 +1,319 @@
+"""Turn a batch of prompts into an :class:`Experience`: sample responses, score them, compute advantages.
+
+Per batch: generate with the actor; log-probs of the sampled tokens under the actor and the reference
+policy; critic values; a sequence reward from a :class:`~coati.models.RewardModel` or a Python function;
+per-token rewards ``-kl_coef * (log pi - log pi_ref)`` with the sequence reward on the last response token;
+GAE; whitened advantages. With LoRA and no separate reference model, the reference is the actor with its
+adapter disabled (no second copy of the weights).
+
+Sampling defaults are plain sampling (temperature 1, no top-k / top-p), so responses come from the very
+policy whose log-probs PPO uses; other settings sample from a warped policy while log-probs stay those of
+the model itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from coati.experience.experience import Experience
+from coati.experience.gae import compute_gae
+from coati.experience.kl import FixedKLController
+from coati.models.generation import generate_with_masks
+from coati.models.utils import compute_reward, masked_mean, masked_whiten
+
+logger = logging.getLogger("coati")
+
+RewardFn = Callable[..., list[float]]
+
+# PromptCollator fields that are not per-sample extras for a reward function.
+_BATCH_KEYS = ("input_ids", "attention_mask", "prompts")
+
+
+class RunningMoments:
+    """Running mean / std of sequence rewards over every process, for ``normalize_reward``."""
+
+    def __init__(self, strategy: Any = None) -> None:
+        self.strategy = strategy
+        self.count = 0.0
+        self.mean = 0.0
+        self.var = 1.0
+
+    def update(self, x: torch.Tensor) -> None:
+        stats = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()]).float()
+        if self.strategy is not None:
+            stats = self.strategy.all_reduce(stats, op="sum")
+        n, s, ss = (float(v) for v in stats)
+        if n == 0:
+            return
+        b_mean = s / n
+        b_var = max(ss / n - b_mean * b_mean, 0.0)
+        total = self.count + n
+        delta = b_mean - self.mean
+        m2 = self.var * self.count + b_var * n + delta * delta * self.count * n / total
+        self.mean += delta * n / total
+        self.var = m2 / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 0.0) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.var = state["count"], state["mean"], state["var"]
+
+
+class ExperienceMaker:
+    """Builds experiences for PPO.
+
+    ``actor``/``critic`` may be strategy-wrapped (DDP); inference here uses the unwrapped modules.
+    ``initial_model`` is the frozen reference actor; leave it None when the actor has LoRA to use the actor
+    with its adapter disabled. Give ``reward_model`` or ``reward_fn`` (``f(prompts, responses, **extras) ->
+    list[float]``, extras being the prompt dataset's other fields). ``kl_ctl`` holds the KL coefficient
+    (a float makes a fixed controller).
+    """
+
+    def __init__(
+        self,
+        actor: nn.Module,
+        critic: nn.Module,
+        reward_model: nn.Module | None = None,
+        initial_model: nn.Module | None = None,
+        *,
+        tokenizer: Any,
+        reward_fn: RewardFn | None = None,
+        kl_ctl: FixedKLController | float = 0.1,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        reward_clip: float | None = None,
+        normalize_reward: bool = False,
+        offload_ref_reward: bool = False,
+        strategy: Any = None,
+        max_new_tokens: int | None = None,
+        max_seq_len: int | None = None,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generate_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if (reward_model is None) == (reward_fn is None):
+            raise ValueError("give exactly one reward source: reward_model or reward_fn")
+        if max_new_tokens is None and max_seq_len is None:
+            raise ValueError("set max_new_tokens or max_seq_len for generation")
+        self.actor = actor
+        self.critic = critic
+        self.reward_model = reward_model
+        self.initial_model = initial_model
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.kl_ctl = kl_ctl if isinstance(kl_ctl, FixedKLController) else FixedKLController(kl_ctl)
+        self.gamma = gamma
+        self.lam = lam
+        self.whiten_advantages = whiten_advantages
+        self.reward_clip = reward_clip
+        self.normalize_reward = normalize_reward
+        self.reward_stats = RunningMoments(strategy)
+        self.offload_ref_reward = offload_ref_reward
+        self.strategy = strategy
+        self.max_new_tokens = max_new_tokens
+        self.max_seq_len = max_seq_len
+        self.sampling = {"do_sample": do_sample, **(generate_kwargs or {})}
+        if do_sample:
+            self.sampling.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.timings: dict[str, float] = {"generate": 0.0, "make_experience": 0.0}
+        self._warned_len = False
+        self._check_reference()
+
+    # ----- helpers ------------------------------------------------------------------------------------
+    def _unwrap(self, model: nn.Module | None) -> nn.Module | None:
+        if model is None or self.strategy is None:
+            return model
+        return self.strategy.unwrap(model)
+
+    @property
+    def device(self) -> torch.device:
+        if self.strategy is not None:
+            return self.strategy.device
+        return next(self._unwrap(self.actor).parameters()).device
+
+    def _check_reference(self) -> None:
+        if self.initial_model is None and not getattr(self._unwrap(self.actor), "lora_enabled", False):
+            raise ValueError("no reference model: pass initial_model (a frozen copy of the starting actor) or "
+                             "use LoRA, whose disabled adapter is the reference")
+
+    @contextlib.contextmanager
+    def _on_device(self, model: nn.Module | None) -> Iterator[None]:
+        """With ``offload_ref_reward``, bring a CPU-resident frozen model to the device for one use."""
+        if model is None or not self.offload_ref_reward or self.device.type == "cpu":
+            yield
+            return
+        model.to(self.device)
+        try:
+            yield
+        finally:
+            model.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return self.strategy.autocast() if self.strategy is not None else contextlib.nullcontext()
+
+    def _generation_kwargs(self, prompt_width: int) -> dict[str, Any]:
+        new_tokens = self.max_new_tokens
+        if new_tokens is None:
+            new_tokens = self.max_seq_len - prompt_width
+            if new_tokens < 1 and not self._warned_len:
+                logger.warning("max_seq_len %d leaves no room after a %d-token prompt batch; generating 1 token "
+                               "(raise --max_seq_len or set --max_new_tokens)", self.max_seq_len, prompt_width)
+                self._warned_len = True
+            new_tokens = max(1, new_tokens)
+        return {**self.sampling, "max_new_tokens": new_tokens}
+
+    def decode_responses(self, sequences: torch.Tensor, action_mask: torch.Tensor) -> list[str]:
+        """Response texts without EOS, padding and other special tokens."""
+        actions = sequences[:, -action_mask.size(1):]
+        out = []
+        for row, mask in zip(actions.tolist(), action_mask.tolist()):
+            ids = [t for t, m in zip(row, mask) if m]
+            out.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return out
+
+    def _no_eos(self, actions: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+        """1.0 for responses cut by the token limit (no EOS among their valid tokens)."""
+        eos = torch.as_tensor(self.eos_token_id, device=actions.device).reshape(-1)
+        has_eos = (torch.isin(actions, eos) & action_mask.bool()).any(-1)
+        return (~has_eos).float()
+
+    @torch.no_grad()
+    def _sequence_reward(self, batch: dict[str, Any], sequences: torch.Tensor, attention_mask: torch.Tensor,
+                         action_mask: torch.Tensor) -> torch.Tensor:
+        if self.reward_model is not None:
+            with self._on_device(self.reward_model), self._autocast():
+                return self._unwrap(self.reward_model)(sequences, attention_mask).float()
+        prompts = batch.get("prompts")
+        if prompts is None:
+            prompts = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        responses = self.decode_responses(sequences, action_mask)
+        extras = {k: v for k, v in batch.items() if k not in _BATCH_KEYS}
+        scores = self.reward_fn(list(prompts), responses, **extras)
+        if len(scores) != len(responses):
+            raise ValueError(f"reward_fn returned {len(scores)} scores for {len(responses)} responses")
+        return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=sequences.device)
+
+    @torch.no_grad()
+    def _ref_log_probs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int) -> torch.Tensor:
+        if self.initial_model is not None:
+            with self._on_device(self.initial_model), self._autocast():
+                return self._unwrap(self.initial_model)(sequences, attention_mask, num_actions=num_actions)
+        actor = self._unwrap(self.actor)
+        with actor.disable_adapter(), self._autocast():
+            return actor(sequences, attention_mask, num_actions=num_actions)
+
+    # ----- the experience -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def make_experience(self, batch: dict[str, Any]) -> Experience:
+        """``batch`` is a PromptCollator batch (left-padded ``input_ids``, ``attention_mask``, ``prompts``,
+        extras) on any device."""
+        actor, critic = self._unwrap(self.actor), self._unwrap(self.critic)
+        was_training = actor.training, critic.training
+        actor.eval()
+        critic.eval()
+        device = self.device
+        input_ids = batch["input_ids"].to(device)
+        prompt_mask = batch["attention_mask"].to(device)
+
+        t0 = time.perf_counter()
+        sequences, attention_mask, action_mask = generate_with_masks(
+            actor, input_ids, prompt_mask, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            **self._generation_kwargs(input_ids.size(1)))
+        t1 = time.perf_counter()
+        num_actions = action_mask.size(1)
+        # Tokens after the first EOS are padding: keep them out of every model input.
+        sequences = sequences.clone()
+        sequences[:, -num_actions:].masked_fill_(action_mask.eq(0), self.pad_token_id)
+
+        with self._autocast():
+            log_probs = actor(sequences, attention_mask, num_actions=num_actions).float()
+            values = critic(sequences, attention_mask, num_actions=num_actions).float()
+        ref_log_probs = self._ref_log_probs(sequences, attention_mask, num_actions).float()
+        score = self._sequence_reward(batch, sequences, attention_mask, action_mask)
+
+        reward = score
+        if self.normalize_reward:
+            self.reward_stats.update(score)
+            reward = (score - self.reward_stats.mean) / (self.reward_stats.std + 1e-8)
+        kl_coef = self.kl_ctl.value
+        rewards = compute_reward(reward, kl_coef, log_probs, ref_log_probs, action_mask,
+                                 reward_clip=self.reward_clip)
+        mask = action_mask.float()
+        values = values * mask
+        advantages, returns = compute_gae(rewards, values, action_mask, self.gamma, self.lam)
+        raw_adv = masked_mean(advantages, action_mask, dim=-1)
+        if self.whiten_advantages:
+            advantages = masked_whiten(advantages, action_mask) * mask
+
+        log_ratio = (log_probs - ref_log_probs) * mask
+        info = {
+            "score": score,
+            "reward": rewards.sum(-1),
+            "kl": masked_mean(log_ratio, action_mask, dim=-1),
+            "kl_seq": log_ratio.sum(-1),
+            "return": masked_mean(returns, action_mask, dim=-1),
+            "value": masked_mean(values, action_mask, dim=-1),
+            "advantage": raw_adv,
+            "response_length": mask.sum(-1),
+            "prompt_length": prompt_mask.float().sum(-1),
+            "response_clipped": self._no_eos(sequences[:, -num_actions:], action_mask),
+        }
+        actor.train(was_training[0])
+        critic.train(was_training[1])
+        self.timings["generate"] += t1 - t0
+        self.timings["make_experience"] += time.perf_counter() - t1
+        return Experience(
+            sequences=sequences,
+            attention_mask=attention_mask,
+            action_mask=action_mask,
+            action_log_probs=log_probs * mask,
+            values=values,
+            returns=returns,
+            advantages=advantages,
+            info=info,
+        )
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """``"module:function"`` (module importable from ``sys.path`` / PYTHONPATH) or ``"path/to/file.py:function"``.
+
+    The function is called as ``f(prompts: list[str], responses: list[str], **extras) -> list[float]``.
+    """
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    module_name, sep, func_name = spec.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise ValueError(f"--reward_fn must look like module:function or path/to/file.py:function, got {spec!r}")
+    if module_name.endswith(".py") or Path(module_name).is_file():
+        path = Path(module_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--reward_fn: no file {path}")
+        mod_spec = importlib.util.spec_from_file_location(f"coati_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise AttributeError(f"--reward_fn: {module_name} has no function {func_name!r}")
+    return fn

@@ -1,0 +1,165 @@
+"""A request queue in front of `Generator`: one background thread batches waiting requests into `generate`.
+
+Async callers (the server) submit token-id prompts and await a `Completion`, or iterate text pieces of a
+streaming request. The worker takes the oldest waiting request, adds up to `max_batch_size - 1` more with
+the same sampling settings (`SamplingParams.batch_key`), and runs one left-padded `generate`; streaming
+requests share batches too and get their text pieces as the batch produces them. A batch runs to its
+end before the next one starts (static batching: simple, and enough for a single-GPU server).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from coati.inference.generation import Completion, Generator, SamplingParams
+
+
+@dataclass
+class _Request:
+    prompt: Sequence[int]
+    params: SamplingParams
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future | None = None
+    queue: asyncio.Queue | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """Hand a result to the caller's event loop; a loop already closed (server shut down) has no reader."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
+
+
+def _resolve(fut: asyncio.Future, value) -> None:
+    if fut.done():
+        return
+    if isinstance(value, BaseException):
+        fut.set_exception(value)
+    else:
+        fut.set_result(value)
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    batches: int = 0
+    max_batch: int = 0
+    queued: int = 0
+
+
+class BatchingEngine:
+    """Owns the generation thread. `start()` before use, `stop()` to end the thread."""
+
+    def __init__(self, generator: Generator, max_batch_size: int = 8, batch_wait_s: float = 0.005):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.generator, self.max_batch_size, self.batch_wait_s = generator, max_batch_size, batch_wait_s
+        self._pending: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.stats = EngineStats()
+
+    def start(self) -> "BatchingEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="coati-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _submit(self, req: _Request) -> None:
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("engine is stopped")
+            self._pending.append(req)
+            self.stats.queued = len(self._pending)
+            self._cond.notify()
+
+    async def complete(self, prompt: Sequence[int], params: SamplingParams) -> Completion:
+        loop = asyncio.get_running_loop()
+        req = _Request(prompt, params, False, loop, future=loop.create_future())
+        self._submit(req)
+        try:
+            return await req.future
+        finally:
+            req.cancel.set()  # no-op after completion; stops the row if the caller was cancelled
+
+    async def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[str | Completion]:
+        """Yields text pieces, then the final `Completion`."""
+        loop = asyncio.get_running_loop()
+        req = _Request(prompt, params, True, loop, queue=asyncio.Queue())
+        self._submit(req)
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Completion):
+                    return
+        finally:
+            req.cancel.set()
+
+    # worker thread
+    def _next_batch(self) -> list[_Request] | None:
+        with self._cond:
+            while not self._pending and not self._stopped:
+                self._cond.wait()
+            if self._stopped:
+                return None
+        if self.batch_wait_s > 0 and self.max_batch_size > 1:
+            time.sleep(self.batch_wait_s)  # let requests sent at the same moment join this batch
+        with self._cond:
+            first = self._pending.popleft()
+            batch, keep, key = [first], deque(), first.params.batch_key()
+            while self._pending:
+                r = self._pending.popleft()
+                if len(batch) < self.max_batch_size and r.params.batch_key() == key:
+                    batch.append(r)
+                else:
+                    keep.append(r)
+            self._pending = keep
+            self.stats.queued = len(keep)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            batch = [r for r in batch if not r.cancel.is_set()]
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[_Request]) -> None:
+        self.stats.batches += 1
+        self.stats.requests += len(batch)
+        self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        callbacks = [self._stream_callback(r) if r.stream else None for r in batch]
+        try:
+            outs = self.generator.generate([r.prompt for r in batch], [r.params for r in batch],
+                                           [r.cancel for r in batch], callbacks)
+        except Exception as err:  # every waiting caller gets the error; the worker lives on
+            outs = [err] * len(batch)
+        for r, out in zip(batch, outs):
+            if r.stream:
+                _post(r.loop, r.queue.put_nowait, out)
+            else:
+                _post(r.loop, _resolve, r.future, out)
+
+    @staticmethod
+    def _stream_callback(req: _Request):
+        return lambda piece: _post(req.loop, req.queue.put_nowait, piece)

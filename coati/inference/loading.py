@@ -1,0 +1,210 @@
+"""Load a trained model dir for inference: full weights or a peft LoRA adapter dir, in a chosen precision.
+
+Quantization goes through transformers' own integrations (bitsandbytes int8 / NF4, GPTQ) so a dir saved by
+coati's trainers loads the same way it would in plain transformers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+QUANT_MODES = ("8bit", "4bit", "gptq")
+logger = logging.getLogger(__name__)
+
+
+class QuantizationUnavailable(RuntimeError):
+    """The asked-for quantization backend is not installed or cannot run on this device."""
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' is fp32 on CPU (fast and exact there) and bf16 on GPUs that support it, else fp16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def _adapter_base(path: Path, base_model: str | None) -> str:
+    if base_model:
+        return base_model
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path; pass base_model")
+    if not Path(base).is_absolute() and (path / base).exists():
+        return str(path / base)
+    return base
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"))
+
+
+def _check_gptq_backend() -> None:
+    have = lambda m: importlib.util.find_spec(m) is not None  # noqa: E731
+    if not have("optimum") or not (have("gptqmodel") or have("auto_gptq")):
+        raise QuantizationUnavailable(
+            "GPTQ 4-bit needs transformers' GPTQ backend: `pip install optimum gptqmodel` (GPU build). "
+            "Without it use --quant 4bit (bitsandbytes NF4) or --quant 8bit.")
+
+
+def _config_quant_method(path: str) -> str | None:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method")
+
+
+def cpu_4bit_skip_modules(path: str, trust_remote_code: bool = False) -> list[str] | None:
+    """Linear layers bitsandbytes' CPU NF4 kernel cannot run, to keep in full precision.
+
+    Its packed CPU path needs in_features % 64 == 0 and out_features % 32 == 0 (e.g. LLaMA's 1376-wide MLP
+    fails); the returned leaf names (plus lm_head, skipped by default) become `llm_int8_skip_modules`.
+    None when every layer fits.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    bad = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and (m.in_features % 64 or m.out_features % 32)}
+    bad.discard("lm_head")
+    if not bad:
+        return None
+    logger.warning("4-bit on CPU: keeping %s in full precision (bitsandbytes' CPU kernel needs in_features "
+                   "divisible by 64 and out_features by 32)", ", ".join(sorted(bad)))
+    return sorted(bad) + ["lm_head"]
+
+
+def quantization_config(quant: str | None, compute_dtype: torch.dtype, *, tokenizer=None,
+                        calibration: list[str] | None = None, skip_modules: list[str] | None = None) -> Any:
+    """The transformers quantization config for `quant` (None -> None)."""
+    if quant is None:
+        return None
+    if quant not in QUANT_MODES:
+        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_MODES)}")
+    if quant == "gptq":
+        _check_gptq_backend()
+        from transformers import GPTQConfig
+
+        return GPTQConfig(bits=4, dataset=calibration or "c4", tokenizer=tokenizer)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailable(f"--quant {quant} needs bitsandbytes: `pip install coati[quant]`")
+    from transformers import BitsAndBytesConfig
+
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True,
+                              llm_int8_skip_modules=skip_modules)
+
+
+def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto", quant: str | None = None,
+               device: str | None = "auto", trust_remote_code: bool = False, base_model: str | None = None,
+               merge_adapter: bool = True, gptq_calibration: list[str] | None = None,
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `path` (a model dir or a LoRA adapter dir) and its tokenizer, ready for `generate` in eval mode.
+
+    A LoRA adapter is merged into full-precision bases (one matmul per layer instead of two) and kept as a
+    peft wrapper over quantized bases, where merging would round the adapter into the quantization grid.
+    """
+    path = Path(path)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    adapter = is_adapter_dir(path)
+    base_path = _adapter_base(path, base_model) if adapter else str(path)
+    tok_path = path if (not adapter or _has_tokenizer(path)) else base_path
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_path), trust_remote_code=trust_remote_code)
+
+    if _config_quant_method(base_path) == "gptq":
+        _check_gptq_backend()
+    skips = cpu_4bit_skip_modules(base_path, trust_remote_code) if quant == "4bit" and dev.type == "cpu" else None
+    qconfig = quantization_config(quant, torch_dtype, tokenizer=tokenizer, calibration=gptq_calibration,
+                                  skip_modules=skips)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype}
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    model = _from_pretrained(base_path, kwargs)
+    if qconfig is None:
+        model.to(dev)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path))
+        if merge_adapter and qconfig is None:
+            model = model.merge_and_unload()
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _from_pretrained(path: str, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """transformers>=4.56 names the precision argument `dtype`; older releases call it `torch_dtype`."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("4.56"):
+        kwargs = dict(kwargs)
+        kwargs["torch_dtype"] = kwargs.pop("dtype")
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def add_model_args(parser) -> None:
+    """The model-loading flags shared by inference/chat.py, server.py and benchmark.py."""
+    parser.add_argument("model_path", help="trained model dir, or a LoRA adapter dir (adapter_config.json)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights / compute precision; auto = fp32 on CPU, bf16 (else fp16) on GPU")
+    parser.add_argument("--quant", default=None, choices=QUANT_MODES,
+                        help="8bit = bitsandbytes int8, 4bit = bitsandbytes NF4, gptq = 4-bit GPTQ "
+                             "(needs optimum + gptqmodel)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--base_model", default=None, help="base model for an adapter dir (default: the "
+                        "base_model_name_or_path in adapter_config.json)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow model code from the model dir to run (off unless given)")
+    parser.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
+                        help="chat prompt format; must match the one used in training")
+
+
+def load_from_args(args) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load_model` for a CLI: a missing quantization backend ends the program with its message."""
+    try:
+        return load_model(args.model_path, dtype=args.dtype, quant=args.quant, device=args.device,
+                          trust_remote_code=args.trust_remote_code, base_model=args.base_model)
+    except QuantizationUnavailable as err:
+        raise SystemExit(f"error: {err}") from None

@@ -1,0 +1,295 @@
+"""OpenAI-compatible HTTP API over a `BatchingEngine` (FastAPI; `pip install coati[serve]`).
+
+Routes: POST /v1/chat/completions, POST /v1/completions (JSON or server-sent events with `stream: true`),
+GET /v1/models, GET /health. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`,
+so client libraries raise their usual exceptions (400 bad request, 401 key, 404 model, 429 busy).
+Chat prompts are rendered with the training template; /v1/completions continues the raw prompt.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coati.inference.engine import BatchingEngine
+from coati.inference.generation import Completion, SamplingParams, encode_chat, encode_text
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    aliases: tuple[str, ...] = ()
+    api_key: str | None = None
+    prompt_template: str = "auto"
+    max_prompt_tokens: int = 2048
+    max_tokens_limit: int = 512
+    max_concurrent: int = 64
+    default_completion_tokens: int = 16  # OpenAI's default for /v1/completions
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# request shapes (unknown OpenAI fields are accepted and ignored)
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # extension, as in vLLM
+    repetition_penalty: float = Field(1.0, gt=0.0)  # extension
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False  # extension: generate exactly max_tokens (benchmarks)
+
+
+class _TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_TextPart]
+
+    def plain(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+
+
+def _validation_message(err: ValidationError) -> tuple[str, str | None]:
+    first = err.errors()[0]
+    param = ".".join(str(x) for x in first.get("loc", ())) or None
+    return f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param
+
+
+def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the engine thread."""
+    from contextlib import asynccontextmanager
+
+    tokenizer = engine.generator.tokenizer
+    max_model_len = engine.generator.max_model_len
+    state = {"in_flight": 0}
+    names = {config.model_name, *config.aliases}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="coati inference server", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), kind).response()
+
+    def check_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", "authentication_error", code="invalid_api_key")
+
+    async def parse(request: Request, shape: type[BaseModel]):
+        check_key(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        try:
+            req = shape.model_validate(body)
+        except ValidationError as err:
+            msg, param = _validation_message(err)
+            raise APIError(400, msg, param=param, code="invalid_value") from None
+        if req.model is not None and req.model not in names:
+            raise APIError(404, f"The model `{req.model}` does not exist; this server serves "
+                                f"`{config.model_name}`.", "not_found_error", "model", "model_not_found")
+        if req.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        if getattr(req, "logprobs", None):
+            raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
+        return req
+
+    def sampling(req: _Sampling, prompt_len: int, max_tokens: int | None, default: int) -> SamplingParams:
+        room = config.max_tokens_limit
+        if max_model_len:
+            room = min(room, max_model_len - prompt_len)
+        if prompt_len > config.max_prompt_tokens or room < 1:
+            raise APIError(400, f"prompt is {prompt_len} tokens; this server accepts at most "
+                                f"{min(config.max_prompt_tokens, (max_model_len or 10**9) - 1)}",
+                           param="messages" if isinstance(req, ChatRequest) else "prompt",
+                           code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > config.max_tokens_limit:
+            raise APIError(400, f"max_tokens is {max_tokens}; the limit is {config.max_tokens_limit}",
+                           param="max_tokens", code="invalid_value")
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                                f"model's {max_model_len} positions", param="max_tokens",
+                           code="context_length_exceeded")
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        return SamplingParams(max_new_tokens=max_tokens or min(default, room), temperature=req.temperature,
+                              top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
+                              stop=tuple(s for s in stop if s), seed=req.seed, ignore_eos=req.ignore_eos)
+
+    def admit() -> None:
+        if state["in_flight"] >= config.max_concurrent:
+            raise APIError(429, f"server busy: {config.max_concurrent} requests already in flight; retry "
+                                "later", "rate_limit_error", code="too_many_requests")
+        state["in_flight"] += 1
+
+    def usage(outs: list[Completion]) -> dict[str, int]:
+        p, c = sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def sse(obj: Any) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def run_stream(prompt, params, make_chunk, include_usage: bool) -> AsyncIterator[str]:
+        try:
+            head = make_chunk(None, None, first=True)
+            if head is not None:
+                yield sse(head)
+            async for item in engine.stream(prompt, params):
+                if isinstance(item, Completion):
+                    yield sse(make_chunk(None, item.finish_reason))
+                    if include_usage:
+                        yield sse(make_chunk(None, None, usage=usage([item])))
+                elif item:
+                    yield sse(make_chunk(item, None))
+            yield "data: [DONE]\n\n"
+        except Exception as err:  # headers are sent already: report in-band, as OpenAI does
+            yield sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
+        finally:
+            state["in_flight"] -= 1
+
+    @app.get("/health")
+    async def health():
+        s = engine.stats
+        return {"status": "ok", "model": config.model_name, "in_flight": state["in_flight"],
+                "queued": s.queued, "requests": s.requests, "batches": s.batches, "max_batch": s.max_batch}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model",
+                                             "created": config.created, "owned_by": "coati"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req: ChatRequest = await parse(request, ChatRequest)
+        try:
+            prompt = encode_chat([m.plain() for m in req.messages], tokenizer, config.prompt_template)
+        except ValueError as err:
+            raise APIError(400, f"cannot render messages: {err}", param="messages") from None
+        params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens,
+                          config.max_tokens_limit)
+        rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model or config.model_name
+        admit()
+        if req.stream:
+            def chunk(text, finish, first=False, usage=None):
+                base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name}
+                if usage is not None:
+                    return {**base, "choices": [], "usage": usage}
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                             "finish_reason": finish}]}
+
+            include = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(run_stream(prompt, params, chunk, include), media_type="text/event-stream")
+        try:
+            out = await engine.complete(prompt, params)
+        finally:
+            state["in_flight"] -= 1
+        return {"id": rid, "object": "chat.completion", "created": created, "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                             "logprobs": None, "finish_reason": out.finish_reason}],
+                "usage": usage([out])}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await parse(request, CompletionRequest)
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo", code="unsupported_value")
+        raw = req.prompt
+        if isinstance(raw, str) or (raw and all(isinstance(t, int) for t in raw)):
+            raw = [raw]
+        if not raw:
+            raise APIError(400, "prompt is empty", param="prompt")
+        prompts = [encode_text(tokenizer, p) if isinstance(p, str) else list(p) for p in raw]
+        vocab = len(tokenizer)
+        for p in prompts:
+            if not p:
+                raise APIError(400, "prompt is empty", param="prompt")
+            if any(t < 0 or t >= vocab for t in p):
+                raise APIError(400, "prompt token id out of the vocabulary", param="prompt")
+        params = [sampling(req, len(p), req.max_tokens, config.default_completion_tokens) for p in prompts]
+        if req.stream and len(prompts) > 1:
+            raise APIError(400, "streaming supports one prompt per request", param="prompt")
+        rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model or config.model_name
+        admit()
+        if req.stream:
+            def chunk(text, finish, first=False, usage=None):
+                base = {"id": rid, "object": "text_completion", "created": created, "model": name}
+                if first:
+                    return None
+                if usage is not None:
+                    return {**base, "choices": [], "usage": usage}
+                return {**base, "choices": [{"index": 0, "text": text or "", "logprobs": None,
+                                             "finish_reason": finish}]}
+
+            include = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(run_stream(prompts[0], params[0], chunk, include),
+                                     media_type="text/event-stream")
+        try:
+            outs = await asyncio.gather(*(engine.complete(p, sp) for p, sp in zip(prompts, params)))
+        finally:
+            state["in_flight"] -= 1
+        return {"id": rid, "object": "text_completion", "created": created, "model": name,
+                "choices": [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+                            for i, o in enumerate(outs)],
+                "usage": usage(outs)}
+
+    return app

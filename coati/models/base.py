@@ -1,0 +1,355 @@
+"""Actor, Critic and RewardModel: thin wrappers over a Hugging Face causal LM (optionally peft LoRA).
+
+They add only what RLHF needs: action log-probs (Actor), a fp32 scalar value head on the transformer body
+(Critic, RewardModel), padding-independent position ids, and save/load in formats plain ``transformers`` /
+``peft`` read, with the value head beside them in ``value_head.safetensors``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from .families import check_model_type
+from .lora import LoraSettings, apply_lora, is_peft_model
+from .utils import last_token_index, log_probs_from_logits, position_ids_from_mask
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def _dtype_kwargs(torch_dtype: Any) -> dict[str, Any]:
+    """``from_pretrained`` dtype keyword: ``dtype`` on transformers >= 4.56, ``torch_dtype`` before."""
+    if torch_dtype is None:
+        return {}
+    if isinstance(torch_dtype, str) and torch_dtype != "auto":
+        torch_dtype = _DTYPES[torch_dtype.lower()]
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: torch_dtype}
+
+
+_SIGNATURES: dict[type, frozenset[str]] = {}
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    """Whether ``module.forward`` takes keyword ``name`` (inspected once per class)."""
+    cls = type(module)
+    if cls not in _SIGNATURES:
+        try:
+            _SIGNATURES[cls] = frozenset(inspect.signature(module.forward).parameters)
+        except (TypeError, ValueError):
+            _SIGNATURES[cls] = frozenset()
+    return name in _SIGNATURES[cls]
+
+
+def _base_lm(model: nn.Module) -> nn.Module:
+    """The HF causal LM under a PeftModel (LoRA layers live inside it), or the model itself."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def _prepare(model: nn.Module, family: str, lora: LoraSettings | None, grad_checkpoint: bool) -> nn.Module:
+    check_model_type(family, model.config.model_type)
+    if grad_checkpoint:
+        # non-reentrant checkpointing works with frozen (LoRA) bases without forcing input grads
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return apply_lora(model, lora, family)
+
+
+def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
+                   grad_checkpoint: bool = False, torch_dtype: Any = None, **hf_kwargs: Any) -> nn.Module:
+    """Load a HF causal LM dir, or a peft adapter dir (its base + adapter, merged), then add new LoRA if asked.
+
+    Merging a saved adapter makes it the starting point of the next stage (e.g. SFT adapter -> PPO actor and
+    its reference); to continue training the same adapter, build the model and call ``load_weights``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    kwargs = {**_dtype_kwargs(torch_dtype), **hf_kwargs}
+    if (path / ADAPTER_CONFIG_FILE).is_file():
+        from peft import PeftConfig, PeftModel
+
+        base_path = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+        if not base_path:
+            raise ValueError(f"{path}: adapter_config.json names no base model; save with merge_lora=True instead")
+        base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return _prepare(model, family, lora, grad_checkpoint)
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu",
+                                                                                      weights_only=True))
+    return state
+
+
+def _full_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All weights of a ``save_pretrained`` dir: single file or sharded (``*.index.json``)."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path / single).is_file():
+            return _read_safetensors([path / single])
+        if (path / index).is_file():
+            weight_map = json.loads((path / index).read_text())["weight_map"]
+            return _read_safetensors([path / f for f in sorted(set(weight_map.values()))])
+    raise FileNotFoundError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
+
+
+def _load_full(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: weights do not match the model; unexpected keys {result.unexpected_keys[:5]}")
+    own = model.state_dict()
+    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
+    # tied weights (e.g. GPT-2 lm_head) are not written by save_pretrained; they are filled through the tie
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
+    if missing:
+        raise ValueError(f"{path}: weights missing for {missing[:5]}")
+
+
+def _load_adapter(model: nn.Module, path: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    files = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
+    found = [f for f in files if f.is_file()]
+    if not found:
+        raise FileNotFoundError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
+    result = set_peft_model_state_dict(model, _read_safetensors(found[:1]))
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"{path}: adapter does not match the model; unexpected keys {unexpected[:5]}")
+
+
+class _HFWrapper(nn.Module):
+    """Shared save/load/adapter plumbing. Subclasses set ``self.model`` (HF causal LM or PeftModel)."""
+
+    model: nn.Module
+
+    @property
+    def lora_enabled(self) -> bool:
+        return is_peft_model(self.model)
+
+    @property
+    def base_lm(self) -> nn.Module:
+        return _base_lm(self.model)
+
+    @property
+    def config(self) -> Any:
+        return self.base_lm.config
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run with LoRA adapters off (the frozen base = PPO reference policy); a no-op without LoRA."""
+        if self.lora_enabled:
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+    def save_pretrained(self, path: str | Path, tokenizer: Any = None, merge_lora: bool = False) -> None:
+        """Write a dir that ``AutoModelForCausalLM`` (or ``PeftModel`` for an unmerged adapter) loads.
+
+        With LoRA, ``merge_lora=False`` writes the peft adapter; ``True`` writes full merged weights, merged on
+        a copy so this (live) model keeps its adapters.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.lora_enabled and merge_lora:
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            merged.save_pretrained(str(path))
+            del merged
+        else:
+            self.model.save_pretrained(str(path))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path))
+        self._save_extra(path)
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load weights written by :meth:`save_pretrained` into this model in place (for resume)."""
+        path = Path(path)
+        is_adapter_dir = (path / ADAPTER_CONFIG_FILE).is_file()
+        if self.lora_enabled:
+            if not is_adapter_dir:
+                raise ValueError(f"{path}: no LoRA adapter to load into a LoRA model (was it saved merged?)")
+            _load_adapter(self.model, path)
+        else:
+            if is_adapter_dir:
+                raise ValueError(f"{path} holds a LoRA adapter but this model has no LoRA")
+            _load_full(self.model, _full_state_dict(path), path)
+        self._load_extra(path)
+
+    def _save_extra(self, path: Path) -> None:
+        pass
+
+    def _load_extra(self, path: Path) -> None:
+        pass
+
+
+class Actor(_HFWrapper):
+    """The policy: a causal LM that scores its own actions.
+
+    ``forward(input_ids, attention_mask)`` gives logits ``(B, T, V)``; with ``num_actions`` it gives the
+    log-probs ``(B, num_actions)`` of the last ``num_actions`` tokens (only those logits are computed when the
+    model supports ``logits_to_keep``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
+                        grad_checkpoint: bool = False, torch_dtype: Any = None, **hf_kwargs: Any) -> "Actor":
+        return cls(load_causal_lm(path, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
+                                  torch_dtype=torch_dtype, **hf_kwargs))
+
+    @classmethod
+    def from_config(cls, config: Any, *, family: str = "auto", lora: LoraSettings | None = None,
+                    grad_checkpoint: bool = False) -> "Actor":
+        from transformers import AutoModelForCausalLM
+
+        return cls(_prepare(AutoModelForCausalLM.from_config(config), family, lora, grad_checkpoint))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                num_actions: int | None = None) -> torch.Tensor:
+        lm = self.base_lm
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+        if attention_mask is not None and _accepts(lm, "position_ids"):
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        if num_actions is not None and _accepts(lm, "logits_to_keep"):
+            kwargs["logits_to_keep"] = num_actions + 1
+        logits = self.model(input_ids=input_ids, **kwargs).logits
+        if num_actions is None:
+            return logits
+        action_logits = logits[:, -(num_actions + 1):-1]
+        return log_probs_from_logits(action_logits, input_ids[:, -num_actions:])
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **gen_kwargs: Any) -> torch.Tensor:
+        """HF ``generate`` in eval mode (so the KV cache is used even with gradient checkpointing on);
+        returns the sequences (prompt + generated tokens)."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+        finally:
+            self.train(was_training)
+        return out.sequences if hasattr(out, "sequences") else out
+
+
+class _ValueModel(_HFWrapper):
+    """Causal LM body (no LM head compute) + fp32 ``value_head`` ``Linear(hidden, 1)``.
+
+    The whole causal LM is kept so ``save_pretrained`` writes a dir ``AutoModelForCausalLM`` loads; an untied
+    LM head is frozen since it never receives gradients (this keeps DDP free of unused trainable params).
+    """
+
+    def __init__(self, model: nn.Module, value_head: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.model = model
+        lm = self.base_lm
+        out_emb = lm.get_output_embeddings()
+        if out_emb is not None and out_emb.weight is not lm.get_input_embeddings().weight:
+            out_emb.requires_grad_(False)
+        if value_head is None:
+            hidden = getattr(out_emb, "in_features", None) or lm.config.hidden_size
+            param = next(lm.parameters())
+            value_head = nn.Linear(hidden, 1, device=param.device, dtype=torch.float32)
+            nn.init.normal_(value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+            nn.init.zeros_(value_head.bias)
+        self.value_head = value_head
+
+    @property
+    def body(self) -> nn.Module:
+        """The transformer body (e.g. ``LlamaModel``); with LoRA it contains the injected adapter layers."""
+        lm = self.base_lm
+        return getattr(lm, lm.base_model_prefix)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
+                        grad_checkpoint: bool = False, torch_dtype: Any = None, **hf_kwargs: Any):
+        """Load the LM from ``path`` and its ``value_head.safetensors`` if present (else a small random head,
+        e.g. when starting a reward model or critic from an SFT model)."""
+        model = cls(load_causal_lm(path, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
+                                   torch_dtype=torch_dtype, **hf_kwargs))
+        model._load_extra(Path(path))
+        return model
+
+    @classmethod
+    def from_config(cls, config: Any, *, family: str = "auto", lora: LoraSettings | None = None,
+                    grad_checkpoint: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        return cls(_prepare(AutoModelForCausalLM.from_config(config), family, lora, grad_checkpoint))
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Value at every position, ``(B, T)``, fp32."""
+        body = self.body
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+        if attention_mask is not None and _accepts(body, "position_ids"):
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        out = body(input_ids=input_ids, **kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return self.value_head(hidden.float()).squeeze(-1)
+
+    def _save_extra(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
+        save_file(state, str(path / VALUE_HEAD_FILE))
+
+    def _load_extra(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        f = path / VALUE_HEAD_FILE
+        if f.is_file():
+            self.value_head.load_state_dict(load_file(str(f)))
+
+
+class Critic(_ValueModel):
+    """Value function for PPO. ``forward(..., num_actions)`` returns the values aligned with the Actor's action
+    log-probs: the value of the state before each action token (positions ``[-num_actions-1:-1]``)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                num_actions: int | None = None) -> torch.Tensor:
+        values = self.values(input_ids, attention_mask)
+        if num_actions is None:
+            return values
+        return values[:, -(num_actions + 1):-1]
+
+
+class RewardModel(_ValueModel):
+    """Scalar reward per sequence: the value at the last token whose attention mask is 1 (any padding side)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        values = self.values(input_ids, attention_mask)
+        idx = last_token_index(attention_mask)
+        return values.gather(1, idx.unsqueeze(1)).squeeze(1)

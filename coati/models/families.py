@@ -1,0 +1,133 @@
+"""Model families as data: which HF ``model_type`` a family covers and where LoRA goes.
+
+One :class:`~coati.models.base.Actor` / ``Critic`` / ``RewardModel`` works for every causal LM; a family only
+picks LoRA target modules (and lets Coati users keep writing ``LlamaActor(pretrained=...)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A named group of HF architectures.
+
+    ``model_types`` are the ``config.model_type`` values it covers (empty = any). ``lora_target_modules`` is
+    a tuple of module-name suffixes, or ``"all-linear"`` (peft picks every linear layer except the LM head).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    lora_target_modules: tuple[str, ...] | str
+    description: str = ""
+
+    def targets(self) -> list[str] | str:
+        t = self.lora_target_modules
+        return t if isinstance(t, str) else list(t)
+
+
+_NEOX_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family("llama", ("llama",),
+               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+               "LLaMA / LLaMA-2/3 and look-alikes"),
+        Family("gpt_neox", ("gpt_neox",), _NEOX_TARGETS, "GPT-NeoX, Pythia"),
+        Family("polyglot_ko", ("gpt_neox",), _NEOX_TARGETS, "EleutherAI Polyglot-Ko (GPT-NeoX architecture)"),
+        Family("gpt2", ("gpt2",), ("c_attn", "c_proj", "c_fc"), "GPT-2 (Conv1D layers; peft sets fan_in_fan_out)"),
+        Family("opt", ("opt",), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), "Meta OPT"),
+        Family("bloom", ("bloom",), _NEOX_TARGETS, "BigScience BLOOM"),
+        Family("auto", (), ALL_LINEAR, "any causal LM; LoRA on all linear layers"),
+    ]
+}
+
+_ALIASES = {
+    "gpt-neox": "gpt_neox", "gptneox": "gpt_neox", "neox": "gpt_neox", "pythia": "gpt_neox",
+    "polyglot": "polyglot_ko", "polyglot-ko": "polyglot_ko", "polyglotko": "polyglot_ko",
+    "gpt": "gpt2", "llama2": "llama", "llama3": "llama",
+}
+
+
+def get_family(name: str) -> Family:
+    """Look a family up by name (case-insensitive; ``gpt-neox``, ``polyglot-ko`` etc. accepted)."""
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[key]
+
+
+def lora_targets(name: str) -> list[str] | str:
+    """LoRA target module names for a family, or ``"all-linear"``."""
+    return get_family(name).targets()
+
+
+def check_model_type(family: str | Family, model_type: str) -> None:
+    """Raise if ``model_type`` is not an architecture of ``family`` (``auto`` accepts everything)."""
+    fam = family if isinstance(family, Family) else get_family(family)
+    if fam.model_types and model_type not in fam.model_types:
+        raise ValueError(f"family {fam.name!r} expects model_type in {fam.model_types}, got {model_type!r}")
+
+
+# --- Coati-style constructors -------------------------------------------------------------------------
+
+def _coati_constructor(kind: str, family: str) -> Callable[..., Any]:
+    def build(pretrained: str | None = None, config: Any = None, checkpoint: bool = False,
+              lora_rank: int = 0, lora_train_bias: str = "none", **kwargs: Any):
+        from . import base
+        from .lora import LoraSettings
+
+        cls = getattr(base, kind)
+        lora = LoraSettings(rank=lora_rank, train_bias=lora_train_bias)
+        if pretrained is not None:
+            model = cls.from_pretrained(pretrained, family=family, lora=lora, grad_checkpoint=checkpoint, **kwargs)
+        elif config is not None:
+            model = cls.from_config(config, family=family, lora=lora, grad_checkpoint=checkpoint)
+        else:
+            raise ValueError(f"{build.__name__} needs `pretrained` (a path) or `config` (a transformers config)")
+        return model
+
+    prefix = {"llama": "Llama", "gpt_neox": "GPTNeoX", "polyglot_ko": "PolyglotKo", "gpt2": "GPT",
+              "opt": "OPT", "bloom": "BLOOM"}[family]
+    suffix = {"Actor": "Actor", "Critic": "Critic", "RewardModel": "RM"}[kind]
+    build.__name__ = build.__qualname__ = prefix + suffix
+    build.__doc__ = (f"Coati-compatible constructor: a :class:`coati.models.{kind}` of family {family!r} from "
+                     f"``pretrained`` (path) or ``config``; ``checkpoint`` enables gradient checkpointing; "
+                     f"``lora_rank`` > 0 adds LoRA (alpha = rank) with peft ``bias=lora_train_bias``.")
+    return build
+
+
+LlamaActor = _coati_constructor("Actor", "llama")
+LlamaCritic = _coati_constructor("Critic", "llama")
+LlamaRM = _coati_constructor("RewardModel", "llama")
+GPTNeoXActor = _coati_constructor("Actor", "gpt_neox")
+GPTNeoXCritic = _coati_constructor("Critic", "gpt_neox")
+GPTNeoXRM = _coati_constructor("RewardModel", "gpt_neox")
+PolyglotKoActor = _coati_constructor("Actor", "polyglot_ko")
+PolyglotKoCritic = _coati_constructor("Critic", "polyglot_ko")
+PolyglotKoRM = _coati_constructor("RewardModel", "polyglot_ko")
+GPTActor = _coati_constructor("Actor", "gpt2")
+GPTCritic = _coati_constructor("Critic", "gpt2")
+GPTRM = _coati_constructor("RewardModel", "gpt2")
+OPTActor = _coati_constructor("Actor", "opt")
+OPTCritic = _coati_constructor("Critic", "opt")
+OPTRM = _coati_constructor("RewardModel", "opt")
+BLOOMActor = _coati_constructor("Actor", "bloom")
+BLOOMCritic = _coati_constructor("Critic", "bloom")
+BLOOMRM = _coati_constructor("RewardModel", "bloom")
+
+COATI_CONSTRUCTORS: dict[str, Callable[..., Any]] = {
+    f.__name__: f for f in [
+        LlamaActor, LlamaCritic, LlamaRM, GPTNeoXActor, GPTNeoXCritic, GPTNeoXRM,
+        PolyglotKoActor, PolyglotKoCritic, PolyglotKoRM, GPTActor, GPTCritic, GPTRM,
+        OPTActor, OPTCritic, OPTRM, BLOOMActor, BLOOMCritic, BLOOMRM,
+    ]
+}
+
+__all__ = ["ALL_LINEAR", "FAMILIES", "Family", "check_model_type", "get_family", "lora_targets",
+           *COATI_CONSTRUCTORS]

@@ -1,0 +1,16 @@
+"""Trainers for the three RLHF stages, all driven through a Strategy."""
+from .base import SupervisedTrainer, latest_checkpoint, resolve_resume, save_checkpoint
+from .rm import RewardModelTrainer
+from .sft import SFTTrainer
+
+__all__ = ["SupervisedTrainer", "SFTTrainer", "RewardModelTrainer", "resolve_resume", "latest_checkpoint",
+           "save_checkpoint", "PPOTrainer"]
+
+
+def __getattr__(name):
+    # PPOTrainer pulls in the experience package; import it only when asked for.
+    if name == "PPOTrainer":
+        from .ppo import PPOTrainer
+
+        return PPOTrainer
+    raise AttributeError(name)

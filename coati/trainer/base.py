@@ -1,0 +1,287 @@
+"""The supervised training loop shared by SFT and reward-model training, and checkpoint helpers.
+
+One optimizer step = ``accumulation_steps`` micro-batches on every process. Losses are normalised by
+the *global* count of the step (target tokens for SFT, pairs for RM), so a DDP run with per-process
+batch B/W gives the same numbers as one process with batch B, and accumulation does not re-weight
+short samples.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .callbacks import MetricsLogger, logger
+from .strategies import Strategy
+
+CHECKPOINTS = "checkpoints"
+
+
+# ----- checkpoints ------------------------------------------------------------------------------------
+
+def checkpoint_dir(save_path: str | os.PathLike, step: int) -> Path:
+    return Path(save_path) / CHECKPOINTS / f"step_{step}"
+
+
+def latest_checkpoint(save_path: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step (temp dirs of interrupted saves are ignored)."""
+    root = Path(save_path) / CHECKPOINTS
+    steps = [(int(p.name.split("_")[1]), p) for p in root.glob("step_*")
+             if p.is_dir() and p.name.split("_")[1].isdigit() and (p / "trainer_state" / "state.pt").exists()]
+    return max(steps)[1] if steps else None
+
+
+def resolve_resume(resume: str | os.PathLike | None, save_path: str | os.PathLike | None) -> Path | None:
+    """``--resume`` alone means the latest checkpoint under save_path; a path names one checkpoint."""
+    if resume in (None, False, ""):
+        return None
+    if resume in (True, "latest"):
+        if save_path is None:
+            raise ValueError("--resume without a path needs --save_path")
+        found = latest_checkpoint(save_path)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {Path(save_path) / CHECKPOINTS}")
+        return found
+    path = Path(resume)
+    if not (path / "trainer_state" / "state.pt").exists():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"--resume: {path} holds no trainer_state/state.pt")
+        path = found
+    return path
+
+
+def save_checkpoint(strategy: Strategy, path: Path, models: dict[str, nn.Module], state: dict[str, Any],
+                    tokenizer: Any = None) -> None:
+    """Models (HF dirs) + trainer state into ``path``, built in ``path.tmp`` and renamed when complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    if strategy.is_rank0() and tmp.exists():
+        shutil.rmtree(tmp)
+    strategy.barrier()
+    for name, model in models.items():
+        strategy.save_model(model, tmp / name, tokenizer=tokenizer)
+    strategy.save_state(tmp / "trainer_state", state)
+    strategy.barrier()
+    if strategy.is_rank0():
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    strategy.barrier()
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03):
+    warmup = int(math.ceil(total_steps * warmup_ratio))
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=max(1, total_steps))
+
+
+def _groups(iterable: Iterable, size: int) -> Iterable[list]:
+    group: list = []
+    for item in iterable:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def batch_tokens(batch: dict[str, Any]) -> int:
+    """Non-pad tokens in a batch (every ``*attention_mask`` field), for throughput."""
+    return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v)))
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+# ----- the loop -------------------------------------------------------------------------------------------
+
+class SupervisedTrainer:
+    """Epochs over a dataloader with accumulation, clipping, warmup+cosine, eval, logging and resume.
+
+    Subclasses define ``compute_loss(batch) -> (loss_sum, count, metrics)`` where ``loss_sum`` is the
+    summed loss of the micro-batch and ``count`` the number of units it sums over, and ``evaluate()``.
+    """
+
+    stage = "train"
+
+    def __init__(self, model: nn.Module, strategy: Strategy, train_dataloader: DataLoader,
+                 eval_dataloader: DataLoader | None = None, *, optimizer: torch.optim.Optimizer | None = None,
+                 lr: float = 5e-6, weight_decay: float = 0.0, warmup_ratio: float = 0.03, max_epochs: int = 1,
+                 accumulation_steps: int = 1, save_path: str | None = None, save_interval: int = 0,
+                 log_interval: int = 10, eval_interval: int = 0, log_dir: str | None = None,
+                 use_tensorboard: bool = False, use_wandb: bool = False, tokenizer: Any = None,
+                 merge_lora: bool = False, need_optim_ckpt: bool = True, max_steps: int | None = None,
+                 run_config: dict[str, Any] | None = None) -> None:
+        self.strategy = strategy
+        self.model = model
+        self.train_dataloader = train_dataloader
+        self.eval_dataloader = eval_dataloader
+        self.accumulation_steps = max(1, accumulation_steps)
+        self.max_epochs = max_epochs
+        self.steps_per_epoch = math.ceil(len(train_dataloader) / self.accumulation_steps)
+        self.total_steps = self.steps_per_epoch * max_epochs
+        if max_steps is not None:
+            self.total_steps = min(self.total_steps, max_steps)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.scheduler = cosine_schedule(self.optimizer, self.total_steps, warmup_ratio)
+        self.save_path = save_path
+        self.save_interval = save_interval
+        self.log_interval = max(1, log_interval)
+        self.eval_interval = eval_interval
+        self.tokenizer = tokenizer
+        self.merge_lora = merge_lora
+        self.need_optim_ckpt = need_optim_ckpt
+        self.global_step = 0
+        self.epoch = 0
+        self.micro_in_epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.eval_history: list[dict[str, float]] = []
+        if log_dir is None and save_path is not None:
+            log_dir = save_path
+        self.metrics = MetricsLogger(log_dir, enabled=strategy.is_rank0(), use_tensorboard=use_tensorboard,
+                                     use_wandb=use_wandb, config=run_config, console=tqdm.write)
+
+    # ----- to be defined by subclasses ---------------------------------------------------------------
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def count_units(self, batch: dict[str, Any]) -> torch.Tensor:
+        """How many units (tokens, pairs) the micro-batch's loss sums over; known before the forward."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    # ----- checkpoint / resume ----------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        state = {"global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+                 "scheduler": self.scheduler.state_dict(), "history": self.history,
+                 "eval_history": self.eval_history}
+        if self.need_optim_ckpt:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        path = checkpoint_dir(self.save_path, self.global_step)
+        save_checkpoint(self.strategy, path, {"model": self.model}, self._state(), tokenizer=self.tokenizer)
+        if self.strategy.is_rank0():
+            logger.info("saved checkpoint %s", path)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        self.strategy.load_model(self.model, path / "model")
+        state = self.strategy.load_state(path / "trainer_state")
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.micro_in_epoch = state["micro_in_epoch"]
+        self.history = state.get("history", [])
+        self.eval_history = state.get("eval_history", [])
+        if self.strategy.is_rank0():
+            logger.info("resumed from %s at step %d (epoch %d)", path, self.global_step, self.epoch)
+
+    # ----- main loop ----------------------------------------------------------------------------------
+    def _train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+        strategy, model = self.strategy, self.model
+        device = strategy.device
+        micro_batches = [to_device(b, device) for b in micro_batches]
+        counts = [self.count_units(b).to(device, torch.float32) for b in micro_batches]
+        global_count = strategy.all_reduce(torch.stack(counts).sum(), op="sum").clamp(min=1)
+        # Gradient averaging over processes divides by world size; undo it so the step's gradient is the
+        # sum over every unit in the global batch divided by the global unit count.
+        scale = strategy.world_size / global_count
+        loss_total = torch.zeros((), device=device)
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with strategy.no_sync(model) if not last else contextlib.nullcontext():
+                with strategy.autocast():
+                    loss_sum, _, extra = self.compute_loss(batch)
+                strategy.backward(loss_sum * scale, model, self.optimizer)
+            loss_total += loss_sum.detach().float()
+            for k, v in extra.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        grad_norm = strategy.optimizer_step(self.optimizer, model, self.scheduler)
+        loss = strategy.all_reduce(loss_total, op="sum") / global_count
+        metrics = {"loss": float(loss), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+        for k, v in sums.items():
+            metrics[k] = float(strategy.all_reduce(torch.tensor(v, device=device), op="sum") / global_count)
+        return metrics
+
+    def fit(self, resume_from: str | os.PathLike | None = None) -> list[dict[str, float]]:
+        """Train; returns the per-step metrics. ``resume_from`` is a checkpoint dir (see resolve_resume)."""
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self.model.train()
+        loader = self.train_dataloader
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.stage,
+                   disable=not self.strategy.is_rank0(), dynamic_ncols=True)
+        t_last, tokens_since = time.perf_counter(), 0
+        while self.global_step < self.total_steps:
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(self.epoch)
+            if hasattr(loader.sampler, "start_index"):
+                loader.sampler.start_index = self.micro_in_epoch * loader.batch_size
+            for group in _groups(loader, self.accumulation_steps):
+                tokens_since += sum(batch_tokens(b) for b in group)
+                metrics = self._train_step(group)
+                self.micro_in_epoch += len(group)
+                self.global_step += 1
+                metrics["epoch"] = self.epoch + self.micro_in_epoch / max(1, len(loader))
+                self.history.append({"step": self.global_step, **metrics})
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if self.global_step % self.log_interval == 0 or self.global_step == self.total_steps:
+                    now = time.perf_counter()
+                    tokens = float(self.strategy.all_reduce(torch.tensor(float(tokens_since)), op="sum"))
+                    metrics["perf/throughput"] = tokens / max(now - t_last, 1e-9) / self.strategy.world_size
+                    t_last, tokens_since = now, 0
+                    self.metrics.log(self.global_step, metrics)
+                if self.eval_interval and self.global_step % self.eval_interval == 0:
+                    self._run_eval()
+                if self.save_path and self.save_interval and self.global_step % self.save_interval == 0:
+                    self.save_checkpoint()
+                if self.global_step >= self.total_steps:
+                    break
+            if self.micro_in_epoch >= len(loader):
+                self.epoch += 1
+                self.micro_in_epoch = 0
+                if not self.eval_interval:
+                    self._run_eval()
+        bar.close()
+        if self.eval_dataloader is not None and (not self.eval_history
+                                                 or self.eval_history[-1]["step"] != self.global_step):
+            self._run_eval()
+        if self.save_path:
+            self.save_model(self.save_path)
+        self.metrics.close()
+        return self.history
+
+    def _run_eval(self) -> None:
+        if self.eval_dataloader is None:
+            return
+        self.model.eval()
+        result = self.evaluate()
+        self.model.train()
+        self.eval_history.append({"step": self.global_step, **result})
+        self.metrics.log(self.global_step, result, prefix="eval")
+
+    def save_model(self, path: str | os.PathLike) -> None:
+        """The final model as a ``save_pretrained`` dir; checkpoints under it are kept."""
+        self.strategy.save_model(self.model, path, tokenizer=self.tokenizer, merge_lora=self.merge_lora)

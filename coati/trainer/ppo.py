@@ -1,0 +1,507 @@
+"""Stage 3: PPO (and PPO-ptx) on prompts, driven through a Strategy.
+
+One *episode* (= one logged step, like a veRL iteration) is:
+
+1. collect: ``num_collect_steps`` prompt batches -> experiences (generate, score, KL penalty, GAE) -> buffer;
+2. update: ``num_update_steps`` x ``max_epochs`` shuffled passes over the buffer in micro-batches of
+   ``train_batch_size``; every ``accumulation_steps`` micro-batches make one actor and one critic
+   optimizer step (separate optimizers and schedules);
+3. the buffer is cleared.
+
+Actor loss (PPO-ptx, InstructGPT's objective)::
+
+    loss_actor  = policy_loss + ptx_coef * ptx_loss      (ptx term only with a pretrain dataloader)
+    loss_critic = vf_coef * value_loss
+
+``policy_loss`` is the clipped surrogate (``eps_clip``), ``value_loss`` the clipped value loss
+(``value_clip``), ``ptx_loss`` the LM loss on a pretraining batch of ``ptx_batch_size`` per micro-batch.
+With ``ptx_coef == 0`` no pretraining batch is even drawn, so the run equals plain PPO exactly. (Coati's
+2023 code mixed ``ptx_coef * ptx + (1 - ptx_coef) * policy`` instead; here the policy term keeps weight 1 so
+turning ptx on does not shrink the RL step.)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup
+
+from ..experience.buffer import ReplayBuffer
+from ..experience.experience import Experience
+from ..experience.kl import make_kl_controller
+from ..experience.maker import ExperienceMaker
+from ..models.loss import PolicyLoss, PtxLoss, ValueLoss
+from ..models.utils import log_probs_from_logits, masked_mean
+from .base import checkpoint_dir, cosine_schedule, save_checkpoint, to_device
+from .callbacks import MetricsLogger, logger
+from .strategies import Strategy
+
+# Experience info fields -> logged names (veRL's where it has one).
+# "score" is the sequence reward (reward model / function), "reward" the per-token rewards summed (score
+# minus the KL penalty), "kl" the per-token mean of log pi - log pi_ref, "kl_seq" its sum over the response
+# (what the adaptive KL controller sees), "advantage" the raw GAE advantage before whitening.
+_EXPERIENCE_METRICS = {
+    "score": "critic/score/mean",
+    "reward": "critic/rewards/mean",
+    "return": "critic/returns/mean",
+    "value": "critic/values/mean",
+    "advantage": "critic/advantages/mean",
+    "kl": "actor/reward_kl_penalty",
+    "kl_seq": "actor/kl_seq",
+    "response_length": "response_length/mean",
+    "prompt_length": "prompt_length/mean",
+    "response_clipped": "response_length/clip_ratio",
+}
+_WITH_STD = ("score", "reward", "response_length")
+
+
+class _Cycle:
+    """Endless iteration over a dataloader that remembers its position (epoch, batches used) for resume."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.epoch = 0
+        self.consumed = 0
+        self._it: Iterator | None = None
+
+    def _start(self) -> None:
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        skip = self.consumed
+        if hasattr(sampler, "start_index"):
+            sampler.start_index = self.consumed * self.loader.batch_size
+            skip = 0
+        # Creating a DataLoader iterator draws a seed from the global RNG; keep it out of the sampling stream
+        # so a resumed run draws the same random numbers as an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            self._it = iter(self.loader)
+        for _ in range(skip):
+            next(self._it)
+
+    def next(self) -> Any:
+        if self._it is None:
+            self._start()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self.consumed = 0
+            self._start()
+            batch = next(self._it)
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        self._it = None
+
+
+class PPOTrainer:
+    """PPO / PPO-ptx trainer. Keyword arguments carry the names of ``examples/train_prompts.py``'s flags.
+
+    Models may be plain or already prepared by ``strategy``; unprepared ones are prepared here.
+    ``initial_model`` (frozen reference policy) defaults to the actor with LoRA disabled when the actor has
+    LoRA, else to a frozen copy of the actor made now. Give ``reward_model`` or ``reward_fn``.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        actor: nn.Module,
+        critic: nn.Module,
+        reward_model: nn.Module | None = None,
+        initial_model: nn.Module | None = None,
+        actor_optim: torch.optim.Optimizer | None = None,
+        critic_optim: torch.optim.Optimizer | None = None,
+        *,
+        tokenizer: Any,
+        reward_fn: Callable[..., list[float]] | None = None,
+        # PPO objective
+        kl_coef: float = 0.1,
+        target_kl: float | None = None,
+        kl_horizon: int = 10000,
+        ptx_coef: float = 0.9,
+        eps_clip: float = 0.2,
+        value_clip: float = 0.4,
+        vf_coef: float = 1.0,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        reward_clip: float | None = None,
+        normalize_reward: bool = False,
+        # loop sizes
+        num_episodes: int = 10,
+        num_collect_steps: int = 10,
+        num_update_steps: int = 5,
+        max_epochs: int = 1,
+        train_batch_size: int = 8,
+        accumulation_steps: int = 1,
+        # optimisation
+        lr: float = 1e-6,
+        critic_lr: float = 9e-6,
+        weight_decay: float = 0.0,
+        lr_scheduler: str = "constant",
+        warmup_ratio: float = 0.0,
+        # generation
+        max_new_tokens: int | None = None,
+        max_seq_len: int | None = 128,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generate_kwargs: dict[str, Any] | None = None,
+        # memory
+        buffer_limit: int = 0,
+        buffer_cpu_offload: bool = True,
+        offload_ref_reward: bool = False,
+        # logging and checkpoints
+        save_path: str | os.PathLike | None = None,
+        save_interval: int = 0,
+        log_interval: int = 1,
+        log_dir: str | os.PathLike | None = None,
+        use_tensorboard: bool = False,
+        use_wandb: bool = False,
+        merge_lora: bool = True,
+        need_optim_ckpt: bool = True,
+        log_entropy: bool = True,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        if lr_scheduler not in ("constant", "cosine"):
+            raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {lr_scheduler!r}")
+        self.strategy = strategy
+        self.tokenizer = tokenizer
+        plain_actor = strategy.unwrap(actor)
+        if initial_model is None and not getattr(plain_actor, "lora_enabled", False):
+            # Full fine-tuning needs a frozen copy of the starting policy as the KL reference.
+            initial_model = copy.deepcopy(plain_actor)
+        self.actor = self._prepare(actor, trainable=True)
+        self.critic = self._prepare(critic, trainable=True)
+        self.initial_model = self._prepare(initial_model, trainable=False)
+        self.reward_model = self._prepare(reward_model, trainable=False)
+        if offload_ref_reward:
+            for m in (self.initial_model, self.reward_model):
+                if m is not None:
+                    m.to("cpu")
+
+        self.kl_ctl = make_kl_controller(kl_coef, target_kl, kl_horizon)
+        self.experience_maker = ExperienceMaker(
+            self.actor, self.critic, self.reward_model, self.initial_model, tokenizer=tokenizer,
+            reward_fn=reward_fn, kl_ctl=self.kl_ctl, gamma=gamma, lam=lam, whiten_advantages=whiten_advantages,
+            reward_clip=reward_clip, normalize_reward=normalize_reward, offload_ref_reward=offload_ref_reward,
+            strategy=strategy, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, generate_kwargs=generate_kwargs)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.buffer = ReplayBuffer(pad_token_id=pad_id, cpu_offload=buffer_cpu_offload, limit=buffer_limit)
+
+        self.actor_optim = actor_optim or torch.optim.AdamW(
+            [p for p in self.actor.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+        self.critic_optim = critic_optim or torch.optim.AdamW(
+            [p for p in self.critic.parameters() if p.requires_grad], lr=critic_lr, weight_decay=weight_decay)
+        self.actor_scheduler = self.critic_scheduler = None
+        self.lr_scheduler = lr_scheduler
+        self.warmup_ratio = warmup_ratio
+
+        self.policy_loss_fn = PolicyLoss(eps_clip)
+        self.value_loss_fn = ValueLoss(value_clip)
+        self.ptx_loss_fn = PtxLoss()
+        self.ptx_coef = ptx_coef
+        self.vf_coef = vf_coef
+        self.num_episodes = num_episodes
+        self.num_collect_steps = num_collect_steps
+        self.num_update_steps = num_update_steps
+        self.max_epochs = max_epochs
+        self.train_batch_size = train_batch_size
+        self.accumulation_steps = max(1, accumulation_steps)
+        self.log_entropy = log_entropy
+
+        self.save_path = save_path
+        self.save_interval = save_interval
+        self.log_interval = max(1, log_interval)
+        self.merge_lora = merge_lora
+        self.need_optim_ckpt = need_optim_ckpt
+        self.episode = 0
+        self.optim_step = 0
+        self.history: list[dict[str, float]] = []
+        if log_dir is None and save_path is not None:
+            log_dir = save_path
+        self.metrics = MetricsLogger(log_dir, enabled=strategy.is_rank0(), use_tensorboard=use_tensorboard,
+                                     use_wandb=use_wandb, config=run_config, console=tqdm.write)
+        self._prompts: _Cycle | None = None
+        self._pretrain: _Cycle | None = None
+
+    def _prepare(self, model: nn.Module | None, trainable: bool) -> nn.Module | None:
+        if model is None:
+            return None
+        if self.strategy.unwrap(model) is not model:
+            return model  # already wrapped by the strategy
+        return self.strategy.prepare_model(model, trainable=trainable)
+
+    # ----- schedules ---------------------------------------------------------------------------------
+    def _optimizer_steps_per_episode(self, experience_batch_size: int) -> int:
+        samples = self.num_collect_steps * experience_batch_size
+        micro = math.ceil(samples / self.train_batch_size)
+        return math.ceil(micro / self.accumulation_steps) * self.num_update_steps * self.max_epochs
+
+    def _build_schedulers(self, experience_batch_size: int) -> None:
+        total = self._optimizer_steps_per_episode(experience_batch_size) * self.num_episodes
+        warmup = int(math.ceil(total * self.warmup_ratio))
+        for name in ("actor", "critic"):
+            optim = getattr(self, f"{name}_optim")
+            if self.lr_scheduler == "cosine":
+                sched = cosine_schedule(optim, total, self.warmup_ratio)
+            else:
+                sched = get_constant_schedule_with_warmup(optim, num_warmup_steps=warmup)
+            setattr(self, f"{name}_scheduler", sched)
+
+    # ----- checkpoint / resume -----------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        state = {
+            "episode": self.episode, "optim_step": self.optim_step, "history": self.history,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "reward_stats": self.experience_maker.reward_stats.state_dict(),
+            "actor_scheduler": self.actor_scheduler.state_dict(),
+            "critic_scheduler": self.critic_scheduler.state_dict(),
+            "prompts": self._prompts.state_dict() if self._prompts else None,
+            "pretrain": self._pretrain.state_dict() if self._pretrain else None,
+        }
+        if self.need_optim_ckpt:
+            state["actor_optim"] = self.actor_optim.state_dict()
+            state["critic_optim"] = self.critic_optim.state_dict()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        """``{save_path}/checkpoints/step_{episode}/{actor,critic,trainer_state}``, written atomically."""
+        path = checkpoint_dir(self.save_path, self.episode)
+        save_checkpoint(self.strategy, path, {"actor": self.actor, "critic": self.critic}, self._state(),
+                        tokenizer=self.tokenizer)
+        if self.strategy.is_rank0():
+            logger.info("saved checkpoint %s", path)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        self.strategy.load_model(self.actor, path / "actor")
+        self.strategy.load_model(self.critic, path / "critic")
+        state = self.strategy.load_state(path / "trainer_state")
+        if "actor_optim" in state:
+            self.actor_optim.load_state_dict(state["actor_optim"])
+            self.critic_optim.load_state_dict(state["critic_optim"])
+        self.actor_scheduler.load_state_dict(state["actor_scheduler"])
+        self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.experience_maker.reward_stats.load_state_dict(state["reward_stats"])
+        self.episode = state["episode"]
+        self.optim_step = state["optim_step"]
+        self.history = state.get("history", [])
+        if state.get("prompts") and self._prompts:
+            self._prompts.load_state_dict(state["prompts"])
+        if state.get("pretrain") and self._pretrain:
+            self._pretrain.load_state_dict(state["pretrain"])
+        if self.strategy.is_rank0():
+            logger.info("resumed from %s at episode %d", path, self.episode)
+
+    def save_model(self, path: str | os.PathLike | None = None) -> None:
+        """Final models: the actor as the HF dir ``path`` itself (like the SFT and RM stages, so the next tool
+        takes ``--pretrain path``; LoRA merged when ``merge_lora``) and the critic in ``{path}/critic``
+        (HF dir + ``value_head.safetensors``). ``checkpoints/`` and ``metrics.jsonl`` beside them are kept."""
+        path = Path(path or self.save_path)
+        self.strategy.save_model(self.actor, path, tokenizer=self.tokenizer, merge_lora=self.merge_lora)
+        self.strategy.save_model(self.critic, path / "critic", tokenizer=self.tokenizer,
+                                 merge_lora=self.merge_lora)
+
+    # ----- update phase ------------------------------------------------------------------------------
+    def _sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if sync else self.strategy.no_sync(model)
+
+    def _actor_step(self, group: list[Experience]) -> dict[str, float]:
+        strategy, actor = self.strategy, self.actor
+        total = sum(e.batch_size for e in group)
+        use_ptx = self._pretrain is not None and self.ptx_coef != 0
+        sums = {"actor/pg_loss": 0.0, "actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0}
+        if self.log_entropy:
+            sums["actor/entropy"] = 0.0
+        if use_ptx:
+            sums["actor/ptx_loss"] = 0.0
+        for i, exp in enumerate(group):
+            last = i == len(group) - 1
+            weight = exp.batch_size / total
+            num_actions = exp.num_actions
+            with self._sync(actor, last and not use_ptx):
+                with strategy.autocast():
+                    if self.log_entropy:
+                        logits = actor(exp.sequences, attention_mask=exp.attention_mask)
+                        action_logits = logits[:, -(num_actions + 1):-1]
+                        log_probs = log_probs_from_logits(action_logits, exp.sequences[:, -num_actions:])
+                        with torch.no_grad():
+                            lf = action_logits.detach().float()
+                            entropy = torch.logsumexp(lf, -1) - (lf.softmax(-1) * lf).sum(-1)
+                            sums["actor/entropy"] += weight * float(
+                                masked_mean(entropy, exp.action_mask, dim=-1).mean())
+                        del logits, action_logits
+                    else:
+                        log_probs = actor(exp.sequences, attention_mask=exp.attention_mask,
+                                          num_actions=num_actions)
+                pg_loss, pg_metrics = self.policy_loss_fn(log_probs, exp.action_log_probs, exp.advantages,
+                                                          exp.action_mask)
+                strategy.backward(pg_loss * weight, actor, self.actor_optim)
+            sums["actor/pg_loss"] += weight * float(pg_loss.detach())
+            sums["actor/pg_clipfrac"] += weight * float(pg_metrics["clip_frac"])
+            sums["actor/ppo_kl"] += weight * float(pg_metrics["approx_kl"])
+            if use_ptx:
+                batch = to_device(self._pretrain.next(), strategy.device)
+                with self._sync(actor, last):
+                    with strategy.autocast():
+                        logits = actor(batch["input_ids"], attention_mask=batch["attention_mask"])
+                    ptx_loss = self.ptx_loss_fn(logits, batch["labels"])
+                    strategy.backward(ptx_loss * (self.ptx_coef / len(group)), actor, self.actor_optim)
+                sums["actor/ptx_loss"] += float(ptx_loss.detach()) / len(group)
+        sums["actor/grad_norm"] = strategy.optimizer_step(self.actor_optim, actor, self.actor_scheduler)
+        sums["actor/lr"] = self.actor_scheduler.get_last_lr()[0]
+        return sums
+
+    def _critic_step(self, group: list[Experience]) -> dict[str, float]:
+        strategy, critic = self.strategy, self.critic
+        total = sum(e.batch_size for e in group)
+        sums = {"critic/vf_loss": 0.0, "critic/vf_clipfrac": 0.0}
+        for i, exp in enumerate(group):
+            weight = exp.batch_size / total
+            with self._sync(critic, i == len(group) - 1):
+                with strategy.autocast():
+                    values = critic(exp.sequences, attention_mask=exp.attention_mask, num_actions=exp.num_actions)
+                vf_loss, vf_metrics = self.value_loss_fn(values, exp.values, exp.returns, exp.action_mask)
+                strategy.backward(vf_loss * (self.vf_coef * weight), critic, self.critic_optim)
+            sums["critic/vf_loss"] += weight * float(vf_loss.detach())
+            sums["critic/vf_clipfrac"] += weight * float(vf_metrics["clip_frac"])
+        sums["critic/grad_norm"] = strategy.optimizer_step(self.critic_optim, critic, self.critic_scheduler)
+        sums["critic/lr"] = self.critic_scheduler.get_last_lr()[0]
+        return sums
+
+    def _update_phase(self, timings: dict[str, float]) -> list[dict[str, float]]:
+        self.actor.train()
+        self.critic.train()
+        step_metrics = []
+        device = self.strategy.device
+        for update in range(self.num_update_steps * self.max_epochs):
+            gen = torch.Generator().manual_seed(self.strategy.seed * 100003 + self.episode * 1009 + update)
+            batches = self.buffer.micro_batches(self.train_batch_size, shuffle=True, generator=gen)
+            group: list[Experience] = []
+            pending = list(batches)
+            for j, exp in enumerate(pending):
+                group.append(exp.to(device))
+                if len(group) < self.accumulation_steps and j < len(pending) - 1:
+                    continue
+                t0 = time.perf_counter()
+                metrics = self._actor_step(group)
+                t1 = time.perf_counter()
+                metrics.update(self._critic_step(group))
+                timings["train_actor"] += t1 - t0
+                timings["train_critic"] += time.perf_counter() - t1
+                self.optim_step += 1
+                step_metrics.append(metrics)
+                group = []
+        return step_metrics
+
+    # ----- metrics -----------------------------------------------------------------------------------
+    def _episode_metrics(self, infos: list[dict[str, torch.Tensor]], tokens: float,
+                         step_metrics: list[dict[str, float]], timings: dict[str, float]) -> dict[str, float]:
+        """Experience statistics over every sample of every process, training metrics averaged over the
+        episode's optimizer steps and processes, timings and throughput of this process."""
+        strategy = self.strategy
+        keys = [k for k in _EXPERIENCE_METRICS if all(k in info for info in infos)]
+        stats = []
+        for k in keys:
+            x = torch.cat([info[k].float() for info in infos])
+            stats += [float(x.sum()), float((x * x).sum()), float(x.numel())]
+        train_keys = sorted(step_metrics[0]) if step_metrics else []
+        train = [sum(m[k] for m in step_metrics) / len(step_metrics) for k in train_keys]
+        reduced_sum = strategy.all_reduce(torch.tensor(stats + [tokens], dtype=torch.float64), op="sum").cpu()
+        reduced_mean = strategy.all_reduce(torch.tensor(train, dtype=torch.float64), op="mean").cpu() \
+            if train else []
+        metrics: dict[str, float] = {}
+        for i, k in enumerate(keys):
+            s, ss, n = (float(v) for v in reduced_sum[3 * i: 3 * i + 3])
+            mean = s / max(n, 1.0)
+            name = _EXPERIENCE_METRICS[k]
+            metrics[name] = mean
+            if k in _WITH_STD:
+                metrics[name[: -len("mean")] + "std"] = max(ss / max(n, 1.0) - mean * mean, 0.0) ** 0.5
+        metrics["actor/reward_kl_penalty_coeff"] = self.kl_ctl.value
+        for k, v in zip(train_keys, reduced_mean):
+            metrics[k] = float(v)
+        total_tokens = float(reduced_sum[-1])
+        samples = sum(len(info["score"]) for info in infos) * strategy.world_size
+        for k, v in timings.items():
+            metrics[f"timing_s/{k}"] = v
+        metrics["perf/samples_per_s"] = samples / max(timings["step"], 1e-9)
+        metrics["perf/throughput"] = total_tokens / max(timings["step"], 1e-9) / strategy.world_size
+        metrics["perf/total_num_tokens"] = total_tokens
+        metrics["training/optim_steps"] = self.optim_step
+        return metrics
+
+    # ----- main loop ----------------------------------------------------------------------------------
+    def fit(self, prompt_dataloader: DataLoader, pretrain_dataloader: DataLoader | None = None, *,
+            num_episodes: int | None = None, num_collect_steps: int | None = None,
+            num_update_steps: int | None = None, resume_from: str | os.PathLike | None = None,
+            ) -> list[dict[str, float]]:
+        """Run PPO; returns one metrics dict per episode. Loop sizes given here override the constructor's
+        (Coati's ``fit`` signature)."""
+        if num_episodes is not None:
+            self.num_episodes = num_episodes
+        if num_collect_steps is not None:
+            self.num_collect_steps = num_collect_steps
+        if num_update_steps is not None:
+            self.num_update_steps = num_update_steps
+        self._prompts = _Cycle(prompt_dataloader)
+        self._pretrain = _Cycle(pretrain_dataloader) if pretrain_dataloader is not None else None
+        self._build_schedulers(prompt_dataloader.batch_size or 1)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+
+        strategy, maker = self.strategy, self.experience_maker
+        global_batch = (prompt_dataloader.batch_size or 1) * strategy.world_size
+        bar = tqdm(total=self.num_episodes, initial=self.episode, desc="ppo", disable=not strategy.is_rank0(),
+                   dynamic_ncols=True)
+        while self.episode < self.num_episodes:
+            t_start = time.perf_counter()
+            maker.timings = {"generate": 0.0, "make_experience": 0.0}
+            infos, tokens = [], 0.0
+            for _ in range(self.num_collect_steps):
+                exp = maker.make_experience(self._prompts.next())
+                kl_seq = float(strategy.all_reduce(exp.info["kl_seq"].float().mean(), op="mean"))
+                self.kl_ctl.update(kl_seq, global_batch)
+                infos.append({k: v.detach().cpu() for k, v in exp.info.items()})
+                tokens += float(exp.attention_mask.sum())
+                self.buffer.append(exp)
+                del exp
+            timings = {**maker.timings, "train_actor": 0.0, "train_critic": 0.0}
+            step_metrics = self._update_phase(timings)
+            self.buffer.clear()
+            self.episode += 1
+            timings["step"] = time.perf_counter() - t_start
+            metrics = self._episode_metrics(infos, tokens, step_metrics, timings)
+            self.history.append({"step": self.episode, **metrics})
+            bar.update(1)
+            bar.set_postfix(score=f"{metrics.get('critic/score/mean', float('nan')):.3f}",
+                            kl=f"{metrics.get('actor/reward_kl_penalty', float('nan')):.4f}")
+            if self.episode % self.log_interval == 0 or self.episode == self.num_episodes:
+                self.metrics.log(self.episode, metrics, prefix="ppo")
+            if self.save_path and self.save_interval and self.episode % self.save_interval == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.save_path:
+            self.save_model(self.save_path)
+        self.metrics.close()
+        return self.history

@@ -1,0 +1,46 @@
+"""Stage 1: supervised fine-tuning with the LM loss on response tokens only."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..models.loss import GPTLMLoss
+from .base import SupervisedTrainer, to_device
+
+
+class SFTTrainer(SupervisedTrainer):
+    """``model`` is an ``Actor``; batches come from ``SFTDataset`` + ``SFTCollator``.
+
+    The step loss is the mean over every target token of the global batch (see ``SupervisedTrainer``).
+    """
+
+    stage = "sft"
+
+    def __init__(self, model, strategy, train_dataloader, eval_dataloader=None, **kwargs: Any) -> None:
+        super().__init__(model, strategy, train_dataloader, eval_dataloader, **kwargs)
+        self.loss_fn = GPTLMLoss()
+
+    @staticmethod
+    def count_units(batch: dict[str, Any]) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != -100).sum()
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss_sum = self.loss_fn(logits, batch["labels"], reduction="sum")
+        return loss_sum, self.count_units(batch), {}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        total = torch.zeros((), device=self.strategy.device)
+        count = torch.zeros((), device=self.strategy.device)
+        for batch in self.eval_dataloader:
+            batch = to_device(batch, self.strategy.device)
+            with self.strategy.autocast():
+                loss_sum, n, _ = self.compute_loss(batch)
+            total += loss_sum.float()
+            count += n
+        total = self.strategy.all_reduce(total, op="sum")
+        count = self.strategy.all_reduce(count, op="sum").clamp(min=1)
+        loss = float(total / count)
+        return {"loss": loss, "ppl": float(torch.exp(torch.tensor(min(loss, 50.0))))}

@@ -1,0 +1,49 @@
+"""Pluggable strategies: naive, ddp, fsdp (torch FSDP2), colossalai_* (optional extra)."""
+from __future__ import annotations
+
+from .base import Strategy
+from .ddp import DDPStrategy
+from .naive import NaiveStrategy
+
+STRATEGIES = ("naive", "ddp", "fsdp", "colossalai_zero2", "colossalai_zero2_cpu", "colossalai_gemini")
+
+
+def make_strategy(name: str, **kwargs) -> Strategy:
+    """Build a strategy by its CLI name; heavy backends are imported only when asked for.
+
+    ``zero_stage`` / ``cpu_offload`` / ``placement_policy`` configure the sharded strategies; naive and ddp
+    refuse them when set (None / False mean unset), rather than silently not sharding.
+    """
+    sharding = {k: kwargs.pop(k) for k in ("zero_stage", "cpu_offload", "placement_policy") if k in kwargs}
+    if name in ("naive", "ddp"):
+        given = [f"--{k}" for k, v in sharding.items() if v not in (None, False)]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to "
+                             f"--strategy fsdp or colossalai_*, not {name}")
+        return NaiveStrategy(**kwargs) if name == "naive" else DDPStrategy(**kwargs)
+    if name == "fsdp":
+        from .fsdp import FSDPStrategy
+
+        return FSDPStrategy(**kwargs, **sharding)
+    if name.startswith("colossalai_") and name in STRATEGIES:
+        from .colossalai import ColossalAIStrategy
+
+        return ColossalAIStrategy(name, **kwargs, **sharding)
+    raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def __getattr__(name: str):
+    # FSDPStrategy / ColossalAIStrategy on demand, so importing coati never imports their backends
+    if name == "FSDPStrategy":
+        from .fsdp import FSDPStrategy
+
+        return FSDPStrategy
+    if name == "ColossalAIStrategy":
+        from .colossalai import ColossalAIStrategy
+
+        return ColossalAIStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Strategy", "NaiveStrategy", "DDPStrategy", "FSDPStrategy", "ColossalAIStrategy", "make_strategy",
+           "STRATEGIES"]

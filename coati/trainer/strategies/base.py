@@ -1,0 +1,229 @@
+"""The Strategy interface: who owns devices, processes, precision, sharding and checkpoints.
+
+Trainers never call ``torch.distributed`` themselves; they ask the strategy. ``Strategy`` implements the
+single-process behaviour; subclasses override what distribution changes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+PRECISIONS = (None, "no", "bf16", "fp16")
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start part-way through an epoch (for exact resume).
+
+    With ``num_replicas=1`` it is the single-process sampler, so naive and DDP runs see the same global
+    order: rank r takes indices r, r+W, ... of one seeded permutation.
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int,
+                 drop_last: bool) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start_index = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self.start_index = self.start_index, 0
+        return iter(indices[start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+class Strategy:
+    """One process on CPU or one GPU. Subclasses: DDPStrategy, FSDPStrategy, ColossalAIStrategy."""
+
+    name = "naive"
+
+    def __init__(self, seed: int = 42, mixed_precision: str | None = None, grad_clip: float = 1.0) -> None:
+        if mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of bf16, fp16 or none, got {mixed_precision!r}")
+        self.seed = seed
+        self.mixed_precision = None if mixed_precision == "no" else mixed_precision
+        self.grad_clip = grad_clip
+        self.rank = 0
+        self.world_size = 1
+        self.local_rank = 0
+        self.device = torch.device("cpu")
+        self.scaler: torch.amp.GradScaler | None = None
+        self.setup_distributed()
+        self._setup_device()
+        self.set_seed(seed)
+
+    # ----- processes and devices -------------------------------------------------------------------
+    def setup_distributed(self) -> None:
+        """Single process: nothing to set up."""
+
+    def _setup_device(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        if self.mixed_precision == "fp16":
+            if self.device.type != "cuda":
+                raise ValueError("fp16 mixed precision needs a GPU; use --mixed_precision bf16 on CPU")
+            self.scaler = torch.amp.GradScaler("cuda")
+
+    def set_seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        pass
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        return tensor
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    # ----- models and optimisation ----------------------------------------------------------------
+    def prepare_model(self, model: nn.Module, trainable: bool = True) -> nn.Module:
+        """Move to the device; frozen models are put in eval mode with gradients off."""
+        model = model.to(self.device)
+        if not trainable:
+            model.eval()
+            model.requires_grad_(False)
+        return model
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.mixed_precision is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Skip gradient synchronisation on accumulation micro-steps (DDP overrides)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        params = [p for p in model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
+        if not params:
+            return torch.zeros(())
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, model: nn.Module,
+                       scheduler: Any | None = None) -> float:
+        """Unscale, clip, step, zero the gradients; returns the pre-clip gradient norm."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        norm = self.clip_grad_norm(model)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        return float(norm)
+
+    def setup_dataloader(self, dataset: Dataset, batch_size: int, *, shuffle: bool = True,
+                         collate_fn: Callable | None = None, drop_last: bool = False, seed: int | None = None,
+                         num_workers: int = 0) -> DataLoader:
+        """A loader over this rank's share of ``dataset``; ``batch_size`` is per process."""
+        sampler = ResumableSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
+                                   seed=self.seed if seed is None else seed, drop_last=drop_last)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                          drop_last=drop_last, num_workers=num_workers)
+
+    # ----- checkpoints -----------------------------------------------------------------------------
+    def save_model(self, model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
+                   merge_lora: bool = False) -> None:
+        """Write a ``save_pretrained`` directory on rank 0, atomically (temp dir, then rename)."""
+        unwrapped = self.unwrap(model)
+        if self.is_rank0():
+            with atomic_dir(path) as tmp:
+                unwrapped.save_pretrained(tmp, tokenizer=tokenizer, merge_lora=merge_lora)
+        self.barrier()
+
+    def load_model(self, model: nn.Module, path: str | os.PathLike) -> None:
+        """Load weights written by ``save_model`` into ``model`` in place, on every rank."""
+        self.unwrap(model).load_weights(path)
+
+    def save_state(self, path: str | os.PathLike, state: dict[str, Any]) -> None:
+        """Save optimizer / scheduler / progress state (rank 0) plus every rank's RNG state."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.is_rank0():
+            torch.save(state, path / "state.pt")
+        torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
+        self.barrier()
+
+    def load_state(self, path: str | os.PathLike) -> dict[str, Any]:
+        path = Path(path)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        return state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp dir beside ``path`` to write into; publish it only once the writer finished.
+
+    A new ``path`` appears by one rename. An existing ``path`` (e.g. a save dir holding checkpoints/ and
+    metrics.jsonl) receives each written entry by rename, so no reader ever sees a half-written file and
+    nothing else in it is touched. On error the temp dir is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    for entry in tmp.iterdir():
+        dest = path / entry.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(entry, dest)
+    tmp.rmdir()

@@ -1,0 +1,77 @@
+"""torch DistributedDataParallel: gloo on CPU, nccl on GPU; launched by torchrun."""
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .base import Strategy
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class DistributedStrategy(Strategy):
+    """Process-group plumbing shared by every multi-process strategy (DDP, FSDP)."""
+
+    def setup_distributed(self) -> None:
+        if not dist.is_initialized():
+            if "RANK" not in os.environ:
+                # A plain `python script.py --strategy ddp` is a world of one; torchrun sets these.
+                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=os.environ.get("MASTER_PORT", "29555"))
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    def set_seed(self, seed: int) -> None:
+        # Same seed on every rank: identical initialisation of models built from config.
+        super().set_seed(seed)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        tensor = tensor.detach().clone().to(self.device)
+        if op == "mean":
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= self.world_size
+        else:
+            dist.all_reduce(tensor, op=_OPS[op])
+        return tensor
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+class DDPStrategy(DistributedStrategy):
+    name = "ddp"
+
+    def prepare_model(self, model: nn.Module, trainable: bool = True) -> nn.Module:
+        model = super().prepare_model(model, trainable)
+        if not trainable or not any(p.requires_grad for p in model.parameters()):
+            return model
+        device_ids = [self.local_rank] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        if isinstance(model, DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()

@@ -1,0 +1,327 @@
+"""torch FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over the processes.
+
+Layout: every decoder layer (the HF model's ``_no_split_modules``) is one FSDP unit and the wrapper (Actor,
+Critic, RewardModel) is the root unit holding embeddings, final norm, LM head and value head. Under mixed
+precision the fp32 value head is a unit of its own with an fp32 policy, so it is never cast to bf16.
+
+- ``zero_stage=2``: parameters stay gathered from forward to backward (``reshard_after_forward=False``),
+  gradients and optimizer state are sharded (ZeRO-2 memory, fewer all-gathers).
+- ``zero_stage=3``: parameters are re-sharded after each unit's forward and gathered again for backward
+  (ZeRO-3 memory).
+- ``cpu_offload``: sharded parameters, gradients and optimizer state live in CPU memory and the optimizer
+  steps on CPU (torch ``CPUOffloadPolicy``); units are copied to the device only while they compute.
+- ``mixed_precision="bf16"``: units compute in bf16 and reduce gradients in fp32; the sharded fp32 parameters
+  are the master weights the optimizer updates.
+
+Frozen models (PPO reference and reward models) are sharded too, always with re-sharding after forward
+(they have no backward to keep parameters for), so each process holds 1/N of them. Every process must
+therefore call them on the same number of batches, as the trainers do. Pass ``shard_frozen=False`` to
+replicate them instead (a full copy per process, no communication in their forward).
+
+LoRA: FSDP2 shards frozen base weights and trainable adapters side by side; only adapters get gradients
+and optimizer state. Gradient checkpointing enabled on the HF model runs inside each sharded layer.
+
+Checkpoints: ``save_model`` gathers a full state dict to CPU on rank 0, which writes the same consolidated
+``save_pretrained`` directory (plus ``value_head.safetensors``, or the peft adapter) as every other
+strategy; ``load_model`` reads such a directory on rank 0 and broadcasts it into the shards. Optimizer
+state is saved per rank (its shards), so ``--resume`` needs the same number of processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .base import atomic_dir, rng_state, set_rng_state
+from .ddp import DistributedStrategy
+
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+except ImportError:  # torch 2.5
+    from torch.distributed._composable.fsdp import (  # type: ignore[no-redef]
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+
+SHARDING_FILE = "sharding.json"
+
+
+class FSDPStrategy(DistributedStrategy):
+    """torch FSDP2 over all processes of the job (gloo on CPU, nccl on GPU); launched by torchrun."""
+
+    name = "fsdp"
+
+    def __init__(self, seed: int = 42, mixed_precision: str | None = None, grad_clip: float = 1.0,
+                 zero_stage: int = 3, cpu_offload: bool = False, shard_frozen: bool = True,
+                 placement_policy: str | None = None) -> None:
+        if zero_stage not in (2, 3):
+            raise ValueError(f"fsdp supports --zero_stage 2 or 3, got {zero_stage}")
+        if placement_policy is not None:
+            raise ValueError("--placement_policy is a colossalai_gemini option; fsdp uses --cpu_offload")
+        self.zero_stage = zero_stage
+        self.cpu_offload = bool(cpu_offload)
+        self.shard_frozen = shard_frozen
+        super().__init__(seed=seed, mixed_precision=mixed_precision, grad_clip=grad_clip)
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+
+    def _setup_device(self) -> None:
+        super()._setup_device()
+        if self.scaler is not None:
+            # fp16: overflow checks must agree across ranks holding different gradient shards
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler()
+
+    # ----- wrapping ------------------------------------------------------------------------------------
+    def _policies(self, reshard: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"mesh": self.mesh, "reshard_after_forward": reshard}
+        if self.mixed_precision is not None:
+            dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        if self.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+        return kwargs
+
+    def prepare_model(self, model: nn.Module, trainable: bool = True) -> nn.Module:
+        """Shard ``model`` in place (decoder layers, value head, then the root) and return it."""
+        if not trainable:
+            model.eval()
+            model.requires_grad_(False)
+            if not self.shard_frozen:
+                return model.to(self.device)
+        if isinstance(model, FSDPModule):
+            return model
+        # A frozen model has no backward that could reuse gathered parameters: always reshard it.
+        reshard = self.zero_stage == 3 or not trainable
+        kwargs = self._policies(reshard)
+        for layer in decoder_layers(model):
+            fully_shard(layer, **kwargs)
+        head = getattr(model, "value_head", None)
+        if isinstance(head, nn.Module) and "mp_policy" in kwargs:
+            fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+            fully_shard(head, **{**kwargs, "mp_policy": fp32})
+        fully_shard(model, **kwargs)
+        if callable(getattr(model, "generate", None)):
+            # generate() runs the model outside forward(): the root's parameters must be gathered for it
+            register_fsdp_forward_method(model, "generate")
+        for module in model.modules():
+            if hasattr(module, "can_generate") and hasattr(module, "config"):
+                # transformers then passes synced_gpus=True to generate, so ranks that finish early keep
+                # joining the all-gathers of ranks still generating
+                module._is_fsdp_managed_module = True
+        return model
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model  # fully_shard works in place
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Gradients are reduce-scattered on every micro-step and accumulate in their shards, so an
+        accumulation step never holds full-size gradients (the ZeRO-2/3 memory promise)."""
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        """Global L2 norm over sharded (DTensor) and plain gradients; clips in place, returns the norm."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        local = torch.zeros((), dtype=torch.float32, device=self.device)
+        replicated = torch.zeros((), dtype=torch.float32, device=self.device)
+        for g in grads:
+            if isinstance(g, DTensor):
+                sq = g.to_local().detach().float().pow(2).sum().to(self.device)
+                if all(isinstance(p, Shard) for p in g.placements):
+                    local += sq
+                else:
+                    replicated += sq
+            else:
+                replicated += g.detach().float().pow(2).sum().to(self.device)
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        total = (local + replicated).sqrt()
+        if self.grad_clip and self.grad_clip > 0:
+            coef = (self.grad_clip / (total + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                local_g = g.to_local() if isinstance(g, DTensor) else g
+                local_g.detach().mul_(coef.to(local_g.device, local_g.dtype))
+        return total
+
+    # ----- checkpoints ----------------------------------------------------------------------------------
+    def _gather_replica(self, model: nn.Module) -> nn.Module | None:
+        """All ranks: gather the full state dict. Rank 0 gets a plain CPU copy of ``model``; others None."""
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_rank0():
+            return None
+        return plain_replica(model, state)
+
+    def save_model(self, model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
+                   merge_lora: bool = False) -> None:
+        if not isinstance(model, FSDPModule):
+            return super().save_model(model, path, tokenizer=tokenizer, merge_lora=merge_lora)
+        replica = self._gather_replica(model)
+        if replica is not None:
+            with atomic_dir(path) as tmp:
+                replica.save_pretrained(tmp, tokenizer=tokenizer, merge_lora=merge_lora)
+        self.barrier()
+
+    def load_model(self, model: nn.Module, path: str | os.PathLike) -> None:
+        """Rank 0 reads the consolidated dir (full weights or a LoRA adapter on top of the current base) and
+        broadcasts it; every rank keeps its shards."""
+        if not isinstance(model, FSDPModule):
+            return super().load_model(model, path)
+        replica = self._gather_replica(model)
+        state: dict[str, torch.Tensor] = {}
+        error = None
+        if replica is not None:
+            try:
+                replica.load_weights(path)
+                state = replica.state_dict()
+            except Exception as exc:  # tell every rank, so none waits in the broadcast below
+                error = exc
+        error = self.broadcast_object(None if error is None else repr(error))
+        if error is not None:
+            raise RuntimeError(f"loading {path} into the sharded model failed: {error}")
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                    broadcast_from_rank0=True))
+
+    def save_state(self, path: str | os.PathLike, state: dict[str, Any]) -> None:
+        """Every rank writes its own optimizer shards (rank 0 as ``state.pt``, others ``state_rank{r}.pt``)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        name = "state.pt" if self.is_rank0() else f"state_rank{self.rank}.pt"
+        torch.save(_to_local(state), path / name)
+        torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
+        if self.is_rank0():
+            (path / SHARDING_FILE).write_text(json.dumps({"strategy": self.name, "world_size": self.world_size}))
+        self.barrier()
+
+    def load_state(self, path: str | os.PathLike) -> dict[str, Any]:
+        path = Path(path)
+        meta_file = path / SHARDING_FILE
+        if not meta_file.is_file():
+            raise ValueError(f"{path}: not written by --strategy fsdp (no {SHARDING_FILE}); resume with the "
+                             "strategy that wrote it")
+        saved = json.loads(meta_file.read_text())["world_size"]
+        if saved != self.world_size:
+            raise ValueError(f"{path}: optimizer state is sharded over {saved} processes; resume with "
+                             f"--nproc_per_node/--nnodes giving {saved} processes (this run has {self.world_size})")
+        name = "state.pt" if self.is_rank0() else f"state_rank{self.rank}.pt"
+        state = _from_local(torch.load(path / name, map_location="cpu", weights_only=False), self.mesh)
+        set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", map_location="cpu", weights_only=False))
+        return state
+
+
+# ----- helpers shared with the ColossalAI strategy ---------------------------------------------------------
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: HF ``_no_split_modules`` classes (outermost match only),
+    else the entries of the longest ``nn.ModuleList``."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        if type(m).__name__ in names:
+            found.append(m)
+            inside.update(id(sub) for sub in m.modules())
+    if found:
+        return found
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def plain_replica(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain (unsharded, CPU) coati model with ``template``'s structure and ``state``'s weights.
+
+    ``template`` is an Actor / Critic / RewardModel whose ``.model`` is a HF causal LM or a PeftModel. The
+    copy is built on the meta device (no memory, no init) and takes ``state``'s tensors without copying them,
+    so saving and loading reuse the models' own ``save_pretrained`` / ``load_weights``.
+    """
+    from ...models.lora import is_peft_model
+
+    lm = template.model
+    peft = is_peft_model(lm)
+    base = lm.get_base_model() if peft else lm
+    with torch.device("meta"):
+        new = type(base)._from_config(copy.deepcopy(base.config))
+        if peft:
+            from peft import get_peft_model
+
+            names = list(lm.peft_config)
+            new = get_peft_model(new, copy.deepcopy(lm.peft_config[names[0]]), adapter_name=names[0])
+            for name in names[1:]:
+                new.add_adapter(name, copy.deepcopy(lm.peft_config[name]))
+            new.set_adapter(lm.active_adapter)
+        try:
+            replica = type(template)(new)
+        except TypeError as exc:
+            raise TypeError(f"{type(template).__name__}(model) must rebuild the wrapper for sharded saving") from exc
+    result = replica.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"gathered weights do not fit the model: unexpected {result.unexpected_keys[:5]}")
+    base_new = new.get_base_model() if peft else new
+    if getattr(base_new.config, "tie_word_embeddings", False):
+        base_new.tie_weights()
+    # buffers outside the state dict (e.g. rotary inv_freq) are replicated on every rank: copy them
+    source_buffers = dict(template.named_buffers())
+    for name, buf in list(replica.named_buffers()):
+        if buf.is_meta and name in source_buffers:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = replica.get_submodule(owner_name) if owner_name else replica
+            owner._buffers[leaf] = source_buffers[name].detach().to("cpu", copy=True)
+    still_meta = [n for n, p in replica.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ValueError(f"gathered weights miss parameters {still_meta[:5]}")
+    return replica
+
+
+@dataclass
+class _LocalShard:
+    """A DTensor as saved by one rank: its local shard plus what rebuilds it on the same layout."""
+
+    local: torch.Tensor
+    placements: tuple
+    shape: torch.Size
+    stride: tuple
+
+
+def _to_local(obj: Any) -> Any:
+    if isinstance(obj, DTensor):
+        return _LocalShard(obj.to_local().detach().cpu(), tuple(obj.placements), obj.shape, obj.stride())
+    if isinstance(obj, dict):
+        return {k: _to_local(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_local(v) for v in obj)
+    return obj
+
+
+def _from_local(obj: Any, mesh) -> Any:
+    if isinstance(obj, _LocalShard):
+        return DTensor.from_local(obj.local, mesh, obj.placements, run_check=False, shape=obj.shape,
+                                  stride=obj.stride)
+    if isinstance(obj, dict):
+        return {k: _from_local(v, mesh) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_local(v, mesh) for v in obj)
+    return obj

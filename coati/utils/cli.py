@@ -1,0 +1,134 @@
+"""Command-line flags shared by the example scripts, so train_sft / train_reward_model / train_prompts agree.
+
+Flag names follow Coati's so its documented commands run unchanged. Boolean flags are real switches:
+``--flag``, ``--no-flag`` and also ``--flag true|false`` (Coati's ``type=bool`` flags turned ``--flag False``
+*on*; here it means off).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from ..models.families import FAMILIES
+
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off"}
+
+
+def str2bool(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+class BoolFlag(argparse.Action):
+    """``--x`` / ``--x true`` / ``--x false`` / ``--no-x``."""
+
+    def __init__(self, option_strings, dest, default=False, help=None, **kwargs):
+        opts = list(option_strings)
+        for opt in option_strings:
+            if opt.startswith("--"):
+                opts.append("--no-" + opt[2:])
+        super().__init__(opts, dest, nargs="?", const=None, default=default, help=help, metavar="BOOL")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+        else:
+            setattr(namespace, self.dest, True if values is None else str2bool(values))
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrain", required=True, help="Hugging Face model dir (or Hub id with a local cache) to start from")
+    g.add_argument("--model", default="auto", choices=sorted(FAMILIES),
+                   help="model family: picks LoRA target modules (auto = every linear layer)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --pretrain)")
+    g.add_argument("--grad_checkpoint", action=BoolFlag, default=False, help="gradient checkpointing (less memory, ~30%% slower)")
+    g.add_argument("--trust_remote_code", action=BoolFlag, default=False, help="allow model code from the model dir")
+
+
+def add_lora_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora_rank", type=int, default=0, help="LoRA rank; 0 trains all weights")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch")
+    g.add_argument("--lora_train_bias", default="none", choices=["none", "all", "lora_only"],
+                   help="which biases train alongside LoRA")
+    g.add_argument("--lora_target_modules", nargs="+", default=None,
+                   help="module names to adapt (default: the family's list; 'all-linear' for every linear layer)")
+    g.add_argument("--merge_lora_weights", action=BoolFlag, default=True,
+                   help="save LoRA merged into full weights; false saves the adapter only")
+
+
+def add_strategy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distribution and precision")
+    g.add_argument("--strategy", default="naive", choices=strategy_names(),
+                   help="naive = one process; ddp = torch DDP (launch with torchrun); fsdp = torch FSDP2; "
+                        "colossalai_* need `pip install coati[colossalai]` and a GPU")
+    g.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="autocast precision (fp16 uses a grad scaler and needs a GPU)")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--seed", type=int, default=42, help="seed for init, shuffling and sampling")
+    g.add_argument("--zero_stage", type=int, default=None, choices=[2, 3],
+                   help="fsdp only: 2 = parameters stay gathered between forward and backward (ZeRO-2), "
+                        "3 = re-shard them after forward (ZeRO-3, least memory); default 3")
+    g.add_argument("--cpu_offload", action=BoolFlag, default=None,
+                   help="fsdp / colossalai_gemini: keep sharded parameters, gradients and optimizer state in CPU "
+                        "memory (colossalai_zero2_cpu offloads by its name)")
+    g.add_argument("--placement_policy", default=None, choices=["static", "auto"],
+                   help="colossalai_gemini only: static placement or auto (memory-tracer driven); default static")
+
+
+def add_logging_args(p: argparse.ArgumentParser, *, default_log_interval: int = 10) -> None:
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--save_path", default="output", help="where the final model (and checkpoints/) go")
+    g.add_argument("--save_interval", type=int, default=0, help="checkpoint every N optimizer steps (0 = only the final model)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from the latest checkpoint under --save_path, or from the given checkpoint dir")
+    g.add_argument("--need_optim_ckpt", action=BoolFlag, default=True,
+                   help="store optimizer state in checkpoints (needed for exact resume)")
+    g.add_argument("--log_interval", type=int, default=default_log_interval, help="log metrics every N steps")
+    g.add_argument("--log_dir", default=None, help="metrics.jsonl / tensorboard dir (default: --save_path)")
+    g.add_argument("--use_tensorboard", action=BoolFlag, default=False, help="also log to tensorboard")
+    g.add_argument("--use_wandb", action=BoolFlag, default=False, help="also log to Weights & Biases")
+
+
+def strategy_names() -> list[str]:
+    return ["naive", "ddp", "fsdp", "colossalai_zero2", "colossalai_zero2_cpu", "colossalai_gemini"]
+
+
+def lora_settings(args: argparse.Namespace):
+    from ..models.lora import LoraSettings
+
+    targets = args.lora_target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                        train_bias=args.lora_train_bias, target_modules=targets)
+
+
+def strategy_from_args(args: argparse.Namespace, **extra: Any):
+    from ..trainer.strategies import make_strategy
+
+    kwargs = dict(seed=args.seed, mixed_precision=args.mixed_precision, grad_clip=args.grad_clip)
+    for name in ("zero_stage", "cpu_offload", "placement_policy"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    kwargs.update(extra)
+    return make_strategy(args.strategy, **kwargs)
+
+
+def setup_logging(rank0: bool = True) -> None:
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

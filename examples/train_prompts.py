@@ -1,0 +1,217 @@
+"""Stage 3: PPO (PPO-ptx with --pretrain_dataset) of an SFT model against a reward model or a Python reward.
+
+    torchrun --standalone --nproc_per_node=2 examples/train_prompts.py --pretrain SFT_OUT --model llama \
+        --rm_pretrain SFT_OUT --rm_path RM_OUT --strategy ddp --prompt_dataset prompts.jsonl \
+        --pretrain_dataset pretrain.jsonl --num_episodes 10 --num_collect_steps 10 --num_update_steps 5 \
+        --experience_batch_size 8 --train_batch_size 8 --lora_rank 16 --save_path PPO_OUT
+
+    # a verifiable reward instead of a reward model (GSM8K-style: the record's `answer` reaches the function)
+    python examples/train_prompts.py --pretrain SFT_OUT --prompt_dataset gsm8k_train.jsonl \
+        --reward_fn my_rewards.py:gsm8k_correct --save_path PPO_OUT
+
+Outputs: the trained actor as the HF model dir ``{save_path}`` (as train_sft.py writes it),
+``{save_path}/critic`` (+ value head), ``{save_path}/metrics.jsonl`` and, with --save_interval,
+``{save_path}/checkpoints/step_{episode}/{actor,critic,trainer_state}``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coati.dataset import PretrainDataset, PromptCollator, PromptDataset, SFTCollator
+from coati.experience.maker import load_reward_fn
+from coati.models import FAMILIES, Actor, Critic, RewardModel
+from coati.trainer import resolve_resume
+from coati.trainer.ppo import PPOTrainer
+from coati.utils import cli
+from coati.utils.tokenizer import load_tokenizer
+
+log = logging.getLogger("coati")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.make_parser("coati stage 3: PPO / PPO-ptx of a causal LM against a reward model or reward function")
+    cli.add_model_args(p)
+    cli.add_lora_args(p)
+    cli.add_strategy_args(p)
+    r = p.add_argument_group("reward and critic")
+    r.add_argument("--rm_pretrain", default=None,
+                   help="base model dir of the reward model (its LM weights); default: --pretrain")
+    r.add_argument("--rm_model", default=None, choices=sorted(FAMILIES),
+                   help="reward model family (default: --model)")
+    r.add_argument("--rm_path", default=None,
+                   help="trained reward model: a dir from train_reward_model.py, or a state-dict / value-head file "
+                        "loaded on top of --rm_pretrain")
+    r.add_argument("--reward_fn", default=None,
+                   help="Python reward instead of a reward model: module:function or path/to/file.py:function, "
+                        "called as f(prompts, responses, **record_fields) -> list[float]")
+    r.add_argument("--critic_pretrain", default=None,
+                   help="critic start point; default: the reward model (--rm_path / --rm_pretrain), else --pretrain")
+    d = p.add_argument_group("data")
+    d.add_argument("--prompt_dataset", required=True, help="prompt file or dir (prompt / instruction / question / "
+                                                           "text / messages records)")
+    d.add_argument("--pretrain_dataset", default=None, help="text data for the PPO-ptx LM loss (off when absent)")
+    d.add_argument("--max_datasets_size", type=int, default=None,
+                   help="use at most this many prompt / pretrain records")
+    d.add_argument("--max_input_len", type=int, default=96, help="max prompt tokens (longer prompts are skipped)")
+    d.add_argument("--max_seq_len", type=int, default=128,
+                   help="max prompt + response tokens (padded prompt width + generated tokens)")
+    d.add_argument("--max_new_tokens", type=int, default=None, help="max generated tokens (overrides --max_seq_len)")
+    d.add_argument("--ptx_max_len", type=int, default=None,
+                   help="max tokens per pretraining sample (default: --max_seq_len)")
+    d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
+                   help="prompt format; must match the SFT stage")
+    t = p.add_argument_group("PPO")
+    t.add_argument("--num_episodes", type=int, default=10, help="collect + update rounds")
+    t.add_argument("--num_collect_steps", "--max_timesteps", dest="num_collect_steps", type=int, default=10,
+                   help="prompt batches collected per episode (--max_timesteps: June-2023 name)")
+    t.add_argument("--num_update_steps", "--update_timesteps", dest="num_update_steps", type=int, default=5,
+                   help="passes over the replay buffer per episode (--update_timesteps: June-2023 name)")
+    t.add_argument("--max_epochs", type=int, default=1, help="epochs per update step")
+    t.add_argument("--experience_batch_size", type=int, default=8, help="prompts per generation batch per process")
+    t.add_argument("--train_batch_size", type=int, default=8, help="experiences per training micro-batch per process")
+    t.add_argument("--ptx_batch_size", type=int, default=1, help="pretraining samples per micro-batch (PPO-ptx)")
+    t.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--kl_coef", type=float, default=0.1, help="KL penalty coefficient (initial one with --target_kl)")
+    t.add_argument("--target_kl", type=float, default=None,
+                   help="adaptive KL (Ziegler et al.): target KL per response in nats; off = fixed --kl_coef")
+    t.add_argument("--kl_horizon", type=int, default=10000, help="adaptive KL horizon in samples")
+    t.add_argument("--ptx_coef", type=float, default=0.9, help="actor loss = policy loss + ptx_coef * pretrain LM loss")
+    t.add_argument("--eps_clip", type=float, default=0.2, help="policy ratio clip")
+    t.add_argument("--value_clip", type=float, default=0.4, help="value clip around the old values")
+    t.add_argument("--vf_coef", type=float, default=1.0, help="value loss weight")
+    t.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
+    t.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    t.add_argument("--whiten_advantages", action=cli.BoolFlag, default=True,
+                   help="normalise advantages over valid tokens of each batch")
+    t.add_argument("--reward_clip", type=float, default=None, help="clip sequence rewards to +-this (off when absent)")
+    t.add_argument("--normalize_reward", action=cli.BoolFlag, default=False,
+                   help="normalise sequence rewards with running mean / std")
+    t.add_argument("--lr", type=float, default=1e-6, help="actor learning rate (AdamW)")
+    t.add_argument("--critic_lr", type=float, default=9e-6, help="critic learning rate (AdamW)")
+    t.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--lr_scheduler", default="constant", choices=["constant", "cosine"],
+                   help="learning-rate schedule of both optimizers (after warmup)")
+    t.add_argument("--warmup_ratio", type=float, default=0.0, help="share of optimizer steps spent warming up")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--do_sample", action=cli.BoolFlag, default=True, help="sample (false = greedy)")
+    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    s.add_argument("--top_k", type=int, default=0, help="top-k sampling (0 = off)")
+    s.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    m = p.add_argument_group("memory")
+    m.add_argument("--offload_ref_reward", action=cli.BoolFlag, default=False,
+                   help="keep reference and reward models on CPU between uses")
+    m.add_argument("--buffer_cpu_offload", action=cli.BoolFlag, default=True, help="keep the replay buffer on CPU")
+    m.add_argument("--buffer_limit", type=int, default=0, help="max samples in the replay buffer (0 = no limit)")
+    m.add_argument("--log_entropy", action=cli.BoolFlag, default=True,
+                   help="log policy entropy (computes full-vocabulary logits of the response)")
+    cli.add_logging_args(p, default_log_interval=1)
+    return p
+
+
+def _is_model_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file())
+
+
+def _load_state_file(model: torch.nn.Module, path: Path) -> None:
+    """A value-head file (``weight``/``bias``) or a full reward-model state dict (Coati's ``--rm_path``)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if set(state) <= {"weight", "bias"}:
+        model.value_head.load_state_dict(state)
+        return
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or not any(k.startswith("value_head") for k in state):
+        raise ValueError(f"{path}: not a reward model state dict (unexpected keys {result.unexpected_keys[:5]})")
+
+
+def load_value_model(cls, base: str, weights: str | None, **kwargs: Any):
+    """``cls`` (RewardModel / Critic) from ``weights`` when it is a model dir, else from ``base`` with the
+    ``weights`` file (value head or full state dict) loaded on top."""
+    if weights and _is_model_dir(Path(weights)):
+        return cls.from_pretrained(weights, **kwargs)
+    model = cls.from_pretrained(base, **kwargs)
+    if weights:
+        _load_state_file(model, Path(weights))
+    elif not (Path(base) / "value_head.safetensors").is_file():
+        log.warning("%s: no value_head.safetensors; %s starts with a random value head", base, cls.__name__)
+    return model
+
+
+def build_models(args: argparse.Namespace) -> tuple[Actor, Critic, RewardModel | None]:
+    """Actor from --pretrain; reward model from --rm_path/--rm_pretrain (unless --reward_fn); critic from
+    --critic_pretrain, else initialised from the reward model, else from --pretrain with a fresh value head."""
+    lora = cli.lora_settings(args)
+    hf = dict(trust_remote_code=args.trust_remote_code)
+    actor = Actor.from_pretrained(args.pretrain, family=args.model, lora=lora,
+                                  grad_checkpoint=args.grad_checkpoint, **hf)
+    rm_family = args.rm_model or args.model
+    rm_base = args.rm_pretrain or args.pretrain
+    has_rm = args.rm_path is not None or args.rm_pretrain is not None
+    reward_model = None
+    if args.reward_fn is None:
+        if not has_rm:
+            raise SystemExit("give a reward: --rm_path / --rm_pretrain (reward model) or --reward_fn (Python function)")
+        reward_model = load_value_model(RewardModel, rm_base, args.rm_path, family=rm_family, **hf)
+    elif args.rm_path is not None:
+        raise SystemExit("--reward_fn and --rm_path both give a reward; use one (--critic_pretrain sets the critic)")
+    critic_kw = dict(lora=lora, grad_checkpoint=args.grad_checkpoint, **hf)
+    if args.critic_pretrain:
+        critic = Critic.from_pretrained(args.critic_pretrain, family=rm_family, **critic_kw)
+    elif has_rm:
+        critic = load_value_model(Critic, rm_base, args.rm_path, family=rm_family, **critic_kw)
+    else:
+        critic = Critic.from_pretrained(args.pretrain, family=args.model, **critic_kw)
+    return actor, critic, reward_model
+
+
+def trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """CLI options that are PPOTrainer keyword arguments of the same name."""
+    names = ("kl_coef", "target_kl", "kl_horizon", "ptx_coef", "eps_clip", "value_clip", "vf_coef", "gamma", "lam",
+             "whiten_advantages", "reward_clip", "normalize_reward", "num_episodes", "num_collect_steps",
+             "num_update_steps", "max_epochs", "train_batch_size", "accumulation_steps", "lr", "critic_lr",
+             "weight_decay", "lr_scheduler", "warmup_ratio", "max_new_tokens", "max_seq_len", "do_sample",
+             "temperature", "top_k", "top_p", "buffer_limit", "buffer_cpu_offload", "offload_ref_reward",
+             "save_path", "save_interval", "log_interval", "log_dir", "use_tensorboard", "use_wandb",
+             "need_optim_ckpt", "log_entropy")
+    kw = {n: getattr(args, n) for n in names}
+    kw["merge_lora"] = args.merge_lora_weights
+    return kw
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, float]]:
+    args = build_parser().parse_args(argv)
+    strategy = cli.strategy_from_args(args)
+    cli.setup_logging(strategy.is_rank0())
+    tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+
+    prompts = PromptDataset(args.prompt_dataset, tokenizer, max_input_len=args.max_input_len,
+                            max_datasets_size=args.max_datasets_size, prompt_template=args.prompt_template,
+                            seed=args.seed)
+    prompt_dl = strategy.setup_dataloader(prompts, args.experience_batch_size, shuffle=True,
+                                          collate_fn=PromptCollator(tokenizer.pad_token_id))
+    pretrain_dl = None
+    if args.pretrain_dataset:
+        ptx = PretrainDataset(args.pretrain_dataset, tokenizer, max_len=args.ptx_max_len or args.max_seq_len,
+                              max_datasets_size=args.max_datasets_size)
+        pretrain_dl = strategy.setup_dataloader(ptx, args.ptx_batch_size, shuffle=True, drop_last=True,
+                                                collate_fn=SFTCollator(tokenizer.pad_token_id))
+
+    actor, critic, reward_model = build_models(args)
+    trainer = PPOTrainer(strategy, actor, critic, reward_model, tokenizer=tokenizer, reward_fn=reward_fn,
+                         run_config=vars(args), **trainer_kwargs(args))
+    return trainer.fit(prompt_dl, pretrain_dl, resume_from=resolve_resume(args.resume, args.save_path))
+
+
+if __name__ == "__main__":
+    main()

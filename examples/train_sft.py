@@ -1,0 +1,80 @@
+"""Stage 1: supervised fine-tuning.
+
+    torchrun --standalone --nproc_per_node=2 examples/train_sft.py --pretrain PATH --model llama \
+        --strategy ddp --dataset data.json --batch_size 1 --accumulation_steps 8 --lr 2e-5 \
+        --max_datasets_size 512 --max_epochs 1 --lora_rank 16 --save_path OUT
+"""
+from __future__ import annotations
+
+import argparse
+
+from coati.dataset import SFTCollator, SFTDataset, split_dataset
+from coati.models import Actor
+from coati.trainer import SFTTrainer, resolve_resume
+from coati.utils import cli
+from coati.utils.tokenizer import load_tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.make_parser("coati stage 1: supervised fine-tuning of a causal LM on instruction / chat data")
+    cli.add_model_args(p)
+    cli.add_lora_args(p)
+    cli.add_strategy_args(p)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", required=True, help="SFT data file or dir (Alpaca, messages, ShareGPT, text, KoChatGPT ...)")
+    d.add_argument("--eval_dataset", default=None, help="held-out data file (default: --eval_ratio of --dataset)")
+    d.add_argument("--eval_ratio", type=float, default=0.0, help="share of --dataset held out for eval when no --eval_dataset")
+    d.add_argument("--max_datasets_size", type=int, default=None, help="use at most this many records (after seeded shuffle)")
+    d.add_argument("--max_len", type=int, default=512, help="max tokens per sample")
+    d.add_argument("--overlong", default="truncate", choices=["truncate", "skip"], help="what to do with samples over --max_len")
+    d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
+                   help="auto = the tokenizer's chat template if it has one, else alpaca")
+    t = p.add_argument_group("training")
+    t.add_argument("--batch_size", type=int, default=4, help="micro-batch size per process")
+    t.add_argument("--accumulation_steps", "--accimulation_steps", dest="accumulation_steps", type=int, default=8,
+                   help="micro-batches per optimizer step (--accimulation_steps: Coati's spelling)")
+    t.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (AdamW, warmup then cosine)")
+    t.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--warmup_ratio", type=float, default=0.03, help="share of steps spent warming up")
+    t.add_argument("--max_epochs", type=int, default=3, help="passes over the training data")
+    t.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    t.add_argument("--eval_interval", type=int, default=0, help="evaluate every N steps (0 = each epoch end)")
+    cli.add_logging_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    strategy = cli.strategy_from_args(args)
+    cli.setup_logging(strategy.is_rank0())
+    tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
+
+    data_kw = dict(max_len=args.max_len, prompt_template=args.prompt_template, overlong=args.overlong, seed=args.seed)
+    train_ds = SFTDataset(args.dataset, tokenizer, max_datasets_size=args.max_datasets_size, **data_kw)
+    eval_ds = None
+    if args.eval_dataset:
+        eval_ds = SFTDataset(args.eval_dataset, tokenizer, **data_kw)
+    elif args.eval_ratio > 0:
+        train_ds, eval_ds = split_dataset(train_ds, args.eval_ratio, args.seed)
+
+    model = Actor.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
+                                  grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code)
+    model = strategy.prepare_model(model)
+    collate = SFTCollator(tokenizer.pad_token_id)
+    train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
+    eval_dl = (strategy.setup_dataloader(eval_ds, args.batch_size, shuffle=False, collate_fn=collate)
+               if eval_ds is not None else None)
+
+    trainer = SFTTrainer(
+        model, strategy, train_dl, eval_dl, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, max_epochs=args.max_epochs, max_steps=args.max_steps,
+        accumulation_steps=args.accumulation_steps, save_path=args.save_path, save_interval=args.save_interval,
+        log_interval=args.log_interval, eval_interval=args.eval_interval, log_dir=args.log_dir,
+        use_tensorboard=args.use_tensorboard, use_wandb=args.use_wandb, tokenizer=tokenizer,
+        merge_lora=args.merge_lora_weights, need_optim_ckpt=args.need_optim_ckpt, run_config=vars(args),
+    )
+    trainer.fit(resume_from=resolve_resume(args.resume, args.save_path))
+
+
+if __name__ == "__main__":
+    main()

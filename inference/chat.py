@@ -1,0 +1,99 @@
+"""Generate from, or chat with, a trained coati model in the terminal, with tokens streamed as they come.
+
+    python inference/chat.py MODEL_PATH --prompt "Explain PPO in one sentence."      # one answer, then exit
+    python inference/chat.py MODEL_PATH [--quant 4bit] [--system "You are ..."]      # interactive session
+
+Prompts are rendered with the same template as training (--prompt_template, default auto: the tokenizer's
+chat template if it has one, else Alpaca). In a session the whole conversation is sent each turn;
+`/reset` clears it, `/exit` (or end of input) quits. Temperature 0 gives greedy decoding.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, TextIO
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from coati.inference.generation import Generator, SamplingParams, encode_chat  # noqa: E402
+from coati.inference.loading import add_model_args, load_from_args  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit (else: interactive)")
+    p.add_argument("--system", default=None, help="system message opening the conversation")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no_stream", action="store_true", help="print each answer only when it is complete")
+    return p
+
+
+def respond(gen: Generator, messages: list[dict], params: SamplingParams, template: str, out: TextIO,
+            stream: bool = True) -> str:
+    """Generate the assistant's next turn for `messages`, writing it to `out` as it is produced."""
+    prompt = encode_chat(messages, gen.tokenizer, template)
+    if stream:
+        def show(piece: str) -> None:
+            out.write(piece)
+            out.flush()
+
+        text = gen.generate([prompt], params, on_text=[show])[0].text
+    else:
+        text = gen.generate([prompt], params)[0].text
+        out.write(text)
+    out.write("\n")
+    out.flush()
+    return text
+
+
+def chat_session(gen: Generator, params: SamplingParams, template: str, *, system: str | None = None,
+                 read: Callable[[str], str] = input, out: TextIO = sys.stdout, stream: bool = True) -> list[str]:
+    """Interactive multi-turn loop; returns the assistant's answers in order."""
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    answers: list[str] = []
+    while True:
+        try:
+            line = read("\nUser: ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            break
+        if cmd == "/reset":
+            history = history[:1] if system else []
+            out.write("(conversation cleared)\n")
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": line})
+        out.write("Assistant: ")
+        answer = respond(gen, history, params, template, out, stream)
+        history.append({"role": "assistant", "content": answer})
+        answers.append(answer)
+    return answers
+
+
+def main(argv: list[str] | None = None, *, read: Callable[[str], str] = input,
+         out: TextIO = sys.stdout) -> list[str]:
+    args = build_parser().parse_args(argv)
+    model, tokenizer = load_from_args(args)
+    gen = Generator(model, tokenizer)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.prompt is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        return [respond(gen, messages, params, args.prompt_template, out, not args.no_stream)]
+    return chat_session(gen, params, args.prompt_template, system=args.system, read=read, out=out,
+                        stream=not args.no_stream)
+
+
+if __name__ == "__main__":
+    main()

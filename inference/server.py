@@ -1,0 +1,65 @@
+"""OpenAI-compatible server for a trained coati model (`pip install coati[serve]`).
+
+    python inference/server.py MODEL_PATH --host 127.0.0.1 --port 8000 [--quant 8bit|4bit] [--api_key KEY]
+
+Then any OpenAI client works, e.g. `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)`.
+Requests wait in one queue; a background thread runs up to --max_batch_size of them (same sampling
+settings, streaming or not) as one left-padded `generate`. See inference/README.md for routes and limits.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from coati.inference.engine import BatchingEngine  # noqa: E402
+from coati.inference.generation import Generator  # noqa: E402
+from coati.inference.loading import add_model_args, load_from_args  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api_key", default=os.environ.get("COATI_API_KEY"),
+                   help="require `Authorization: Bearer KEY` (default: $COATI_API_KEY, else no key)")
+    p.add_argument("--served_model_name", default=None, help="model id clients send (default: dir name)")
+    p.add_argument("--max_prompt_tokens", type=int, default=2048)
+    p.add_argument("--max_tokens_limit", type=int, default=512, help="largest max_tokens a request may ask")
+    p.add_argument("--max_concurrent", type=int, default=64, help="requests in flight before 429")
+    p.add_argument("--max_batch_size", type=int, default=8)
+    p.add_argument("--batch_wait_ms", type=float, default=5.0,
+                   help="how long the worker waits for more requests before starting a batch")
+    p.add_argument("--log_level", default="info")
+    return p
+
+
+def build_app(args: argparse.Namespace):
+    from coati.inference.server import ServerConfig, create_app
+
+    model, tokenizer = load_from_args(args)
+    engine = BatchingEngine(Generator(model, tokenizer), max_batch_size=args.max_batch_size,
+                            batch_wait_s=args.batch_wait_ms / 1000)
+    path = args.model_path.rstrip("/")
+    name = args.served_model_name or os.path.basename(path)
+    config = ServerConfig(model_name=name, aliases=(path,), api_key=args.api_key,
+                          prompt_template=args.prompt_template, max_prompt_tokens=args.max_prompt_tokens,
+                          max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent)
+    return create_app(engine, config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvicorn
+    except ImportError:
+        sys.exit("the server needs FastAPI and uvicorn: pip install 'coati[serve]'")
+    app = build_app(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""2-process FSDP PPO runs: ``torchrun --nproc_per_node=2 tests/dist_fsdp_ppo.py OUT [ZERO_STAGE]``.
+
+Same tiny task as ``tests/dist_ppo.py`` (reward = share of "7" in the response). First full fine-tuning:
+actor and critic sharded and trained, the frozen reference policy (a copy of the starting actor) sharded
+too; rank 0 writes the per-episode scores to ``OUT/scores.json`` and the final models go to ``OUT/model``.
+Then a short LoRA run (reference = the actor with adapters off) saving to ``OUT/lora/model``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from coati.trainer.ppo import PPOTrainer  # noqa: E402
+from coati.trainer.strategies import make_strategy  # noqa: E402
+from tests import dist_ppo as h  # noqa: E402
+from tests import tiny  # noqa: E402
+
+
+def run(out: Path, zero_stage: int, lora: bool, episodes: int) -> list[float]:
+    strategy = make_strategy("fsdp", seed=0, zero_stage=zero_stage)
+    actor, critic = h.models(seed=0, lora_rank=8 if lora else 0)
+    prompts, _ = h.loaders(strategy, experience_batch_size=8)  # 16 prompts per episode over both ranks
+    trainer = PPOTrainer(strategy, actor, critic, tokenizer=tiny.tokenizer("llama"), reward_fn=h.target_share,
+                         num_episodes=episodes, save_path=str(out / "model"),
+                         **{**h.PPO_KW, "train_batch_size": 4})
+    history = trainer.fit(prompts)
+    return [m["critic/score/mean"] for m in history]
+
+
+def main(out: str, zero_stage: int) -> None:
+    scores = run(Path(out), zero_stage, lora=False, episodes=20)
+    run(Path(out, "lora"), zero_stage, lora=True, episodes=2)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out, "scores.json").write_text(json.dumps(scores))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)

@@ -1,0 +1,55 @@
+"""The example scripts' command lines: Coati's flags verbatim, real boolean switches, documented flags."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("script", ["train_sft", "train_reward_model"])
+def test_every_flag_has_help(script):
+    parser = _script(script).build_parser()
+    undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert undocumented == []
+
+
+def test_coati_sft_command_parses_verbatim():
+    args = _script("train_sft").build_parser().parse_args(
+        "--pretrain P --model llama --strategy ddp --save_path OUT --dataset F --batch_size 1 "
+        "--accimulation_steps 8 --lr 2e-5 --max_datasets_size 512 --max_epochs 1 --lora_rank 16".split())
+    assert (args.accumulation_steps, args.lr, args.lora_rank, args.max_datasets_size) == (8, 2e-5, 16, 512)
+    assert args.model == "llama" and args.strategy == "ddp"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], True),
+    (["--need_optim_ckpt"], True),
+    (["--need_optim_ckpt", "False"], False),  # Coati's type=bool made this True
+    (["--need_optim_ckpt", "false"], False),
+    (["--need_optim_ckpt", "true"], True),
+    (["--no-need_optim_ckpt"], False),
+])
+def test_bool_flags_are_real_switches(argv, expected):
+    base = ["--pretrain", "P", "--dataset", "F"]
+    args = _script("train_sft").build_parser().parse_args(base + argv)
+    assert args.need_optim_ckpt is expected
+
+
+def test_bool_flag_rejects_garbage():
+    with pytest.raises(SystemExit):
+        _script("train_sft").build_parser().parse_args(["--pretrain", "P", "--dataset", "F", "--grad_checkpoint", "maybe"])
+
+
+def test_rm_flags():
+    args = _script("train_reward_model").build_parser().parse_args(
+        "--pretrain P --model gpt_neox --strategy naive --dataset Anthropic/hh-rlhf --subset harmless-base "
+        "--loss_fn log_exp --max_len 128 --batch_size 2 --max_epochs 1 --lr 1e-5 --lora_rank 4 --save_path O --test".split())
+    assert args.loss_fn == "log_exp" and args.subset == "harmless-base" and args.test is True

@@ -1,0 +1,48 @@
+"""Two torchrun processes (gloo) with per-process batch B/2 give the loss curve of one process with batch B."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.dist
+
+
+def _losses(save_path: Path) -> list[float]:
+    rows = [json.loads(line) for line in (save_path / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def _run(cmd: list[str]) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _torchrun(nproc: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_ddp_matches_single_process(stage, tiny_llama_dir, shared_data, tmp_path):
+    if stage == "sft":
+        script, data = "examples/train_sft.py", shared_data / "sft" / "alpaca_en_demo.json"
+        extra = ["--accumulation_steps", "2"]
+    else:
+        script, data = "examples/train_reward_model.py", shared_data / "preference" / "dpo_en_demo.json"
+        extra = ["--eval_ratio", "0"]
+    common = ["--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset", str(data),
+              "--max_datasets_size", "64", "--max_len", "128", "--max_epochs", "1", "--lr", "1e-3",
+              "--log_interval", "1", "--seed", "7", *extra]
+    _run([sys.executable, script, *common, "--strategy", "naive", "--batch_size", "4",
+          "--save_path", str(tmp_path / "naive")])
+    _run(_torchrun(2, 29611 if stage == "sft" else 29612) + [script, *common, "--strategy", "ddp",
+                                                              "--batch_size", "2", "--save_path", str(tmp_path / "ddp")])
+    single, ddp = _losses(tmp_path / "naive"), _losses(tmp_path / "ddp")
+    assert len(single) == len(ddp) >= 5
+    assert ddp == pytest.approx(single, abs=1e-5)
+    assert single[-1] < single[0]

@@ -1,0 +1,240 @@
+"""Sharded strategies: FSDP2 on 2 gloo processes equals DDP (loss curves, saved models), resumes exactly and
+trains PPO; the consolidated-copy helper reloads to the same logits; ColossalAI fails clearly without a GPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from coati.models import Actor, LoraSettings, RewardModel
+from coati.trainer.strategies import make_strategy
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> extra flags, run in this order inside one torchrun job (tests/fsdp_runs.py)
+FSDP_RUNS = {
+    "ddp": ["--strategy", "ddp"],
+    "z2": ["--strategy", "fsdp", "--zero_stage", "2"],
+    "z3": ["--strategy", "fsdp", "--zero_stage", "3", "--save_interval", "2"],
+    "z2_offload": ["--strategy", "fsdp", "--zero_stage", "2", "--cpu_offload"],
+    "z3_offload": ["--strategy", "fsdp", "--zero_stage", "3", "--cpu_offload"],
+}
+SHARDED = ["z2", "z3", "z2_offload", "z3_offload"]
+
+
+def _train_losses(save_path: Path) -> list[float]:
+    rows = [json.loads(line) for line in (save_path / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def _torchrun(port: int, *args: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).state_dict()
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _run_matrix(port, script, runs, common, out):
+    _torchrun(port, "tests/fsdp_runs.py", script, str(out), json.dumps(runs), *common)
+
+
+@pytest.mark.dist
+def test_fsdp_sft_matches_ddp_saves_the_same_model_and_resumes(tiny_llama_dir, shared_data, tmp_path):
+    runs = {
+        **FSDP_RUNS,
+        "z3_resumed": ["--strategy", "fsdp", "--zero_stage", "3",
+                       "--resume", str(tmp_path / "z3" / "checkpoints" / "step_2")],
+        "ddp_lora": ["--strategy", "ddp", "--lora_rank", "4", "--merge_lora_weights", "false"],
+        "z3_lora": ["--strategy", "fsdp", "--lora_rank", "4", "--merge_lora_weights", "false", "--grad_checkpoint"],
+    }
+    common = ["--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset",
+              str(shared_data / "sft" / "alpaca_en_demo.json"), "--max_datasets_size", "48", "--max_len", "96",
+              "--max_epochs", "1", "--lr", "1e-3", "--log_interval", "1", "--seed", "7",
+              "--accumulation_steps", "2", "--batch_size", "2"]
+    _run_matrix(29641, "examples/train_sft.py", runs, common, tmp_path)
+
+    ddp = _train_losses(tmp_path / "ddp")
+    assert len(ddp) >= 5 and ddp[-1] < ddp[0]
+    ddp_weights = _weights(tmp_path / "ddp")
+    assert _max_diff(ddp_weights, _weights(tiny_llama_dir)) > 1e-3  # training moved the weights
+    for name in SHARDED:
+        assert _train_losses(tmp_path / name) == pytest.approx(ddp, abs=1e-4), name
+        assert _max_diff(_weights(tmp_path / name), ddp_weights) < 1e-4, name
+
+    # resumed at step 2 (model shards, per-rank optimizer shards, scheduler, sampler): the same steps 3..N
+    resumed = _train_losses(tmp_path / "z3_resumed")
+    assert resumed == pytest.approx(_train_losses(tmp_path / "z3")[2:], abs=1e-6)
+    state_dir = tmp_path / "z3" / "checkpoints" / "step_2" / "trainer_state"
+    assert json.loads((state_dir / "sharding.json").read_text())["world_size"] == 2
+    assert (state_dir / "state_rank1.pt").is_file()
+
+    # LoRA (+ gradient checkpointing inside the sharded layers): the same adapter as DDP's
+    assert _train_losses(tmp_path / "z3_lora") == pytest.approx(_train_losses(tmp_path / "ddp_lora"), abs=1e-4)
+    a = load_file(str(tmp_path / "ddp_lora" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "z3_lora" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and len(a) == 2 * 7 * 2  # A and B, 7 target modules, 2 layers
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.mark.dist
+def test_fsdp_reward_model_matches_ddp(tiny_llama_dir, shared_data, tmp_path):
+    common = ["--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset",
+              str(shared_data / "preference" / "dpo_en_demo.json"), "--max_datasets_size", "60", "--max_len", "128",
+              "--max_epochs", "1", "--lr", "1e-3", "--log_interval", "1", "--seed", "7", "--eval_ratio", "0",
+              "--batch_size", "2"]
+    runs = {k: v for k, v in FSDP_RUNS.items()}
+    _run_matrix(29642, "examples/train_reward_model.py", runs, common, tmp_path)
+
+    ddp = _train_losses(tmp_path / "ddp")
+    assert len(ddp) >= 5
+    ddp_weights = _weights(tmp_path / "ddp")
+    ddp_head = load_file(str(tmp_path / "ddp" / "value_head.safetensors"))
+    for name in SHARDED:
+        assert _train_losses(tmp_path / name) == pytest.approx(ddp, abs=1e-4), name
+        assert _max_diff(_weights(tmp_path / name), ddp_weights) < 1e-4, name
+        head = load_file(str(tmp_path / name / "value_head.safetensors"))
+        assert max(float((head[k] - ddp_head[k]).abs().max()) for k in ddp_head) < 1e-4, name
+    # the reloaded reward model scores like the one DDP saved
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701, 29916]])
+    with torch.no_grad():
+        r_ddp = RewardModel.from_pretrained(tmp_path / "ddp")(ids)
+        r_z3 = RewardModel.from_pretrained(tmp_path / "z3_offload")(ids)
+    assert float(r_z3) == pytest.approx(float(r_ddp), abs=1e-4)
+
+
+@pytest.mark.dist
+def test_fsdp_ppo_reward_rises(tmp_path):
+    _torchrun(29643, "tests/dist_fsdp_ppo.py", str(tmp_path), "3")
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    assert first < 0.06  # random policy: about 1/64 of the characters are '7'
+    assert last > first + 0.15, scores
+    # the LoRA run (reference = actor with adapters off) saved a merged actor plain transformers loads
+    from transformers import AutoModelForCausalLM
+
+    actor = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lora" / "model"))
+    assert not any("lora" in k for k in actor.state_dict())
+    assert _max_diff(actor.state_dict(), _weights(tmp_path / "model")) > 1e-3  # not the full-FT actor
+    assert (tmp_path / "model" / "critic" / "value_head.safetensors").is_file()
+
+
+# ----- single process ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_plain_replica_rebuilds_the_model_from_a_full_state_dict(lora, tmp_path):
+    """The consolidated copy (used by sharded saves/loads) gives the same logits and writes a dir that
+    reloads to them, LoRA merged or not."""
+    from coati.trainer.strategies.fsdp import plain_replica
+
+    torch.manual_seed(0)
+    settings = LoraSettings(rank=4, alpha=8) if lora else None
+    actor = Actor.from_config(tiny.llama_config(vocab_size=64), lora=settings)
+    if lora:  # non-zero adapters, so merging matters
+        for name, p in actor.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    state = {k: v.clone() for k, v in actor.state_dict().items()}
+    replica = plain_replica(actor, state)
+    assert all(not p.is_meta for p in replica.parameters())
+    ids = torch.tensor([[1, 5, 9, 33, 60, 2]])
+    with torch.no_grad():
+        expected = actor(ids)
+        torch.testing.assert_close(replica(ids), expected, rtol=0, atol=0)
+    replica.save_pretrained(tmp_path / "merged", merge_lora=True)
+    reloaded = Actor.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_replica_keeps_tied_embeddings(tmp_path):
+    from coati.trainer.strategies.fsdp import plain_replica
+
+    torch.manual_seed(0)
+    rm = RewardModel.from_config(tiny.gpt2_config(vocab_size=64))
+    replica = plain_replica(rm, {k: v.clone() for k, v in rm.state_dict().items()})
+    lm = replica.base_lm
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        assert float(replica(ids)) == pytest.approx(float(rm(ids)), abs=0)
+
+
+def test_decoder_layers_are_the_transformer_blocks():
+    from coati.trainer.strategies.fsdp import decoder_layers
+
+    for config, cls in ((tiny.llama_config(vocab_size=64), "LlamaDecoderLayer"),
+                        (tiny.gpt2_config(vocab_size=64), "GPT2Block")):
+        actor = Actor.from_config(config, lora=LoraSettings(rank=2))
+        layers = decoder_layers(actor)
+        assert [type(m).__name__ for m in layers] == [cls, cls]
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    from coati.trainer.strategies.fsdp import SHARDING_FILE, FSDPStrategy
+
+    (tmp_path / SHARDING_FILE).write_text(json.dumps({"strategy": "fsdp", "world_size": 4}))
+    strategy = object.__new__(FSDPStrategy)  # no process group needed to read the layout file
+    strategy.world_size, strategy.rank = 2, 0
+    with pytest.raises(ValueError, match="sharded over 4 processes"):
+        strategy.load_state(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"zero_stage": 1}, "zero_stage 2 or 3"),
+    ({"placement_policy": "auto"}, "colossalai_gemini option"),
+])
+def test_fsdp_rejects_options_it_does_not_have(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_strategy("fsdp", **kwargs)
+
+
+@pytest.mark.parametrize("name", ["naive", "ddp"])
+def test_unsharded_strategies_refuse_sharding_flags(name):
+    with pytest.raises(ValueError, match="--cpu_offload applies only to --strategy fsdp"):
+        make_strategy(name, cpu_offload=True)
+
+
+@pytest.mark.parametrize("name, instead", [
+    ("colossalai_zero2", "--strategy fsdp --zero_stage 2 instead."),
+    ("colossalai_zero2_cpu", "--strategy fsdp --zero_stage 2 --cpu_offload instead."),
+    ("colossalai_gemini", "--strategy fsdp --zero_stage 3 --cpu_offload instead."),
+])
+def test_colossalai_strategies_fail_clearly_without_gpu(name, instead, monkeypatch):
+    from coati.trainer.strategies.colossalai import StrategyUnavailableError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(StrategyUnavailableError) as info:
+        make_strategy(name)
+    message = str(info.value)
+    assert message == f"--strategy {name} needs a CUDA GPU (ColossalAI kernels are GPU-only); on this machine use {instead}"
+    assert "colossalai" not in sys.modules  # checked before importing anything heavy
+
+
+def test_colossalai_missing_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from coati.trainer.strategies.colossalai import StrategyUnavailableError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "colossalai" else real_find_spec(name, *a))
+    with pytest.raises(StrategyUnavailableError, match=r"pip install coati\[colossalai\]"):
+        make_strategy("colossalai_gemini", placement_policy="auto")

@@ -1,0 +1,287 @@
+"""PPO end to end on a tiny LLaMA (64-token vocabulary): rewards rise, ptx, LoRA reference, resume, DDP, CLI."""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from coati.models import Actor, Critic, LogSigLoss, RewardModel, compute_reward
+from coati.trainer.ppo import PPOTrainer
+from coati.trainer.strategies import NaiveStrategy
+from tests import dist_ppo as h
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads on a busy 2-core machine are ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _trainer(strategy, actor, critic, **kw):
+    return PPOTrainer(strategy, actor, critic, tokenizer=tiny.tokenizer("llama"), **{**h.PPO_KW, **kw})
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_kl_penalised_reward_matches_hand_computation():
+    r = torch.tensor([2.0, -1.0, 5.0])
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -9.0], [-1.5, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.1, -0.2, -1.0], [-1.0, -3.0, -3.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    out = compute_reward(r, 0.1, logp, ref, mask, reward_clip=3.0)
+    # -0.1 * (logp - ref) on valid tokens; the (clipped) reward lands on the last valid token
+    expected = torch.tensor([[-0.05, 0.1, 0.0 + 2.0], [0.02, 0.05 - 1.0, 0.0], [0.05 + 3.0, 0.0, 0.0]])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_ppo_with_python_reward_raises_reward():
+    strategy = NaiveStrategy(seed=0)
+    actor, critic = h.models(seed=0)
+    prompts, _ = h.loaders(strategy)
+    trainer = _trainer(strategy, actor, critic, reward_fn=h.target_share, num_episodes=20)
+    hist = trainer.fit(prompts)
+    scores = [m["critic/score/mean"] for m in hist]
+    first, last = _mean(scores[:3]), _mean(scores[-3:])
+    assert first < 0.06  # random policy: about 1/64 of the characters are '7'
+    assert last > first + 0.15, scores
+    assert hist[-1]["actor/reward_kl_penalty"] > hist[0]["actor/reward_kl_penalty"]
+    assert hist[-1]["actor/entropy"] < hist[0]["actor/entropy"] - 0.3
+    assert hist[0]["actor/entropy"] == pytest.approx(torch.log(torch.tensor(64.0)).item(), abs=0.1)
+    for key in ("timing_s/generate", "timing_s/make_experience", "timing_s/train_actor", "timing_s/train_critic",
+                "timing_s/step", "perf/throughput", "critic/vf_loss", "actor/pg_clipfrac", "actor/ppo_kl"):
+        assert key in hist[-1]
+    assert hist[-1]["timing_s/step"] >= hist[-1]["timing_s/generate"] + hist[-1]["timing_s/train_actor"]
+
+
+def _rm_pairs(n, g):
+    """(chosen, rejected) sequences: BOS, prompt bytes, response bytes; chosen has more '7's."""
+    chosen, rejected = [], []
+    for _ in range(n):
+        prompt = torch.randint(3, h.VOCAB, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
+        pair = []
+        for share in sorted(torch.rand(2, generator=g).tolist(), reverse=True):
+            resp = torch.randint(3, h.VOCAB, (8,), generator=g)
+            resp[torch.rand(8, generator=g) < share] = h.TARGET_ID
+            pair.append(torch.cat([torch.tensor([1]), prompt, resp]))
+        chosen.append(pair[0])
+        rejected.append(pair[1])
+    return chosen, rejected
+
+
+def _left_pad(seqs):
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = s
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _train_reward_model(steps=120):
+    torch.manual_seed(1)
+    rm = RewardModel.from_config(h.config())
+    opt = torch.optim.Adam([p for p in rm.parameters() if p.requires_grad], lr=2e-3)
+    loss_fn = LogSigLoss()
+    g = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        chosen, rejected = _rm_pairs(16, g)
+        c_ids, c_mask = _left_pad(chosen)
+        r_ids, r_mask = _left_pad(rejected)
+        loss = loss_fn(rm(c_ids, c_mask), rm(r_ids, r_mask))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    chosen, rejected = _rm_pairs(64, torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        acc = (rm(*_left_pad(chosen)) > rm(*_left_pad(rejected))).float().mean().item()
+    return rm, acc
+
+
+def test_ppo_with_trained_reward_model_raises_reward():
+    rm, acc = _train_reward_model()
+    assert acc > 0.8
+    strategy = NaiveStrategy(seed=0)
+    actor, critic = h.models(seed=0)
+    prompts, _ = h.loaders(strategy)
+    trainer = _trainer(strategy, actor, critic, reward_model=rm, num_episodes=20)
+    true_share = []
+    make = trainer.experience_maker.make_experience
+
+    def recording(batch):
+        exp = make(batch)
+        resp = trainer.experience_maker.decode_responses(exp.sequences, exp.action_mask)
+        true_share.append(_mean(h.target_share(None, resp)))
+        return exp
+
+    trainer.experience_maker.make_experience = recording
+    hist = trainer.fit(prompts)
+    scores = [m["critic/score/mean"] for m in hist]
+    assert _mean(scores[-3:]) > _mean(scores[:3]) + 1.0, scores
+    assert _mean(true_share[-3:]) > _mean(true_share[:3]) + 0.1, true_share
+    assert all(not p.requires_grad for p in rm.parameters())
+
+
+def _run_ptx(ptx_coef, with_pretrain, episodes=2):
+    strategy = NaiveStrategy(seed=0)
+    actor, critic = h.models(seed=0)
+    prompts, pretrain = h.loaders(strategy, with_pretrain=with_pretrain)
+    trainer = _trainer(strategy, actor, critic, reward_fn=h.target_share, ptx_coef=ptx_coef, num_episodes=episodes)
+    hist = trainer.fit(prompts, pretrain)
+    return actor, critic, hist
+
+
+def test_ptx_changes_update_and_zero_coef_equals_plain_ppo():
+    plain_actor, plain_critic, plain_hist = _run_ptx(0.9, with_pretrain=False)
+    zero_actor, zero_critic, zero_hist = _run_ptx(0.0, with_pretrain=True)
+    ptx_actor, _, ptx_hist = _run_ptx(0.9, with_pretrain=True)
+    plain_state, zero_state = plain_actor.state_dict(), zero_actor.state_dict()
+    assert all(torch.equal(plain_state[k], zero_state[k]) for k in plain_state)
+    assert all(torch.equal(a, b) for a, b in zip(plain_critic.state_dict().values(), zero_critic.state_dict().values()))
+    assert "actor/ptx_loss" not in plain_hist[-1] and "actor/ptx_loss" not in zero_hist[-1]
+    # the LM loss (ln 64 = 4.16 for the random model) falls as the actor learns the documents
+    assert 2.0 < ptx_hist[0]["actor/ptx_loss"] < 4.6
+    assert ptx_hist[-1]["actor/ptx_loss"] < ptx_hist[0]["actor/ptx_loss"] - 0.3
+    diff = max((ptx_actor.state_dict()[k] - plain_state[k]).abs().max().item() for k in plain_state)
+    assert diff > 1e-4
+    # the ptx term pulls the policy towards the pretraining documents: '3' (id 54) becomes likelier
+    ids = torch.tensor([[1, 54, 54, 35, 54]])
+    with torch.no_grad():
+        p_ptx = ptx_actor(ids, torch.ones_like(ids), num_actions=4).sum()
+        p_plain = plain_actor(ids, torch.ones_like(ids), num_actions=4).sum()
+    assert p_ptx > p_plain + 1.0
+
+
+def test_lora_reference_equals_untouched_base_model():
+    strategy = NaiveStrategy(seed=0)
+    actor, critic = h.models(seed=0, lora_rank=8)
+    prompts, _ = h.loaders(strategy)
+    trainer = _trainer(strategy, actor, critic, reward_fn=h.target_share, num_episodes=3, lr=5e-3)
+    assert trainer.initial_model is None  # no second copy of the policy
+    trainer.fit(prompts)
+    torch.manual_seed(0)
+    base = Actor.from_config(h.config())  # same seed, same base weights, never trained
+    batch = next(iter(prompts))
+    exp = trainer.experience_maker.make_experience(batch)
+    seq, mask, n = exp.sequences, exp.attention_mask, exp.num_actions
+    with torch.no_grad():
+        ref = trainer.experience_maker._ref_log_probs(seq, mask, n)
+        want = base(seq, mask, num_actions=n)
+        trained = actor(seq, mask, num_actions=n)
+    valid = exp.action_mask.bool()
+    torch.testing.assert_close(ref[valid], want[valid], atol=1e-6, rtol=0)
+    assert (trained[valid] - want[valid]).abs().max() > 1e-2  # the adapter did learn
+
+
+def test_resume_continues_exactly(tmp_path):
+    def run(save_path, episodes, resume=None):
+        strategy = NaiveStrategy(seed=0)
+        actor, critic = h.models(seed=0)
+        prompts, pretrain = h.loaders(strategy, with_pretrain=True)
+        trainer = _trainer(strategy, actor, critic, reward_fn=h.target_share, num_episodes=episodes,
+                           save_path=str(save_path), save_interval=2, ptx_coef=0.5, lr_scheduler="cosine",
+                           target_kl=0.5, kl_horizon=100)
+        hist = trainer.fit(prompts, pretrain, resume_from=resume)
+        return trainer, hist
+
+    full, full_hist = run(tmp_path / "full", 4)
+    resumed, res_hist = run(tmp_path / "resumed", 4, resume=tmp_path / "full" / "checkpoints" / "step_2")
+    assert resumed.optim_step == full.optim_step
+    assert resumed.kl_ctl.value == full.kl_ctl.value != 0.01  # adaptive KL moved and was restored
+    for a, b in zip(full.actor.state_dict().values(), resumed.actor.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert res_hist[-1]["critic/score/mean"] == pytest.approx(full_hist[-1]["critic/score/mean"], abs=1e-6)
+    # final actor is a plain HF dir with the same logits; the critic reloads with its value head
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    ids = torch.tensor([[1, 40, 50, 58, 58]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, full.actor(ids), atol=1e-5, rtol=0)
+        critic = Critic.from_pretrained(tmp_path / "full" / "critic")
+        torch.testing.assert_close(critic(ids), full.critic(ids), atol=1e-5, rtol=0)
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4]  # log_interval 1000: only the last episode
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("train_prompts", ROOT / "examples" / "train_prompts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_defaults_aliases_and_critic_from_reward_model(tmp_path, tiny_llama_dir):
+    mod = _load_example()
+    parser = mod.build_parser()
+    help_text = " ".join(parser.format_help().split())
+    for flag, default in [("--kl_coef", "0.1"), ("--ptx_coef", "0.9"), ("--eps_clip", "0.2"),
+                          ("--value_clip", "0.4"), ("--vf_coef", "1.0")]:
+        entry = help_text.split(f"{flag} {flag[2:].upper()} ")[-1]  # the options-list entry
+        assert re.search(r"\(default: ([^)]*)\)", entry).group(1) == default, entry
+    assert all(a.help for a in parser._actions)
+    args = mod.build_parser().parse_args(["--pretrain", "x", "--prompt_dataset", "p", "--max_timesteps", "3",
+                                          "--update_timesteps", "2", "--no-whiten_advantages"])
+    assert (args.num_collect_steps, args.num_update_steps, args.whiten_advantages) == (3, 2, False)
+
+    torch.manual_seed(3)
+    rm = RewardModel.from_pretrained(tiny_llama_dir)
+    rm.save_pretrained(tmp_path / "rm")
+    base = ["--pretrain", str(tiny_llama_dir), "--prompt_dataset", "p"]
+    head_file = str(tmp_path / "rm" / "value_head.safetensors")
+    for rm_args in (["--rm_path", str(tmp_path / "rm")],
+                    ["--rm_pretrain", str(tiny_llama_dir), "--rm_path", head_file]):
+        actor, critic, reward_model = mod.build_models(mod.build_parser().parse_args(base + rm_args))
+        assert torch.equal(critic.value_head.weight, rm.value_head.weight)
+        assert torch.equal(reward_model.value_head.weight, rm.value_head.weight)
+        assert isinstance(critic, Critic) and isinstance(actor, Actor)
+
+
+def test_cli_run_with_reward_fn_file(tmp_path, tiny_llama_dir, shared_data):
+    reward_file = tmp_path / "my_reward.py"
+    reward_file.write_text("def const(prompts, responses, **kw):\n    return [1.5 for _ in responses]\n")
+    mod = _load_example()
+    out = tmp_path / "out"
+    hist = mod.main(["--pretrain", str(tiny_llama_dir), "--prompt_dataset",
+                     str(shared_data / "prompts" / "vicuna_question_80.jsonl"), "--max_datasets_size", "4",
+                     "--reward_fn", f"{reward_file}:const", "--num_episodes", "1", "--num_collect_steps", "1",
+                     "--num_update_steps", "1", "--experience_batch_size", "2", "--train_batch_size", "2",
+                     "--max_new_tokens", "3", "--max_input_len", "128", "--prompt_template", "none",
+                     "--save_path", str(out), "--lora_rank", "2"])
+    assert hist[-1]["critic/score/mean"] == pytest.approx(1.5)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["critic/score/mean"] == pytest.approx(1.5) and rows[-1]["response_length/mean"] <= 3
+    assert (out / "config.json").is_file() and (out / "critic" / "value_head.safetensors").is_file()
+    assert not (out / "adapter_config.json").exists()  # LoRA merged by default (--merge_lora_weights)
+
+
+@pytest.mark.dist
+def test_ddp_ppo_ranks_hold_identical_weights(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:29631", str(ROOT / "tests" / "dist_ppo.py"),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert len(r0["prompts"]) == len(r1["prompts"]) == 24 and set(r0["prompts"]).isdisjoint(r1["prompts"])
+    assert r0["actor"] == r1["actor"] and r0["critic"] == r1["critic"]
+    assert r0["actor"] != r0["initial"]
+    # 3 episodes x 2 epochs x ceil(ceil(8 / 4) / 2) optimizer steps
+    assert r0["optim_steps"] == r1["optim_steps"] == 6
+    # episode metrics are reduced over both ranks, so both report the same numbers
+    assert r0["score"] == r1["score"] and r0["ptx_loss"] == r1["ptx_loss"] > 0

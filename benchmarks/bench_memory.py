@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
+import ppo_memory  # noqa: E402
 
 # spec -> (strategy name, extra make_strategy kwargs)
 SPECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=29671, help="rendezvous port for the torchrun jobs")
     p.add_argument("--output", default=None, help="also write the JSON line to this file")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    ppo_memory.add_args(p)  # --ppo full,lora,lora_8bit,lora_4bit,...: PPO memory per variant instead
     return p
 
 
@@ -209,8 +211,16 @@ def main(argv: list[str] | None = None) -> None:
     if "--_worker" in argv and "BENCH_MEMORY_ARGV" in os.environ:
         argv = json.loads(os.environ["BENCH_MEMORY_ARGV"]) + argv
     args = build_parser().parse_args(argv)
+    if args._worker in ppo_memory.VARIANTS:
+        return ppo_memory.worker(args)
     if args._worker:
         return worker(args)
+    if args.ppo:
+        line = json.dumps(ppo_memory.run(args, argv))
+        print(line)
+        if args.output:
+            Path(args.output).write_text(line + "\n")
+        return None
     specs = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in specs if s not in SPECS]
     if unknown:
@@ -226,7 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     model = {"family": "llama", **{k: v for k, v in harness.model_config(args).items()
                                     if k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                              "num_attention_heads", "num_key_value_heads", "vocab_size")}}
-    line = json.dumps({"bench": "memory", "model": model, "global_batch": args.batch_size, "seq_len": args.seq_len,
+    shown = [a for i, a in enumerate(argv) if a != "--output" and (i == 0 or argv[i - 1] != "--output")]
+    command = "OMP_NUM_THREADS=%d python benchmarks/bench_memory.py %s" % (args.threads, " ".join(shown))
+    line = json.dumps({"bench": "memory", "command": command, "model": model, "global_batch": args.batch_size,
+                       "seq_len": args.seq_len,
                        "nproc": args.nproc, "warmup_steps": args.warmup_steps, "timed_steps": args.steps,
                        "device": args.device, "precision": args.precision, "grad_checkpoint": args.grad_checkpoint,
                        "threads": args.threads, "results": results, "versions": harness.versions(),

@@ -154,6 +154,8 @@ def worker_coati(job: dict) -> None:
 
     trainer = TimedPPOTrainer(
         strategy, actor, critic, reward_model=reward_model, tokenizer=tok,
+        actor_optim=harness.coati_optimizer(job, actor.parameters(), job["lr"]),
+        critic_optim=harness.coati_optimizer(job, critic.parameters(), job["lr"]),
         reward_fn=distinct_word_reward if reward_model is None else None,
         kl_coef=0.1, ptx_coef=0.0, num_episodes=total, num_collect_steps=1, num_update_steps=1, max_epochs=1,
         train_batch_size=job["batch_size"], lr=job["lr"], critic_lr=job["lr"], max_new_tokens=job["gen_len"],
@@ -173,7 +175,7 @@ def worker_coati(job: dict) -> None:
     _finish(job, clock, samples, tokens, split, probe,
             {"algorithm": "PPO (actor + critic + reference" + (" + reward model)" if reward_model else ")"),
              "mean_response_len": lens[-1], "device_used": str(strategy.device),
-             "optimizer": "AdamW x2 (actor, critic)"})
+             "optimizer": f"AdamW ({job['coati_optim']}) x2 (actor, critic)"})
 
 
 # ----- TRL -------------------------------------------------------------------------------------------------
@@ -263,7 +265,8 @@ def main() -> None:
                              "peak_rss_mb", "peak_gpu_mem_mb"],
                  notes="coati PPO (actor+critic+ref) vs TRL GRPO (policy+ref): different algorithms, same "
                        "weights, prompts, batch, generation length and reward; samples_per_s ratio > 1 = coati "
-                       "faster. --seq_len is the max prompt length here.")
+                       "faster. --seq_len is the max prompt length here.",
+                 report_args=("gen_len", "num_generations", "reward"))
 
 
 if __name__ == "__main__":

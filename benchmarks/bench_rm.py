@@ -106,12 +106,13 @@ def worker_coati(job: dict) -> None:
             return metrics
 
     trainer = TimedRMTrainer(model, strategy, loader, lr=job["lr"], max_steps=total, log_interval=1,
-                             max_epochs=math.ceil(total / len(loader)) + 1)
+                             max_epochs=math.ceil(total / len(loader)) + 1,
+                             optimizer=harness.coati_optimizer(job, model.parameters(), job["lr"]))
     probe = harness.MemoryProbe(device)
     probe.start()
     history = trainer.fit()
     _finish(job, clock, step_pairs, step_tokens, [h["loss"] for h in history], probe,
-            {"optimizer": type(trainer.optimizer).__name__, "device_used": str(strategy.device),
+            {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": str(strategy.device),
              "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)})
 
 

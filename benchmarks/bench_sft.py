@@ -109,13 +109,14 @@ def worker_coati(job: dict) -> None:
             return metrics
 
     trainer = TimedSFTTrainer(actor, strategy, loader, lr=job["lr"], max_steps=total, log_interval=1,
-                              max_epochs=math.ceil(total / len(loader)) + 1)
+                              max_epochs=math.ceil(total / len(loader)) + 1,
+                              optimizer=harness.coati_optimizer(job, actor.parameters(), job["lr"]))
     probe = harness.MemoryProbe(device)
     probe.start()
     history = trainer.fit()
     losses = [h["loss"] for h in history]
     _finish(job, clock, step_tokens, step_padded, losses, probe,
-            {"optimizer": type(trainer.optimizer).__name__, "device_used": str(strategy.device),
+            {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": str(strategy.device),
              "attn_implementation": actor.config._attn_implementation})
 
 

@@ -54,6 +54,9 @@ def common_parser(description: str, *, steps: int, batch_size: int, seq_len: int
     p.add_argument("--repeats", type=int, default=1,
                    help="run each framework this many times, alternating, and keep the median run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coati_optim", choices=["default", "fused", "foreach"], default="default",
+                   help="default: the optimizer coati's trainer builds itself; fused/foreach: hand it "
+                        "torch.optim.AdamW(fused=True / foreach=True) instead (TRL's default is fused)")
     p.add_argument("--skip_trl", action="store_true", help="measure coati only")
     p.add_argument("--skip_coati", action="store_true", help="measure TRL only")
     p.add_argument("--output", default=None, help="also write the JSON line to this file")
@@ -101,6 +104,16 @@ def write_model_dir(args: argparse.Namespace, path: Path) -> dict[str, Any]:
                                                        "num_attention_heads", "num_key_value_heads",
                                                        "vocab_size")},
             "params_m": round(n_params / 1e6, 2)}
+
+
+def coati_optimizer(job: dict[str, Any], params: Any, lr: float) -> Any:
+    """None (the trainer builds its own AdamW) or the AdamW variant ``--coati_optim`` asks for."""
+    if job.get("coati_optim", "default") == "default":
+        return None
+    import torch
+
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **{job["coati_optim"]: True})
 
 
 # ----- measurement ----------------------------------------------------------------------------------------
@@ -301,7 +314,8 @@ def ratios(coati: dict[str, Any], trl: dict[str, Any], keys: list[str]) -> dict[
 
 
 def main(args: argparse.Namespace, *, script: str, bench: str, prepare: Callable[[argparse.Namespace, Path],
-         dict[str, Any]], key_metrics: list[str], ratio_keys: list[str], notes: str) -> dict[str, Any]:
+         dict[str, Any]], key_metrics: list[str], ratio_keys: list[str], notes: str,
+         report_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Parent flow: build the model dir and data file, run the workers, print one JSON line."""
     if args.warmup_steps < 1:
         raise SystemExit("--warmup_steps must be >= 1 (the first step compiles and allocates)")
@@ -324,6 +338,8 @@ def main(args: argparse.Namespace, *, script: str, bench: str, prepare: Callable
         "precision": args.precision,
         "threads": args.threads,
         "repeats": args.repeats,
+        "coati_optim": args.coati_optim,
+        **{k: getattr(args, k) for k in report_args},
         **{k: v for k, v in job.items() if k.startswith("data_") and k != "data_file"},
         "coati": results.get("coati"),
         "trl": results.get("trl"),

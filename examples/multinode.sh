@@ -5,11 +5,12 @@
 #   examples/multinode.sh --hostfile hostfile -- examples/train_sft.py --pretrain PATH --strategy fsdp ...
 #
 # hostfile: one node per line, `host [slots]` (`host slots=N` is read too); '#' starts a comment. slots is
-# that node's process count (--nproc_per_node); without it --nproc_per_node (default 8) is used. The first
-# host runs the c10d rendezvous on --master_port. Every node needs passwordless ssh from here, the same
-# code path (--workdir, default: this directory) and the same Python environment (--python, default: the
-# python3 on the remote PATH). Variables named with --env (and NCCL_*, CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS,
-# HF_HOME if set) are passed on. --dry-run prints the commands instead of running them.
+# that node's process count (--nproc_per_node); without it --nproc_per_node (default 8) is used. Line i is
+# --node_rank i (static rendezvous), so the first host holds global rank 0, which writes checkpoints, and
+# is the rendezvous point (--rdzv_endpoint FIRST_HOST:--master_port). Every node needs passwordless ssh from
+# here, the same code path (--workdir, default: this directory) and the same Python environment (--python,
+# default: python3 on the remote PATH). NCCL_*, CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS and HF_HOME (when set)
+# and variables named with --env are passed on. --dry-run prints the commands instead of running them.
 set -euo pipefail
 
 usage() {
@@ -78,7 +79,7 @@ pids=()
 for rank in "${!hosts[@]}"; do
     host="${hosts[$rank]}"
     launch=$(quote "$python" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$rank" \
-        --nproc_per_node "${slots[$rank]}" --rdzv_backend c10d --rdzv_id "$job_id" \
+        --nproc_per_node "${slots[$rank]}" --rdzv_backend static --rdzv_id "$job_id" \
         --rdzv_endpoint "$master:$master_port" "$@")
     remote="cd $(printf '%q' "$workdir") && ${exports}exec $launch"
     if is_local "$host"; then

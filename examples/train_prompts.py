@@ -25,6 +25,8 @@ import torch
 from coati.dataset import PretrainDataset, PromptCollator, PromptDataset, SFTCollator
 from coati.experience.maker import load_reward_fn
 from coati.models import FAMILIES, Actor, Critic, RewardModel
+from coati.models.quant import check_strategy_support, quant_mode
+from coati.models.sharing import SharedBaseRewardModel, shared_critic_and_reward
 from coati.trainer import resolve_resume
 from coati.trainer.ppo import PPOTrainer
 from coati.utils import cli
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.make_parser("coati stage 3: PPO / PPO-ptx of a causal LM against a reward model or reward function")
     cli.add_model_args(p)
     cli.add_lora_args(p)
+    cli.add_quant_args(p)
     cli.add_strategy_args(p)
     r = p.add_argument_group("reward and critic")
     r.add_argument("--rm_pretrain", default=None,
@@ -105,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("memory")
     m.add_argument("--offload_ref_reward", action=cli.BoolFlag, default=False,
                    help="keep reference and reward models on CPU between uses")
+    m.add_argument("--share_critic_reward_base", action=cli.BoolFlag, default=False,
+                   help="critic and reward model share one frozen base (quantized with --quant): the critic trains "
+                        "a LoRA adapter on the reward model's weights, which the reward model runs with that adapter "
+                        "off (or with its own frozen adapter when --rm_path is a LoRA dir); needs --lora_rank > 0")
     m.add_argument("--buffer_cpu_offload", action=cli.BoolFlag, default=True, help="keep the replay buffer on CPU")
     m.add_argument("--buffer_limit", type=int, default=0, help="max samples in the replay buffer (0 = no limit)")
     m.add_argument("--log_entropy", action=cli.BoolFlag, default=True,
@@ -128,6 +135,9 @@ def _load_state_file(model: torch.nn.Module, path: Path) -> None:
     if set(state) <= {"weight", "bias"}:
         model.value_head.load_state_dict(state)
         return
+    if quant_mode(model) or isinstance(model, SharedBaseRewardModel):
+        raise SystemExit(f"{path}: a full reward-model state dict cannot load into a quantized or shared base; "
+                         f"give --rm_path a reward model dir (train_reward_model.py's output) or a value-head file")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys or not any(k.startswith("value_head") for k in state):
@@ -147,13 +157,46 @@ def load_value_model(cls, base: str, weights: str | None, **kwargs: Any):
     return model
 
 
+def build_shared_critic_reward(args: argparse.Namespace, lora: Any, **load_kwargs: Any) -> tuple[Critic, RewardModel]:
+    """--share_critic_reward_base: one frozen base (the reward model's) under the critic's adapter and the
+    reward model (its full weights with the adapter off, or its own LoRA adapter as a second, frozen one)."""
+    if args.reward_fn is not None or (args.rm_path is None and args.rm_pretrain is None):
+        raise SystemExit("--share_critic_reward_base shares the reward model's base: give --rm_path / --rm_pretrain")
+    if args.critic_pretrain:
+        raise SystemExit("--share_critic_reward_base starts the critic from the reward model; drop --critic_pretrain")
+    kw = dict(lora=lora, family=args.rm_model or args.model, grad_checkpoint=args.grad_checkpoint, **load_kwargs)
+    rm_path = Path(args.rm_path) if args.rm_path else None
+    if rm_path is not None and (rm_path / "adapter_config.json").is_file():
+        from peft import PeftConfig
+
+        base = args.rm_pretrain or PeftConfig.from_pretrained(str(rm_path)).base_model_name_or_path
+        return shared_critic_and_reward(base, reward_adapter=rm_path, **kw)
+    if rm_path is not None and _is_model_dir(rm_path):
+        return shared_critic_and_reward(rm_path, **kw)
+    critic, reward_model = shared_critic_and_reward(args.rm_pretrain or args.pretrain, **kw)
+    if rm_path is not None:  # a value-head file on top of --rm_pretrain
+        _load_state_file(reward_model, rm_path)
+        critic.value_head.load_state_dict(reward_model.value_head.state_dict())
+    return critic, reward_model
+
+
 def build_models(args: argparse.Namespace) -> tuple[Actor, Critic, RewardModel | None]:
     """Actor from --pretrain; reward model from --rm_path/--rm_pretrain (unless --reward_fn); critic from
-    --critic_pretrain, else initialised from the reward model, else from --pretrain with a fresh value head."""
+    --critic_pretrain, else initialised from the reward model, else from --pretrain with a fresh value head.
+    With --share_critic_reward_base the critic and reward model share the reward model's frozen base."""
     lora = cli.lora_settings(args)
+    quant = cli.quant_kwargs(args)
+    if args.share_critic_reward_base:
+        try:
+            check_strategy_support(args.strategy, share_base=True)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     hf = dict(trust_remote_code=args.trust_remote_code)
     actor = Actor.from_pretrained(args.pretrain, family=args.model, lora=lora,
-                                  grad_checkpoint=args.grad_checkpoint, **hf)
+                                  grad_checkpoint=args.grad_checkpoint, **hf, **quant)
+    if args.share_critic_reward_base:
+        critic, reward_model = build_shared_critic_reward(args, lora, **hf, **quant)
+        return actor, critic, reward_model
     rm_family = args.rm_model or args.model
     rm_base = args.rm_pretrain or args.pretrain
     has_rm = args.rm_path is not None or args.rm_pretrain is not None
@@ -161,10 +204,12 @@ def build_models(args: argparse.Namespace) -> tuple[Actor, Critic, RewardModel |
     if args.reward_fn is None:
         if not has_rm:
             raise SystemExit("give a reward: --rm_path / --rm_pretrain (reward model) or --reward_fn (Python function)")
-        reward_model = load_value_model(RewardModel, rm_base, args.rm_path, family=rm_family, **hf)
+        # the frozen reward model is quantized too (inference only, so no LoRA needed)
+        frozen_quant = {**quant, "frozen": True} if quant else {}
+        reward_model = load_value_model(RewardModel, rm_base, args.rm_path, family=rm_family, **hf, **frozen_quant)
     elif args.rm_path is not None:
         raise SystemExit("--reward_fn and --rm_path both give a reward; use one (--critic_pretrain sets the critic)")
-    critic_kw = dict(lora=lora, grad_checkpoint=args.grad_checkpoint, **hf)
+    critic_kw = dict(lora=lora, grad_checkpoint=args.grad_checkpoint, **hf, **quant)
     if args.critic_pretrain:
         critic = Critic.from_pretrained(args.critic_pretrain, family=rm_family, **critic_kw)
     elif has_rm:
@@ -190,6 +235,7 @@ def trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     args = build_parser().parse_args(argv)
+    cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy before any work
     strategy = cli.strategy_from_args(args)
     cli.setup_logging(strategy.is_rank0())
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)

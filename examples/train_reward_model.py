@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.make_parser("coati stage 2: train a reward model (LM backbone + value head) on chosen/rejected pairs")
     cli.add_model_args(p)
     cli.add_lora_args(p)
+    cli.add_quant_args(p)
     cli.add_strategy_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", required=True,
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    quant = cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy up front
     if args.test:
         args.max_datasets_size = min(args.max_datasets_size or 256, 256)
         args.max_epochs = 1
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         eval_ds = None
 
     model = RewardModel.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
-                                        grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code)
+                                        grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
+                                        **quant)
     model = strategy.prepare_model(model)
     collate = RewardCollator(tokenizer.pad_token_id)
     train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)

@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.make_parser("coati stage 1: supervised fine-tuning of a causal LM on instruction / chat data")
     cli.add_model_args(p)
     cli.add_lora_args(p)
+    cli.add_quant_args(p)
     cli.add_strategy_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", required=True, help="SFT data file or dir (Alpaca, messages, ShareGPT, text, KoChatGPT ...)")
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    quant = cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy up front
     strategy = cli.strategy_from_args(args)
     cli.setup_logging(strategy.is_rank0())
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         train_ds, eval_ds = split_dataset(train_ds, args.eval_ratio, args.seed)
 
     model = Actor.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
-                                  grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code)
+                                  grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
+                                  **quant)
     model = strategy.prepare_model(model)
     collate = SFTCollator(tokenizer.pad_token_id)
     train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)

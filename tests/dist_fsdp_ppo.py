@@ -28,6 +28,20 @@ def run(out: Path, zero_stage: int, lora: bool, episodes: int) -> list[float]:
                          num_episodes=episodes, save_path=str(out / "model"),
                          **{**h.PPO_KW, "train_batch_size": 4})
     history = trainer.fit(prompts)
+    if not lora:
+        # ranks that stop generating early must keep joining the others' all-gathers (synced_gpus): count the
+        # forward calls of one sharded layer while rank 0 asks for 2 new tokens and rank 1 for 6
+        layer = trainer.actor.model.model.layers[0]
+        calls = []
+        handle = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+        batch = next(iter(prompts))
+        new = 2 + 4 * strategy.rank
+        seqs = trainer.actor.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=new,
+                                      min_new_tokens=new, do_sample=True, pad_token_id=0)
+        handle.remove()
+        got = strategy.all_gather_object((seqs.shape[1] - batch["input_ids"].shape[1], len(calls)))
+        if got != [(2, 6), (6, 6)]:
+            raise AssertionError(f"(new tokens, layer forwards) per rank {got}, expected [(2, 6), (6, 6)]")
     return [m["critic/score/mean"] for m in history]
 
 

@@ -62,7 +62,10 @@ def test_fsdp_sft_matches_ddp_saves_the_same_model_and_resumes(tiny_llama_dir, s
         "z3_resumed": ["--strategy", "fsdp", "--zero_stage", "3",
                        "--resume", str(tmp_path / "z3" / "checkpoints" / "step_2")],
         "ddp_lora": ["--strategy", "ddp", "--lora_rank", "4", "--merge_lora_weights", "false"],
-        "z3_lora": ["--strategy", "fsdp", "--lora_rank", "4", "--merge_lora_weights", "false", "--grad_checkpoint"],
+        "z3_lora": ["--strategy", "fsdp", "--lora_rank", "4", "--merge_lora_weights", "false", "--grad_checkpoint",
+                    "--save_interval", "3"],
+        "z3_lora_resumed": ["--strategy", "fsdp", "--lora_rank", "4", "--merge_lora_weights", "false",
+                            "--resume", str(tmp_path / "z3_lora" / "checkpoints" / "step_3")],
     }
     common = ["--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset",
               str(shared_data / "sft" / "alpaca_en_demo.json"), "--max_datasets_size", "48", "--max_len", "96",
@@ -91,6 +94,9 @@ def test_fsdp_sft_matches_ddp_saves_the_same_model_and_resumes(tiny_llama_dir, s
     b = load_file(str(tmp_path / "z3_lora" / "adapter_model.safetensors"))
     assert sorted(a) == sorted(b) and len(a) == 2 * 7 * 2  # A and B, 7 target modules, 2 layers
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    # an adapter checkpoint loads back into the sharded LoRA model (on top of the broadcast base weights)
+    assert _train_losses(tmp_path / "z3_lora_resumed") == pytest.approx(_train_losses(tmp_path / "z3_lora")[3:],
+                                                                        abs=1e-6)
 
 
 @pytest.mark.dist
@@ -223,7 +229,8 @@ def test_colossalai_strategies_fail_clearly_without_gpu(name, instead, monkeypat
     with pytest.raises(StrategyUnavailableError) as info:
         make_strategy(name)
     message = str(info.value)
-    assert message == f"--strategy {name} needs a CUDA GPU (ColossalAI kernels are GPU-only); on this machine use {instead}"
+    assert message == (f"--strategy {name} needs a CUDA GPU (ColossalAI kernels are GPU-only); "
+                       f"on this machine use {instead}")
     assert "colossalai" not in sys.modules  # checked before importing anything heavy
 
 
@@ -238,3 +245,38 @@ def test_colossalai_missing_package_names_the_extra(monkeypatch):
                         lambda name, *a: None if name == "colossalai" else real_find_spec(name, *a))
     with pytest.raises(StrategyUnavailableError, match=r"pip install coati\[colossalai\]"):
         make_strategy("colossalai_gemini", placement_policy="auto")
+
+
+# ----- multi-node launcher ------------------------------------------------------------------------------------
+
+def test_multinode_dry_run_prints_one_torchrun_per_host(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two GPU nodes and one default\nnode-a 8\nnode-b slots=4\n\n10.0.0.3  # default slots\n")
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "multinode.sh"), "--hostfile", str(hostfile),
+                           "--nproc_per_node", "2", "--master_port", "29999", "--dry-run", "--",
+                           "examples/train_sft.py", "--pretrain", "my model", "--strategy", "fsdp"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line for line in proc.stdout.splitlines() if not line.startswith("#")]
+    assert [c.split()[3] for c in commands] == ["node-a", "node-b", "10.0.0.3"]
+    for rank, (command, slots) in enumerate(zip(commands, [8, 4, 2])):
+        assert command.startswith("ssh ")
+        assert (f"--nnodes 3 --node_rank {rank} --nproc_per_node {slots} --rdzv_backend static" in command)
+        assert "--rdzv_endpoint node-a:29999 examples/train_sft.py --pretrain my\\ model --strategy fsdp" in command
+
+
+@pytest.mark.dist
+def test_multinode_runs_two_local_nodes(tmp_path):
+    """Two hostfile lines that are both this machine: node ranks follow the file, one world of 2."""
+    script = tmp_path / "where.py"
+    script.write_text("import os, pathlib, sys\n"
+                      "pathlib.Path(sys.argv[1], os.environ['RANK']).write_text(os.environ['GROUP_RANK'] + ' '"
+                      " + os.environ['WORLD_SIZE'])\n")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 1\nlocalhost 1\n")
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "multinode.sh"), "--hostfile", str(hostfile),
+                           "--python", sys.executable, "--master_port", "29644", "--", str(script), str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "0").read_text() == "0 2" and (tmp_path / "1").read_text() == "1 2"

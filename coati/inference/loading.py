@@ -15,14 +15,13 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+# QuantizationUnavailable and cpu_4bit_skip_modules live with the training-side quantization; re-exported here
+from coati.models.quant import QuantizationUnavailable, bnb_config, cpu_4bit_skip_modules  # noqa: F401
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 QUANT_MODES = ("8bit", "4bit", "gptq")
 logger = logging.getLogger(__name__)
-
-
-class QuantizationUnavailable(RuntimeError):
-    """The asked-for quantization backend is not installed or cannot run on this device."""
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:
@@ -83,28 +82,6 @@ def _config_quant_method(path: str) -> str | None:
     return qc.get("quant_method")
 
 
-def cpu_4bit_skip_modules(path: str, trust_remote_code: bool = False) -> list[str] | None:
-    """Linear layers bitsandbytes' CPU NF4 kernel cannot run, to keep in full precision.
-
-    Its packed CPU path needs in_features % 64 == 0 and out_features % 32 == 0 (e.g. LLaMA's 1376-wide MLP
-    fails); the returned leaf names (plus lm_head, skipped by default) become `llm_int8_skip_modules`.
-    None when every layer fits.
-    """
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    bad = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-           if isinstance(m, torch.nn.Linear) and (m.in_features % 64 or m.out_features % 32)}
-    bad.discard("lm_head")
-    if not bad:
-        return None
-    logger.warning("4-bit on CPU: keeping %s in full precision (bitsandbytes' CPU kernel needs in_features "
-                   "divisible by 64 and out_features by 32)", ", ".join(sorted(bad)))
-    return sorted(bad) + ["lm_head"]
-
-
 def quantization_config(quant: str | None, compute_dtype: torch.dtype, *, tokenizer=None,
                         calibration: list[str] | None = None, skip_modules: list[str] | None = None) -> Any:
     """The transformers quantization config for `quant` (None -> None)."""
@@ -117,15 +94,7 @@ def quantization_config(quant: str | None, compute_dtype: torch.dtype, *, tokeni
         from transformers import GPTQConfig
 
         return GPTQConfig(bits=4, dataset=calibration or "c4", tokenizer=tokenizer)
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise QuantizationUnavailable(f"--quant {quant} needs bitsandbytes: `pip install coati[quant]`")
-    from transformers import BitsAndBytesConfig
-
-    if quant == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True,
-                              llm_int8_skip_modules=skip_modules)
+    return bnb_config(quant, compute_dtype, skip_modules)
 
 
 def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto", quant: str | None = None,

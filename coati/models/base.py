@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .families import check_model_type
 from .lora import LoraSettings, apply_lora, is_peft_model
+from .quant import check_quant, check_quant_lora, full_precision_copy, prepare_kbit_model, quant_mode, quantized_load_kwargs
 from .utils import last_token_index, log_probs_from_logits, position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -64,6 +65,8 @@ def _base_lm(model: nn.Module) -> nn.Module:
 
 def _prepare(model: nn.Module, family: str, lora: LoraSettings | None, grad_checkpoint: bool) -> nn.Module:
     check_model_type(family, model.config.model_type)
+    if quant_mode(model):
+        model = prepare_kbit_model(model)
     if grad_checkpoint:
         # non-reentrant checkpointing works with frozen (LoRA) bases without forcing input grads
         kwargs = {"use_reentrant": False}
@@ -75,15 +78,29 @@ def _prepare(model: nn.Module, family: str, lora: LoraSettings | None, grad_chec
 
 
 def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
-                   grad_checkpoint: bool = False, torch_dtype: Any = None, **hf_kwargs: Any) -> nn.Module:
+                   grad_checkpoint: bool = False, torch_dtype: Any = None, quant: str | None = None,
+                   quant_compute_dtype: Any = "auto", frozen: bool = False, **hf_kwargs: Any) -> nn.Module:
     """Load a HF causal LM dir, or a peft adapter dir (its base + adapter, merged), then add new LoRA if asked.
 
     Merging a saved adapter makes it the starting point of the next stage (e.g. SFT adapter -> PPO actor and
     its reference); to continue training the same adapter, build the model and call ``load_weights``.
+    ``quant`` ("8bit" / "4bit") loads the base quantized with bitsandbytes (see ``quant.py``); it needs LoRA
+    unless the model is ``frozen`` (inference only, e.g. PPO's reward model).
     """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    check_quant(quant) if frozen else check_quant_lora(quant, lora)
+    if quant is not None:
+        if (path / ADAPTER_CONFIG_FILE).is_file():
+            return _load_adapter_quantized(path, family, lora, grad_checkpoint, torch_dtype, quant,
+                                           quant_compute_dtype, hf_kwargs)
+        hf_kwargs = {**quantized_load_kwargs(path, quant, quant_compute_dtype,
+                                             trust_remote_code=hf_kwargs.get("trust_remote_code", False)),
+                     **hf_kwargs}
+        if torch_dtype is None:
+            torch_dtype = hf_kwargs.pop("dtype")
+        hf_kwargs.pop("dtype", None)
     kwargs = {**_dtype_kwargs(torch_dtype), **hf_kwargs}
     if (path / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftConfig, PeftModel
@@ -96,6 +113,23 @@ def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     return _prepare(model, family, lora, grad_checkpoint)
+
+
+def _load_adapter_quantized(path: Path, family: str, lora: LoraSettings | None, grad_checkpoint: bool,
+                            torch_dtype: Any, quant: str, quant_compute_dtype: Any,
+                            hf_kwargs: dict[str, Any]) -> nn.Module:
+    """An adapter dir under ``quant``: merge it into its base in full precision, then quantize the merged
+    weights (bitsandbytes quantizes while loading, so they pass through a temporary dir)."""
+    import tempfile
+
+    plain_kwargs = {k: v for k, v in hf_kwargs.items() if k == "trust_remote_code"}
+    merged = load_causal_lm(path, family=family, torch_dtype=torch_dtype, **plain_kwargs)
+    with tempfile.TemporaryDirectory(prefix="coati_merged_") as tmp:
+        merged.save_pretrained(tmp)
+        del merged
+        return load_causal_lm(tmp, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
+                              torch_dtype=torch_dtype, quant=quant, quant_compute_dtype=quant_compute_dtype,
+                              **hf_kwargs)
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -180,9 +214,14 @@ class _HFWrapper(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.lora_enabled and merge_lora:
-            merged = copy.deepcopy(self.model).merge_and_unload()
+            # a quantized base is dequantized first: merging into it would round the adapter into its grid
+            merged = (full_precision_copy(self.model) if quant_mode(self.model)
+                      else copy.deepcopy(self.model).merge_and_unload())
             merged.save_pretrained(str(path))
             del merged
+        elif self.lora_enabled:
+            # only this model's adapter (a critic may carry the reward model's as a second one)
+            self.model.save_pretrained(str(path), selected_adapters=[self.model.active_adapter])
         else:
             self.model.save_pretrained(str(path))
         if tokenizer is not None:

@@ -124,7 +124,6 @@ class SupervisedTrainer:
                  merge_lora: bool = False, need_optim_ckpt: bool = True, max_steps: int | None = None,
                  run_config: dict[str, Any] | None = None) -> None:
         self.strategy = strategy
-        self.model = model
         self.train_dataloader = train_dataloader
         self.eval_dataloader = eval_dataloader
         self.accumulation_steps = max(1, accumulation_steps)
@@ -134,8 +133,9 @@ class SupervisedTrainer:
         if max_steps is not None:
             self.total_steps = min(self.total_steps, max_steps)
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        self.scheduler = cosine_schedule(self.optimizer, self.total_steps, warmup_ratio)
+        optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.model, self.optimizer = strategy.prepare_optimizer(model, optimizer)
+        self.scheduler = cosine_schedule(strategy.base_optimizer(self.optimizer), self.total_steps, warmup_ratio)
         self.save_path = save_path
         self.save_interval = save_interval
         self.log_interval = max(1, log_interval)

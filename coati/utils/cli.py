@@ -41,7 +41,10 @@ class BoolFlag(argparse.Action):
                 parser.error(f"{option_string} takes no value")
             setattr(namespace, self.dest, False)
         else:
-            setattr(namespace, self.dest, True if values is None else str2bool(values))
+            try:
+                setattr(namespace, self.dest, True if values is None else str2bool(values))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"{option_string}: {e}")
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -69,6 +72,16 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
                    help="module names to adapt (default: the family's list; 'all-linear' for every linear layer)")
     g.add_argument("--merge_lora_weights", action=BoolFlag, default=True,
                    help="save LoRA merged into full weights; false saves the adapter only")
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization (needs `pip install coati[quant]`)")
+    g.add_argument("--quant", default=None, choices=["8bit", "4bit"],
+                   help="load the frozen base quantized with bitsandbytes (8bit = LLM.int8, 4bit = NF4 with double "
+                        "quantization) and train LoRA on it; needs --lora_rank > 0 and --strategy naive or ddp")
+    g.add_argument("--quant_compute_dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype the quantized layers compute in (and the unquantized weights load in); "
+                        "auto = bf16 on GPUs that support it, else fp16, fp32 on CPU")
 
 
 def add_strategy_args(p: argparse.ArgumentParser) -> None:
@@ -112,10 +125,28 @@ def lora_settings(args: argparse.Namespace):
     from ..models.lora import LoraSettings
 
     targets = args.lora_target_modules
+    if targets is not None:  # "q_proj v_proj" and "q_proj,v_proj" both work
+        targets = [t for arg in targets for t in arg.split(",") if t]
     if targets == ["all-linear"]:
         targets = "all-linear"
     return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                         train_bias=args.lora_train_bias, target_modules=targets)
+
+
+def quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``from_pretrained`` keywords for --quant, after refusing combinations that cannot work (no LoRA, a
+    sharding strategy) before any weights load."""
+    from ..models.quant import check_quant_lora, check_strategy_support
+
+    quant = getattr(args, "quant", None)
+    if quant is None:
+        return {}
+    try:
+        check_quant_lora(quant, lora_settings(args))
+        check_strategy_support(args.strategy, quant=quant)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    return {"quant": quant, "quant_compute_dtype": args.quant_compute_dtype}
 
 
 def strategy_from_args(args: argparse.Namespace, **extra: Any):
@@ -126,7 +157,12 @@ def strategy_from_args(args: argparse.Namespace, **extra: Any):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     kwargs.update(extra)
-    return make_strategy(args.strategy, **kwargs)
+    from ..trainer.strategies.colossalai import StrategyUnavailableError
+
+    try:
+        return make_strategy(args.strategy, **kwargs)
+    except StrategyUnavailableError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def setup_logging(rank0: bool = True) -> None:

@@ -108,6 +108,14 @@ class Strategy:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
+    def prepare_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        """Strategies that wrap model and optimizer together (ColossalAI's Booster) do it here."""
+        return model, optimizer
+
+    def base_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
+        """The torch optimizer a scheduler should drive (unwrapped where ``prepare_optimizer`` wrapped it)."""
+        return optimizer
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.mixed_precision is None:
             return contextlib.nullcontext()

@@ -11,12 +11,16 @@ precision the fp32 value head is a unit of its own with an fp32 policy, so it is
 - ``cpu_offload``: sharded parameters, gradients and optimizer state live in CPU memory and the optimizer
   steps on CPU (torch ``CPUOffloadPolicy``); units are copied to the device only while they compute.
 - ``mixed_precision="bf16"``: units compute in bf16 and reduce gradients in fp32; the sharded fp32 parameters
-  are the master weights the optimizer updates.
+  are the master weights the optimizer updates. (Norm weights compute in bf16 too, so losses differ from
+  DDP's autocast by bf16 rounding, ~1e-4, where fp32 runs agree to ~1e-6.)
 
 Frozen models (PPO reference and reward models) are sharded too, always with re-sharding after forward
 (they have no backward to keep parameters for), so each process holds 1/N of them. Every process must
 therefore call them on the same number of batches, as the trainers do. Pass ``shard_frozen=False`` to
 replicate them instead (a full copy per process, no communication in their forward).
+
+Generation (PPO rollouts): ``Actor.generate`` is registered as an FSDP forward method and HF ``generate``
+runs with ``synced_gpus``, so a rank whose sequences finish early keeps joining the others' all-gathers.
 
 LoRA: FSDP2 shards frozen base weights and trainable adapters side by side; only adapters get gradients
 and optimizer state. Gradient checkpointing enabled on the HF model runs inside each sharded layer.
@@ -39,6 +43,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 from .base import atomic_dir, rng_state, set_rng_state
 from .ddp import DistributedStrategy
@@ -59,9 +66,6 @@ except ImportError:  # torch 2.5
         fully_shard,
         register_fsdp_forward_method,
     )
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
 
 SHARDING_FILE = "sharding.json"
 

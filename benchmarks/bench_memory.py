@@ -26,11 +26,19 @@ Figures, per strategy (maximum over ranks)
   tokens_per_s         global tokens per timed second
   last_loss            loss of the last step (every strategy trains the same batches from the same weights)
 
+PPO memory per variant (``--ppo full,lora,lora_8bit,lora_4bit,lora_4bit_shared``)
+  full fine-tuning vs LoRA vs 8-bit / 4-bit LoRA PPO at equal settings, each in its own process; the
+  variants and figures are described in ``ppo_memory.py``.
+
 Examples
   OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --config small --nproc 2 --batch_size 4 --seq_len 128 \\
       --strategies naive,ddp,fsdp_z2,fsdp_z3
   python benchmarks/bench_memory.py --device cuda --config 1b --nproc 1 --batch_size 4 --seq_len 512 \\
       --precision bf16 --strategies ddp,fsdp_z3,fsdp_z3_offload,colossalai_zero2,colossalai_zero2_cpu,colossalai_gemini
+  OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --ppo full,lora,lora_8bit,lora_4bit,lora_4bit_shared \\
+      --config small --hidden 512 --intermediate 1408 --layers 8 --batch_size 4 --seq_len 64
+  python benchmarks/bench_memory.py --device cuda --llama7b --ppo lora_4bit_shared --batch_size 1 --seq_len 512 \\
+      --precision bf16 --steps 1 --warmup_steps 1
 """
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ Variants (``--ppo`` comma separated)
 Figures, per variant
   peak_gpu_mem_mb     torch.cuda.max_memory_allocated during the PPO episodes (models already loaded), GPU only
   peak_step_rss_mb    CPU: the process's RSS high-water mark during the PPO episodes (reset after loading)
+  rss_at_start_mb     RSS when the episodes start (imports + loaded models): the peak minus this is what
+                      generation and training added
   model_mb            distinct storages of every parameter and buffer of actor, critic, reward model and
                       reference (shared bases counted once): what the weights occupy
   trainable_mb / optim_state_mb   trained parameters and their AdamW state
@@ -69,13 +71,15 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
 
 def write_model(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from coati.models.base import _dtype_kwargs
 
     cfg = config(args)
     torch.manual_seed(args.seed)
     dtype = torch.float16 if args.llama7b else torch.float32
     with torch.device("cuda" if args.device == "cuda" else "cpu"):
-        model = LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), **_dtype_kwargs(dtype))
     model.save_pretrained(str(path))
     harness.llama_tokenizer().save_pretrained(str(path))
     return {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -155,10 +159,12 @@ def worker(args: argparse.Namespace) -> None:
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    rss_start = harness.rss_mb()
     _reset_hwm()
     hist = trainer.fit(loader)
     result: dict[str, Any] = {
         "peak_step_rss_mb": round(_hwm_mb(), 1),
+        "rss_at_start_mb": round(rss_start, 1),
         "model_mb": round(_storage_mb(tensors), 1),
         "trainable_mb": round(_storage_mb([p for m in models for p in m.parameters() if p.requires_grad]), 1),
         "optim_state_mb": round(_storage_mb([v for o in (trainer.actor_optim, trainer.critic_optim)
@@ -196,7 +202,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             errors = [ln for ln in lines if "Error" in ln]
             results[variant] = found[0] if found else {"error": (errors or lines or ["no output"])[-1][-400:]}
             results[variant]["job_s"] = round(time.perf_counter() - t0, 1)
-    return {"bench": "ppo_memory", "model": {"family": "llama", **model}, "batch_size": args.batch_size,
+    shown = [a for i, a in enumerate(argv) if a != "--output" and (i == 0 or argv[i - 1] != "--output")]
+    command = "OMP_NUM_THREADS=%d python benchmarks/bench_memory.py %s" % (args.threads, " ".join(shown))
+    return {"bench": "ppo_memory", "command": command, "model": {"family": "llama", **model},
+            "batch_size": args.batch_size,
             "prompt_len": args.seq_len // 2, "gen_len": args.seq_len - args.seq_len // 2,
             "episodes": {"warmup": args.warmup_steps, "timed": args.steps}, "lora_rank": args.lora_rank,
             "device": args.device, "precision": args.precision, "threads": args.threads, "results": results,

@@ -114,15 +114,21 @@ def test_kbit_lora_sft_learns_and_exports(family, quant, tiny_llama_dir, tiny_ne
 
 
 def test_value_head_stays_fp32_and_trains_with_lora_only(tiny_llama_dir):
-    rm = RewardModel.from_pretrained(tiny_llama_dir, quant="4bit", lora=LoraSettings(rank=4, target_modules=["q_proj", "v_proj"]))
+    settings = LoraSettings(rank=4, target_modules=["q_proj", "v_proj"])
+    rm = RewardModel.from_pretrained(tiny_llama_dir, quant="4bit", lora=settings)
     assert rm.value_head.weight.dtype == torch.float32
     mask = torch.ones_like(IDS)
     rm(IDS, mask).sum().backward()
-    with_grad = {n for n, p in rm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    # --lora_target_modules override: only q_proj / v_proj carry adapters (2 layers x 2 modules x A, B)
-    lora = {n for n in with_grad if ".lora_" in n}
+    trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
+    # target_modules override: only q_proj / v_proj carry adapters (2 layers x 2 modules x A, B)
+    lora = {n for n in trainable if ".lora_" in n}
     assert len(lora) == 8 and all(".q_proj." in n or ".v_proj." in n for n in lora)
-    assert with_grad == lora | {"value_head.weight", "value_head.bias"}
+    assert trainable == lora | {"value_head.weight", "value_head.bias"}
+    with_grad = {n for n, p in rm.named_parameters() if p.grad is not None}
+    nonzero = {n for n in with_grad if rm.get_parameter(n).grad.abs().sum() > 0}
+    # B starts at zero, so the first gradient reaches B and the head; A's gradient is exactly zero then
+    assert with_grad == trainable
+    assert nonzero == {n for n in lora if ".lora_B." in n} | {"value_head.weight", "value_head.bias"}
 
 
 def test_quant_refusals(tiny_llama_dir):
@@ -181,6 +187,9 @@ def test_4bit_ppo_with_shared_critic_reward_base(tmp_path):
     assert critic_base == base_weight_storages(reward_model.model) and len(critic_base) == layers
     assert len(base_weight_storages(actor, critic, reward_model.model)) == 2 * layers
     assert critic.value_head.weight.dtype == torch.float32 and critic.value_head.weight.requires_grad
+    for model in (actor, reward_model):  # what FSDP / ColossalAI prepare_model calls refuse
+        with pytest.raises(ValueError, match="naive or ddp, not fsdp"):
+            check_strategy_support("fsdp", model=model)
     # the shared reward model is the trained reward model (quantized): it still ranks the pairs
     chosen, rejected = _rm_pairs(64, torch.Generator().manual_seed(99))
     with torch.no_grad():

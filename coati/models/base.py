@@ -19,7 +19,9 @@ import torch.nn as nn
 
 from .families import check_model_type
 from .lora import LoraSettings, apply_lora, is_peft_model
-from .quant import check_quant, check_quant_lora, full_precision_copy, prepare_kbit_model, quant_mode, quantized_load_kwargs
+from .quant import (
+    check_quant, check_quant_lora, full_precision_copy, prepare_kbit_model, quant_mode, quantized_load_kwargs,
+)
 from .utils import last_token_index, log_probs_from_logits, position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -90,11 +92,14 @@ def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    check_quant(quant) if frozen else check_quant_lora(quant, lora)
+    if frozen:
+        check_quant(quant)
+    else:
+        check_quant_lora(quant, lora)
     if quant is not None:
         if (path / ADAPTER_CONFIG_FILE).is_file():
             return _load_adapter_quantized(path, family, lora, grad_checkpoint, torch_dtype, quant,
-                                           quant_compute_dtype, hf_kwargs)
+                                           quant_compute_dtype, frozen, hf_kwargs)
         hf_kwargs = {**quantized_load_kwargs(path, quant, quant_compute_dtype,
                                              trust_remote_code=hf_kwargs.get("trust_remote_code", False)),
                      **hf_kwargs}
@@ -116,7 +121,7 @@ def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings
 
 
 def _load_adapter_quantized(path: Path, family: str, lora: LoraSettings | None, grad_checkpoint: bool,
-                            torch_dtype: Any, quant: str, quant_compute_dtype: Any,
+                            torch_dtype: Any, quant: str, quant_compute_dtype: Any, frozen: bool,
                             hf_kwargs: dict[str, Any]) -> nn.Module:
     """An adapter dir under ``quant``: merge it into its base in full precision, then quantize the merged
     weights (bitsandbytes quantizes while loading, so they pass through a temporary dir)."""
@@ -129,7 +134,7 @@ def _load_adapter_quantized(path: Path, family: str, lora: LoraSettings | None, 
         del merged
         return load_causal_lm(tmp, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
                               torch_dtype=torch_dtype, quant=quant, quant_compute_dtype=quant_compute_dtype,
-                              **hf_kwargs)
+                              frozen=frozen, **hf_kwargs)
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:

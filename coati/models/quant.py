@@ -52,13 +52,15 @@ def check_strategy_support(strategy: str, *, quant: str | None = None, share_bas
     """Refuse strategies that shard or re-cast parameters, which bitsandbytes' packed weights and a base
     shared between two models do not survive (FSDP flattens / shards them, ColossalAI casts and re-wraps).
 
-    ``model`` lets a strategy check a model it is about to prepare (any bitsandbytes layer counts).
+    ``model`` lets a strategy check a model it is about to prepare: any bitsandbytes layer, or a reward model
+    running on the critic's base (``shares_base``), counts.
     """
     name = str(strategy)
     if name in QUANT_STRATEGIES:
         return
-    if model is not None and quant is None:
-        quant = quant_mode(model)
+    if model is not None:
+        quant = quant or quant_mode(getattr(model, "model", model))
+        share_base = share_base or bool(getattr(model, "shares_base", False))
     if quant is not None:
         raise ValueError(f"--quant {quant} works with --strategy naive or ddp, not {name}: bitsandbytes' quantized "
                          f"weights cannot be sharded or re-cast. Use ddp (each process holds the small quantized "

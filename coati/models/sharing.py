@@ -54,6 +54,8 @@ class SharedBaseRewardModel(RewardModel):
     model (as strategies and PPO do) touches only its value head, never the critic that owns the base.
     """
 
+    shares_base = True  # strategies that shard models refuse it (see quant.check_strategy_support)
+
     def __init__(self, shared: nn.Module, value_head: nn.Linear, adapter: str | None = None) -> None:
         nn.Module.__init__(self)
         object.__setattr__(self, "model", shared)

@@ -79,6 +79,15 @@ def save_checkpoint(strategy: Strategy, path: Path, models: dict[str, nn.Module]
     strategy.barrier()
 
 
+def make_adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, fused when every parameter is a plain floating tensor on CPU or CUDA (several times faster
+    than the per-tensor loop on CPU); sharded (DTensor) parameters keep the default implementation."""
+    params = list(params)
+    fusable = bool(params) and all(
+        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fusable or None)
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03):
     warmup = int(math.ceil(total_steps * warmup_ratio))
     return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=max(1, total_steps))
@@ -133,7 +142,7 @@ class SupervisedTrainer:
         if max_steps is not None:
             self.total_steps = min(self.total_steps, max_steps)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = optimizer or make_adamw(params, lr=lr, weight_decay=weight_decay)
         self.model, self.optimizer = strategy.prepare_optimizer(model, optimizer)
         self.scheduler = cosine_schedule(strategy.base_optimizer(self.optimizer), self.total_steps, warmup_ratio)
         self.save_path = save_path

@@ -26,6 +26,9 @@ Figures, per variant
   trainable_mb / optim_state_mb   trained parameters and their AdamW state
   base_copies         distinct frozen base weight sets in memory (4 = nothing shared, 2 = the minimum)
   step_s              wall seconds per timed PPO episode
+
+  On CPU, RSS keeps what the allocator took while loading (a quantized load reads the fp32 checkpoint first)
+  and the imported libraries, so compare weights by ``model_mb`` there; on a GPU ``peak_gpu_mem_mb`` is exact.
 """
 from __future__ import annotations
 

@@ -41,12 +41,12 @@ logger = logging.getLogger("coati")
 # Sizes. "default" is the README run (about 3-4 minutes on one CPU core); "quick" is the test-suite run.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(hidden_size=64, num_layers=4, num_eval=300, sft_per_question=16, sft_steps=1500,
-                    sft_batch_size=64, sft_lr=3e-3, rm_per_question=4, rm_steps=700, rm_batch_size=64,
-                    rm_lr=5e-4, ppo_episodes=150, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
+                    sft_batch_size=64, sft_lr=3e-3, rm_per_question=6, rm_steps=1200, rm_batch_size=32,
+                    rm_lr=7e-4, ppo_episodes=250, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
                     critic_lr=1e-4, eval_samples=4),
-    "quick": dict(hidden_size=64, num_layers=4, num_eval=200, sft_per_question=8, sft_steps=700,
-                  sft_batch_size=64, sft_lr=3e-3, rm_per_question=2, rm_steps=300, rm_batch_size=64,
-                  rm_lr=5e-4, ppo_episodes=40, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
+    "quick": dict(hidden_size=64, num_layers=4, num_eval=200, sft_per_question=8, sft_steps=800,
+                  sft_batch_size=64, sft_lr=3e-3, rm_per_question=4, rm_steps=600, rm_batch_size=32,
+                  rm_lr=7e-4, ppo_episodes=80, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
                   critic_lr=1e-4, eval_samples=2),
 }
 
@@ -185,6 +185,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stage in ("sft", "rm", "ppo"):  # trainers append to metrics.jsonl; start this run's logs afresh
+        (out / stage / "metrics.jsonl").unlink(missing_ok=True)
     t_start = time.perf_counter()
     strategy = NaiveStrategy(seed=args.seed)
 
@@ -297,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      kl_coef=args.kl_coef, ptx_coef=0.0, num_episodes=args.ppo_episodes, num_collect_steps=1,
                      num_update_steps=1, max_epochs=1, train_batch_size=args.ppo_train_batch_size,
                      lr=args.ppo_lr, critic_lr=args.critic_lr, max_new_tokens=max_new_tokens,
-                     save_path=str(out / "ppo"), log_interval=args.log_interval, log_entropy=False)
+                     save_path=str(out / "ppo"), log_interval=max(1, args.ppo_episodes // 5), log_entropy=False)
     history = ppo.fit(prompt_dl)
     timings["ppo"] = time.perf_counter() - t0
     ppo_eval = evaluate(ppo.actor, reward_model=reward_model, reference=reference, tag="ppo")

@@ -258,3 +258,14 @@ def test_ddp_4bit_sft_matches_single_process(tiny_llama_dir, shared_data, tmp_pa
     assert len(single) == len(ddp) >= 3
     assert ddp == pytest.approx(single, abs=1e-4)
     assert single[-1] < single[0]
+
+
+def test_fsdp_prepare_model_refuses_a_quantized_model(tiny_llama_dir):
+    """Library users who skip the scripts' up-front check get the same refusal from the strategy itself."""
+    from coati.models import Actor, LoraSettings
+    from coati.trainer.strategies.fsdp import FSDPStrategy
+
+    actor = Actor.from_pretrained(str(tiny_llama_dir), lora=LoraSettings(rank=4), quant="8bit")
+    strategy = FSDPStrategy.__new__(FSDPStrategy)  # no process group needed: the check runs before sharding
+    with pytest.raises(ValueError, match="--quant 8bit works with --strategy naive or ddp, not fsdp"):
+        strategy.prepare_model(actor)

@@ -122,6 +122,9 @@ class ColossalAIStrategy(DistributedStrategy):
     def prepare_model(self, model: nn.Module, trainable: bool = True) -> nn.Module:
         """Frozen models: a full copy on this GPU in the compute dtype. Trainable ones are boosted together
         with their optimizer in :meth:`prepare_optimizer`."""
+        from ...models.quant import check_strategy_support
+
+        check_strategy_support(self.name, model=model)
         if not trainable:
             model.eval()
             model.requires_grad_(False)

@@ -108,6 +108,9 @@ class FSDPStrategy(DistributedStrategy):
 
     def prepare_model(self, model: nn.Module, trainable: bool = True) -> nn.Module:
         """Shard ``model`` in place (decoder layers, value head, then the root) and return it."""
+        from ...models.quant import check_strategy_support
+
+        check_strategy_support(self.name, model=model)
         if not trainable:
             model.eval()
             model.requires_grad_(False)

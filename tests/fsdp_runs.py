@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,11 +14,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.scripts import load_script  # noqa: E402
+
 
 def main(script: str, out: str, runs_json: str, common: list[str]) -> None:
-    spec = importlib.util.spec_from_file_location("example", ROOT / script)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script(script)
     for name, flags in json.loads(runs_json).items():
         example.main([*common, *flags, "--save_path", str(Path(out) / name)])
 

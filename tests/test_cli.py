@@ -1,17 +1,11 @@
 """The example scripts' command lines: Coati's flags verbatim, real boolean switches, documented flags."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.scripts import load_script
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"examples/{name}.py")
 
 
 @pytest.mark.parametrize("script", ["train_sft", "train_reward_model"])

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coati.inference.generation import Generator, SamplingParams, encode_chat, encode_text
 from coati.inference.loading import QuantizationUnavailable, load_model
+from tests.scripts import load_script
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -34,10 +35,7 @@ MAX_PROMPT, MAX_TOKENS = 64, 24
 
 
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"coati_inference_{name}", REPO / "inference" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"inference/{name}.py")
 
 
 @pytest.fixture(scope="module")

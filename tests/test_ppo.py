@@ -1,5 +1,4 @@
 """PPO end to end on a tiny LLaMA (64-token vocabulary): rewards rise, ptx, LoRA reference, resume, DDP, CLI."""
-import importlib.util
 import json
 import os
 import re
@@ -15,17 +14,9 @@ from coati.trainer.ppo import PPOTrainer
 from coati.trainer.strategies import NaiveStrategy
 from tests import dist_ppo as h
 from tests import tiny
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine are ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trainer(strategy, actor, critic, **kw):
@@ -218,10 +209,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("train_prompts", ROOT / "examples" / "train_prompts.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("examples/train_prompts.py")
 
 
 def test_cli_defaults_aliases_and_critic_from_reward_model(tmp_path, tiny_llama_dir):

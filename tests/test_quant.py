@@ -8,7 +8,6 @@ Tolerances of the merged export against the adapter model it came from:
   8-bit: 3e-2 on logits of magnitude ~1. LLM.int8 also rounds the *activations* to int8 (via fp16) inside
          every layer at run time, which no set of full-precision weights reproduces.
 """
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -25,25 +24,15 @@ from coati.trainer.ppo import PPOTrainer  # noqa: E402
 from coati.trainer.strategies import NaiveStrategy  # noqa: E402
 from tests import dist_ppo as h  # noqa: E402
 from tests import tiny  # noqa: E402
+from tests.scripts import load_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGE_ATOL = {"4bit": 1e-4, "8bit": 3e-2}
 IDS = torch.tensor([[1, 450, 4996, 17354, 1701, 432, 29889, 13, 3492], [1, 1724, 338, 278, 7483, 310, 3444, 29973, 2]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"examples/{name}.py")
 
 
 def _logits(model, ids=IDS):

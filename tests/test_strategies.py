@@ -1,5 +1,4 @@
 """Strategy plumbing that single-process tests can check: sampler order, atomic saves, step maths."""
-import os
 
 import pytest
 import torch

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path

@@ -41,7 +41,7 @@ from ..experience.kl import make_kl_controller
 from ..experience.maker import ExperienceMaker
 from ..models.loss import PolicyLoss, PtxLoss, ValueLoss
 from ..models.utils import log_probs_from_logits, masked_mean
-from .base import checkpoint_dir, cosine_schedule, save_checkpoint, to_device
+from .base import checkpoint_dir, cosine_schedule, make_adamw, save_checkpoint, to_device
 from .callbacks import MetricsLogger, logger
 from .strategies import Strategy
 
@@ -206,10 +206,10 @@ class PPOTrainer:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.buffer = ReplayBuffer(pad_token_id=pad_id, cpu_offload=buffer_cpu_offload, limit=buffer_limit)
 
-        self.actor_optim = actor_optim or torch.optim.AdamW(
-            [p for p in self.actor.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-        self.critic_optim = critic_optim or torch.optim.AdamW(
-            [p for p in self.critic.parameters() if p.requires_grad], lr=critic_lr, weight_decay=weight_decay)
+        self.actor_optim = actor_optim or make_adamw(
+            (p for p in self.actor.parameters() if p.requires_grad), lr=lr, weight_decay=weight_decay)
+        self.critic_optim = critic_optim or make_adamw(
+            (p for p in self.critic.parameters() if p.requires_grad), lr=critic_lr, weight_decay=weight_decay)
         self.actor_scheduler = self.critic_scheduler = None
         self.lr_scheduler = lr_scheduler
         self.warmup_ratio = warmup_ratio

@@ -28,7 +28,7 @@ from coati.models import FAMILIES, Actor, Critic, RewardModel
 from coati.models.quant import check_strategy_support, quant_mode
 from coati.models.sharing import SharedBaseRewardModel, shared_critic_and_reward
 from coati.trainer import resolve_resume
-from coati.trainer.ppo import PPOTrainer
+from coati.trainer.ppo import PPOTrainer, check_offload_ref_reward
 from coati.utils import cli
 from coati.utils.tokenizer import load_tokenizer
 
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1 = off)")
     m = p.add_argument_group("memory")
     m.add_argument("--offload_ref_reward", action=cli.BoolFlag, default=False,
-                   help="keep reference and reward models on CPU between uses")
+                   help="keep reference and reward models on CPU between uses (not with fsdp, which shards them: "
+                        "use --cpu_offload there)")
     m.add_argument("--share_critic_reward_base", action=cli.BoolFlag, default=False,
                    help="critic and reward model share one frozen base (quantized with --quant): the critic trains "
                         "a LoRA adapter on the reward model's weights, which the reward model runs with that adapter "
@@ -238,6 +239,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy before any work
     strategy = cli.strategy_from_args(args)
     cli.setup_logging(strategy.is_rank0())
+    if args.offload_ref_reward:
+        try:
+            check_offload_ref_reward(strategy)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
 

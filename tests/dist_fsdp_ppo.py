@@ -46,6 +46,14 @@ def run(out: Path, zero_stage: int, lora: bool, episodes: int) -> list[float]:
 
 
 def main(out: str, zero_stage: int) -> None:
+    strategy = make_strategy("fsdp", seed=0, zero_stage=zero_stage)
+    try:  # sharded frozen models cannot be moved whole to the CPU
+        PPOTrainer(strategy, *h.models(), tokenizer=tiny.tokenizer("llama"), reward_fn=h.target_share,
+                   offload_ref_reward=True, **h.PPO_KW)
+    except ValueError as err:
+        assert "--offload_ref_reward" in str(err) and "--cpu_offload" in str(err), err
+    else:
+        raise AssertionError("fsdp accepted offload_ref_reward")
     scores = run(Path(out), zero_stage, lora=False, episodes=20)
     run(Path(out, "lora"), zero_stage, lora=True, episodes=2)
     if int(os.environ.get("RANK", "0")) == 0:

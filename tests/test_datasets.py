@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from coati.dataset import (
     ChatTemplateError,
@@ -40,6 +41,16 @@ def tok(shared_data):
     return tiny.tokenizer("llama")
 
 
+def _decode(tok, ids):
+    """Text of ``ids``. transformers 4.x (ColossalAI's pinned stack) decodes LLaMA's SentencePiece the legacy
+    way, with a space before the first word and after ``</s>``; those are dropped there so the same rendered
+    text compares equal (token ids are compared exactly elsewhere)."""
+    text = tok.decode(ids)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        text = text.removeprefix(" ").replace("</s> ", "</s>")
+    return text
+
+
 def enc(tok, text):
     return tok(text, add_special_tokens=False).input_ids
 
@@ -71,7 +82,7 @@ def test_alpaca_masking_matches_hand_built(tok):
     expected_labels = [-100] * (1 + len(enc(tok, prompt))) + resp + [2]
     assert ds[0]["input_ids"].tolist() == expected_ids
     assert ds[0]["labels"].tolist() == expected_labels
-    assert tok.decode(ds[0]["input_ids"][1:]) == prompt + "Paris is the capital.</s>"
+    assert _decode(tok, ds[0]["input_ids"][1:]) == prompt + "Paris is the capital.</s>"
     # "auto" without a chat template is alpaca
     assert SFTDataset([rec], tok)[0]["input_ids"].tolist() == expected_ids
 
@@ -79,7 +90,7 @@ def test_alpaca_masking_matches_hand_built(tok):
 def test_alpaca_with_input_uses_input_template(tok):
     rec = {"instruction": "Translate.", "input": "chat", "output": "cat"}
     ids = SFTDataset([rec], tok, prompt_template="alpaca")[0]["input_ids"]
-    assert tok.decode(ids[1:]) == ALPACA_PROMPT_INPUT.format(**rec) + "cat</s>"
+    assert _decode(tok, ids[1:]) == ALPACA_PROMPT_INPUT.format(**rec) + "cat</s>"
 
 
 def test_two_turn_chat_masking_matches_hand_built(tok):
@@ -168,7 +179,7 @@ def test_sft_fixture_formats(tok, name, n, responses):
 
 def test_sharegpt_and_colossal_render_roles(tok):
     sg = SFTDataset(FIX / "sharegpt_sft.json", tok, prompt_template="chatml")
-    assert tok.decode(sg[0]["input_ids"][1:]) == (
+    assert _decode(tok, sg[0]["input_ids"][1:]) == (
         "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nLargest planet?<|im_end|>\n"
         "<|im_start|>assistant\nJupiter.<|im_end|></s>")
     st = SFTDataset(FIX / "source_target.jsonl", tok)
@@ -282,7 +293,7 @@ def test_multi_turn_prompt_tokens_equal_sft_prefix(tok, shared_data):
         assert prompts[k]["input_ids"].tolist() == encode_prompt(
             [{"role": m["role"], "content": m["content"]} for m in read_records(path)[k].data["messages"][:-1]],
             tok)
-    assert tok.decode(prompts[0]["input_ids"][1:]) == prompts[0]["prompt"]
+    assert _decode(tok, prompts[0]["input_ids"][1:]) == prompts[0]["prompt"]
     assert prompts[0]["prompt"].count("</s>") == 3 and prompts[0]["prompt"].endswith("### Response:\n")
 
 

@@ -11,10 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from coati.models import Actor, LoraSettings, RewardModel
-from coati.trainer.strategies import make_strategy
+from coati.trainer.strategies import fsdp, make_strategy
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
+needs_fsdp = pytest.mark.skipif(not (fsdp.RUNS_ON_CPU or torch.cuda.is_available()),
+                                reason="torch < 2.6 runs FSDP2 on GPUs only")
 
 # name -> extra flags, run in this order inside one torchrun job (tests/fsdp_runs.py)
 FSDP_RUNS = {
@@ -56,6 +58,7 @@ def _run_matrix(port, script, runs, common, out):
 
 
 @pytest.mark.dist
+@needs_fsdp
 def test_fsdp_sft_matches_ddp_saves_the_same_model_and_resumes(tiny_llama_dir, shared_data, tmp_path):
     runs = {
         **FSDP_RUNS,
@@ -100,6 +103,7 @@ def test_fsdp_sft_matches_ddp_saves_the_same_model_and_resumes(tiny_llama_dir, s
 
 
 @pytest.mark.dist
+@needs_fsdp
 def test_fsdp_reward_model_matches_ddp(tiny_llama_dir, shared_data, tmp_path):
     common = ["--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset",
               str(shared_data / "preference" / "dpo_en_demo.json"), "--max_datasets_size", "60", "--max_len", "128",
@@ -126,6 +130,7 @@ def test_fsdp_reward_model_matches_ddp(tiny_llama_dir, shared_data, tmp_path):
 
 
 @pytest.mark.dist
+@needs_fsdp
 def test_fsdp_ppo_reward_rises(tmp_path):
     _torchrun(29643, "tests/dist_fsdp_ppo.py", str(tmp_path), "3")
     scores = json.loads((tmp_path / "scores.json").read_text())
@@ -211,6 +216,15 @@ def test_fsdp_rejects_options_it_does_not_have(kwargs, match):
         make_strategy("fsdp", **kwargs)
 
 
+def test_fsdp_on_a_torch_without_cpu_fsdp2_fails_clearly(monkeypatch):
+    from coati.trainer.strategies.base import StrategyUnavailableError
+
+    monkeypatch.setattr(fsdp, "RUNS_ON_CPU", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(StrategyUnavailableError, match=r"needs torch >= 2\.6 .* use --strategy ddp"):
+        make_strategy("fsdp", zero_stage=2)
+
+
 @pytest.mark.parametrize("name", ["naive", "ddp"])
 def test_unsharded_strategies_refuse_sharding_flags(name):
     with pytest.raises(ValueError, match="--cpu_offload applies only to --strategy fsdp"):
@@ -226,6 +240,7 @@ def test_colossalai_strategies_fail_clearly_without_gpu(name, instead, monkeypat
     from coati.trainer.strategies.colossalai import StrategyUnavailableError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delitem(sys.modules, "colossalai", raising=False)
     with pytest.raises(StrategyUnavailableError) as info:
         make_strategy(name)
     message = str(info.value)
@@ -245,6 +260,55 @@ def test_colossalai_missing_package_names_the_extra(monkeypatch):
                         lambda name, *a: None if name == "colossalai" else real_find_spec(name, *a))
     with pytest.raises(StrategyUnavailableError, match=r"pip install coati\[colossalai\]"):
         make_strategy("colossalai_gemini", placement_policy="auto")
+
+
+@pytest.mark.parametrize("name, offload, policy", [
+    ("colossalai_zero2", False, "static"), ("colossalai_zero2_cpu", True, "static"),
+    ("colossalai_gemini", True, "static"), ("colossalai_gemini", False, "auto"),
+])
+def test_colossalai_calls_match_the_installed_api(name, offload, policy):
+    """The installed ColossalAI (CI installs 0.5.0 without its dependencies) takes every argument and has
+    every method and attribute the strategy uses; the GPU-only code is otherwise not run here."""
+    pytest.importorskip("colossalai")
+    import inspect
+
+    import colossalai
+    import colossalai.booster.plugin as plugins
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin.low_level_zero_plugin import LowLevelZeroModel
+    from colossalai.interface import OptimizerWrapper
+    from colossalai.nn.optimizer import HybridAdam
+    from colossalai.tensor.param_op_hook import ColoParamOpHookManager
+    from colossalai.zero.gemini.gemini_ddp import GeminiDDP
+
+    from coati.trainer.strategies.colossalai import hybrid_adam_args, plugin_spec
+
+    cls_name, kwargs = plugin_spec(name, "bf16", 1.0, offload, policy)
+    inspect.signature(getattr(plugins, cls_name)).bind(**kwargs)
+    assert kwargs["max_norm"] == 1.0 and kwargs["precision"] == "bf16"
+    assert kwargs.get("cpu_offload", kwargs.get("offload_optim_frac", 0.0) > 0) == offload
+    model = torch.nn.Linear(3, 2)
+    groups, extra = hybrid_adam_args(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01))
+    inspect.signature(HybridAdam).bind(groups, **extra)
+    assert groups[0]["weight_decay"] == 0.01 and extra == {"adamw_mode": True}
+    inspect.signature(Booster.boost).bind(Booster, model=model, optimizer=None)
+    inspect.signature(Booster.backward).bind(Booster, torch.zeros(()), None)
+    inspect.signature(colossalai.launch_from_torch).bind(seed=0, verbose=False)
+    inspect.signature(GeminiDDP.state_dict).bind(GeminiDDP, only_rank_0=True)
+    assert callable(ColoParamOpHookManager.use_hooks)
+    gemini_init = inspect.getsource(GeminiDDP.__init__)
+    for attr in ("self.hooks", "self.scatter_after_inference", "self.gemini_manager", "self.chunk_manager"):
+        assert attr in gemini_init
+    for cls, methods in ((GeminiDDP, ("unwrap", "_post_forward")),
+                         (LowLevelZeroModel, ("unwrap", "_force_wait_all_gather", "update_master_params"))):
+        assert all(callable(getattr(cls, m, None)) for m in methods), cls
+    assert "self.optim = " in inspect.getsource(OptimizerWrapper.__init__)  # what base_optimizer returns
+    for opt in ("colossalai.zero.low_level.low_level_optim.LowLevelZeroOptimizer",
+                "colossalai.zero.gemini.gemini_optimizer.GeminiOptimizer"):
+        module, _, cls = opt.rpartition(".")
+        klass = getattr(__import__(module, fromlist=[cls]), cls)
+        assert issubclass(klass, OptimizerWrapper)
+        assert all(callable(getattr(klass, m, None)) for m in ("get_grad_norm", "state_dict", "load_state_dict"))
 
 
 # ----- multi-node launcher ------------------------------------------------------------------------------------

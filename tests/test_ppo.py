@@ -177,6 +177,74 @@ def test_lora_reference_equals_untouched_base_model():
     assert (trained[valid] - want[valid]).abs().max() > 1e-2  # the adapter did learn
 
 
+class _Wrapped(torch.nn.Module):
+    """What a Booster returns for a model: a module around the user's model."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+class _WrappedOptim:
+    """What a Booster returns for an optimizer: it steps the inner one and counts its steps."""
+
+    def __init__(self, optim):
+        self.optim, self.steps = optim, 0
+
+    def step(self):
+        self.steps += 1
+        self.optim.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.optim.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.optim.state_dict()
+
+
+class _BoostingStrategy(NaiveStrategy):
+    """Wraps model and optimizer together in ``prepare_optimizer`` (as ColossalAI's Booster does) and, like
+    ColossalAIStrategy, refuses a backward through an optimizer it did not wrap."""
+
+    def prepare_optimizer(self, model, optimizer):
+        return _Wrapped(model), _WrappedOptim(optimizer)
+
+    def base_optimizer(self, optimizer):
+        return optimizer.optim
+
+    def unwrap(self, model):
+        return model.module if isinstance(model, _Wrapped) else model
+
+    def backward(self, loss, model, optimizer):
+        assert isinstance(model, _Wrapped) and isinstance(optimizer, _WrappedOptim)
+        super().backward(loss, model, optimizer)
+
+
+def test_ppo_trains_the_pair_a_wrapping_strategy_returns():
+    """PPO boosts actor and critic through ``strategy.prepare_optimizer``, trains the returned pairs, builds
+    its schedules on the inner optimizers, and then equals a plain run exactly."""
+    runs = {}
+    for strategy in (NaiveStrategy(seed=0), _BoostingStrategy(seed=0)):
+        actor, critic = h.models(seed=0)
+        prompts, _ = h.loaders(strategy)
+        trainer = _trainer(strategy, actor, critic, reward_fn=h.target_share, num_episodes=2,
+                           lr_scheduler="cosine")
+        hist = trainer.fit(prompts)
+        runs[type(strategy).__name__] = (actor, trainer, hist)
+    actor, trainer, hist = runs["_BoostingStrategy"]
+    assert isinstance(trainer.actor, _Wrapped) and trainer.experience_maker.actor is trainer.actor
+    assert trainer.actor_optim.steps == trainer.critic_optim.steps == trainer.optim_step > 0
+    assert trainer.actor_scheduler.optimizer is trainer.actor_optim.optim
+    assert hist[-1]["actor/lr"] < 1e-3  # the cosine schedule moved the inner optimizer's lr
+    plain_actor, _, plain_hist = runs["NaiveStrategy"]
+    for a, b in zip(plain_actor.state_dict().values(), actor.state_dict().values()):
+        assert torch.equal(a, b)
+    assert hist[-1]["critic/score/mean"] == plain_hist[-1]["critic/score/mean"]
+
+
 def test_resume_continues_exactly(tmp_path):
     def run(save_path, episodes, resume=None):
         strategy = NaiveStrategy(seed=0)

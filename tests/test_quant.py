@@ -17,6 +17,8 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("accelerate")
+if int(__import__("transformers").__version__.split(".")[0]) < 5 and not torch.cuda.is_available():
+    pytest.skip("transformers 4.x quantizes with bitsandbytes on GPU only", allow_module_level=True)
 
 from coati.models import Actor, LoraSettings, RewardModel, lora_targets  # noqa: E402
 from coati.models.quant import base_weight_storages, bnb_config, check_strategy_support, quant_mode  # noqa: E402

@@ -97,6 +97,21 @@ def _validation_message(err: ValidationError) -> tuple[str, str | None]:
     return f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param
 
 
+class _SlotStreamingResponse(StreamingResponse):
+    """Frees the request's slot when the response ends, however it ends: a client that leaves before the
+    first chunk means the body generator never starts, so its own ``finally`` cannot be relied on."""
+
+    def __init__(self, content: AsyncIterator[str], release, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine thread."""
     from contextlib import asynccontextmanager
@@ -202,8 +217,9 @@ def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
             yield "data: [DONE]\n\n"
         except Exception as err:  # headers are sent already: report in-band, as OpenAI does
             yield sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
-        finally:
-            state["in_flight"] -= 1
+
+    def release() -> None:
+        state["in_flight"] -= 1
 
     @app.get("/health")
     async def health():
@@ -238,11 +254,12 @@ def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
                                              "finish_reason": finish}]}
 
             include = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(run_stream(prompt, params, chunk, include), media_type="text/event-stream")
+            return _SlotStreamingResponse(run_stream(prompt, params, chunk, include), release,
+                                          media_type="text/event-stream")
         try:
             out = await engine.complete(prompt, params)
         finally:
-            state["in_flight"] -= 1
+            release()
         return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                              "logprobs": None, "finish_reason": out.finish_reason}],
@@ -281,12 +298,12 @@ def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
                                              "finish_reason": finish}]}
 
             include = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(run_stream(prompts[0], params[0], chunk, include),
-                                     media_type="text/event-stream")
+            return _SlotStreamingResponse(run_stream(prompts[0], params[0], chunk, include), release,
+                                          media_type="text/event-stream")
         try:
             outs = await asyncio.gather(*(engine.complete(p, sp) for p, sp in zip(prompts, params)))
         finally:
-            state["in_flight"] -= 1
+            release()
         return {"id": rid, "object": "text_completion", "created": created, "model": name,
                 "choices": [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
                             for i, o in enumerate(outs)],

@@ -109,6 +109,13 @@ class _Cycle:
         self._it = None
 
 
+def check_offload_ref_reward(strategy: Strategy) -> None:
+    """``offload_ref_reward`` moves whole frozen models between devices, which sharded frozen models forbid."""
+    if not strategy.frozen_models_movable:
+        raise ValueError(f"--offload_ref_reward moves whole frozen models, but --strategy {strategy.name} shards "
+                         "them; drop it (add --cpu_offload to keep their shards in CPU memory)")
+
+
 class PPOTrainer:
     """PPO / PPO-ptx trainer. Keyword arguments carry the names of ``examples/train_prompts.py``'s flags.
 
@@ -181,6 +188,8 @@ class PPOTrainer:
     ) -> None:
         if lr_scheduler not in ("constant", "cosine"):
             raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {lr_scheduler!r}")
+        if offload_ref_reward:
+            check_offload_ref_reward(strategy)
         self.strategy = strategy
         self.tokenizer = tokenizer
         plain_actor = strategy.unwrap(actor)
@@ -195,6 +204,14 @@ class PPOTrainer:
             for m in (self.initial_model, self.reward_model):
                 if m is not None:
                     m.to("cpu")
+        actor_optim = actor_optim or make_adamw(
+            (p for p in self.actor.parameters() if p.requires_grad), lr=lr, weight_decay=weight_decay)
+        critic_optim = critic_optim or make_adamw(
+            (p for p in self.critic.parameters() if p.requires_grad), lr=critic_lr, weight_decay=weight_decay)
+        # Strategies that wrap a model together with its optimizer (ColossalAI's Booster) do it here; the
+        # experience maker and the update phase then use the returned pairs.
+        self.actor, self.actor_optim = strategy.prepare_optimizer(self.actor, actor_optim)
+        self.critic, self.critic_optim = strategy.prepare_optimizer(self.critic, critic_optim)
 
         self.kl_ctl = make_kl_controller(kl_coef, target_kl, kl_horizon)
         self.experience_maker = ExperienceMaker(
@@ -205,11 +222,6 @@ class PPOTrainer:
             temperature=temperature, top_k=top_k, top_p=top_p, generate_kwargs=generate_kwargs)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.buffer = ReplayBuffer(pad_token_id=pad_id, cpu_offload=buffer_cpu_offload, limit=buffer_limit)
-
-        self.actor_optim = actor_optim or make_adamw(
-            (p for p in self.actor.parameters() if p.requires_grad), lr=lr, weight_decay=weight_decay)
-        self.critic_optim = critic_optim or make_adamw(
-            (p for p in self.critic.parameters() if p.requires_grad), lr=critic_lr, weight_decay=weight_decay)
         self.actor_scheduler = self.critic_scheduler = None
         self.lr_scheduler = lr_scheduler
         self.warmup_ratio = warmup_ratio
@@ -259,7 +271,7 @@ class PPOTrainer:
         total = self._optimizer_steps_per_episode(experience_batch_size) * self.num_episodes
         warmup = int(math.ceil(total * self.warmup_ratio))
         for name in ("actor", "critic"):
-            optim = getattr(self, f"{name}_optim")
+            optim = self.strategy.base_optimizer(getattr(self, f"{name}_optim"))
             if self.lr_scheduler == "cosine":
                 sched = cosine_schedule(optim, total, self.warmup_ratio)
             else:

@@ -157,7 +157,7 @@ def strategy_from_args(args: argparse.Namespace, **extra: Any):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     kwargs.update(extra)
-    from ..trainer.strategies.colossalai import StrategyUnavailableError
+    from ..trainer.strategies.base import StrategyUnavailableError
 
     try:
         return make_strategy(args.strategy, **kwargs)

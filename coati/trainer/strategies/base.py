@@ -21,6 +21,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 PRECISIONS = (None, "no", "bf16", "fp16")
 
 
+class StrategyUnavailableError(RuntimeError):
+    """A strategy whose backend (GPU, optional package, torch release) this machine lacks."""
+
+
 class ResumableSampler(DistributedSampler):
     """A DistributedSampler that can start part-way through an epoch (for exact resume).
 
@@ -47,6 +51,9 @@ class Strategy:
     """One process on CPU or one GPU. Subclasses: DDPStrategy, FSDPStrategy, ColossalAIStrategy."""
 
     name = "naive"
+
+    #: whether a frozen (reference / reward) model may be moved whole between CPU and device
+    frozen_models_movable = True
 
     def __init__(self, seed: int = 42, mixed_precision: str | None = None, grad_clip: float = 1.0) -> None:
         if mixed_precision not in PRECISIONS:
@@ -107,6 +114,11 @@ class Strategy:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
+
+    def inference_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Around direct calls of the unwrapped ``model`` outside its forward (``generate``, scoring); only
+        engines that keep parameters in their own storage (ColossalAI Gemini) need it."""
+        return contextlib.nullcontext()
 
     def prepare_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         """Strategies that wrap model and optimizer together (ColossalAI's Booster) do it here."""

@@ -31,15 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .base import atomic_dir
+from .base import StrategyUnavailableError, atomic_dir
 from .ddp import DistributedStrategy
 
 PLUGIN_NAMES = ("colossalai_zero2", "colossalai_zero2_cpu", "colossalai_gemini")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class StrategyUnavailableError(RuntimeError):
-    """A strategy whose backend (GPU, optional package) this machine lacks."""
 
 
 def check_available(name: str) -> None:
@@ -101,18 +97,11 @@ class ColossalAIStrategy(DistributedStrategy):
         super().setup_distributed()
 
     def _make_plugin(self):
-        from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin
+        import colossalai.booster.plugin as plugins
 
-        if self.name == "colossalai_gemini":
-            static = self.placement_policy == "static"
-            kwargs: dict[str, Any] = dict(placement_policy=self.placement_policy, precision=self.precision,
-                                          max_norm=self.grad_clip or 0.0, initial_scale=2 ** 16,
-                                          enable_gradient_accumulation=static)
-            if static and self.cpu_offload:
-                kwargs["offload_optim_frac"] = 1.0
-            return GeminiPlugin(**kwargs)
-        return LowLevelZeroPlugin(stage=2, precision=self.precision, max_norm=self.grad_clip or 0.0,
-                                  initial_scale=2 ** 16, cpu_offload=self.cpu_offload)
+        cls_name, kwargs = plugin_spec(self.name, self.precision, self.grad_clip, self.cpu_offload,
+                                       self.placement_policy)
+        return getattr(plugins, cls_name)(**kwargs)
 
     @property
     def _compute_dtype(self) -> torch.dtype:
@@ -156,6 +145,23 @@ class ColossalAIStrategy(DistributedStrategy):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def inference_context(self, model: nn.Module):
+        """Gemini keeps parameters in chunks that its parameter-op hooks gather on use: run the unwrapped
+        module under those hooks and scatter afterwards, as Gemini's own no-grad forward does."""
+        if not hasattr(model, "chunk_manager"):
+            yield
+            return
+        from colossalai.tensor.param_op_hook import ColoParamOpHookManager
+
+        try:
+            with ColoParamOpHookManager.use_hooks(*model.hooks):
+                yield
+        finally:
+            if model.scatter_after_inference:
+                model._post_forward()
+            model.gemini_manager.reset_attributes()
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """ZeRO-2 and Gemini accumulate reduced gradient shards across micro-steps; Gemini "auto" cannot."""
@@ -222,13 +228,34 @@ class ColossalAIStrategy(DistributedStrategy):
             model.update_master_params()  # the fp32 masters the optimizer steps on
 
 
+def plugin_spec(name: str, precision: str, grad_clip: float | None, cpu_offload: bool,
+                placement_policy: str) -> tuple[str, dict[str, Any]]:
+    """The Booster plugin class (by name in ``colossalai.booster.plugin``) and its arguments for a strategy."""
+    if name == "colossalai_gemini":
+        static = placement_policy == "static"
+        kwargs: dict[str, Any] = dict(placement_policy=placement_policy, precision=precision,
+                                      max_norm=grad_clip or 0.0, initial_scale=2 ** 16,
+                                      enable_gradient_accumulation=static)
+        if static and cpu_offload:
+            kwargs["offload_optim_frac"] = 1.0
+        return "GeminiPlugin", kwargs
+    return "LowLevelZeroPlugin", dict(stage=2, precision=precision, max_norm=grad_clip or 0.0,
+                                      initial_scale=2 ** 16, cpu_offload=cpu_offload)
+
+
+def hybrid_adam_args(optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``HybridAdam(groups, **kwargs)`` arguments equal to an AdamW / Adam's parameter groups and settings."""
+    if not isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
+        raise ValueError(f"ColossalAI offload / Gemini needs an Adam optimizer, got {type(optimizer).__name__}")
+    groups = [{k: v for k, v in g.items() if k in ("params", "lr", "betas", "eps", "weight_decay")}
+              for g in optimizer.param_groups]
+    return groups, {"adamw_mode": isinstance(optimizer, torch.optim.AdamW)}
+
+
 def _as_hybrid_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     from colossalai.nn.optimizer import CPUAdam, FusedAdam, HybridAdam
 
     if isinstance(optimizer, (HybridAdam, CPUAdam, FusedAdam)):
         return optimizer
-    if not isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
-        raise ValueError(f"ColossalAI offload / Gemini needs an Adam optimizer, got {type(optimizer).__name__}")
-    groups = [{k: v for k, v in g.items() if k in ("params", "lr", "betas", "eps", "weight_decay")}
-              for g in optimizer.param_groups]
-    return HybridAdam(groups, adamw_mode=isinstance(optimizer, torch.optim.AdamW))
+    groups, kwargs = hybrid_adam_args(optimizer)
+    return HybridAdam(groups, **kwargs)

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .base import atomic_dir, rng_state, set_rng_state
+from .base import StrategyUnavailableError, atomic_dir, rng_state, set_rng_state
 from .ddp import DistributedStrategy
 
 try:  # torch >= 2.6
@@ -58,7 +58,10 @@ try:  # torch >= 2.6
         fully_shard,
         register_fsdp_forward_method,
     )
-except ImportError:  # torch 2.5
+
+    RUNS_ON_CPU = True
+except ImportError:  # torch 2.5 (ColossalAI's pinned stack): FSDP2 there needs CUDA streams
+    RUNS_ON_CPU = False
     from torch.distributed._composable.fsdp import (  # type: ignore[no-redef]
         CPUOffloadPolicy,
         FSDPModule,
@@ -82,6 +85,10 @@ class FSDPStrategy(DistributedStrategy):
             raise ValueError(f"fsdp supports --zero_stage 2 or 3, got {zero_stage}")
         if placement_policy is not None:
             raise ValueError("--placement_policy is a colossalai_gemini option; fsdp uses --cpu_offload")
+        if not RUNS_ON_CPU and not torch.cuda.is_available():
+            raise StrategyUnavailableError(
+                f"--strategy fsdp without a GPU needs torch >= 2.6 (torch {torch.__version__}'s FSDP2 is "
+                "GPU-only); upgrade torch, or use --strategy ddp on this machine.")
         self.zero_stage = zero_stage
         self.cpu_offload = bool(cpu_offload)
         self.shard_frozen = shard_frozen
@@ -140,6 +147,10 @@ class FSDPStrategy(DistributedStrategy):
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model  # fully_shard works in place
+
+    @property
+    def frozen_models_movable(self) -> bool:
+        return not self.shard_frozen
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """Gradients are reduce-scattered on every micro-step and accumulate in their shards, so an

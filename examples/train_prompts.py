@@ -239,11 +239,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy before any work
     strategy = cli.strategy_from_args(args)
     cli.setup_logging(strategy.is_rank0())
-    if args.offload_ref_reward:
-        try:
+    try:
+        strategy.check_generation_before_training()
+        if args.offload_ref_reward:
             check_offload_ref_reward(strategy)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
 

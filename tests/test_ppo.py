@@ -204,6 +204,9 @@ class _WrappedOptim:
     def state_dict(self):
         return self.optim.state_dict()
 
+    def load_state_dict(self, state):
+        self.optim.load_state_dict(state)
+
 
 class _BoostingStrategy(NaiveStrategy):
     """Wraps model and optimizer together in ``prepare_optimizer`` (as ColossalAI's Booster does) and, like
@@ -222,21 +225,34 @@ class _BoostingStrategy(NaiveStrategy):
         assert isinstance(model, _Wrapped) and isinstance(optimizer, _WrappedOptim)
         super().backward(loss, model, optimizer)
 
+    def inference_context(self, model):
+        assert isinstance(model, _Wrapped)  # the engine's own handle, not the unwrapped module
+        self.inference_calls += 1
+        return super().inference_context(model)
 
-def test_ppo_trains_the_pair_a_wrapping_strategy_returns():
+
+def test_ppo_trains_the_pair_a_wrapping_strategy_returns(tmp_path):
     """PPO boosts actor and critic through ``strategy.prepare_optimizer``, trains the returned pairs, builds
-    its schedules on the inner optimizers, and then equals a plain run exactly."""
+    its schedules on the inner optimizers, runs generation and scoring in the strategy's inference context,
+    checkpoints through the wrappers, and equals a plain run exactly."""
     runs = {}
     for strategy in (NaiveStrategy(seed=0), _BoostingStrategy(seed=0)):
+        strategy.inference_calls = 0
         actor, critic = h.models(seed=0)
         prompts, _ = h.loaders(strategy)
         trainer = _trainer(strategy, actor, critic, reward_fn=h.target_share, num_episodes=2,
-                           lr_scheduler="cosine")
+                           lr_scheduler="cosine", save_path=str(tmp_path / type(strategy).__name__),
+                           save_interval=2)
         hist = trainer.fit(prompts)
         runs[type(strategy).__name__] = (actor, trainer, hist)
     actor, trainer, hist = runs["_BoostingStrategy"]
     assert isinstance(trainer.actor, _Wrapped) and trainer.experience_maker.actor is trainer.actor
+    assert trainer.strategy.inference_calls == 3 * 2  # generate, actor and critic scoring, per episode
     assert trainer.actor_optim.steps == trainer.critic_optim.steps == trainer.optim_step > 0
+    moments = trainer.actor_optim.optim.state_dict()["state"][0]["exp_avg"].clone()
+    trainer.actor_optim.optim.state.clear()
+    trainer.load_checkpoint(tmp_path / "_BoostingStrategy" / "checkpoints" / "step_2")
+    assert torch.equal(trainer.actor_optim.optim.state_dict()["state"][0]["exp_avg"], moments)
     assert trainer.actor_scheduler.optimizer is trainer.actor_optim.optim
     assert hist[-1]["actor/lr"] < 1e-3  # the cosine schedule moved the inner optimizer's lr
     plain_actor, _, plain_hist = runs["NaiveStrategy"]

@@ -109,7 +109,10 @@ class _SlotStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._release()
+            try:
+                await self.body_iterator.aclose()  # a client gone mid-stream: stop its generation now
+            finally:
+                self._release()
 
 
 def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:

@@ -113,7 +113,8 @@ def check_offload_ref_reward(strategy: Strategy) -> None:
     """``offload_ref_reward`` moves whole frozen models between devices, which sharded frozen models forbid."""
     if not strategy.frozen_models_movable:
         raise ValueError(f"--offload_ref_reward moves whole frozen models, but --strategy {strategy.name} shards "
-                         "them; drop it (add --cpu_offload to keep their shards in CPU memory)")
+                         "them; drop it (--cpu_offload keeps every model's shards, with gradients and optimizer "
+                         "state, in CPU memory)")
 
 
 class PPOTrainer:
@@ -188,6 +189,7 @@ class PPOTrainer:
     ) -> None:
         if lr_scheduler not in ("constant", "cosine"):
             raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {lr_scheduler!r}")
+        strategy.check_generation_before_training()
         if offload_ref_reward:
             check_offload_ref_reward(strategy)
         self.strategy = strategy

@@ -120,6 +120,10 @@ class Strategy:
         engines that keep parameters in their own storage (ColossalAI Gemini) need it."""
         return contextlib.nullcontext()
 
+    def check_generation_before_training(self) -> None:
+        """Raise ``ValueError`` where this strategy cannot run a model before its first training step (PPO
+        generates first)."""
+
     def prepare_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         """Strategies that wrap model and optimizer together (ColossalAI's Booster) do it here."""
         return model, optimizer

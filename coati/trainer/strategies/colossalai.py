@@ -130,10 +130,23 @@ class ColossalAIStrategy(DistributedStrategy):
         Offloaded and Gemini optimizer states need ColossalAI's ``HybridAdam``: an AdamW is rebuilt as one
         with the same parameter groups and hyper-parameters.
         """
+        from colossalai.interface import ModelWrapper, OptimizerWrapper
+
+        if isinstance(model, ModelWrapper):
+            if isinstance(optimizer, OptimizerWrapper):
+                return model, optimizer  # boosted by the caller already
+            raise ValueError(f"{self.name}: this model is boosted already; pass the optimizer boosted with it")
         if self.cpu_offload or self.name == "colossalai_gemini":
             optimizer = _as_hybrid_adam(optimizer)
         model, optimizer, *_ = self.booster.boost(model=model, optimizer=optimizer)
         return model, optimizer
+
+    def check_generation_before_training(self) -> None:
+        """Gemini's ``auto`` placement records the first training iteration to plan chunk moves, and refuses
+        inference before it; PPO generates first."""
+        if self.name == "colossalai_gemini" and self.placement_policy == "auto":
+            raise ValueError("PPO generates before its first training step, which colossalai_gemini with "
+                             "--placement_policy auto cannot do; use --placement_policy static")
 
     @staticmethod
     def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -155,13 +168,14 @@ class ColossalAIStrategy(DistributedStrategy):
             return
         from colossalai.tensor.param_op_hook import ColoParamOpHookManager
 
-        try:
-            with ColoParamOpHookManager.use_hooks(*model.hooks):
-                yield
-        finally:
-            if model.scatter_after_inference:
-                model._post_forward()
-            model.gemini_manager.reset_attributes()
+        if model.gemini_manager.need_warmup and model.gemini_manager.is_warmup():
+            self.check_generation_before_training()
+        with ColoParamOpHookManager.use_hooks(*model.hooks):
+            yield
+        # only after a normal exit: chunk-state checks must not hide the error of a failed call
+        if model.scatter_after_inference:
+            model._post_forward()
+        model.gemini_manager.reset_attributes()
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """ZeRO-2 and Gemini accumulate reduced gradient shards across micro-steps; Gemini "auto" cannot."""

@@ -88,7 +88,7 @@ class FSDPStrategy(DistributedStrategy):
         if not RUNS_ON_CPU and not torch.cuda.is_available():
             raise StrategyUnavailableError(
                 f"--strategy fsdp without a GPU needs torch >= 2.6 (torch {torch.__version__}'s FSDP2 is "
-                "GPU-only); upgrade torch, or use --strategy ddp on this machine.")
+                "GPU-only); use an environment with torch >= 2.6, or --strategy ddp on this machine.")
         self.zero_stage = zero_stage
         self.cpu_offload = bool(cpu_offload)
         self.shard_frozen = shard_frozen

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max tokens per pretraining sample (default: --max_seq_len)")
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="prompt format; must match the SFT stage")
+    cli.add_empty_records_arg(d)
     t = p.add_argument_group("PPO")
     t.add_argument("--num_episodes", type=int, default=10, help="collect + update rounds")
     t.add_argument("--num_collect_steps", "--max_timesteps", dest="num_collect_steps", type=int, default=10,
@@ -250,13 +251,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
 
     prompts = PromptDataset(args.prompt_dataset, tokenizer, max_input_len=args.max_input_len,
                             max_datasets_size=args.max_datasets_size, prompt_template=args.prompt_template,
-                            seed=args.seed)
+                            seed=args.seed, empty=args.empty_records)
     prompt_dl = strategy.setup_dataloader(prompts, args.experience_batch_size, shuffle=True,
                                           collate_fn=PromptCollator(tokenizer.pad_token_id))
     pretrain_dl = None
     if args.pretrain_dataset:
         ptx = PretrainDataset(args.pretrain_dataset, tokenizer, max_len=args.ptx_max_len or args.max_seq_len,
-                              max_datasets_size=args.max_datasets_size)
+                              max_datasets_size=args.max_datasets_size, empty=args.empty_records)
         pretrain_dl = strategy.setup_dataloader(ptx, args.ptx_batch_size, shuffle=True, drop_last=True,
                                                 collate_fn=SFTCollator(tokenizer.pad_token_id))
 

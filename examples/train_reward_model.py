@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max_datasets_size", type=int, default=None, help="use at most this many pairs' records")
     d.add_argument("--max_len", type=int, default=512, help="max tokens per chosen / rejected sequence")
     d.add_argument("--overlong", default="truncate", choices=["truncate", "skip"], help="what to do with pairs over --max_len")
+    cli.add_empty_records_arg(d)
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="how prompts are rendered; must match the SFT stage")
     t = p.add_argument_group("training")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
     path = os.path.join(args.dataset, args.subset) if args.subset else args.dataset
     data_kw = dict(max_len=args.max_len, prompt_template=args.prompt_template, overlong=args.overlong,
-                   seed=args.seed, format=args.format or format_from_name(args.dataset))
+                   seed=args.seed, format=args.format or format_from_name(args.dataset), empty=args.empty_records)
     train_ds = RewardDataset(path, tokenizer, max_datasets_size=args.max_datasets_size, **data_kw)
     if args.eval_dataset:
         eval_ds = RewardDataset(args.eval_dataset, tokenizer, **data_kw)

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max_datasets_size", type=int, default=None, help="use at most this many records (after seeded shuffle)")
     d.add_argument("--max_len", type=int, default=512, help="max tokens per sample")
     d.add_argument("--overlong", default="truncate", choices=["truncate", "skip"], help="what to do with samples over --max_len")
+    cli.add_empty_records_arg(d)
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="auto = the tokenizer's chat template if it has one, else alpaca")
     t = p.add_argument_group("training")
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     cli.setup_logging(strategy.is_rank0())
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
 
-    data_kw = dict(max_len=args.max_len, prompt_template=args.prompt_template, overlong=args.overlong, seed=args.seed)
+    data_kw = dict(max_len=args.max_len, prompt_template=args.prompt_template, overlong=args.overlong, seed=args.seed,
+                   empty=args.empty_records)
     train_ds = SFTDataset(args.dataset, tokenizer, max_datasets_size=args.max_datasets_size, **data_kw)
     eval_ds = None
     if args.eval_dataset:

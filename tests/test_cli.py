@@ -47,3 +47,33 @@ def test_rm_flags():
         "--pretrain P --model gpt_neox --strategy naive --dataset Anthropic/hh-rlhf --subset harmless-base "
         "--loss_fn log_exp --max_len 128 --batch_size 2 --max_epochs 1 --lr 1e-5 --lora_rank 4 --save_path O --test".split())
     assert args.loss_fn == "log_exp" and args.subset == "harmless-base" and args.test is True
+
+
+@pytest.mark.parametrize("script, flag, records, where", [
+    ("train_sft", "--dataset", [{"instruction": "Hi", "output": "Hello"}, {"instruction": "Bye", "output": ""}],
+     "line 2: field 'output'"),
+    ("train_reward_model", "--dataset",
+     [{"prompt": "Q", "chosen": "good", "rejected": "bad"}, {"prompt": "Q", "chosen": "", "rejected": "bad"}],
+     "line 2: field 'chosen'"),
+    ("train_prompts", "--prompt_dataset", [{"prompt": "Hi"}, {"prompt": "Yo"}, {"prompt": ""}],
+     "line 3: field 'prompt'"),
+])
+def test_empty_records_raise_names_file_line_field_before_any_model_loads(tmp_path, script, flag, records,
+                                                                         where):
+    import json
+
+    from coati.dataset.io import DatasetFormatError
+    from tests import tiny
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok_dir = tmp_path / "tok"
+    tiny.tokenizer("llama").save_pretrained(tok_dir)
+    argv = ["--pretrain", str(tmp_path / "no_model_here"), "--tokenizer", str(tok_dir), flag, str(data),
+            "--save_path", str(tmp_path / "out"), "--empty_records", "raise"]
+    if script == "train_prompts":
+        argv += ["--reward_fn", "tests/dist_ppo.py:target_share"]
+    with pytest.raises(DatasetFormatError) as info:
+        _script(script).main(argv)
+    assert str(info.value).startswith(f"{data}: {where}: empty")
+    assert not (tmp_path / "out").exists()

@@ -149,6 +149,12 @@ def quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"quant": quant, "quant_compute_dtype": args.quant_compute_dtype}
 
 
+def add_empty_records_arg(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--empty_records", default="skip", choices=["skip", "raise"],
+                       help="records with an empty prompt or response: skip them (counted, and the first named "
+                            "by file, record and field in the log) or stop with that error before training")
+
+
 def strategy_from_args(args: argparse.Namespace, **extra: Any):
     from ..trainer.strategies import make_strategy
 

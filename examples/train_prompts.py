@@ -28,7 +28,7 @@ from coati.models import FAMILIES, Actor, Critic, RewardModel
 from coati.models.quant import check_strategy_support, quant_mode
 from coati.models.sharing import SharedBaseRewardModel, shared_critic_and_reward
 from coati.trainer import resolve_resume
-from coati.trainer.ppo import PPOTrainer, check_offload_ref_reward
+from coati.trainer.ppo import PPOTrainer
 from coati.utils import cli
 from coati.utils.tokenizer import load_tokenizer
 
@@ -241,9 +241,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     strategy = cli.strategy_from_args(args)
     cli.setup_logging(strategy.is_rank0())
     try:
-        strategy.check_generation_before_training()
-        if args.offload_ref_reward:
-            check_offload_ref_reward(strategy)
+        strategy.check_ppo(args.offload_ref_reward)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)

@@ -272,7 +272,7 @@ def test_ppo_refuses_gemini_auto_placement_before_loading_anything(policy, refus
     strategy = object.__new__(ColossalAIStrategy)  # no GPU here: only the settings the check reads
     strategy.name, strategy.placement_policy = "colossalai_gemini", policy
     if not refused:
-        strategy.check_generation_before_training()
+        strategy.check_ppo()
         return
     with pytest.raises(ValueError, match="use --placement_policy static"):
         PPOTrainer(strategy, actor=None, critic=None, tokenizer=None, reward_fn=lambda *a, **k: [])

@@ -237,21 +237,19 @@ class ExperienceMaker:
         prompt_mask = batch["attention_mask"].to(device)
 
         t0 = time.perf_counter()
-        with self._inference(self.actor):
+        with self._inference(self.actor):  # one gather of the actor for generating and scoring
             sequences, attention_mask, action_mask = generate_with_masks(
                 actor, input_ids, prompt_mask, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
                 **self._generation_kwargs(input_ids.size(1)))
-        t1 = time.perf_counter()
-        num_actions = action_mask.size(1)
-        # Tokens after the first EOS are padding: keep them out of every model input.
-        sequences = sequences.clone()
-        sequences[:, -num_actions:].masked_fill_(action_mask.eq(0), self.pad_token_id)
-
-        with self._autocast():
-            with self._inference(self.actor):
+            t1 = time.perf_counter()
+            num_actions = action_mask.size(1)
+            # Tokens after the first EOS are padding: keep them out of every model input.
+            sequences = sequences.clone()
+            sequences[:, -num_actions:].masked_fill_(action_mask.eq(0), self.pad_token_id)
+            with self._autocast():
                 log_probs = actor(sequences, attention_mask, num_actions=num_actions).float()
-            with self._inference(self.critic):
-                values = critic(sequences, attention_mask, num_actions=num_actions).float()
+        with self._inference(self.critic), self._autocast():
+            values = critic(sequences, attention_mask, num_actions=num_actions).float()
         ref_log_probs = self._ref_log_probs(sequences, attention_mask, num_actions).float()
         score = self._sequence_reward(batch, sequences, attention_mask, action_mask)
 

@@ -109,14 +109,6 @@ class _Cycle:
         self._it = None
 
 
-def check_offload_ref_reward(strategy: Strategy) -> None:
-    """``offload_ref_reward`` moves whole frozen models between devices, which sharded frozen models forbid."""
-    if not strategy.frozen_models_movable:
-        raise ValueError(f"--offload_ref_reward moves whole frozen models, but --strategy {strategy.name} shards "
-                         "them; drop it (--cpu_offload keeps every model's shards, with gradients and optimizer "
-                         "state, in CPU memory)")
-
-
 class PPOTrainer:
     """PPO / PPO-ptx trainer. Keyword arguments carry the names of ``examples/train_prompts.py``'s flags.
 
@@ -189,9 +181,7 @@ class PPOTrainer:
     ) -> None:
         if lr_scheduler not in ("constant", "cosine"):
             raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {lr_scheduler!r}")
-        strategy.check_generation_before_training()
-        if offload_ref_reward:
-            check_offload_ref_reward(strategy)
+        strategy.check_ppo(offload_ref_reward)
         self.strategy = strategy
         self.tokenizer = tokenizer
         plain_actor = strategy.unwrap(actor)

@@ -52,9 +52,6 @@ class Strategy:
 
     name = "naive"
 
-    #: whether a frozen (reference / reward) model may be moved whole between CPU and device
-    frozen_models_movable = True
-
     def __init__(self, seed: int = 42, mixed_precision: str | None = None, grad_clip: float = 1.0) -> None:
         if mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision must be one of bf16, fp16 or none, got {mixed_precision!r}")
@@ -120,9 +117,9 @@ class Strategy:
         engines that keep parameters in their own storage (ColossalAI Gemini) need it."""
         return contextlib.nullcontext()
 
-    def check_generation_before_training(self) -> None:
-        """Raise ``ValueError`` where this strategy cannot run a model before its first training step (PPO
-        generates first)."""
+    def check_ppo(self, offload_ref_reward: bool = False) -> None:
+        """Raise ``ValueError`` (one sentence naming the flag to change) where this strategy cannot run PPO as
+        configured; the trainer and ``train_prompts.py`` call it before any model is loaded."""
 
     def prepare_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         """Strategies that wrap model and optimizer together (ColossalAI's Booster) do it here."""

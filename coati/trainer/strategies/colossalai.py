@@ -141,7 +141,7 @@ class ColossalAIStrategy(DistributedStrategy):
         model, optimizer, *_ = self.booster.boost(model=model, optimizer=optimizer)
         return model, optimizer
 
-    def check_generation_before_training(self) -> None:
+    def check_ppo(self, offload_ref_reward: bool = False) -> None:
         """Gemini's ``auto`` placement records the first training iteration to plan chunk moves, and refuses
         inference before it; PPO generates first."""
         if self.name == "colossalai_gemini" and self.placement_policy == "auto":
@@ -169,7 +169,7 @@ class ColossalAIStrategy(DistributedStrategy):
         from colossalai.tensor.param_op_hook import ColoParamOpHookManager
 
         if model.gemini_manager.need_warmup and model.gemini_manager.is_warmup():
-            self.check_generation_before_training()
+            self.check_ppo()
         with ColoParamOpHookManager.use_hooks(*model.hooks):
             yield
         # only after a normal exit: chunk-state checks must not hide the error of a failed call

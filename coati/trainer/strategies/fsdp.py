@@ -148,9 +148,12 @@ class FSDPStrategy(DistributedStrategy):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model  # fully_shard works in place
 
-    @property
-    def frozen_models_movable(self) -> bool:
-        return not self.shard_frozen
+    def check_ppo(self, offload_ref_reward: bool = False) -> None:
+        """``offload_ref_reward`` moves whole frozen models between devices; sharded ones cannot move."""
+        if offload_ref_reward and self.shard_frozen:
+            raise ValueError("--offload_ref_reward moves whole frozen models, but --strategy fsdp shards them; "
+                             "drop it (--cpu_offload keeps every model's shards, with gradients and optimizer "
+                             "state, in CPU memory)")
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """Gradients are reduce-scattered on every micro-step and accumulate in their shards, so an

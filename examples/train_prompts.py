@@ -25,6 +25,7 @@ import torch
 from coati.dataset import PretrainDataset, PromptCollator, PromptDataset, SFTCollator
 from coati.experience.maker import load_reward_fn
 from coati.models import FAMILIES, Actor, Critic, RewardModel
+from coati.models.lora import check_ppo_train_bias
 from coati.models.quant import check_strategy_support, quant_mode
 from coati.models.sharing import SharedBaseRewardModel, shared_critic_and_reward
 from coati.trainer import resolve_resume
@@ -36,7 +37,9 @@ log = logging.getLogger("coati")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.make_parser("coati stage 3: PPO / PPO-ptx of a causal LM against a reward model or reward function")
+    p = cli.make_parser("coati stage 3: PPO / PPO-ptx of a causal LM against a reward model or reward function. "
+                        "Every dropout of actor and critic (the model's own and --lora_dropout) is off during PPO, "
+                        "so rollouts are scored and updated under one policy")
     cli.add_model_args(p)
     cli.add_lora_args(p)
     cli.add_quant_args(p)
@@ -102,10 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning-rate schedule of both optimizers (after warmup)")
     t.add_argument("--warmup_ratio", type=float, default=0.0, help="share of optimizer steps spent warming up")
     s = p.add_argument_group("sampling")
-    s.add_argument("--do_sample", action=cli.BoolFlag, default=True, help="sample (false = greedy)")
-    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    s.add_argument("--top_k", type=int, default=0, help="top-k sampling (0 = off)")
-    s.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    s.add_argument("--do_sample", action=cli.BoolFlag, default=True,
+                   help="sample (false = greedy); rollouts use these sampling flags only, never the model's "
+                        "generation_config.json")
+    s.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; PPO's old, new and reference log-probs are those of logits / "
+                        "temperature, the distribution sampled")
+    s.add_argument("--top_k", type=int, default=0,
+                   help="top-k sampling (0 = off); biases PPO: log-probs stay those of the untruncated "
+                        "distribution")
+    s.add_argument("--top_p", type=float, default=1.0,
+                   help="nucleus sampling (1 = off); biases PPO: log-probs stay those of the untruncated "
+                        "distribution")
     m = p.add_argument_group("memory")
     m.add_argument("--offload_ref_reward", action=cli.BoolFlag, default=False,
                    help="keep reference and reward models on CPU between uses (not with fsdp, which shards them: "
@@ -242,6 +253,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     cli.setup_logging(strategy.is_rank0())
     try:
         strategy.check_ppo(args.offload_ref_reward)
+        if args.lora_rank > 0:  # the reference policy is the actor's base with its adapter off
+            check_ppo_train_bias(args.lora_train_bias)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)

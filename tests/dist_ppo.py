@@ -1,4 +1,4 @@
-"""PPO test helpers, and the 2-process DDP PPO run (``torchrun --nproc_per_node=2 tests/dist_ppo.py OUT``).
+"""PPO test helpers, and the 2-process DDP PPO runs (``torchrun --nproc_per_node=2 tests/dist_ppo.py OUT``).
 
 The tiny policy is a LLaMA with a 64-token vocabulary: ids 3..63 of the LLaMA tokenizer are the byte tokens
 0x00..0x3C, so responses decode to text (``"7"`` is id 58) and sampling is fast. The reward is the share
@@ -86,11 +86,34 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def same_prompt_responses(strategy) -> list[str]:
+    """One episode on a dataset of one prompt repeated, so both ranks get the same prompts: the responses
+    this rank sampled."""
+    from coati.trainer.ppo import PPOTrainer
+
+    actor, critic = models(seed=0)
+    loader = strategy.setup_dataloader(prompt_data(1) * 16, 8, shuffle=True, collate_fn=PromptCollator(0))
+    trainer = PPOTrainer(strategy, actor, critic, tokenizer=tiny.tokenizer("llama"), reward_fn=target_share,
+                         num_episodes=1, **PPO_KW)
+    responses: list[str] = []
+    make = trainer.experience_maker.make_experience
+
+    def recording(batch):
+        exp = make(batch)
+        responses.extend(trainer.experience_maker.decode_responses(exp.sequences, exp.action_mask))
+        return exp
+
+    trainer.experience_maker.make_experience = recording
+    trainer.fit(loader)
+    return responses
+
+
 def main(out: str) -> None:
     from coati.trainer.ppo import PPOTrainer
     from coati.trainer.strategies import DDPStrategy
 
     strategy = DDPStrategy(seed=0)
+    same_prompt = same_prompt_responses(strategy)
     actor, critic = models(seed=0)
     initial = weights_digest(actor)
     prompts, pretrain = loaders(strategy, experience_batch_size=8, ptx_batch_size=2, with_pretrain=True)
@@ -109,7 +132,7 @@ def main(out: str) -> None:
         "rank": strategy.rank, "world_size": strategy.world_size, "initial": initial,
         "actor": weights_digest(strategy.unwrap(trainer.actor)),
         "critic": weights_digest(strategy.unwrap(trainer.critic)),
-        "prompts": seen_prompts, "optim_steps": trainer.optim_step,
+        "prompts": seen_prompts, "optim_steps": trainer.optim_step, "same_prompt_responses": same_prompt,
         "ptx_loss": history[-1]["actor/ptx_loss"], "score": [h["critic/score/mean"] for h in history],
     }
     Path(out, f"rank{strategy.rank}.json").write_text(json.dumps(record))

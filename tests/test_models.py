@@ -349,3 +349,47 @@ def test_generate_left_padded_matches_unpadded_greedy():
         lp = actor(seqs, full_mask, num_actions=4)
         lp_alone = actor(seqs_alone, torch.ones_like(seqs_alone), num_actions=4)
     assert torch.allclose(lp[1], lp_alone[0], atol=1e-5)
+
+
+def _dropout_configs():
+    from transformers import BloomConfig, OPTConfig
+
+    p = 0.3
+    opt = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                    word_embed_proj_dim=64, max_position_embeddings=64, dropout=p, attention_dropout=p,
+                    activation_dropout=p, layerdrop=p, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    bloom = BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, hidden_dropout=p, attention_dropout=p,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return {
+        "llama": tiny.llama_config(**SMALL, attention_dropout=p),
+        "gpt2": tiny.gpt2_config(**SMALL, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p),
+        "gpt_neox": tiny.gpt_neox_config(**SMALL, hidden_dropout=p, attention_dropout=p),
+        "opt": opt,
+        "bloom": bloom,
+    }
+
+
+@pytest.mark.parametrize("family, attn", [(f, a) for f in ("llama", "gpt2", "gpt_neox", "opt") for a in ("sdpa", "eager")]
+                         + [("bloom", "eager")])  # BLOOM has no sdpa path
+def test_disable_dropout_makes_train_mode_equal_eval_mode(family, attn):
+    """Every way HF layers and peft drop out (modules, float attributes handed to sdpa / functional dropout,
+    OPT's layerdrop, LoRA dropout) is off: train-mode outputs equal eval-mode outputs exactly."""
+    from coati.models import disable_dropout
+
+    config = _dropout_configs()[family]
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    actor = Actor.from_config(config, lora=LoraSettings(rank=4, dropout=0.3))
+    _randomize_lora(actor.model)
+    ids, mask = _pad([[5, 17, 9, 33, 40, 8, 21, 4], [12, 3, 44, 7]], "left")
+    with torch.no_grad():
+        actor.train()
+        noisy = actor(ids, mask, num_actions=3)
+        actor.eval()
+        clean = actor(ids, mask, num_actions=3)
+        assert not torch.equal(noisy, clean)  # dropout is on in train mode before
+        disable_dropout(actor)
+        actor.train()
+        trained_mode = actor(ids, mask, num_actions=3)
+    assert torch.equal(trained_mode, clean)
+    assert actor.config.to_dict() == config.to_dict()  # the saved config keeps its dropout settings

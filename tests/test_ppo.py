@@ -1,7 +1,10 @@
-"""PPO end to end on a tiny LLaMA (64-token vocabulary): rewards rise, ptx, LoRA reference, resume, DDP, CLI."""
+"""PPO end to end on a tiny LLaMA (64-token vocabulary): rewards rise, ptx, LoRA reference, resume, DDP, CLI;
+dropout off, frozen reference and shared reward model, rollouts sampled from the scored distribution."""
+import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from coati.models import Actor, Critic, LogSigLoss, RewardModel, compute_reward
+from coati.experience.maker import ExperienceMaker
+from coati.models import Actor, Critic, LogSigLoss, LoraSettings, RewardModel, compute_reward
+from coati.models.sharing import shared_critic_and_reward
 from coati.trainer.ppo import PPOTrainer
 from coati.trainer.strategies import NaiveStrategy
 from tests import dist_ppo as h
@@ -351,9 +356,167 @@ def test_ddp_ppo_ranks_hold_identical_weights(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
     assert r0["world_size"] == r1["world_size"] == 2
     assert len(r0["prompts"]) == len(r1["prompts"]) == 24 and set(r0["prompts"]).isdisjoint(r1["prompts"])
+    # models built from config start identical on every rank; rollouts differ per rank (one sampling stream
+    # each), gradients are averaged, so the trained weights stay identical
+    assert r0["initial"] == r1["initial"]
     assert r0["actor"] == r1["actor"] and r0["critic"] == r1["critic"]
     assert r0["actor"] != r0["initial"]
+    same0, same1 = r0["same_prompt_responses"], r1["same_prompt_responses"]
+    assert len(same0) == len(same1) == 8 and same0 != same1  # one prompt, different samples per rank
     # 3 episodes x 2 epochs x ceil(ceil(8 / 4) / 2) optimizer steps
     assert r0["optim_steps"] == r1["optim_steps"] == 6
     # episode metrics are reduced over both ranks, so both report the same numbers
     assert r0["score"] == r1["score"] and r0["ptx_loss"] == r1["ptx_loss"] > 0
+
+
+# ----- one policy scored and updated; frozen things stay frozen; sampling as scored -----------------------
+DROPOUT = dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+
+
+def _gpt2_config(**overrides):
+    """GPT-2 (biases everywhere, dropout when asked) on the 64-token vocabulary of the LLaMA tests."""
+    return tiny.gpt2_config(vocab_size=h.VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
+
+
+def _record_steps(trainer):
+    """Metrics of every actor and critic optimizer step, in order (the trainer only logs episode means)."""
+    steps = []
+    for name in ("_actor_step", "_critic_step"):
+        def recording(group, step=getattr(trainer, name)):
+            steps.append(step(group))
+            return steps[-1]
+
+        setattr(trainer, name, recording)
+    return steps
+
+
+@pytest.mark.parametrize("temperature, log_entropy, lora_rank", [(1.0, True, 0), (0.7, False, 0), (0.7, True, 4)])
+def test_first_update_sees_the_scored_policy_despite_dropout(temperature, log_entropy, lora_rank):
+    """GPT-2's config asks for dropout 0.1: PPO turns it off, so the first optimizer step's ratio is exactly 1
+    (no KL, no clipping) and the critic's first values equal the old ones, at any temperature and through both
+    of the update's log-prob paths."""
+    strategy = NaiveStrategy(seed=0)
+    torch.manual_seed(0)
+    lora = LoraSettings(rank=lora_rank, dropout=0.1) if lora_rank else None
+    actor = Actor.from_config(_gpt2_config(**DROPOUT), lora=lora)
+    critic = Critic.from_config(_gpt2_config(**DROPOUT))
+    prompts, _ = h.loaders(strategy)
+    trainer = _trainer(strategy, actor, critic, reward_fn=h.target_share, num_episodes=1, temperature=temperature,
+                       log_entropy=log_entropy)
+    steps = _record_steps(trainer)
+    trainer.fit(prompts)
+    actor_first, critic_first, actor_second = steps[0], steps[1], steps[2]
+    assert actor_first["actor/ppo_kl"] == 0 and actor_first["actor/pg_clipfrac"] == 0
+    assert critic_first["critic/vf_clipfrac"] == 0
+    assert actor_second["actor/ppo_kl"] > 0  # once the policy has moved, the ratio does leave 1
+
+
+@pytest.mark.parametrize("setup", ["lora", "full", "shared"])
+def test_reference_and_shared_reward_model_never_move(setup, tmp_path):
+    """After PPO steps the reference log-probs (LoRA: the actor with its adapter off; full fine-tuning: the
+    frozen copy) and a reward model sharing the critic's base score exactly as before, on GPT-2, whose
+    biases LoRA could train."""
+    strategy = NaiveStrategy(seed=0)
+    torch.manual_seed(0)
+    lora = LoraSettings(rank=8)
+    actor = Actor.from_config(_gpt2_config(), lora=None if setup == "full" else lora)
+    reward_model = None
+    if setup == "shared":
+        RewardModel.from_config(_gpt2_config()).save_pretrained(tmp_path / "rm")
+        critic, reward_model = shared_critic_and_reward(tmp_path / "rm", lora=lora)
+        source = {"reward_model": reward_model}
+    else:
+        critic, source = Critic.from_config(_gpt2_config()), {"reward_fn": h.target_share}
+    prompts, _ = h.loaders(strategy)
+    trainer = _trainer(strategy, actor, critic, num_episodes=3, lr=5e-3, critic_lr=5e-3, **source)
+    maker = trainer.experience_maker
+    exp = maker.make_experience(next(iter(prompts)))
+    seq, mask, n = exp.sequences, exp.attention_mask, exp.num_actions
+
+    @torch.no_grad()
+    def scores():
+        frozen = [maker._ref_log_probs(seq, mask, n)] + ([reward_model(seq, mask)] if reward_model else [])
+        return frozen, actor(seq, mask, num_actions=n), critic(seq, mask, num_actions=n)
+
+    frozen_before, policy_before, values_before = scores()
+    trainer.fit(prompts)
+    frozen_after, policy_after, values_after = scores()
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before, frozen_after))
+    assert (policy_after - policy_before).abs().max() > 1e-2  # while actor and critic did train
+    assert (values_after - values_before).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_lora_bias_training_is_refused_for_ppo(bias, tmp_path):
+    """peft's bias training moves the base that the reference (and a shared reward model) run on."""
+    torch.manual_seed(0)
+    biased = LoraSettings(rank=8, train_bias=bias)
+    with pytest.raises(ValueError, match="use --lora_train_bias none for PPO"):
+        _trainer(NaiveStrategy(seed=0), Actor.from_config(_gpt2_config(), lora=biased),
+                 Critic.from_config(_gpt2_config()), reward_fn=h.target_share)
+    RewardModel.from_config(_gpt2_config()).save_pretrained(tmp_path / "rm")
+    critic, reward_model = shared_critic_and_reward(tmp_path / "rm", lora=biased)
+    with pytest.raises(ValueError, match="use --lora_train_bias none for PPO"):
+        _trainer(NaiveStrategy(seed=0), Actor.from_config(_gpt2_config(), lora=LoraSettings(rank=8)), critic,
+                 reward_model=reward_model)
+    with pytest.raises(SystemExit) as info:  # the script: before any model (here: none exists) loads
+        _load_example().main(["--pretrain", str(tmp_path / "no_model_here"), "--prompt_dataset", "p",
+                              "--reward_fn", "tests/dist_ppo.py:target_share", "--lora_rank", "4",
+                              "--lora_train_bias", bias])
+    assert str(info.value) == (f"error: --lora_train_bias {bias} trains the base model's own biases, which PPO's "
+                               f"reference policy (the actor with its adapter off) and a shared reward model run "
+                               f"on; use --lora_train_bias none for PPO")
+
+
+def test_rollouts_ignore_the_checkpoints_generation_config(tmp_path):
+    """A checkpoint whose generation_config.json penalises repeats, suppresses tokens, bans repeated bigrams and
+    forces a length rolls out exactly the tokens of a clean copy: rollouts sample only what coati's flags say."""
+    from transformers import GenerationConfig
+
+    torch.manual_seed(0)
+    Actor.from_config(h.config()).model.save_pretrained(tmp_path / "clean")
+    shutil.copytree(tmp_path / "clean", tmp_path / "dirty")
+    suppressed = [h.TARGET_ID, 40, 41, 42]
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, repetition_penalty=1.3,
+                     suppress_tokens=suppressed, no_repeat_ngram_size=2, min_new_tokens=8,
+                     do_sample=True, top_k=5).save_pretrained(tmp_path / "dirty")
+    prompts, _ = h.loaders(NaiveStrategy(seed=0))
+    batch = next(iter(prompts))
+    rollouts = {}
+    for name in ("clean", "dirty"):
+        actor = Actor.from_pretrained(tmp_path / name)
+        maker = ExperienceMaker(actor, Critic.from_config(h.config()), initial_model=copy.deepcopy(actor),
+                                tokenizer=tiny.tokenizer("llama"), reward_fn=h.target_share, max_new_tokens=8)
+        torch.manual_seed(1)
+        rollouts[name] = maker.make_experience(batch)
+    assert actor.model.generation_config.repetition_penalty == 1.3  # the dirty settings did load
+    clean, dirty = rollouts["clean"], rollouts["dirty"]
+    assert torch.equal(clean.sequences, dirty.sequences)
+    assert torch.equal(clean.action_log_probs, dirty.action_log_probs)
+    actions = dirty.sequences[:, -dirty.num_actions:][dirty.action_mask.bool()]
+    assert torch.isin(actions, torch.tensor(suppressed)).any()  # suppress_tokens did not apply
+    assert (dirty.action_mask.sum(-1) < 8).any()  # nor min_new_tokens
+
+
+def test_old_and_reference_log_probs_are_those_of_the_tempered_distribution():
+    """With --temperature 0.7 the stored old log-probs, and the reference's, equal log_softmax(logits / 0.7)
+    of the sampled tokens, computed here row by row, unpadded, from the plain HF model."""
+    strategy = NaiveStrategy(seed=0)
+    actor, critic = h.models(seed=0)
+    prompts, _ = h.loaders(strategy)
+    trainer = _trainer(strategy, actor, critic, reward_fn=h.target_share, temperature=0.7)
+    maker = trainer.experience_maker
+    exp = maker.make_experience(next(iter(prompts)))
+    with torch.no_grad():
+        ref = maker._ref_log_probs(exp.sequences, exp.attention_mask, exp.num_actions)
+    for row in range(exp.sequences.size(0)):
+        ids = exp.sequences[row][exp.attention_mask[row].bool()].unsqueeze(0)  # prompt + valid actions
+        k = int(exp.action_mask[row].sum())
+        with torch.no_grad():
+            logits = actor.model(input_ids=ids).logits[0, -k - 1:-1]
+        tokens = ids[0, -k:].unsqueeze(-1)
+        want = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens).squeeze(-1)
+        torch.testing.assert_close(exp.action_log_probs[row, :k], want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ref[row, :k], want, atol=1e-5, rtol=0)
+        untempered = torch.log_softmax(logits, -1).gather(-1, tokens).squeeze(-1)
+        assert (untempered - want).abs().max() > 1e-3  # the temperature matters for these numbers

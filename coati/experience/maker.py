@@ -6,9 +6,11 @@ per-token rewards ``-kl_coef * (log pi - log pi_ref)`` with the sequence reward 
 GAE; whitened advantages. With LoRA and no separate reference model, the reference is the actor with its
 adapter disabled (no second copy of the weights).
 
-Sampling defaults are plain sampling (temperature 1, no top-k / top-p), so responses come from the very
-policy whose log-probs PPO uses; other settings sample from a warped policy while log-probs stay those of
-the model itself.
+Rollouts sample with exactly the settings given here (the checkpoint's ``generation_config.json`` never
+applies, see :meth:`~coati.models.Actor.generate`), and every log-prob PPO uses (old, reference, and the
+update's new ones) is taken under ``log_softmax(logits / temperature)``: the distribution the tokens were
+sampled from. top-k / top-p truncation is not applied to the log-probs, so with either on the ratio and
+the KL penalty are biased; the defaults (temperature 1, no top-k / top-p) sample from the scored policy.
 """
 from __future__ import annotations
 
@@ -129,6 +131,8 @@ class ExperienceMaker:
         self.sampling = {"do_sample": do_sample, **(generate_kwargs or {})}
         if do_sample:
             self.sampling.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        # log-probs are those of the sampled distribution (greedy decoding has none; score at 1)
+        self.temperature = temperature if do_sample else 1.0
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.timings: dict[str, float] = {"generate": 0.0, "make_experience": 0.0}
@@ -218,10 +222,11 @@ class ExperienceMaker:
     def _ref_log_probs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int) -> torch.Tensor:
         if self.initial_model is not None:
             with self._on_device(self.initial_model), self._autocast():
-                return self._unwrap(self.initial_model)(sequences, attention_mask, num_actions=num_actions)
+                return self._unwrap(self.initial_model)(sequences, attention_mask, num_actions=num_actions,
+                                                        temperature=self.temperature)
         actor = self._unwrap(self.actor)
         with actor.disable_adapter(), self._autocast():
-            return actor(sequences, attention_mask, num_actions=num_actions)
+            return actor(sequences, attention_mask, num_actions=num_actions, temperature=self.temperature)
 
     # ----- the experience -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -247,7 +252,8 @@ class ExperienceMaker:
             sequences = sequences.clone()
             sequences[:, -num_actions:].masked_fill_(action_mask.eq(0), self.pad_token_id)
             with self._autocast():
-                log_probs = actor(sequences, attention_mask, num_actions=num_actions).float()
+                log_probs = actor(sequences, attention_mask, num_actions=num_actions,
+                                  temperature=self.temperature).float()
         with self._inference(self.critic), self._autocast():
             values = critic(sequences, attention_mask, num_actions=num_actions).float()
         ref_log_probs = self._ref_log_probs(sequences, attention_mask, num_actions).float()

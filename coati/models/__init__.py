@@ -9,8 +9,8 @@ from .generation import action_mask_from_tokens, generate_with_masks
 from .lora import LoraSettings, apply_lora, merge_lora
 from .loss import GPTLMLoss, LogExpLoss, LogSigLoss, PolicyLoss, PtxLoss, ValueLoss
 from .utils import (
-    compute_approx_kl, compute_reward, last_token_index, log_probs_from_logits, masked_mean, masked_whiten,
-    position_ids_from_mask,
+    compute_approx_kl, compute_reward, disable_dropout, last_token_index, log_probs_from_logits, masked_mean,
+    masked_whiten, position_ids_from_mask,
 )
 
 __all__ = [
@@ -22,6 +22,6 @@ __all__ = [
     "LoraSettings", "apply_lora", "merge_lora",
     "GPTLMLoss", "PtxLoss", "LogSigLoss", "LogExpLoss", "PolicyLoss", "ValueLoss",
     "log_probs_from_logits", "masked_mean", "masked_whiten", "compute_approx_kl", "compute_reward",
-    "position_ids_from_mask", "last_token_index",
+    "position_ids_from_mask", "last_token_index", "disable_dropout",
     "generate_with_masks", "action_mask_from_tokens",
 ]

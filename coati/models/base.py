@@ -280,7 +280,9 @@ class Actor(_HFWrapper):
         return cls(_prepare(AutoModelForCausalLM.from_config(config), family, lora, grad_checkpoint))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                num_actions: int | None = None) -> torch.Tensor:
+                num_actions: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """Logits, or with ``num_actions`` the action log-probs under ``log_softmax(logits / temperature)``:
+        the distribution PPO's rollouts were sampled from at that temperature."""
         lm = self.base_lm
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
         if attention_mask is not None and _accepts(lm, "position_ids"):
@@ -290,19 +292,30 @@ class Actor(_HFWrapper):
         logits = self.model(input_ids=input_ids, **kwargs).logits
         if num_actions is None:
             return logits
-        action_logits = logits[:, -(num_actions + 1):-1]
+        action_logits = logits[:, -(num_actions + 1):-1].float() / temperature
         return log_probs_from_logits(action_logits, input_ids[:, -num_actions:])
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  **gen_kwargs: Any) -> torch.Tensor:
         """HF ``generate`` in eval mode (so the KV cache is used even with gradient checkpointing on);
-        returns the sequences (prompt + generated tokens)."""
-        was_training = self.training
+        returns the sequences (prompt + generated tokens).
+
+        The checkpoint's ``generation_config.json`` (repetition penalties, suppressed tokens, top-k ...) does
+        not apply: transformers fills every field a passed ``generation_config`` leaves unset from the
+        model's own config, so that is swapped for the library defaults during the call. A policy then
+        samples only what its caller asked for.
+        """
+        from transformers import GenerationConfig
+
+        lm = self.base_lm
+        was_training, checkpoint_config = self.training, lm.generation_config
         self.eval()
+        lm.generation_config = GenerationConfig()
         try:
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
         finally:
+            lm.generation_config = checkpoint_config
             self.train(was_training)
         return out.sequences if hasattr(out, "sequences") else out
 

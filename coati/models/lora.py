@@ -67,6 +67,24 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def check_ppo_train_bias(train_bias: str) -> None:
+    """Refuse LoRA that trains biases in PPO: peft's ``bias="all"|"lora_only"`` trains the base model's own
+    bias tensors, and that base, adapter off, is PPO's reference policy (and, with a shared critic / reward
+    base, the reward model), which must not move. A frozen copy of the moving biases would have to be swapped
+    in around every reference pass; bias training gives LoRA little, so PPO refuses it instead."""
+    if train_bias != "none":
+        raise ValueError(f"--lora_train_bias {train_bias} trains the base model's own biases, which PPO's "
+                         f"reference policy (the actor with its adapter off) and a shared reward model run on; "
+                         f"use --lora_train_bias none for PPO")
+
+
+def lora_train_bias(model: nn.Module) -> str:
+    """peft's ``bias`` setting of ``model``'s active adapter; ``"none"`` for a model without LoRA."""
+    if not is_peft_model(model):
+        return "none"
+    return model.peft_config[model.active_adapter].bias
+
+
 def apply_lora(model: nn.Module, settings: LoraSettings | None, family: str = "auto") -> nn.Module:
     """Wrap a HF causal LM with LoRA adapters (a ``PeftModel``; base weights frozen), or return it unchanged
     when ``settings`` is None or has rank 0. Adapters are injected in place, so the wrapped model's own

@@ -6,6 +6,7 @@ each sequence. Masks may be bool, int or float; a 1 marks a position that counts
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -18,6 +19,25 @@ def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     logits = logits.float()
     picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Turn off every dropout of ``model`` in place (as TRL and OpenRLHF do for PPO) and return it.
+
+    PPO scores old log-probs and values without gradients and then updates in train mode; dropout would make
+    the two passes different functions, so noise alone moves the first ratio off 1 and triggers clipping.
+    Hugging Face layers drop out in two ways: ``nn.Dropout`` modules (also peft's ``lora_dropout``, and
+    GPT-2's ``attn_dropout.p`` read for sdpa), and float attributes handed to functional calls
+    (``attention_dropout``, OPT's ``dropout`` and ``layerdrop``, BLOOM's ``hidden_dropout``). Both are zeroed;
+    ``config`` is left alone, so a saved model keeps its dropout settings for later fine-tuning.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if ("dropout" in name or name.endswith("layerdrop")) and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor | None, dim: int | None = None) -> torch.Tensor:

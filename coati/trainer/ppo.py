@@ -39,8 +39,9 @@ from ..experience.buffer import ReplayBuffer
 from ..experience.experience import Experience
 from ..experience.kl import make_kl_controller
 from ..experience.maker import ExperienceMaker
+from ..models.lora import check_ppo_train_bias, lora_train_bias
 from ..models.loss import PolicyLoss, PtxLoss, ValueLoss
-from ..models.utils import log_probs_from_logits, masked_mean
+from ..models.utils import disable_dropout, log_probs_from_logits, masked_mean
 from .base import checkpoint_dir, cosine_schedule, make_adamw, save_checkpoint, to_device
 from .callbacks import MetricsLogger, logger
 from .strategies import Strategy
@@ -107,6 +108,16 @@ class _Cycle:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.consumed = state["epoch"], state["consumed"]
         self._it = None
+
+
+def _check_frozen_bases(actor: nn.Module, critic: nn.Module, initial_model: nn.Module | None,
+                        reward_model: nn.Module | None) -> None:
+    """The reference policy (the LoRA actor's base, when no ``initial_model`` is given) and a reward model
+    sharing the critic's base must not train: refuse LoRA that trains the base's biases."""
+    if initial_model is None:
+        check_ppo_train_bias(lora_train_bias(actor.model))
+    if getattr(reward_model, "shares_base", False):  # never strategy-wrapped: it has nothing to train
+        check_ppo_train_bias(lora_train_bias(critic.model))
 
 
 class PPOTrainer:
@@ -185,6 +196,12 @@ class PPOTrainer:
         self.strategy = strategy
         self.tokenizer = tokenizer
         plain_actor = strategy.unwrap(actor)
+        _check_frozen_bases(plain_actor, strategy.unwrap(critic), initial_model, reward_model)
+        for model in (actor, critic, initial_model, reward_model):
+            if model is not None:
+                # old log-probs and values are scored without gradients, the update runs in train mode:
+                # with dropout they would be two different functions (TRL and OpenRLHF do the same)
+                disable_dropout(strategy.unwrap(model))
         if initial_model is None and not getattr(plain_actor, "lora_enabled", False):
             # Full fine-tuning needs a frozen copy of the starting policy as the KL reference.
             initial_model = copy.deepcopy(plain_actor)
@@ -334,6 +351,7 @@ class PPOTrainer:
         strategy, actor = self.strategy, self.actor
         total = sum(e.batch_size for e in group)
         use_ptx = self._pretrain is not None and self.ptx_coef != 0
+        temperature = self.experience_maker.temperature
         sums = {"actor/pg_loss": 0.0, "actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0}
         if self.log_entropy:
             sums["actor/entropy"] = 0.0
@@ -347,17 +365,18 @@ class PPOTrainer:
                 with strategy.autocast():
                     if self.log_entropy:
                         logits = actor(exp.sequences, attention_mask=exp.attention_mask)
-                        action_logits = logits[:, -(num_actions + 1):-1]
+                        # the sampled distribution, as Actor.forward scores it (entropy is of it too)
+                        action_logits = logits[:, -(num_actions + 1):-1].float() / temperature
                         log_probs = log_probs_from_logits(action_logits, exp.sequences[:, -num_actions:])
                         with torch.no_grad():
-                            lf = action_logits.detach().float()
+                            lf = action_logits.detach()
                             entropy = torch.logsumexp(lf, -1) - (lf.softmax(-1) * lf).sum(-1)
                             sums["actor/entropy"] += weight * float(
                                 masked_mean(entropy, exp.action_mask, dim=-1).mean())
                         del logits, action_logits
                     else:
                         log_probs = actor(exp.sequences, attention_mask=exp.attention_mask,
-                                          num_actions=num_actions)
+                                          num_actions=num_actions, temperature=temperature)
                 pg_loss, pg_metrics = self.policy_loss_fn(log_probs, exp.action_log_probs, exp.advantages,
                                                           exp.action_mask)
                 strategy.backward(pg_loss * weight, actor, self.actor_optim)
@@ -471,6 +490,9 @@ class PPOTrainer:
         self._prompts = _Cycle(prompt_dataloader)
         self._pretrain = _Cycle(pretrain_dataloader) if pretrain_dataloader is not None else None
         self._build_schedulers(prompt_dataloader.batch_size or 1)
+        # models are built (identically on every rank): from here each rank samples its own rollouts; a
+        # resumed run restores every rank's stream from its checkpoint
+        self.strategy.set_sampling_seed()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 

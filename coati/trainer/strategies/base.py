@@ -85,6 +85,12 @@ class Strategy:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
+    def set_sampling_seed(self) -> None:
+        """Seed this process with ``seed + rank`` once every model is built (PPO calls it before its first
+        rollout): ``set_seed`` gives every rank the same seed so models built from config start identical,
+        but ranks sampling from one stream would draw the same response for the same prompt."""
+        self.set_seed(self.seed + self.rank)
+
     def is_rank0(self) -> bool:
         return self.rank == 0
 

@@ -32,7 +32,8 @@ class DistributedStrategy(Strategy):
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
     def set_seed(self, seed: int) -> None:
-        # Same seed on every rank: identical initialisation of models built from config.
+        # Same seed on every rank: identical initialisation of models built from config (sampling later
+        # gets a stream per rank, see set_sampling_seed).
         super().set_seed(seed)
 
     def barrier(self) -> None:

@@ -204,7 +204,7 @@ def build_models(args: argparse.Namespace) -> tuple[Actor, Critic, RewardModel |
             check_strategy_support(args.strategy, share_base=True)
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
-    hf = dict(trust_remote_code=args.trust_remote_code)
+    hf = dict(trust_remote_code=args.trust_remote_code, frozen_dtype=args.frozen_dtype)
     actor = Actor.from_pretrained(args.pretrain, family=args.model, lora=lora,
                                   grad_checkpoint=args.grad_checkpoint, **hf, **quant)
     if args.share_critic_reward_base:
@@ -217,9 +217,9 @@ def build_models(args: argparse.Namespace) -> tuple[Actor, Critic, RewardModel |
     if args.reward_fn is None:
         if not has_rm:
             raise SystemExit("give a reward: --rm_path / --rm_pretrain (reward model) or --reward_fn (Python function)")
-        # the frozen reward model is quantized too (inference only, so no LoRA needed)
-        frozen_quant = {**quant, "frozen": True} if quant else {}
-        reward_model = load_value_model(RewardModel, rm_base, args.rm_path, family=rm_family, **hf, **frozen_quant)
+        # frozen (inference only): --frozen_dtype, or quantized too with --quant (no LoRA needed)
+        reward_model = load_value_model(RewardModel, rm_base, args.rm_path, family=rm_family, frozen=True, **hf,
+                                        **quant)
     elif args.rm_path is not None:
         raise SystemExit("--reward_fn and --rm_path both give a reward; use one (--critic_pretrain sets the critic)")
     critic_kw = dict(lora=lora, grad_checkpoint=args.grad_checkpoint, **hf, **quant)
@@ -230,6 +230,15 @@ def build_models(args: argparse.Namespace) -> tuple[Actor, Critic, RewardModel |
     else:
         critic = Critic.from_pretrained(args.pretrain, family=args.model, **critic_kw)
     return actor, critic, reward_model
+
+
+def build_reference(args: argparse.Namespace) -> Actor | None:
+    """Full fine-tuning: the starting policy loaded again as the frozen KL reference, in --frozen_dtype. With
+    LoRA the actor's base with the adapter off is the reference (None)."""
+    if cli.lora_settings(args).enabled:
+        return None
+    return Actor.from_pretrained(args.pretrain, family=args.model, frozen=True, frozen_dtype=args.frozen_dtype,
+                                 trust_remote_code=args.trust_remote_code)
 
 
 def trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -273,8 +282,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
                                                 collate_fn=SFTCollator(tokenizer.pad_token_id))
 
     actor, critic, reward_model = build_models(args)
-    trainer = PPOTrainer(strategy, actor, critic, reward_model, tokenizer=tokenizer, reward_fn=reward_fn,
-                         run_config=vars(args), **trainer_kwargs(args))
+    trainer = PPOTrainer(strategy, actor, critic, reward_model, initial_model=build_reference(args),
+                         tokenizer=tokenizer, reward_fn=reward_fn, run_config=vars(args), **trainer_kwargs(args))
     return trainer.fit(prompt_dl, pretrain_dl, resume_from=resolve_resume(args.resume, args.save_path))
 
 

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = RewardModel.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
                                         grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
-                                        **quant)
+                                        frozen_dtype=args.frozen_dtype, **quant)
     model = strategy.prepare_model(model)
     collate = RewardCollator(tokenizer.pad_token_id)
     train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)

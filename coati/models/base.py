@@ -3,6 +3,10 @@
 They add only what RLHF needs: action log-probs (Actor), a fp32 scalar value head on the transformer body
 (Critic, RewardModel), padding-independent position ids, and save/load in formats plain ``transformers`` /
 ``peft`` read, with the value head beside them in ``value_head.safetensors``.
+
+Precision: weights that train are fp32 masters whatever dtype the checkpoint was saved in (low-precision
+compute is ``--mixed_precision``'s autocast or FSDP2 policy); frozen weights load in ``frozen_dtype``; saves
+write the checkpoint's own dtype again (see :func:`load_causal_lm` and :meth:`_HFWrapper.save_pretrained`).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import torch.nn as nn
 from .families import check_model_type
 from .lora import LoraSettings, apply_lora, is_peft_model
 from .quant import (
-    check_quant, check_quant_lora, full_precision_copy, prepare_kbit_model, quant_mode, quantized_load_kwargs,
+    check_quant, check_quant_lora, config_dtype, full_precision_copy, prepare_kbit_model, quant_mode,
+    quantized_load_kwargs,
 )
 from .utils import last_token_index, log_probs_from_logits, position_ids_from_mask
 
@@ -44,6 +49,64 @@ def _dtype_kwargs(torch_dtype: Any) -> dict[str, Any]:
 
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     return {key: torch_dtype}
+
+
+FROZEN_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_frozen_dtype(choice: str | torch.dtype, source: torch.dtype,
+                         device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype frozen weights load in. ``auto``: the checkpoint's own dtype (``source``) on a GPU, where a
+    bf16 copy halves their memory, and fp32 on CPU, where bf16 / fp16 matmuls are many times slower.
+    ``device`` is where the model will run (default: the GPU when there is one)."""
+    if isinstance(choice, torch.dtype):
+        return choice
+    if choice not in FROZEN_DTYPES:
+        raise ValueError(f"unknown frozen dtype {choice!r}; choose one of {', '.join(FROZEN_DTYPES)}")
+    if choice != "auto":
+        return _DTYPES[choice]
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return source if on_gpu else torch.float32
+
+
+def _adapter_base(path: Path) -> str:
+    from peft import PeftConfig
+
+    base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    if not base:
+        raise ValueError(f"{path}: adapter_config.json names no base model; save with merge_lora=True instead")
+    return base
+
+
+def checkpoint_dtype(path: str | Path, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a checkpoint's ``config.json`` records for its weights (an adapter dir: its base model's),
+    fp32 when it records none: what a model loaded from ``path`` saves as again."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    source = _adapter_base(path) if (path / ADAPTER_CONFIG_FILE).is_file() else str(path)
+    return config_dtype(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
+
+
+def _load_dtype(path: Path, lora: LoraSettings | None, frozen: bool, frozen_dtype: str | torch.dtype,
+                trust_remote_code: bool) -> torch.dtype:
+    """fp32 when any weight of the loaded model trains (full fine-tuning; LoRA with ``train_bias``, whose
+    trained biases live in the base layers), else (``frozen``, or a LoRA base) ``frozen_dtype``."""
+    base_frozen = frozen or (lora is not None and lora.enabled and lora.train_bias == "none")
+    if not base_frozen:
+        return torch.float32
+    return resolve_frozen_dtype(frozen_dtype, checkpoint_dtype(path, trust_remote_code))
+
+
+def _cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A CPU copy of ``module`` with its floating parameters and buffers in ``dtype`` (tied weights stay
+    tied), built tensor by tensor, so saving in another dtype never holds a second fp32 copy on the GPU."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+
+    memo: dict[int, Any] = {id(p): nn.Parameter(cast(p), requires_grad=False) for p in module.parameters()}
+    memo.update({id(b): cast(b) for b in module.buffers()})
+    return copy.deepcopy(module, memo)
 
 
 _SIGNATURES: dict[type, frozenset[str]] = {}
@@ -81,13 +144,19 @@ def _prepare(model: nn.Module, family: str, lora: LoraSettings | None, grad_chec
 
 def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
                    grad_checkpoint: bool = False, torch_dtype: Any = None, quant: str | None = None,
-                   quant_compute_dtype: Any = "auto", frozen: bool = False, **hf_kwargs: Any) -> nn.Module:
+                   quant_compute_dtype: Any = "auto", frozen: bool = False, frozen_dtype: str | torch.dtype = "auto",
+                   **hf_kwargs: Any) -> nn.Module:
     """Load a HF causal LM dir, or a peft adapter dir (its base + adapter, merged), then add new LoRA if asked.
 
     Merging a saved adapter makes it the starting point of the next stage (e.g. SFT adapter -> PPO actor and
     its reference); to continue training the same adapter, build the model and call ``load_weights``.
     ``quant`` ("8bit" / "4bit") loads the base quantized with bitsandbytes (see ``quant.py``); it needs LoRA
     unless the model is ``frozen`` (inference only, e.g. PPO's reward model).
+
+    Weights that train load in fp32 whatever the checkpoint's dtype, so optimizer updates below bf16's
+    resolution are kept (peft keeps LoRA adapters fp32 itself). Frozen weights (a ``frozen`` model, or the
+    base under LoRA) load in ``frozen_dtype`` (see :func:`resolve_frozen_dtype`). A quantized base follows
+    ``quant_compute_dtype`` instead; ``torch_dtype`` forces one dtype for every weight.
     """
     from transformers import AutoModelForCausalLM
 
@@ -106,14 +175,13 @@ def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings
         if torch_dtype is None:
             torch_dtype = hf_kwargs.pop("dtype")
         hf_kwargs.pop("dtype", None)
+    elif torch_dtype is None:
+        torch_dtype = _load_dtype(path, lora, frozen, frozen_dtype, hf_kwargs.get("trust_remote_code", False))
     kwargs = {**_dtype_kwargs(torch_dtype), **hf_kwargs}
     if (path / ADAPTER_CONFIG_FILE).is_file():
-        from peft import PeftConfig, PeftModel
+        from peft import PeftModel
 
-        base_path = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-        if not base_path:
-            raise ValueError(f"{path}: adapter_config.json names no base model; save with merge_lora=True instead")
-        base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(_adapter_base(path), **kwargs)
         model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -188,6 +256,8 @@ class _HFWrapper(nn.Module):
     """Shared save/load/adapter plumbing. Subclasses set ``self.model`` (HF causal LM or PeftModel)."""
 
     model: nn.Module
+    # dtype of the checkpoint the weights came from (set by from_pretrained); None: built from config
+    source_dtype: torch.dtype | None = None
 
     @property
     def lora_enabled(self) -> bool:
@@ -210,25 +280,38 @@ class _HFWrapper(nn.Module):
         else:
             yield
 
-    def save_pretrained(self, path: str | Path, tokenizer: Any = None, merge_lora: bool = False) -> None:
+    def save_pretrained(self, path: str | Path, tokenizer: Any = None, merge_lora: bool = False,
+                        exact: bool = False) -> None:
         """Write a dir that ``AutoModelForCausalLM`` (or ``PeftModel`` for an unmerged adapter) loads.
 
         With LoRA, ``merge_lora=False`` writes the peft adapter; ``True`` writes full merged weights, merged on
         a copy so this (live) model keeps its adapters.
+
+        Full and merged weights are written in ``source_dtype``, the dtype of the checkpoint they came from (a
+        bf16 checkpoint trained on fp32 masters saves as bf16, its config naming bf16); a model built from
+        config saves as it is. ``exact`` writes them as held instead (training checkpoints, so a resume
+        continues from the same fp32 values). Adapters and the value head are written as held (fp32).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        dtype = None if exact else self.source_dtype
         if self.lora_enabled and merge_lora:
-            # a quantized base is dequantized first: merging into it would round the adapter into its grid
-            merged = (full_precision_copy(self.model) if quant_mode(self.model)
-                      else copy.deepcopy(self.model).merge_and_unload())
+            if quant_mode(self.model):
+                # dequantized first: merging into the quantized base would round the adapter into its grid
+                merged = full_precision_copy(self.model, dtype)
+            else:
+                # merged in fp32 on a copy, rounded once to the saved dtype
+                merged = _cast_copy(self.model, torch.float32).merge_and_unload()
+                merged.to(dtype or self.base_lm.dtype)
             merged.save_pretrained(str(path))
             del merged
         elif self.lora_enabled:
             # only this model's adapter (a critic may carry the reward model's as a second one)
             self.model.save_pretrained(str(path), selected_adapters=[self.model.active_adapter])
-        else:
+        elif dtype is None or dtype == self.model.dtype:
             self.model.save_pretrained(str(path))
+        else:
+            _cast_copy(self.model, dtype).save_pretrained(str(path))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
         self._save_extra(path)
@@ -269,15 +352,19 @@ class Actor(_HFWrapper):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
                         grad_checkpoint: bool = False, torch_dtype: Any = None, **hf_kwargs: Any) -> "Actor":
-        return cls(load_causal_lm(path, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
-                                  torch_dtype=torch_dtype, **hf_kwargs))
+        """See :func:`load_causal_lm` for the keywords (LoRA, ``quant``, ``frozen`` / ``frozen_dtype`` ...)."""
+        actor = cls(load_causal_lm(path, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
+                                   torch_dtype=torch_dtype, **hf_kwargs))
+        actor.source_dtype = checkpoint_dtype(path, hf_kwargs.get("trust_remote_code", False))
+        return actor
 
     @classmethod
     def from_config(cls, config: Any, *, family: str = "auto", lora: LoraSettings | None = None,
                     grad_checkpoint: bool = False) -> "Actor":
         from transformers import AutoModelForCausalLM
 
-        return cls(_prepare(AutoModelForCausalLM.from_config(config), family, lora, grad_checkpoint))
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))  # fp32 masters
+        return cls(_prepare(model, family, lora, grad_checkpoint))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 num_actions: int | None = None, temperature: float = 1.0) -> torch.Tensor:
@@ -355,6 +442,7 @@ class _ValueModel(_HFWrapper):
         e.g. when starting a reward model or critic from an SFT model)."""
         model = cls(load_causal_lm(path, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
                                    torch_dtype=torch_dtype, **hf_kwargs))
+        model.source_dtype = checkpoint_dtype(path, hf_kwargs.get("trust_remote_code", False))
         model._load_extra(Path(path))
         return model
 
@@ -363,7 +451,8 @@ class _ValueModel(_HFWrapper):
                     grad_checkpoint: bool = False):
         from transformers import AutoModelForCausalLM
 
-        return cls(_prepare(AutoModelForCausalLM.from_config(config), family, lora, grad_checkpoint))
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))  # fp32 masters
+        return cls(_prepare(model, family, lora, grad_checkpoint))
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Value at every position, ``(B, T)``, fp32."""

@@ -66,7 +66,8 @@ class SharedBaseRewardModel(RewardModel):
         with active_adapter(self.model, self.adapter):
             return super().values(input_ids, attention_mask)
 
-    def save_pretrained(self, path: str | Path, tokenizer: Any = None, merge_lora: bool = False) -> None:
+    def save_pretrained(self, path: str | Path, tokenizer: Any = None, merge_lora: bool = False,
+                        exact: bool = False) -> None:
         raise NotImplementedError("a reward model sharing the critic's base is frozen: the reward model dir it was "
                                   "loaded from is its checkpoint")
 

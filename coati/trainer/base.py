@@ -63,13 +63,14 @@ def resolve_resume(resume: str | os.PathLike | None, save_path: str | os.PathLik
 
 def save_checkpoint(strategy: Strategy, path: Path, models: dict[str, nn.Module], state: dict[str, Any],
                     tokenizer: Any = None) -> None:
-    """Models (HF dirs) + trainer state into ``path``, built in ``path.tmp`` and renamed when complete."""
+    """Models (HF dirs, weights exactly as held: fp32 masters) + trainer state into ``path``, built in
+    ``path.tmp`` and renamed when complete."""
     tmp = path.with_name(path.name + ".tmp")
     if strategy.is_rank0() and tmp.exists():
         shutil.rmtree(tmp)
     strategy.barrier()
     for name, model in models.items():
-        strategy.save_model(model, tmp / name, tokenizer=tokenizer)
+        strategy.save_model(model, tmp / name, tokenizer=tokenizer, exact=True)
     strategy.save_state(tmp / "trainer_state", state)
     strategy.barrier()
     if strategy.is_rank0():

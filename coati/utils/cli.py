@@ -10,6 +10,7 @@ import argparse
 import logging
 from typing import Any
 
+from ..models.base import FROZEN_DTYPES
 from ..models.families import FAMILIES
 
 _TRUE = {"1", "true", "yes", "y", "on"}
@@ -59,6 +60,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --pretrain)")
     g.add_argument("--grad_checkpoint", action=BoolFlag, default=False, help="gradient checkpointing (less memory, ~30%% slower)")
     g.add_argument("--trust_remote_code", action=BoolFlag, default=False, help="allow model code from the model dir")
+    g.add_argument("--frozen_dtype", default="auto", choices=list(FROZEN_DTYPES),
+                   help="dtype of weights that never train: the base under LoRA and, in PPO, the reference and "
+                        "reward models and a shared critic/reward base; auto = the checkpoint's own dtype on a "
+                        "GPU, fp32 on CPU (where bf16 / fp16 matmuls are slow). Weights that train are fp32 "
+                        "masters whatever the checkpoint's dtype (with --lora_train_bias all|lora_only the base "
+                        "holds trained biases and loads in fp32); --quant bases follow --quant_compute_dtype; "
+                        "saved models keep the checkpoint's dtype")
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -90,7 +98,9 @@ def add_strategy_args(p: argparse.ArgumentParser) -> None:
                    help="naive = one process; ddp = torch DDP (launch with torchrun); fsdp = torch FSDP2; "
                         "colossalai_* need `pip install coati[colossalai]` and a GPU")
     g.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
-                   help="autocast precision (fp16 uses a grad scaler and needs a GPU)")
+                   help="compute precision: matmuls run in bf16 / fp16 under autocast (fsdp: FSDP2's mixed "
+                        "precision policy, gradients reduced in fp32) while the weights that train stay fp32 "
+                        "masters the optimizer updates; fp16 uses a grad scaler and needs a GPU")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     g.add_argument("--seed", type=int, default=42, help="seed for init, shuffling and sampling")
     g.add_argument("--zero_stage", type=int, default=None, choices=[2, 3],

@@ -184,12 +184,13 @@ class Strategy:
 
     # ----- checkpoints -----------------------------------------------------------------------------
     def save_model(self, model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
-                   merge_lora: bool = False) -> None:
-        """Write a ``save_pretrained`` directory on rank 0, atomically (temp dir, then rename)."""
+                   merge_lora: bool = False, exact: bool = False) -> None:
+        """Write a ``save_pretrained`` directory on rank 0, atomically (temp dir, then rename); weights in the
+        source checkpoint's dtype, or as held with ``exact`` (training checkpoints)."""
         unwrapped = self.unwrap(model)
         if self.is_rank0():
             with atomic_dir(path) as tmp:
-                unwrapped.save_pretrained(tmp, tokenizer=tokenizer, merge_lora=merge_lora)
+                unwrapped.save_pretrained(tmp, tokenizer=tokenizer, merge_lora=merge_lora, exact=exact)
         self.barrier()
 
     def load_model(self, model: nn.Module, path: str | os.PathLike) -> None:

@@ -213,16 +213,16 @@ class ColossalAIStrategy(DistributedStrategy):
                 for k, v in state.items()}
 
     def save_model(self, model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
-                   merge_lora: bool = False) -> None:
+                   merge_lora: bool = False, exact: bool = False) -> None:
         from .fsdp import plain_replica
 
         if not hasattr(model, "unwrap"):
-            return super().save_model(model, path, tokenizer=tokenizer, merge_lora=merge_lora)
+            return super().save_model(model, path, tokenizer=tokenizer, merge_lora=merge_lora, exact=exact)
         state = self._full_state(model, only_rank0=True)
         if self.is_rank0():
             with atomic_dir(path) as tmp:
                 plain_replica(self.unwrap(model), state).save_pretrained(tmp, tokenizer=tokenizer,
-                                                                         merge_lora=merge_lora)
+                                                                         merge_lora=merge_lora, exact=exact)
         self.barrier()
 
     def load_model(self, model: nn.Module, path: str | os.PathLike) -> None:

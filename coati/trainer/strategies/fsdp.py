@@ -194,13 +194,13 @@ class FSDPStrategy(DistributedStrategy):
         return plain_replica(model, state)
 
     def save_model(self, model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
-                   merge_lora: bool = False) -> None:
+                   merge_lora: bool = False, exact: bool = False) -> None:
         if not isinstance(model, FSDPModule):
-            return super().save_model(model, path, tokenizer=tokenizer, merge_lora=merge_lora)
+            return super().save_model(model, path, tokenizer=tokenizer, merge_lora=merge_lora, exact=exact)
         replica = self._gather_replica(model)
         if replica is not None:
             with atomic_dir(path) as tmp:
-                replica.save_pretrained(tmp, tokenizer=tokenizer, merge_lora=merge_lora)
+                replica.save_pretrained(tmp, tokenizer=tokenizer, merge_lora=merge_lora, exact=exact)
         self.barrier()
 
     def load_model(self, model: nn.Module, path: str | os.PathLike) -> None:
@@ -298,6 +298,7 @@ def plain_replica(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mod
             replica = type(template)(new)
         except TypeError as exc:
             raise TypeError(f"{type(template).__name__}(model) must rebuild the wrapper for sharded saving") from exc
+    replica.source_dtype = getattr(template, "source_dtype", None)  # saves keep the source checkpoint's dtype
     result = replica.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise ValueError(f"gathered weights do not fit the model: unexpected {result.unexpected_keys[:5]}")

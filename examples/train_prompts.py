@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--prompt_dataset", required=True, help="prompt file or dir (prompt / instruction / question / "
                                                            "text / messages records)")
-    d.add_argument("--pretrain_dataset", default=None, help="text data for the PPO-ptx LM loss (off when absent)")
+    d.add_argument("--pretrain_dataset", default=None,
+                   help="data for the PPO-ptx LM loss (off when absent): any SFT format (Alpaca, messages, ShareGPT, "
+                        "source/target ...; loss on the responses, prompts rendered with --prompt_template) or "
+                        "{text} lines / .txt (loss on every token)")
     d.add_argument("--max_datasets_size", type=int, default=None,
                    help="use at most this many prompt / pretrain records")
     d.add_argument("--max_input_len", type=int, default=96, help="max prompt tokens (longer prompts are skipped)")
@@ -255,7 +258,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     pretrain_dl = None
     if args.pretrain_dataset:
         ptx = PretrainDataset(args.pretrain_dataset, tokenizer, max_len=args.ptx_max_len or args.max_seq_len,
-                              max_datasets_size=args.max_datasets_size, empty=args.empty_records)
+                              max_datasets_size=args.max_datasets_size, prompt_template=args.prompt_template,
+                              seed=args.seed, empty=args.empty_records)
         pretrain_dl = strategy.setup_dataloader(ptx, args.ptx_batch_size, shuffle=True, drop_last=True,
                                                 collate_fn=SFTCollator(tokenizer.pad_token_id))
 

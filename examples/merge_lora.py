@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from coati.errors import UsageError
 from coati.models.quant import QUANT_MODES, bnb_config, config_dtype, full_precision_copy
+from coati.utils import cli
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -50,10 +52,10 @@ def merge(adapter: str | Path, output: str | Path, *, base: str | None = None, q
 
     adapter, output = Path(adapter), Path(output)
     if not (adapter / "adapter_config.json").is_file():
-        raise SystemExit(f"{adapter}: no adapter_config.json (is it already a merged model dir?)")
+        raise UsageError(f"{adapter}: no adapter_config.json (is it already a merged model dir?)")
     base = base or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
     if not base:
-        raise SystemExit(f"{adapter}: adapter_config.json names no base model; pass --base")
+        raise UsageError(f"{adapter}: adapter_config.json names no base model; pass --base")
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     out_dtype = DTYPES.get(dtype) or config_dtype(config)
     kwargs = dict(trust_remote_code=trust_remote_code, **_dtype_kwargs(torch.float32))
@@ -81,4 +83,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from coati.dataset import PretrainDataset, PromptCollator, PromptDataset, SFTCollator
+from coati.errors import UsageError
 from coati.experience.maker import load_reward_fn
 from coati.models import FAMILIES, Actor, Critic, RewardModel
 from coati.models.lora import check_ppo_train_bias
@@ -60,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--prompt_dataset", required=True, help="prompt file or dir (prompt / instruction / question / "
                                                            "text / messages records)")
-    d.add_argument("--pretrain_dataset", default=None, help="text data for the PPO-ptx LM loss (off when absent)")
+    d.add_argument("--pretrain_dataset", default=None,
+                   help="data for the PPO-ptx LM loss (off when absent): any SFT format (Alpaca, messages, ShareGPT, "
+                        "source/target ...; loss on the responses, prompts rendered with --prompt_template) or "
+                        "{text} lines / .txt (loss on every token)")
     d.add_argument("--max_datasets_size", type=int, default=None,
                    help="use at most this many prompt / pretrain records")
     d.add_argument("--max_input_len", type=int, default=96, help="max prompt tokens (longer prompts are skipped)")
@@ -149,12 +153,12 @@ def _load_state_file(model: torch.nn.Module, path: Path) -> None:
         model.value_head.load_state_dict(state)
         return
     if quant_mode(model) or isinstance(model, SharedBaseRewardModel):
-        raise SystemExit(f"{path}: a full reward-model state dict cannot load into a quantized or shared base; "
+        raise UsageError(f"{path}: a full reward-model state dict cannot load into a quantized or shared base; "
                          f"give --rm_path a reward model dir (train_reward_model.py's output) or a value-head file")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys or not any(k.startswith("value_head") for k in state):
-        raise ValueError(f"{path}: not a reward model state dict (unexpected keys {result.unexpected_keys[:5]})")
+        raise UsageError(f"{path}: not a reward model state dict (unexpected keys {result.unexpected_keys[:5]})")
 
 
 def load_value_model(cls, base: str, weights: str | None, **kwargs: Any):
@@ -174,9 +178,9 @@ def build_shared_critic_reward(args: argparse.Namespace, lora: Any, **load_kwarg
     """--share_critic_reward_base: one frozen base (the reward model's) under the critic's adapter and the
     reward model (its full weights with the adapter off, or its own LoRA adapter as a second, frozen one)."""
     if args.reward_fn is not None or (args.rm_path is None and args.rm_pretrain is None):
-        raise SystemExit("--share_critic_reward_base shares the reward model's base: give --rm_path / --rm_pretrain")
+        raise UsageError("--share_critic_reward_base shares the reward model's base: give --rm_path / --rm_pretrain")
     if args.critic_pretrain:
-        raise SystemExit("--share_critic_reward_base starts the critic from the reward model; drop --critic_pretrain")
+        raise UsageError("--share_critic_reward_base starts the critic from the reward model; drop --critic_pretrain")
     kw = dict(lora=lora, family=args.rm_model or args.model, grad_checkpoint=args.grad_checkpoint, **load_kwargs)
     rm_path = Path(args.rm_path) if args.rm_path else None
     if rm_path is not None and (rm_path / "adapter_config.json").is_file():
@@ -203,7 +207,7 @@ def build_models(args: argparse.Namespace) -> tuple[Actor, Critic, RewardModel |
         try:
             check_strategy_support(args.strategy, share_base=True)
         except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
+            raise UsageError(str(err)) from None
     hf = dict(trust_remote_code=args.trust_remote_code, frozen_dtype=args.frozen_dtype)
     actor = Actor.from_pretrained(args.pretrain, family=args.model, lora=lora,
                                   grad_checkpoint=args.grad_checkpoint, **hf, **quant)
@@ -216,12 +220,12 @@ def build_models(args: argparse.Namespace) -> tuple[Actor, Critic, RewardModel |
     reward_model = None
     if args.reward_fn is None:
         if not has_rm:
-            raise SystemExit("give a reward: --rm_path / --rm_pretrain (reward model) or --reward_fn (Python function)")
+            raise UsageError("give a reward: --rm_path / --rm_pretrain (reward model) or --reward_fn (Python function)")
         # frozen (inference only): --frozen_dtype, or quantized too with --quant (no LoRA needed)
         reward_model = load_value_model(RewardModel, rm_base, args.rm_path, family=rm_family, frozen=True, **hf,
                                         **quant)
     elif args.rm_path is not None:
-        raise SystemExit("--reward_fn and --rm_path both give a reward; use one (--critic_pretrain sets the critic)")
+        raise UsageError("--reward_fn and --rm_path both give a reward; use one (--critic_pretrain sets the critic)")
     critic_kw = dict(lora=lora, grad_checkpoint=args.grad_checkpoint, **hf, **quant)
     if args.critic_pretrain:
         critic = Critic.from_pretrained(args.critic_pretrain, family=rm_family, **critic_kw)
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         if args.lora_rank > 0:  # the reference policy is the actor's base with its adapter off
             check_ppo_train_bias(args.lora_train_bias)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise UsageError(str(err)) from None
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
 
@@ -277,7 +281,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     pretrain_dl = None
     if args.pretrain_dataset:
         ptx = PretrainDataset(args.pretrain_dataset, tokenizer, max_len=args.ptx_max_len or args.max_seq_len,
-                              max_datasets_size=args.max_datasets_size, empty=args.empty_records)
+                              max_datasets_size=args.max_datasets_size, prompt_template=args.prompt_template,
+                              seed=args.seed, empty=args.empty_records)
         pretrain_dl = strategy.setup_dataloader(ptx, args.ptx_batch_size, shuffle=True, drop_last=True,
                                                 collate_fn=SFTCollator(tokenizer.pad_token_id))
 
@@ -288,4 +293,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -192,4 +192,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from coati.utils import cli
+
+    cli.run(main)

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from coati.inference.generation import Generator, SamplingParams, encode_chat  # noqa: E402
 from coati.inference.loading import add_model_args, load_from_args  # noqa: E402
+from coati.utils import cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,4 +97,4 @@ def main(argv: list[str] | None = None, *, read: Callable[[str], str] = input,
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

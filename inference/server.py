@@ -16,7 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from coati.inference.engine import BatchingEngine  # noqa: E402
 from coati.inference.generation import Generator  # noqa: E402
+from coati.errors import MissingDependencyError  # noqa: E402
 from coati.inference.loading import add_model_args, load_from_args  # noqa: E402
+from coati.utils import cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,10 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvicorn
     except ImportError:
-        sys.exit("the server needs FastAPI and uvicorn: pip install 'coati[serve]'")
+        raise MissingDependencyError("the server needs FastAPI and uvicorn: pip install 'coati[serve]'") from None
     app = build_app(args)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

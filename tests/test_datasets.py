@@ -255,6 +255,49 @@ def test_pretrain_files(tok, shared_data):
     assert len(chunks) >= 10 and chunks[0]["labels"][0] == -100 and chunks[1]["labels"][0] == full[128]
 
 
+def _items(ds):
+    return [(x["input_ids"].tolist(), x["labels"].tolist()) for x in ds]
+
+
+def test_pretrain_accepts_alpaca_file_as_sft_samples(tok, shared_data):
+    """Coati's --pretrain_dataset was the SFT Alpaca file: LM loss on the response only, prompt masked."""
+    path = shared_data / "sft/alpaca_en_demo.json"
+    ptx = PretrainDataset(path, tok, max_len=512, max_datasets_size=40, seed=3)
+    assert _items(ptx) == _items(SFTDataset(path, tok, max_len=512, max_datasets_size=40, seed=3))
+    rec = json.loads(path.read_text())[0]
+    ids, labels = _items(PretrainDataset([rec], tok, max_len=4096))[0]
+    template = ALPACA_PROMPT_INPUT if rec["input"] else ALPACA_PROMPT
+    n_prompt = 1 + len(enc(tok, template.format(**rec)))
+    response = enc_cont(tok, rec["output"]) + [2]
+    assert ids == ids[:n_prompt] + response
+    assert labels == [-100] * n_prompt + response
+
+
+def test_pretrain_accepts_every_sft_format_in_jsonl(tok, tmp_path):
+    records = [
+        {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"},
+                      {"role": "user", "content": "times 4?"}, {"role": "assistant", "content": "20"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+        {"instruction": "Translate.", "input": "chat", "output": "cat"},
+        {"source": "Q: 1+1\nA:", "target": " 2"},
+    ]
+    for k, rec in enumerate(records):
+        path = tmp_path / f"ptx{k}.jsonl"
+        path.write_text(json.dumps(rec) + "\n" + json.dumps(rec) + "\n")
+        ptx = _items(PretrainDataset(path, tok, prompt_template="chatml"))
+        assert ptx == _items(SFTDataset(path, tok, prompt_template="chatml"))
+        ids, labels = ptx[0]
+        # the prompt (BOS and its first tokens) carries no label; labelled tokens are the input tokens there
+        assert labels[:2] == [-100, -100] and all(x in (-100, t) for x, t in zip(labels, ids))
+    chat_labels = _items(PretrainDataset(tmp_path / "ptx0.jsonl", tok, prompt_template="chatml"))[0][1]
+    assert [x for x in chat_labels if x != -100] == (enc_cont(tok, "5<|im_end|>") + [2]
+                                                     + enc_cont(tok, "20<|im_end|>") + [2])
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "plain words here"}) + "\n")
+    (ids, labels), = _items(PretrainDataset(text, tok, prompt_template="chatml"))
+    assert ids == [1] + enc(tok, "plain words here") + [2] and labels == [-100] + ids[1:]
+
+
 def test_hf_disk_and_parquet_match_json(tok, tmp_path):
     import datasets
 

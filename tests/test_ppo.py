@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from coati.errors import UsageError
 from coati.experience.maker import ExperienceMaker
 from coati.models import Actor, Critic, LogSigLoss, LoraSettings, RewardModel, compute_reward
 from coati.models.sharing import shared_critic_and_reward
@@ -459,11 +460,11 @@ def test_lora_bias_training_is_refused_for_ppo(bias, tmp_path):
     with pytest.raises(ValueError, match="use --lora_train_bias none for PPO"):
         _trainer(NaiveStrategy(seed=0), Actor.from_config(_gpt2_config(), lora=LoraSettings(rank=8)), critic,
                  reward_model=reward_model)
-    with pytest.raises(SystemExit) as info:  # the script: before any model (here: none exists) loads
+    with pytest.raises(UsageError) as info:  # the script: before any model (here: none exists) loads
         _load_example().main(["--pretrain", str(tmp_path / "no_model_here"), "--prompt_dataset", "p",
                               "--reward_fn", "tests/dist_ppo.py:target_share", "--lora_rank", "4",
                               "--lora_train_bias", bias])
-    assert str(info.value) == (f"error: --lora_train_bias {bias} trains the base model's own biases, which PPO's "
+    assert str(info.value) == (f"--lora_train_bias {bias} trains the base model's own biases, which PPO's "
                                f"reference policy (the actor with its adapter off) and a shared reward model run "
                                f"on; use --lora_train_bias none for PPO")
 

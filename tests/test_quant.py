@@ -20,6 +20,7 @@ pytest.importorskip("accelerate")
 if int(__import__("transformers").__version__.split(".")[0]) < 5 and not torch.cuda.is_available():
     pytest.skip("transformers 4.x quantizes with bitsandbytes on GPU only", allow_module_level=True)
 
+from coati.errors import UsageError  # noqa: E402
 from coati.models import Actor, LoraSettings, RewardModel, lora_targets  # noqa: E402
 from coati.models.quant import base_weight_storages, bnb_config, check_strategy_support, quant_mode  # noqa: E402
 from coati.trainer.ppo import PPOTrainer  # noqa: E402
@@ -136,9 +137,9 @@ def test_quant_refusals(tiny_llama_dir):
         check_strategy_support(name, quant="4bit", share_base=True)
     sft = _script("train_sft")
     argv = ["--pretrain", str(tiny_llama_dir), "--dataset", "unused.json", "--quant", "4bit"]
-    with pytest.raises(SystemExit, match="--lora_rank > 0"):
+    with pytest.raises(UsageError, match="--lora_rank > 0"):
         sft.main(argv)
-    with pytest.raises(SystemExit, match="naive or ddp, not fsdp"):
+    with pytest.raises(UsageError, match="naive or ddp, not fsdp"):
         sft.main(argv + ["--lora_rank", "4", "--strategy", "fsdp"])
     args = sft.build_parser().parse_args(argv + ["--lora_target_modules", "q_proj,v_proj", "o_proj"])
     from coati.utils.cli import lora_settings

@@ -13,7 +13,7 @@ Prompts (per record, first field found): ``messages`` / ``conversations`` (a tra
     dropped), ``prompt`` (an hh-style ``\\n\\nHuman: ... \\n\\nAssistant:`` transcript is parsed into turns),
     ``instruction`` (+ ``input``, or the first ``instances[].input``), ``question``, ``text``, ``source``
     (raw, no template). The record's other scalar fields are returned as extras.
-Pretrain: ``{text}`` or ``{source, target}`` (joined).
+PPO-ptx pretraining data: any SFT shape, converted as for SFT.
 """
 from __future__ import annotations
 
@@ -355,7 +355,7 @@ def reward_converter(first: Record, fmt: str | None) -> Callable[[Record], list[
     return _REWARD[fmt]
 
 
-# ---------------------------------------------------------------- prompts and pretraining
+# ---------------------------------------------------------------- prompts
 
 PROMPT_KEYS = ("messages", "conversations", "prompt", "instruction", "question", "text", "source")
 RESERVED = ("input_ids", "attention_mask", "prompt", "prompts")
@@ -388,11 +388,3 @@ def prompt_conversation(rec: Record) -> tuple[Conversation, dict]:
     extras = {k: v for k, v in rec.data.items()
               if k not in used and k not in RESERVED and isinstance(v, SCALARS)}
     return conv, extras
-
-
-def pretrain_text(rec: Record) -> str:
-    if rec.data.get("text") is None and ("source" in rec.data or "target" in rec.data):
-        text = (get_field(rec, "source", str, required=False, default="")
-                + get_field(rec, "target", str, required=False, default=""))
-        return require_text(rec, "target", text, "text")
-    return require_text(rec, "text", get_field(rec, "text"), "text")

@@ -24,13 +24,15 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
+from ..errors import UserError
+
 logger = logging.getLogger("coati")
 
 PathLike = Union[str, Path]
 DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".parquet", ".arrow", ".json.gz", ".jsonl.gz")
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError, ValueError):
     """Bad dataset input. The message is ``"{path}: {location}: field '{field}': {why}"``.
 
     ``location`` is ``line n`` (JSON lines / text, from 1), ``record i`` (JSON array, from 0) or ``row i``

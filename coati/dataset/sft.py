@@ -14,8 +14,25 @@ from torch.utils.data import Dataset
 
 from .common import as_tensor, check_choice, convert_all, finish, has_target, select_subset, source_name
 from .formats import sft_converter
-from .io import load_records
+from .io import EmptyFieldError, Record, load_records
 from .templates import SegmentEncoder, resolve_template
+
+
+Encoded = tuple[list[int], list[int]]
+
+
+def encode_sft_records(source: Any, tokenizer, *, prompt_template: str, max_datasets_size: int | None, seed: int,
+                       empty: str, split: str, desc: str = "SFT data"
+                       ) -> tuple[list[tuple[Record, Encoded]], int, EmptyFieldError | None]:
+    """``[(record, (input_ids, labels))]`` of every SFT-format record (after the seeded subset), the number of
+    empty records skipped and the first of them. The one SFT rendering, shared by PPO-ptx data."""
+    resolve_template(tokenizer, prompt_template)
+    records = load_records(source, split=split)
+    examples, num_empty, first_empty = convert_all(records, sft_converter(records[0]), empty)
+    examples = select_subset(examples, max_datasets_size, seed)
+    segments = [conv.segments(tokenizer, prompt_template) for _, conv in examples]
+    encoded = SegmentEncoder(tokenizer).encode_many(segments, progress=len(segments) > 1000, desc=desc)
+    return [(rec, enc) for (rec, _), enc in zip(examples, encoded)], num_empty, first_empty
 
 
 class SFTDataset(Dataset):
@@ -25,19 +42,16 @@ class SFTDataset(Dataset):
                  prompt_template: str = "auto", overlong: str = "truncate", seed: int = 42, empty: str = "skip",
                  split: str = "train"):
         check_choice("overlong", overlong, ("truncate", "skip"))
-        resolve_template(tokenizer, prompt_template)
         self.source = source_name(path_or_records)
-        records = load_records(path_or_records, split=split)
-        examples, self.num_empty, first_empty = convert_all(records, sft_converter(records[0]), empty)
-        examples = select_subset(examples, max_datasets_size, seed)
-        segments = [conv.segments(tokenizer, prompt_template) for _, conv in examples]
-        encoded = SegmentEncoder(tokenizer).encode_many(segments, progress=len(segments) > 1000, desc="SFT data")
+        encoded, self.num_empty, first_empty = encode_sft_records(
+            path_or_records, tokenizer, prompt_template=prompt_template, max_datasets_size=max_datasets_size,
+            seed=seed, empty=empty, split=split)
 
         self.num_truncated = self.num_skipped = 0
         self.input_ids: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.locations: list[str] = []
-        for (rec, _), (ids, labels) in zip(examples, encoded):
+        for rec, (ids, labels) in encoded:
             if len(ids) > max_len:
                 ids, labels = ids[:max_len], labels[:max_len]
                 if overlong == "skip" or not has_target(labels):

@@ -48,6 +48,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..errors import UserError
+
 TEMPLATES = ("auto", "alpaca", "chatml", "none")
 IGNORE_INDEX = -100
 
@@ -60,7 +62,7 @@ Messages = Sequence[dict]
 Segments = list[tuple[str, bool]]
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """The tokenizer's chat template cannot be split into prompt / response segments."""
 
 

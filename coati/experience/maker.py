@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from coati.errors import MissingInputError, UsageError
 from coati.experience.experience import Experience
 from coati.experience.gae import compute_gae
 from coati.experience.kl import FixedKLController
@@ -313,17 +314,22 @@ def load_reward_fn(spec: str) -> RewardFn:
 
     module_name, sep, func_name = spec.rpartition(":")
     if not sep or not module_name or not func_name:
-        raise ValueError(f"--reward_fn must look like module:function or path/to/file.py:function, got {spec!r}")
+        raise UsageError(f"--reward_fn must look like module:function or path/to/file.py:function, got {spec!r}")
     if module_name.endswith(".py") or Path(module_name).is_file():
         path = Path(module_name)
         if not path.is_file():
-            raise FileNotFoundError(f"--reward_fn: no file {path}")
+            raise MissingInputError(f"--reward_fn: no file {path}")
         mod_spec = importlib.util.spec_from_file_location(f"coati_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is None or not (module_name + ".").startswith(err.name + "."):
+                raise  # the reward module exists but imports something missing: its own traceback helps
+            raise UsageError(f"--reward_fn: no module {module_name!r} on sys.path / PYTHONPATH") from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
-        raise AttributeError(f"--reward_fn: {module_name} has no function {func_name!r}")
+        raise UsageError(f"--reward_fn: {module_name} has no function {func_name!r}")
     return fn

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from coati.errors import MissingInputError, UsageError
 # QuantizationUnavailable and cpu_4bit_skip_modules live with the training-side quantization; re-exported here
 from coati.models.quant import QuantizationUnavailable, bnb_config, cpu_4bit_skip_modules  # noqa: F401
 
@@ -29,7 +30,7 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        raise UsageError("--device cuda was asked for but torch sees no CUDA device")
     return dev
 
 
@@ -171,9 +172,8 @@ def add_model_args(parser) -> None:
 
 
 def load_from_args(args) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """`load_model` for a CLI: a missing quantization backend ends the program with its message."""
-    try:
-        return load_model(args.model_path, dtype=args.dtype, quant=args.quant, device=args.device,
-                          trust_remote_code=args.trust_remote_code, base_model=args.base_model)
-    except QuantizationUnavailable as err:
-        raise SystemExit(f"error: {err}") from None
+    """`load_model` with the flags of :func:`add_model_args`."""
+    if not Path(args.model_path).exists():
+        raise MissingInputError(f"{args.model_path}: no such model directory")
+    return load_model(args.model_path, dtype=args.dtype, quant=args.quant, device=args.device,
+                      trust_remote_code=args.trust_remote_code, base_model=args.base_model)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..errors import UsageError
 from .families import get_family
 
 TRAIN_BIAS_CHOICES = ("none", "all", "lora_only")
@@ -73,7 +74,7 @@ def check_ppo_train_bias(train_bias: str) -> None:
     base, the reward model), which must not move. A frozen copy of the moving biases would have to be swapped
     in around every reference pass; bias training gives LoRA little, so PPO refuses it instead."""
     if train_bias != "none":
-        raise ValueError(f"--lora_train_bias {train_bias} trains the base model's own biases, which PPO's "
+        raise UsageError(f"--lora_train_bias {train_bias} trains the base model's own biases, which PPO's "
                          f"reference policy (the actor with its adapter off) and a shared reward model run on; "
                          f"use --lora_train_bias none for PPO")
 

@@ -17,6 +17,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
+
 QUANT_MODES = ("8bit", "4bit")
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Strategies that hold a quantized base and a shared critic / reward base as they are (replicas per process).
@@ -25,7 +27,7 @@ QUANT_STRATEGIES = ("naive", "ddp")
 logger = logging.getLogger(__name__)
 
 
-class QuantizationUnavailable(RuntimeError):
+class QuantizationUnavailable(UserError, RuntimeError):
     """The asked-for quantization backend is not installed or cannot run on this device."""
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ..errors import MissingInputError, UsageError
 from .callbacks import MetricsLogger, logger
 from .strategies import Strategy
 
@@ -47,16 +48,16 @@ def resolve_resume(resume: str | os.PathLike | None, save_path: str | os.PathLik
         return None
     if resume in (True, "latest"):
         if save_path is None:
-            raise ValueError("--resume without a path needs --save_path")
+            raise UsageError("--resume without a path needs --save_path")
         found = latest_checkpoint(save_path)
         if found is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {Path(save_path) / CHECKPOINTS}")
+            raise MissingInputError(f"--resume: no checkpoint under {Path(save_path) / CHECKPOINTS}")
         return found
     path = Path(resume)
     if not (path / "trainer_state" / "state.pt").exists():
         found = latest_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(f"--resume: {path} holds no trainer_state/state.pt")
+            raise MissingInputError(f"--resume: {path} holds no trainer_state/state.pt")
         path = found
     return path
 

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import MissingDependencyError
+
 logger = logging.getLogger("coati")
 
 
@@ -36,14 +38,17 @@ class MetricsLogger:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a", encoding="utf-8")
         if use_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MissingDependencyError("--use_tensorboard needs tensorboard: pip install tensorboard") from None
 
             self.tb = SummaryWriter(log_dir=str(Path(log_dir or ".") / "tensorboard"))
         if use_wandb:
             try:
                 import wandb
-            except ImportError as e:  # pragma: no cover - optional dependency
-                raise ImportError("--use_wandb needs wandb: pip install wandb") from e
+            except ImportError:  # pragma: no cover - optional dependency
+                raise MissingDependencyError("--use_wandb needs wandb: pip install wandb") from None
             self.wandb = wandb.init(project=wandb_project, name=run_name, config=config or {})
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:

@@ -2,16 +2,25 @@
 
 Flag names follow Coati's so its documented commands run unchanged. Boolean flags are real switches:
 ``--flag``, ``--no-flag`` and also ``--flag true|false`` (Coati's ``type=bool`` flags turned ``--flag False``
-*on*; here it means off).
+*on*; here it means off). Every script ends with ``cli.run(main)``, which reports user errors in one line.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
 
+from ..errors import UsageError, UserError
 from ..models.base import FROZEN_DTYPES
 from ..models.families import FAMILIES
+
+# How long a rank other than 0 waits, after a user error, for torchrun to stop it once rank 0 has reported the
+# same error and exited; past it, rank 0 did not fail and this rank reports its own error.
+RANK0_GRACE_S = 10.0
 
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
@@ -155,7 +164,7 @@ def quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         check_quant_lora(quant, lora_settings(args))
         check_strategy_support(args.strategy, quant=quant)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise UsageError(str(err)) from None
     return {"quant": quant, "quant_compute_dtype": args.quant_compute_dtype}
 
 
@@ -173,14 +182,35 @@ def strategy_from_args(args: argparse.Namespace, **extra: Any):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     kwargs.update(extra)
-    from ..trainer.strategies.base import StrategyUnavailableError
-
     try:
         return make_strategy(args.strategy, **kwargs)
-    except StrategyUnavailableError as e:
-        raise SystemExit(f"error: {e}") from None
+    except ValueError as err:  # the strategy refuses a flag value or combination
+        raise UsageError(str(err)) from None
 
 
 def setup_logging(rank0: bool = True) -> None:
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run(main: Callable[[], Any]) -> None:
+    """Every script's entry point: ``if __name__ == "__main__": cli.run(main)``.
+
+    A :class:`~coati.errors.UserError` (bad data, a missing input, refused flags, a missing optional package)
+    ends the program with one ``error: <message>`` line on stderr and status 2, no traceback; any other
+    exception is a bug and keeps its traceback. Under torchrun every rank meets the same user error (same
+    flags, same data), so rank 0 alone prints it. The other ranks must not exit first, or torchrun would stop
+    rank 0 before it prints: they wait up to ``RANK0_GRACE_S`` for torchrun to stop them (exiting with 2 when
+    it does), and print the error themselves, marked with their rank, when rank 0 did not fail.
+    """
+    try:
+        main()
+    except UserError as err:
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        rank = int(os.environ.get("RANK", "0"))
+        if rank != 0:
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+            time.sleep(RANK0_GRACE_S)
+            message = f"rank {rank}: {message}"
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

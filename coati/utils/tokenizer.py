@@ -1,7 +1,11 @@
 """Tokenizer loading with the padding rule every stage shares."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ..errors import MissingInputError
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -10,7 +14,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     Padding is always masked by the attention mask, so the pad id only has to exist; prompts are
     left-padded for generation by the prompt collator, never by changing ``padding_side`` globally.
     """
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if Path(path).exists():
+            raise
+        raise MissingInputError(f"{path}: no such tokenizer / model directory (nor a Hugging Face Hub id that "
+                                "can be loaded)") from err
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok

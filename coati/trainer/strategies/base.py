@@ -18,10 +18,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ...errors import UserError
+
 PRECISIONS = (None, "no", "bf16", "fp16")
 
 
-class StrategyUnavailableError(RuntimeError):
+class StrategyUnavailableError(UserError, RuntimeError):
     """A strategy whose backend (GPU, optional package, torch release) this machine lacks."""
 
 

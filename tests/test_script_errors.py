@@ -1,0 +1,135 @@
+"""User errors end a script with one ``error: ...`` line on stderr and status 2; bugs keep their traceback.
+
+The scripts run as subprocesses, as a user runs them. Data errors come before any model loads, so no model
+is needed: ``--pretrain`` names a directory that does not exist.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD_SFT = {"instruction": "Hi", "output": "Hello"}
+REWARD = ["--reward_fn", "tests/dist_ppo.py:target_share"]
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def _run(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok")
+    tiny.tokenizer("llama").save_pretrained(path)
+    return path
+
+
+def _base_argv(script: str, tmp_path: Path, tok_dir: Path) -> list[str]:
+    return [sys.executable, f"examples/{script}.py", "--pretrain", str(tmp_path / "no_model_here"),
+            "--tokenizer", str(tok_dir), "--save_path", str(tmp_path / "out")]
+
+
+# (script, flag holding the bad file, middle record, where and why, extra flags)
+CASES = {
+    "sft": ("train_sft", "--dataset", {"instruction": "Yo", "output": 5},
+            "line 2: field 'output': expected a string, got int", []),
+    "rm": ("train_reward_model", "--dataset", {"prompt": "Q", "chosen": ["good"], "rejected": "bad"},
+           "line 2: field 'chosen': expected a string, got list", []),
+    "prompts": ("train_prompts", "--prompt_dataset", {"prompt": 7},
+                "line 2: field 'prompt': expected a string, got int", REWARD),
+    "ptx": ("train_prompts", "--pretrain_dataset", {"instruction": "Yo", "output": ["Hey"]},
+            "line 2: field 'output': expected a string, got list", REWARD),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_malformed_middle_line_is_one_error_line_and_status_2(case, tmp_path, tok_dir):
+    script, flag, bad, where, extra = CASES[case]
+    good = GOOD_SFT if script != "train_reward_model" else {"prompt": "Q", "chosen": "good", "rejected": "bad"}
+    data = _jsonl(tmp_path / "data.jsonl", [good, bad, good])
+    argv = _base_argv(script, tmp_path, tok_dir) + [flag, str(data), *extra]
+    if flag == "--pretrain_dataset":
+        argv += ["--prompt_dataset", str(_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi"}]))]
+    proc = _run(argv)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert lines[-1] == f"error: {data}: {where}", proc.stderr[-3000:]
+    if flag == "--pretrain_dataset":  # the prompt file, read before it, loaded fine and logged so
+        assert len(lines) == 2 and lines[0].endswith(f"coati: prompt {argv[-1]}: 1 samples")
+    else:
+        assert len(lines) == 1
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_refused_flag_combination_is_one_error_line(tmp_path, tok_dir):
+    argv = _base_argv("train_sft", tmp_path, tok_dir) + ["--dataset", "unused.jsonl", "--quant", "4bit"]
+    proc = _run(argv)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: --quant 4bit trains LoRA adapters on a frozen quantized base: "
+                                        "set --lora_rank > 0"]
+
+
+def test_merge_lora_on_a_non_adapter_dir_is_one_error_line(tmp_path):
+    proc = _run([sys.executable, "examples/merge_lora.py", str(tmp_path), str(tmp_path / "out")])
+    assert (proc.returncode, proc.stderr.splitlines()) == (
+        2, [f"error: {tmp_path}: no adapter_config.json (is it already a merged model dir?)"])
+
+
+def _run_patched(setup: str, argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Run a script as ``__main__`` after ``setup`` (Python source) has patched coati in the same process."""
+    code = f"import runpy, sys\n{setup}\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    return subprocess.run([sys.executable, "-c", code, *argv[1:]], cwd=ROOT, env={**_env(), **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_bug_inside_main_keeps_its_traceback(tmp_path, tok_dir):
+    """A TypeError is not a user error: the traceback stays and the status is Python's 1, not 2."""
+    data = _jsonl(tmp_path / "data.jsonl", [GOOD_SFT])
+    setup = ("import coati.utils.tokenizer as t\n"
+             "def broken(*a, **k):\n    raise TypeError('internal bug')\n"
+             "t.load_tokenizer = broken")
+    proc = _run_patched(setup, _base_argv("train_sft", tmp_path, tok_dir) + ["--dataset", str(data)])
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert proc.stderr.rstrip().endswith("TypeError: internal bug")
+    assert not any(line.startswith("error: ") for line in proc.stderr.splitlines())
+
+
+def test_other_rank_reports_its_error_when_rank_0_does_not_stop_it(tmp_path, tok_dir):
+    """Without a failing rank 0 (nobody stops this rank), rank 1 prints its own error after the wait."""
+    data = _jsonl(tmp_path / "data.jsonl", [GOOD_SFT, {"instruction": "Yo", "output": 5}])
+    proc = _run_patched("import coati.utils.cli as c\nc.RANK0_GRACE_S = 0.0",
+                        _base_argv("train_sft", tmp_path, tok_dir) + ["--dataset", str(data)], RANK="1")
+    assert (proc.returncode, proc.stderr.splitlines()) == (
+        2, [f"error: rank 1: {data}: line 2: field 'output': expected a string, got int"])
+
+
+@pytest.mark.dist
+def test_torchrun_prints_the_error_once(tmp_path, tok_dir):
+    """Both ranks hit the bad line; rank 0 alone reports it and every rank exits with status 2."""
+    data = _jsonl(tmp_path / "data.jsonl", [GOOD_SFT, {"instruction": "Yo", "output": 5}, GOOD_SFT])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:29631"]
+    argv = launcher + _base_argv("train_sft", tmp_path, tok_dir)[1:] + ["--dataset", str(data), "--strategy", "ddp"]
+    proc = _run(argv, timeout=600)
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {data}: line 2: field 'output': expected a string, got int"], output[-4000:]
+    assert f'File "{ROOT}' not in output  # no rank printed a traceback through coati's code
+    assert output.count("exitcode  : 2") == 2, output[-4000:]  # torchrun's report: both ranks, status 2
+    assert proc.returncode != 0

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--buffer_limit", type=int, default=0, help="max samples in the replay buffer (0 = no limit)")
     m.add_argument("--log_entropy", action=cli.BoolFlag, default=True,
                    help="log policy entropy (computes full-vocabulary logits of the response)")
-    cli.add_logging_args(p, default_log_interval=1)
+    cli.add_logging_args(p, default_log_interval=1, save_unit="episodes")
     return p
 
 

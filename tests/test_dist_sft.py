@@ -1,4 +1,5 @@
-"""Two torchrun processes (gloo) with per-process batch B/2 give the loss curve of one process with batch B."""
+"""Two torchrun processes (gloo) with per-process batch B/2 give the loss curve and the eval numbers of one process
+with batch B, on an eval set the ranks cannot split evenly (the distributed sampler pads it with a repeat)."""
 import json
 import os
 import subprocess
@@ -11,9 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.dist
 
 
-def _losses(save_path: Path) -> list[float]:
+def _rows(save_path: Path, split: str) -> list[dict]:
     rows = [json.loads(line) for line in (save_path / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["split"] == "train"]
+    return [r for r in rows if r["split"] == split]
+
+
+def _losses(save_path: Path) -> list[float]:
+    return [r["loss"] for r in _rows(save_path, "train")]
 
 
 def _run(cmd: list[str]) -> None:
@@ -31,13 +36,17 @@ def _torchrun(nproc: int, port: int) -> list[str]:
 def test_ddp_matches_single_process(stage, tiny_llama_dir, shared_data, tmp_path):
     if stage == "sft":
         script, data = "examples/train_sft.py", shared_data / "sft" / "alpaca_en_demo.json"
-        extra = ["--accumulation_steps", "2"]
+        extra, eval_keys, held_out = ["--accumulation_steps", "2"], ["loss"], slice(300, 307)  # 7 samples
     else:
         script, data = "examples/train_reward_model.py", shared_data / "preference" / "dpo_en_demo.json"
-        extra = ["--eval_ratio", "0"]
+        # 3 samples (the other 4 records exceed --max_len)
+        extra, eval_keys, held_out = [], ["loss", "acc", "margin"], slice(200, 207)
+    # an odd eval set: not divisible by 2 processes x batch 2, so rank 1's share ends with a repeated sample
+    eval_file = tmp_path / f"eval_{data.name}"
+    eval_file.write_text(json.dumps(json.loads(data.read_text())[held_out]))
     common = ["--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset", str(data),
               "--max_datasets_size", "64", "--max_len", "128", "--max_epochs", "1", "--lr", "1e-3",
-              "--log_interval", "1", "--seed", "7", *extra]
+              "--log_interval", "1", "--seed", "7", "--eval_dataset", str(eval_file), *extra]
     _run([sys.executable, script, *common, "--strategy", "naive", "--batch_size", "4",
           "--save_path", str(tmp_path / "naive")])
     _run(_torchrun(2, 29611 if stage == "sft" else 29612) + [script, *common, "--strategy", "ddp",
@@ -46,3 +55,7 @@ def test_ddp_matches_single_process(stage, tiny_llama_dir, shared_data, tmp_path
     assert len(single) == len(ddp) >= 5
     assert ddp == pytest.approx(single, abs=1e-5)
     assert single[-1] < single[0]
+    single_eval, ddp_eval = _rows(tmp_path / "naive", "eval"), _rows(tmp_path / "ddp", "eval")
+    assert len(single_eval) == len(ddp_eval) == 1
+    for key in eval_keys:
+        assert ddp_eval[0][key] == pytest.approx(single_eval[0][key], abs=1e-5), key

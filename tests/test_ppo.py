@@ -298,6 +298,29 @@ def test_resume_continues_exactly(tmp_path):
     assert [r["step"] for r in rows] == [4]  # log_interval 1000: only the last episode
 
 
+def test_lr_schedule_spans_the_steps_the_run_takes_and_save_interval_counts_episodes(tmp_path):
+    """20 prompts in batches of 8 make passes of 8, 8, 4 prompts; 2 batches per episode give 16, 12, 12
+    samples, of which the buffer keeps at most 14: 4, 3, 3 micro-batches of 4, each pass taken twice."""
+    from coati.dataset import PromptCollator
+
+    strategy = NaiveStrategy(seed=0)
+    actor, critic = h.models(seed=0)
+    prompts = strategy.setup_dataloader(h.prompt_data(20), 8, shuffle=True, collate_fn=PromptCollator(0))
+    trainer = _trainer(strategy, actor, critic, reward_fn=h.target_share, num_episodes=3, num_collect_steps=2,
+                       max_epochs=2, train_batch_size=4, buffer_limit=14, lr_scheduler="cosine",
+                       save_path=str(tmp_path), save_interval=2)
+    trainer.fit(prompts)
+    steps = (4 + 3 + 3) * 2
+    assert trainer.optim_step == steps
+    for sched in (trainer.actor_scheduler, trainer.critic_scheduler):
+        assert sched.last_epoch == steps
+        assert sched.lr_lambdas[0](steps - 1) > 0 and sched.get_last_lr() == [0.0]  # cosine ends on the last step
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2"]  # episode 2 of 3
+    help_text = next(a.help for a in _load_example().build_parser()._actions if a.dest == "save_interval")
+    assert help_text == "checkpoint every N episodes (0 = only the final model)"
+    assert f"| `--save_interval` | `0` | {help_text} |" in (ROOT / "README.md").read_text()
+
+
 def _load_example():
     return load_script("examples/train_prompts.py")
 

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..errors import MissingInputError, UsageError
 from .callbacks import MetricsLogger, logger
 from .strategies import Strategy
+from .strategies.base import unpadded_samples
 
 CHECKPOINTS = "checkpoints"
 
@@ -93,6 +94,26 @@ def make_adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: fl
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03):
     warmup = int(math.ceil(total_steps * warmup_ratio))
     return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=max(1, total_steps))
+
+
+def epoch_iter(loader: DataLoader, epoch: int = 0, start_batch: int = 0) -> Iterator:
+    """Batches of ``loader``'s epoch ``epoch`` from batch ``start_batch`` on, without touching the global RNG.
+
+    Creating a DataLoader iterator draws its base seed from torch's generator; drawn after a resume restored
+    that generator, it would shift every later dropout mask against the uninterrupted run.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    skip = start_batch
+    if hasattr(sampler, "start_index"):
+        sampler.start_index = start_batch * loader.batch_size
+        skip = 0
+    with torch.random.fork_rng(devices=[]):
+        it = iter(loader)
+    for _ in range(skip):
+        next(it)
+    return it
 
 
 def _groups(iterable: Iterable, size: int) -> Iterable[list]:
@@ -245,11 +266,7 @@ class SupervisedTrainer:
                    disable=not self.strategy.is_rank0(), dynamic_ncols=True)
         t_last, tokens_since = time.perf_counter(), 0
         while self.global_step < self.total_steps:
-            if hasattr(loader.sampler, "set_epoch"):
-                loader.sampler.set_epoch(self.epoch)
-            if hasattr(loader.sampler, "start_index"):
-                loader.sampler.start_index = self.micro_in_epoch * loader.batch_size
-            for group in _groups(loader, self.accumulation_steps):
+            for group in _groups(epoch_iter(loader, self.epoch, self.micro_in_epoch), self.accumulation_steps):
                 tokens_since += sum(batch_tokens(b) for b in group)
                 metrics = self._train_step(group)
                 self.micro_in_epoch += len(group)
@@ -283,6 +300,18 @@ class SupervisedTrainer:
             self.save_model(self.save_path)
         self.metrics.close()
         return self.history
+
+    def eval_batches(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        """``(batch on the device, keep)`` over this rank's eval share; ``keep[i]`` is False for the samples the
+        distributed sampler repeated to even out the ranks. Every rank still runs every batch (a sharded
+        model's forward is collective); ``evaluate`` leaves the repeats out of its sums."""
+        real = unpadded_samples(self.eval_dataloader.sampler)
+        seen = 0
+        for batch in epoch_iter(self.eval_dataloader):
+            batch = to_device(batch, self.strategy.device)
+            n = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+            yield batch, torch.arange(seen, seen + n, device=self.strategy.device) < real
+            seen += n
 
     def _run_eval(self) -> None:
         if self.eval_dataloader is None:

@@ -42,7 +42,7 @@ from ..experience.maker import ExperienceMaker
 from ..models.lora import check_ppo_train_bias, lora_train_bias
 from ..models.loss import PolicyLoss, PtxLoss, ValueLoss
 from ..models.utils import disable_dropout, log_probs_from_logits, masked_mean
-from .base import checkpoint_dir, cosine_schedule, make_adamw, save_checkpoint, to_device
+from .base import checkpoint_dir, cosine_schedule, epoch_iter, make_adamw, save_checkpoint, to_device
 from .callbacks import MetricsLogger, logger
 from .strategies import Strategy
 
@@ -75,19 +75,7 @@ class _Cycle:
         self._it: Iterator | None = None
 
     def _start(self) -> None:
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
-        skip = self.consumed
-        if hasattr(sampler, "start_index"):
-            sampler.start_index = self.consumed * self.loader.batch_size
-            skip = 0
-        # Creating a DataLoader iterator draws a seed from the global RNG; keep it out of the sampling stream
-        # so a resumed run draws the same random numbers as an uninterrupted one.
-        with torch.random.fork_rng(devices=[]):
-            self._it = iter(self.loader)
-        for _ in range(skip):
-            next(self._it)
+        self._it = epoch_iter(self.loader, self.epoch, self.consumed)
 
     def next(self) -> Any:
         if self._it is None:
@@ -271,13 +259,27 @@ class PPOTrainer:
         return self.strategy.prepare_model(model, trainable=trainable)
 
     # ----- schedules ---------------------------------------------------------------------------------
-    def _optimizer_steps_per_episode(self, experience_batch_size: int) -> int:
-        samples = self.num_collect_steps * experience_batch_size
-        micro = math.ceil(samples / self.train_batch_size)
-        return math.ceil(micro / self.accumulation_steps) * self.num_update_steps * self.max_epochs
+    def _planned_optimizer_steps(self, prompt_loader: DataLoader) -> int:
+        """The optimizer steps the run takes, which the LR schedules span. Each episode collects the next
+        ``num_collect_steps`` prompt batches (the last batch of a pass over the prompts may be short), the
+        buffer keeps at most ``buffer_limit`` of their samples, and each of the ``num_update_steps x
+        max_epochs`` passes over it steps once per ``accumulation_steps`` micro-batches (the last group may be
+        short)."""
+        n, size = len(prompt_loader.sampler), prompt_loader.batch_size
+        batches = [size] * (n // size) + ([n % size] if n % size and not prompt_loader.drop_last else [])
+        passes = self.num_update_steps * self.max_epochs
+        total = 0
+        for episode in range(self.num_episodes):
+            first = episode * self.num_collect_steps
+            samples = sum(batches[i % len(batches)] for i in range(first, first + self.num_collect_steps))
+            if self.buffer.limit > 0:
+                samples = min(samples, self.buffer.limit)
+            micro = math.ceil(samples / self.train_batch_size)
+            total += math.ceil(micro / self.accumulation_steps) * passes
+        return total
 
-    def _build_schedulers(self, experience_batch_size: int) -> None:
-        total = self._optimizer_steps_per_episode(experience_batch_size) * self.num_episodes
+    def _build_schedulers(self, prompt_loader: DataLoader) -> None:
+        total = self._planned_optimizer_steps(prompt_loader)
         warmup = int(math.ceil(total * self.warmup_ratio))
         for name in ("actor", "critic"):
             optim = self.strategy.base_optimizer(getattr(self, f"{name}_optim"))
@@ -489,7 +491,7 @@ class PPOTrainer:
             self.num_update_steps = num_update_steps
         self._prompts = _Cycle(prompt_dataloader)
         self._pretrain = _Cycle(pretrain_dataloader) if pretrain_dataloader is not None else None
-        self._build_schedulers(prompt_dataloader.batch_size or 1)
+        self._build_schedulers(prompt_dataloader)
         # models are built (identically on every rank): from here each rank samples its own rollouts; a
         # resumed run restores every rank's stream from its checkpoint
         self.strategy.set_sampling_seed()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.loss import LogExpLoss, LogSigLoss
-from .base import SupervisedTrainer, to_device
+from .base import SupervisedTrainer
 
 LOSSES = {"log_sig": LogSigLoss, "log_exp": LogExpLoss}
 
@@ -58,11 +58,13 @@ class RewardModelTrainer(SupervisedTrainer):
     def evaluate(self) -> dict[str, float]:
         device = self.strategy.device
         sums = torch.zeros(4, device=device)  # loss_sum, correct, margin_sum, pairs
-        for batch in self.eval_dataloader:
-            batch = to_device(batch, device)
+        for batch, keep in self.eval_batches():
             with self.strategy.autocast():
                 chosen, rejected = self.rewards(batch)
+            chosen, rejected = chosen[keep], rejected[keep]  # without the repeated samples
             n = chosen.shape[0]
+            if n == 0:
+                continue
             sums += torch.stack([self.loss_fn(chosen, rejected).detach() * n,
                                  (chosen > rejected).float().sum(), (chosen - rejected).sum(),
                                  torch.tensor(float(n), device=device)])

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from ..models.loss import GPTLMLoss
-from .base import SupervisedTrainer, to_device
+from .base import SupervisedTrainer
 
 
 class SFTTrainer(SupervisedTrainer):
@@ -34,8 +34,8 @@ class SFTTrainer(SupervisedTrainer):
     def evaluate(self) -> dict[str, float]:
         total = torch.zeros((), device=self.strategy.device)
         count = torch.zeros((), device=self.strategy.device)
-        for batch in self.eval_dataloader:
-            batch = to_device(batch, self.strategy.device)
+        for batch, keep in self.eval_batches():
+            batch["labels"] = batch["labels"].masked_fill(~keep[:, None], -100)  # repeats count no tokens
             with self.strategy.autocast():
                 loss_sum, n, _ = self.compute_loss(batch)
             total += loss_sum.float()

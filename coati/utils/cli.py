@@ -122,10 +122,13 @@ def add_strategy_args(p: argparse.ArgumentParser) -> None:
                    help="colossalai_gemini only: static placement or auto (memory-tracer driven); default static")
 
 
-def add_logging_args(p: argparse.ArgumentParser, *, default_log_interval: int = 10) -> None:
+def add_logging_args(p: argparse.ArgumentParser, *, default_log_interval: int = 10,
+                     save_unit: str = "optimizer steps") -> None:
+    """``save_unit``: what ``--save_interval`` counts (PPO checkpoints between episodes)."""
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--save_path", default="output", help="where the final model (and checkpoints/) go")
-    g.add_argument("--save_interval", type=int, default=0, help="checkpoint every N optimizer steps (0 = only the final model)")
+    g.add_argument("--save_interval", type=int, default=0,
+                   help=f"checkpoint every N {save_unit} (0 = only the final model)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from the latest checkpoint under --save_path, or from the given checkpoint dir")
     g.add_argument("--need_optim_ckpt", action=BoolFlag, default=True,

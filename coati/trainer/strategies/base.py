@@ -6,8 +6,11 @@ single-process behaviour; subclasses override what distribution changes.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ...errors import UserError
 
 PRECISIONS = (None, "no", "bf16", "fp16")
+SCALER_KEY = "grad_scaler"  # the fp16 GradScaler's state inside the trainer state
 
 
 class StrategyUnavailableError(UserError, RuntimeError):
@@ -47,6 +51,16 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start_index
+
+
+def unpadded_samples(sampler: Any) -> int:
+    """How many of this rank's samples are not padding: without ``drop_last`` a DistributedSampler repeats
+    the first indices so every rank gets ``num_samples``, and the repeats are the last of each rank's share.
+    Evaluation counts only the rest, so N processes report the numbers of one."""
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return len(sampler)
+    real = math.ceil((len(sampler.dataset) - sampler.rank) / sampler.num_replicas)
+    return max(0, min(sampler.num_samples, real))
 
 
 class Strategy:
@@ -200,33 +214,68 @@ class Strategy:
         self.unwrap(model).load_weights(path)
 
     def save_state(self, path: str | os.PathLike, state: dict[str, Any]) -> None:
-        """Save optimizer / scheduler / progress state (rank 0) plus every rank's RNG state."""
+        """Save optimizer / scheduler / progress state and the fp16 loss scale (rank 0) plus every rank's RNG
+        state, as tensors and plain values only (``load_state`` reads them with ``weights_only=True``)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.is_rank0():
-            torch.save(state, path / "state.pt")
+            torch.save(self._with_scaler(state), path / "state.pt")
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         self.barrier()
 
     def load_state(self, path: str | os.PathLike) -> dict[str, Any]:
         path = Path(path)
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        state = self._restore_scaler(load_plain(path / "state.pt"))
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+            set_rng_state(load_plain(rng_file))
+        return state
+
+    def _with_scaler(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` plus the fp16 GradScaler's scale and growth tracker, so a resumed run scales (and skips
+        overflowed steps) exactly as the uninterrupted one."""
+        if self.scaler is None:
+            return state
+        return {**state, SCALER_KEY: self.scaler.state_dict()}
+
+    def _restore_scaler(self, state: dict[str, Any]) -> dict[str, Any]:
+        saved = state.pop(SCALER_KEY, None)
+        if self.scaler is not None and saved:
+            self.scaler.load_state_dict(saved)
         return state
 
 
+def load_plain(file: str | os.PathLike) -> Any:
+    """``torch.load`` with ``weights_only=True``: a checkpoint is tensors and plain values, never pickled objects
+    (unpickling one can run any code, so a checkpoint someone hands you could)."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(f"{file}: refused: it holds a pickled Python object{what}, not only tensors and plain "
+                         "values, and loading it could run code; resume from a checkpoint this version of coati "
+                         "wrote") from None
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's Python, numpy, torch (and CUDA) generator states as tensors and plain values."""
+    version, keys, gauss = random.getstate()
+    kind, np_keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": {"version": version, "keys": list(keys), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": np_keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["keys"]), py["gauss"]))
+    np.random.set_state((npy["kind"], np.array(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -36,7 +36,6 @@ import contextlib
 import copy
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +44,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .base import StrategyUnavailableError, atomic_dir, rng_state, set_rng_state
+from .base import StrategyUnavailableError, atomic_dir, load_plain, rng_state, set_rng_state
 from .ddp import DistributedStrategy
 
 try:  # torch >= 2.6
@@ -228,7 +227,7 @@ class FSDPStrategy(DistributedStrategy):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         name = "state.pt" if self.is_rank0() else f"state_rank{self.rank}.pt"
-        torch.save(_to_local(state), path / name)
+        torch.save(_to_local(self._with_scaler(state)), path / name)
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         if self.is_rank0():
             (path / SHARDING_FILE).write_text(json.dumps({"strategy": self.name, "world_size": self.world_size}))
@@ -245,8 +244,8 @@ class FSDPStrategy(DistributedStrategy):
             raise ValueError(f"{path}: optimizer state is sharded over {saved} processes; resume with "
                              f"--nproc_per_node/--nnodes giving {saved} processes (this run has {self.world_size})")
         name = "state.pt" if self.is_rank0() else f"state_rank{self.rank}.pt"
-        state = _from_local(torch.load(path / name, map_location="cpu", weights_only=False), self.mesh)
-        set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", map_location="cpu", weights_only=False))
+        state = self._restore_scaler(_from_local(load_plain(path / name), self.mesh))
+        set_rng_state(load_plain(path / f"rng_rank{self.rank}.pt"))
         return state
 
 
@@ -318,19 +317,27 @@ def plain_replica(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mod
     return replica
 
 
-@dataclass
-class _LocalShard:
-    """A DTensor as saved by one rank: its local shard plus what rebuilds it on the same layout."""
+# A DTensor as one rank saves it: its local shard plus what rebuilds it on the same layout, all plain values
+# (placements as ["shard", dim] / ["replicate"]), so the state file loads with weights_only=True.
+_SHARD = "__coati_dtensor_local__"
 
-    local: torch.Tensor
-    placements: tuple
-    shape: torch.Size
-    stride: tuple
+
+def _placement_to_plain(p: Any) -> list:
+    if isinstance(p, Shard):
+        return ["shard", p.dim]
+    if isinstance(p, Replicate):
+        return ["replicate"]
+    raise ValueError(f"cannot checkpoint a DTensor placed as {p!r} (only Shard and Replicate)")
+
+
+def _placement_from_plain(p: list) -> Any:
+    return Shard(p[1]) if p[0] == "shard" else Replicate()
 
 
 def _to_local(obj: Any) -> Any:
     if isinstance(obj, DTensor):
-        return _LocalShard(obj.to_local().detach().cpu(), tuple(obj.placements), obj.shape, obj.stride())
+        return {_SHARD: obj.to_local().detach().cpu(), "shape": list(obj.shape), "stride": list(obj.stride()),
+                "placements": [_placement_to_plain(p) for p in obj.placements]}
     if isinstance(obj, dict):
         return {k: _to_local(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -339,9 +346,9 @@ def _to_local(obj: Any) -> Any:
 
 
 def _from_local(obj: Any, mesh) -> Any:
-    if isinstance(obj, _LocalShard):
-        return DTensor.from_local(obj.local, mesh, obj.placements, run_check=False, shape=obj.shape,
-                                  stride=obj.stride)
+    if isinstance(obj, dict) and _SHARD in obj:
+        return DTensor.from_local(obj[_SHARD], mesh, [_placement_from_plain(p) for p in obj["placements"]],
+                                  run_check=False, shape=torch.Size(obj["shape"]), stride=tuple(obj["stride"]))
     if isinstance(obj, dict):
         return {k: _from_local(v, mesh) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

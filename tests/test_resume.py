@@ -1,0 +1,129 @@
+"""Exact resume of the supervised stages with dropout on (and fp16 loss scaling on a GPU), and trainer state that
+loads with ``weights_only=True`` only: a state file holding a pickled object is refused before it can run code."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+from coati.dataset import RewardCollator, SFTCollator
+from coati.models import Actor, RewardModel
+from coati.trainer import RewardModelTrainer, SFTTrainer
+from coati.trainer.strategies import NaiveStrategy
+from tests import tiny
+
+VOCAB = 64
+DROPOUT = dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+STEPS_PER_EPOCH = 3  # 24 samples, micro-batches of 4, 2 per optimizer step
+RESUME_AT = 4  # one optimizer step into the second epoch
+
+
+def _config():
+    return tiny.gpt2_config(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, **DROPOUT)
+
+
+def _ids(g: torch.Generator) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (int(torch.randint(6, 13, (1,), generator=g)),), generator=g)
+
+
+def _sft_data(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        ids = _ids(g)
+        labels = ids.clone()
+        labels[:3] = -100  # a prompt the loss skips
+        items.append({"input_ids": ids, "labels": labels})
+    return items
+
+
+def _rm_data(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"chosen_input_ids": _ids(g), "rejected_input_ids": _ids(g)} for _ in range(n)]
+
+
+STAGES = {
+    "sft": (SFTTrainer, Actor, _sft_data, SFTCollator(0)),
+    "rm": (RewardModelTrainer, RewardModel, _rm_data, RewardCollator(0)),
+}
+
+
+def _trainer(stage: str, save_path: pathlib.Path, mixed_precision: str | None = None, scaled: bool = False):
+    trainer_cls, model_cls, data, collate = STAGES[stage]
+    strategy = NaiveStrategy(seed=0, mixed_precision=mixed_precision)
+    if scaled:
+        # the scale doubles after every finite step and halves (skipping the step) on overflow, so it carries
+        # history a resumed run must restore
+        strategy.scaler = torch.amp.GradScaler(strategy.device.type, growth_interval=1)
+    torch.manual_seed(0)
+    model = strategy.prepare_model(model_cls.from_config(_config()))
+    train = strategy.setup_dataloader(data(24, seed=1), 4, shuffle=True, collate_fn=collate, drop_last=True)
+    held = strategy.setup_dataloader(data(5, seed=2), 4, shuffle=False, collate_fn=collate)
+    return trainer_cls(model, strategy, train, held, lr=1e-3, max_epochs=2, accumulation_steps=2,
+                       save_path=str(save_path), save_interval=RESUME_AT, log_interval=100)
+
+
+def _assert_resume_is_exact(stage, tmp_path, mixed_precision=None, scaled=False, tolerance=0.0):
+    full = _trainer(stage, tmp_path / "full", mixed_precision, scaled)
+    full_hist = full.fit()
+    assert len(full_hist) == 2 * STEPS_PER_EPOCH
+    resumed = _trainer(stage, tmp_path / "resumed", mixed_precision, scaled)
+    res_hist = resumed.fit(resume_from=tmp_path / "full" / "checkpoints" / f"step_{RESUME_AT}")
+    assert [h["step"] for h in res_hist] == [h["step"] for h in full_hist]
+    after = [h["loss"] for h in full_hist[RESUME_AT:]]
+    assert [h["loss"] for h in res_hist[RESUME_AT:]] == pytest.approx(after, abs=tolerance, rel=0)
+    assert [e["loss"] for e in resumed.eval_history] == pytest.approx([e["loss"] for e in full.eval_history],
+                                                                      abs=tolerance, rel=0)
+    return full, resumed
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_resume_with_dropout_gives_the_uninterrupted_loss_curve(stage, tmp_path):
+    full, _ = _assert_resume_is_exact(stage, tmp_path)
+    # dropout is really on: the same batch gives two different training losses
+    batch = next(iter(full.train_dataloader))
+    full.model.train()
+    with torch.no_grad():
+        assert float(full.compute_loss(batch)[0]) != float(full.compute_loss(batch)[0])
+
+
+def test_resume_restores_the_loss_scale(tmp_path):
+    """The GradScaler path on CPU in fp32 (no overflow, so the scale only grows): the resumed run ends on the
+    uninterrupted run's scale, not on one restarted from its initial value."""
+    full, resumed = _assert_resume_is_exact("sft", tmp_path, scaled=True)
+    assert resumed.strategy.scaler.get_scale() == full.strategy.scaler.get_scale() == 2.0 ** 16 * 2 ** len(
+        full.history)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_fp16_resume_gives_the_uninterrupted_loss_curve(stage, tmp_path):
+    full, resumed = _assert_resume_is_exact(stage, tmp_path, "fp16", scaled=True, tolerance=1e-6)
+    assert resumed.strategy.scaler.get_scale() == full.strategy.scaler.get_scale()
+
+
+class _TouchesAFile:
+    """Unpickling this creates ``path``: what any code a hostile checkpoint carries could do."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.path,)
+
+
+@pytest.mark.parametrize("name", ["state.pt", "rng_rank0.pt"])
+def test_a_state_file_holding_a_pickled_object_is_refused(name, tmp_path):
+    trainer = _trainer("sft", tmp_path / "run")
+    trainer.fit()
+    ckpt = tmp_path / "run" / "checkpoints" / f"step_{RESUME_AT}"
+    state_file = ckpt / "trainer_state" / name
+    saved = torch.load(state_file, weights_only=True)  # what coati writes loads as plain data
+    marker = tmp_path / "code_ran"
+    torch.save({**saved, "extra": _TouchesAFile(marker)}, state_file)
+    again = _trainer("sft", tmp_path / "again")
+    with pytest.raises(ValueError, match="pickled Python object") as info:
+        again.fit(resume_from=ckpt)
+    assert str(info.value).startswith(f"{state_file}: refused")
+    assert not marker.exists()

@@ -31,12 +31,12 @@ def _torchrun(nproc: int, port: int) -> list[str]:
 def test_ddp_matches_single_process(stage, tiny_llama_dir, shared_data, tmp_path):
     if stage == "sft":
         script, data = "examples/train_sft.py", shared_data / "sft" / "alpaca_en_demo.json"
-        extra = ["--accumulation_steps", "2"]
+        extra = ["--accumulation_steps", "2", "--max_datasets_size", "64"]
     else:
         script, data = "examples/train_reward_model.py", shared_data / "preference" / "dpo_en_demo.json"
-        extra = ["--eval_ratio", "0"]
+        extra = ["--eval_ratio", "0", "--max_datasets_size", "96"]  # ~26 of the 96 pairs fit 128 tokens: 6 steps
     common = ["--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset", str(data),
-              "--max_datasets_size", "64", "--max_len", "128", "--max_epochs", "1", "--lr", "1e-3",
+              "--max_len", "128", "--max_epochs", "1", "--lr", "1e-3",
               "--log_interval", "1", "--seed", "7", *extra]
     _run([sys.executable, script, *common, "--strategy", "naive", "--batch_size", "4",
           "--save_path", str(tmp_path / "naive")])

@@ -422,7 +422,7 @@ def test_benchmark_reports_one_json_line(server, capsys):
     assert bench.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
 
 
-def test_4bit_on_cpu_keeps_layers_the_cpu_kernel_cannot_run(tmp_path, shared_data):
+def test_4bit_on_cpu_keeps_layers_the_cpu_kernel_cannot_run(tmp_path):
     """bitsandbytes' packed CPU NF4 kernel needs in_features % 64 == 0; a 96-wide MLP keeps down_proj fp32."""
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install coati[quant])")
     import transformers

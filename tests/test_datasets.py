@@ -37,7 +37,7 @@ ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired wi
 
 
 @pytest.fixture(scope="module")
-def tok(shared_data):
+def tok():
     return tiny.tokenizer("llama")
 
 
@@ -58,7 +58,7 @@ def enc(tok, text):
 def enc_cont(tok, text):
     """Hand rule for a segment in mid-sequence: tokenize after a newline, drop the newline's two tokens."""
     ids = enc(tok, "\n" + text)
-    assert ids[:2] == [29871, 13]  # '▁', '<0x0A>'
+    assert tok.convert_ids_to_tokens(ids[:2]) == ["▁", "<0x0A>"]
     return ids[2:]
 
 
@@ -77,7 +77,8 @@ def test_alpaca_masking_matches_hand_built(tok):
     ds = SFTDataset([rec], tok, prompt_template="alpaca")
     prompt = ALPACA_PROMPT.format(instruction=rec["instruction"])
     resp = enc_cont(tok, rec["output"])
-    assert tok.convert_ids_to_tokens(resp)[:2] == ["Par", "is"]  # no spurious word-start marker
+    assert tok.decode(resp) == "Paris is the capital."
+    assert not tok.convert_ids_to_tokens(resp)[0].startswith("▁")  # no spurious word-start marker
     expected_ids = [1] + enc(tok, prompt) + resp + [2]
     expected_labels = [-100] * (1 + len(enc(tok, prompt))) + resp + [2]
     assert ds[0]["input_ids"].tolist() == expected_ids
@@ -109,12 +110,13 @@ def test_two_turn_chat_masking_matches_hand_built(tok):
 def test_none_template_is_raw_text(tok):
     ds = SFTDataset([{"messages": [{"role": "user", "content": "12+7="}, {"role": "assistant", "content": "19"}]}],
                     tok, prompt_template="none")
-    assert ds[0]["input_ids"].tolist() == [1] + enc(tok, "12+7=") + [29896, 29929, 2]  # '1', '9', </s>
-    assert ds[0]["labels"].tolist()[-3:] == [29896, 29929, 2]
+    digits = tok.convert_tokens_to_ids(["1", "9"])  # split digits: one token each, no word-start marker
+    assert ds[0]["input_ids"].tolist() == [1] + enc(tok, "12+7=") + digits + [2]
+    assert ds[0]["labels"].tolist()[-3:] == digits + [2]
     assert (ds[0]["labels"] != -100).sum().item() == 3
 
 
-def test_gpt2_no_bos_eos_appended(shared_data):
+def test_gpt2_no_bos_eos_appended():
     g = tiny.tokenizer("gpt2")
     ds = SFTDataset([{"instruction": "Hi", "output": "Hello"}], g, prompt_template="alpaca")
     ids = ds[0]["input_ids"].tolist()
@@ -122,7 +124,7 @@ def test_gpt2_no_bos_eos_appended(shared_data):
     assert ds[0]["labels"].tolist()[-2:] == enc(g, "Hello") + [50256]
 
 
-def test_chat_template_segments_and_prefix_error(shared_data):
+def test_chat_template_segments_and_prefix_error():
     t = tiny.tokenizer("llama")
     t.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
                        "[/INST]{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
@@ -147,8 +149,9 @@ def test_chat_template_segments_and_prefix_error(shared_data):
     ("sft/kochatgpt_1_SFT_conversation.jsonl", 439, {"max_len": 2048}),
     ("pretrain/c4_demo.jsonl", 300, {"max_len": 64}),  # {text}: loss on every token
 ])
-def test_sft_real_files(tok, shared_data, path, n, kw):
-    ds = SFTDataset(shared_data / path, tok, **kw)
+def test_sft_real_files(llama2_tokenizer, shared_data, path, n, kw):
+    """Counts of real files with the real LLaMA-2 vocabulary (truncation depends on its token lengths)."""
+    ds = SFTDataset(shared_data / path, llama2_tokenizer, **kw)
     assert len(ds) == n and ds.num_skipped == 0 and ds.num_empty == 0
     if "kochat" in path:  # four <챗봇> turns per block, each response ends with EOS
         assert all((x["labels"] == 2).sum().item() == 4 for x in ds)
@@ -158,11 +161,11 @@ def test_sft_real_files(tok, shared_data, path, n, kw):
         assert x["labels"][1:].tolist() == x["input_ids"][1:].tolist() and x["labels"][0] == -100
 
 
-def test_alpaca_5000_skips_two_empty_outputs(tok, shared_data):
-    ds = SFTDataset(shared_data / "sft/alpaca_5000.json", tok)
-    assert (len(ds), ds.num_empty) == (4998, 2)
+def test_alpaca_5000_skips_two_empty_outputs(llama2_tokenizer, shared_data):
+    ds = SFTDataset(shared_data / "sft/alpaca_5000.json", llama2_tokenizer)
+    assert (len(ds), ds.num_empty) == (4998, 2)  # none is over max_len=512 in LLaMA-2 tokens
     with pytest.raises(DatasetFormatError, match=r"alpaca_5000\.json: record 2335: field 'output': empty"):
-        SFTDataset(shared_data / "sft/alpaca_5000.json", tok, empty="raise")
+        SFTDataset(shared_data / "sft/alpaca_5000.json", llama2_tokenizer, empty="raise")
 
 
 @pytest.mark.parametrize("name,n,responses", [
@@ -188,12 +191,15 @@ def test_sharegpt_and_colossal_render_roles(tok):
     assert [t for t in x["labels"].tolist() if t != -100] == enc_cont(tok, "chat") + [2]
 
 
-def test_reward_formats(tok, shared_data):
-    dpo = RewardDataset(shared_data / "preference/dpo_en_demo.json", tok, max_len=8192)
-    assert len(dpo) == 300 and dpo.num_skipped == 0
-    ranked = RewardDataset(shared_data / "preference/oaast_rm_zh.json", tok, max_len=64)
+def test_reward_real_files(llama2_tokenizer, shared_data):
+    dpo = RewardDataset(shared_data / "preference/dpo_en_demo.json", llama2_tokenizer, max_len=8192)
+    assert len(dpo) == 300 and dpo.num_skipped == 0  # every pair fits 8192 LLaMA-2 tokens
+    ranked = RewardDataset(shared_data / "preference/oaast_rm_zh.json", llama2_tokenizer, max_len=64)
     raw = json.loads((shared_data / "preference/oaast_rm_zh.json").read_text())
     assert len(ranked) + ranked.num_skipped == sum(math.comb(len(r["output"]), 2) for r in raw) == 1809
+
+
+def test_reward_fixture_formats(tok):
     hh = RewardDataset(FIX / "hh_rlhf.jsonl", tok, prompt_template="alpaca")
     rm = RewardDataset(FIX / "rm_static.jsonl", tok, prompt_template="alpaca")
     assert (len(hh), len(rm)) == (3, 2)

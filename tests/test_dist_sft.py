@@ -36,16 +36,17 @@ def _torchrun(nproc: int, port: int) -> list[str]:
 def test_ddp_matches_single_process(stage, tiny_llama_dir, shared_data, tmp_path):
     if stage == "sft":
         script, data = "examples/train_sft.py", shared_data / "sft" / "alpaca_en_demo.json"
-        extra, eval_keys, held_out = ["--accumulation_steps", "2"], ["loss"], slice(300, 307)  # 7 samples
+        extra, eval_keys, held_out = ["--accumulation_steps", "2", "--max_datasets_size", "64"], ["loss"], \
+            slice(300, 307)  # 7 samples
     else:
         script, data = "examples/train_reward_model.py", shared_data / "preference" / "dpo_en_demo.json"
-        # 3 samples (the other 4 records exceed --max_len)
-        extra, eval_keys, held_out = [], ["loss", "acc", "margin"], slice(200, 207)
+        # ~26 of the 96 pairs fit 128 tokens: 6 steps; of the 7 held-out records, an odd number fit
+        extra, eval_keys, held_out = ["--max_datasets_size", "96"], ["loss", "acc", "margin"], slice(200, 207)
     # an odd eval set: not divisible by 2 processes x batch 2, so rank 1's share ends with a repeated sample
     eval_file = tmp_path / f"eval_{data.name}"
     eval_file.write_text(json.dumps(json.loads(data.read_text())[held_out]))
     common = ["--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset", str(data),
-              "--max_datasets_size", "64", "--max_len", "128", "--max_epochs", "1", "--lr", "1e-3",
+              "--max_len", "128", "--max_epochs", "1", "--lr", "1e-3",
               "--log_interval", "1", "--seed", "7", "--eval_dataset", str(eval_file), *extra]
     _run([sys.executable, script, *common, "--strategy", "naive", "--batch_size", "4",
           "--save_path", str(tmp_path / "naive")])

@@ -106,7 +106,7 @@ def test_fsdp_sft_matches_ddp_saves_the_same_model_and_resumes(tiny_llama_dir, s
 @needs_fsdp
 def test_fsdp_reward_model_matches_ddp(tiny_llama_dir, shared_data, tmp_path):
     common = ["--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset",
-              str(shared_data / "preference" / "dpo_en_demo.json"), "--max_datasets_size", "60", "--max_len", "128",
+              str(shared_data / "preference" / "dpo_en_demo.json"), "--max_datasets_size", "80", "--max_len", "128",
               "--max_epochs", "1", "--lr", "1e-3", "--log_interval", "1", "--seed", "7", "--eval_ratio", "0",
               "--batch_size", "2"]
     runs = {k: v for k, v in FSDP_RUNS.items()}

@@ -345,7 +345,9 @@ def test_reduced_precision_logits_close_to_fp32(ref, tiny_llama_dir, quant, dtyp
         assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
     else:
         assert model.dtype == torch.bfloat16
-    ids = encode_text(tok, "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat")
+    ids = encode_text(tok, "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the "
+                           "fire, dreaming of mice and milk and long summer afternoons")[:24]
+    assert len(ids) == 24
     want, got = _logits(full, ids), _logits(model, ids)
     rel = ((got - want).norm() / want.norm()).item()
     top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
@@ -420,7 +422,7 @@ def test_benchmark_reports_one_json_line(server, capsys):
     assert bench.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
 
 
-def test_4bit_on_cpu_keeps_layers_the_cpu_kernel_cannot_run(tmp_path, shared_data):
+def test_4bit_on_cpu_keeps_layers_the_cpu_kernel_cannot_run(tmp_path):
     """bitsandbytes' packed CPU NF4 kernel needs in_features % 64 == 0; a 96-wide MLP keeps down_proj fp32."""
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install coati[quant])")
     import transformers

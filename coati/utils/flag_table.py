@@ -52,8 +52,9 @@ def flag_rows(parser: argparse.ArgumentParser) -> list[str]:
 def tables() -> str:
     parts = []
     for script in (*SCRIPTS, "python -m coati.pipeline"):
-        parts += [f"### `{script}`", "", "| flag | default | meaning |", "| --- | --- | --- |",
-                  *flag_rows(_parser(script)), ""]
+        parser = _parser(script)
+        parts += [f"### `{script}`", "", parser.description, "", "| flag | default | meaning |", "| --- | --- | --- |",
+                  *flag_rows(parser), ""]
     return "\n".join(parts)
 
 

@@ -27,8 +27,11 @@ AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def register_adv_est(name: str):
+def register_adv_est(name: str, *, needs_critic: bool = False, needs_groups: bool = False):
+    """Register an advantage estimator. ``needs_critic``: it reads a value model's ``values`` (else no critic
+    is built); ``needs_groups``: it compares samples of one prompt (so ``n_samples_per_prompt`` must be > 1)."""
     def deco(fn):
+        fn.needs_critic, fn.needs_groups = needs_critic, needs_groups
         ADV_ESTIMATORS[name] = fn
         return fn
     return deco
@@ -43,23 +46,20 @@ def register_policy_loss(name: str):
 
 # ----- statistics ----------------------------------------------------------------------------------------
 
-def _global_masked_moments(x: torch.Tensor, mask: torch.Tensor, reduce_sum: Reduce) -> tuple[torch.Tensor,
-                                                                                            torch.Tensor]:
-    m = mask.to(x.dtype)
-    stats = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
+def whiten(x: torch.Tensor, mask: torch.Tensor, reduce_sum: Reduce = None, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance over the valid entries of the global batch; invalid entries become 0.
+    Two passes (mean, then the mean squared deviation), the same arithmetic as PPO's per-batch whitening."""
+    x = x.float()
+    m = mask.to(torch.float32)
+    stats = torch.stack([(x * m).sum(), m.sum()])
     if reduce_sum is not None:
         stats = reduce_sum(stats)
-    s, ss, n = stats.unbind()
-    n = n.clamp(min=1.0)
-    mean = s / n
-    var = (ss / n - mean * mean).clamp(min=0.0)
-    return mean, var
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, reduce_sum: Reduce = None, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit variance over the valid entries of the global batch; invalid entries become 0."""
-    mean, var = _global_masked_moments(x.float(), mask, reduce_sum)
-    return (x.float() - mean) * torch.rsqrt(var + eps) * mask.to(torch.float32)
+    count = stats[1].clamp(min=1e-8)
+    mean = stats[0] / count
+    sq = ((x - mean) ** 2 * m).sum()
+    if reduce_sum is not None:
+        sq = reduce_sum(sq)
+    return (x - mean) * torch.rsqrt(sq / count + eps) * m
 
 
 def group_stats(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,7 +80,7 @@ def group_stats(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor
 # Each returns (advantages, returns), both (B, A) and 0 outside the mask. Keyword arguments an estimator
 # does not use are accepted and ignored, so callers pass one set of inputs to any of them.
 
-@register_adv_est("gae")
+@register_adv_est("gae", needs_critic=True)
 def gae_advantages(*, token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                    lam: float = 0.95, whiten_advantages: bool = True, reduce_sum: Reduce = None,
                    **_: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +96,7 @@ def _broadcast(per_seq: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     return adv, adv
 
 
-@register_adv_est("grpo")
+@register_adv_est("grpo", needs_groups=True)
 def grpo_advantages(*, scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor, norm_by_std: bool = True,
                     eps: float = 1e-6, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO: ``(r - mean_group) / (std_group + eps)`` on every token. A group of one, or one whose rewards
@@ -108,13 +108,13 @@ def grpo_advantages(*, scores: torch.Tensor, group: torch.Tensor, mask: torch.Te
     return _broadcast(torch.where(count > 1, adv, torch.zeros_like(adv)), mask)
 
 
-@register_adv_est("dr_grpo")
+@register_adv_est("dr_grpo", needs_groups=True)
 def dr_grpo_advantages(**kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Dr. GRPO: the group mean is the baseline, no division by the std (which over-weights easy prompts)."""
     return grpo_advantages(**{**kwargs, "norm_by_std": False})
 
 
-@register_adv_est("rloo")
+@register_adv_est("rloo", needs_groups=True)
 def rloo_advantages(*, scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor,
                     **_: object) -> tuple[torch.Tensor, torch.Tensor]:
     """RLOO: each sample's baseline is the mean of the *other* samples of its prompt,
@@ -146,7 +146,7 @@ def reinforce_pp_advantages(*, token_rewards: torch.Tensor, mask: torch.Tensor, 
     return whiten(returns, mask, reduce_sum), returns
 
 
-@register_adv_est("reinforce_baseline")
+@register_adv_est("reinforce_baseline", needs_groups=True)
 def reinforce_baseline_advantages(*, scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor,
                                   reduce_sum: Reduce = None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++-baseline: the group mean as baseline, then normalised over the global batch."""
@@ -252,3 +252,49 @@ def gspo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: 
     loss = -torch.min(surr1, surr2)
     metrics = _clip_metrics(ratio.detach(), token_log_ratio.detach(), surr2.lt(surr1), mask, agg_mode, norm_len)
     return agg_loss(loss, mask, agg_mode, norm_len), metrics
+
+
+# ----- presets -------------------------------------------------------------------------------------------
+# ``--algo NAME`` fills every algorithm field the user left unset (None) from PRESETS[NAME]; an explicit flag
+# always wins. Values are those of each method's paper (README "Algorithms" lists them). ``eps_clip_high``
+# None means "as eps_clip" (symmetric clip); kl_coef 0 means no KL term and no reference model pass.
+_NO_EXTRAS = {"dynamic_sampling": False, "overlong_buffer_len": 0, "overlong_penalty_factor": 1.0,
+              "eps_clip_high": None}
+PRESETS: dict[str, dict[str, object]] = {
+    # InstructGPT / Coati PPO: GAE on a critic, k1 KL penalty in the reward
+    "ppo": {"adv_estimator": "gae", "policy_loss": "ppo", "loss_agg_mode": "seq_mean_token_mean",
+            "kl_placement": "reward", "kl_estimator": "k1", "kl_coef": 0.1, "eps_clip": 0.2, **_NO_EXTRAS},
+    # DeepSeekMath GRPO: group z-score, k3 KL as a loss term with beta 0.04
+    "grpo": {"adv_estimator": "grpo", "policy_loss": "ppo", "loss_agg_mode": "seq_mean_token_mean",
+             "kl_placement": "loss", "kl_estimator": "k3", "kl_coef": 0.04, "eps_clip": 0.2, **_NO_EXTRAS},
+    # Dr. GRPO (Liu et al. 2025): no std division, constant length normaliser, no KL
+    "dr_grpo": {"adv_estimator": "dr_grpo", "policy_loss": "ppo", "loss_agg_mode": "seq_mean_token_sum_norm",
+                "kl_placement": "loss", "kl_estimator": "k3", "kl_coef": 0.0, "eps_clip": 0.2, **_NO_EXTRAS},
+    # RLOO (Ahmadian et al. 2024): leave-one-out baseline, KL penalty in the reward
+    "rloo": {"adv_estimator": "rloo", "policy_loss": "ppo", "loss_agg_mode": "seq_mean_token_mean",
+             "kl_placement": "reward", "kl_estimator": "k1", "kl_coef": 0.05, "eps_clip": 0.2, **_NO_EXTRAS},
+    # REINFORCE++ (Hu 2025): per-token KL in the reward, returns normalised over the global batch
+    "reinforce_pp": {"adv_estimator": "reinforce_pp", "policy_loss": "ppo", "loss_agg_mode": "token_mean",
+                     "kl_placement": "reward", "kl_estimator": "k1", "kl_coef": 0.01, "eps_clip": 0.2,
+                     **_NO_EXTRAS},
+    # DAPO (Yu et al. 2025): GRPO advantages, clip-higher 0.2 / 0.28, token mean, no KL, dynamic sampling,
+    # soft overlong penalty over the last 4096 tokens of the budget
+    "dapo": {"adv_estimator": "grpo", "policy_loss": "ppo", "loss_agg_mode": "token_mean",
+             "kl_placement": "loss", "kl_estimator": "k3", "kl_coef": 0.0, "eps_clip": 0.2, "eps_clip_high": 0.28,
+             "dynamic_sampling": True, "overlong_buffer_len": 4096, "overlong_penalty_factor": 1.0},
+    # GSPO (Zheng et al. 2025): sequence-level ratio clipped to 3e-4 / 4e-4, GRPO advantages, no KL
+    "gspo": {"adv_estimator": "grpo", "policy_loss": "gspo", "loss_agg_mode": "seq_mean_token_mean",
+             "kl_placement": "loss", "kl_estimator": "k3", "kl_coef": 0.0, **_NO_EXTRAS,
+             "eps_clip": 3e-4, "eps_clip_high": 4e-4},
+}
+PRESET_FIELDS = tuple(PRESETS["ppo"])
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to ``max_len - buffer_len`` tokens, then falling linearly to
+    ``-factor`` at ``max_len`` (and beyond). ``buffer_len`` is clamped to ``max_len``."""
+    buffer_len = min(buffer_len, max_len)
+    if buffer_len <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    expected = max_len - buffer_len
+    return ((expected - lengths.float()) / buffer_len).clamp(min=-1.0, max=0.0) * factor

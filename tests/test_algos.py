@@ -123,18 +123,28 @@ def test_reinforce_pp_global_whitening_uses_the_reduced_statistics():
     whole, _ = algos.ADV_ESTIMATORS["reinforce_pp"](token_rewards=rows, mask=mask)
     halves = [slice(0, 3), slice(3, 7)]
     parts = {}
+    # two threads stand for the two processes; reduce_sum is a real all-reduce between them
+    import threading
 
-    def reduce_sum(stats, _halves=halves):
-        total = torch.zeros_like(stats)
-        for h in _halves:
-            r = algos.discounted_returns(rows[h], mask[h])
-            m = mask[h]
-            total += torch.stack([(r * m).sum(), (r * r * m).sum(), m.sum()])
+    barrier, slots = threading.Barrier(2), {}
+
+    def reduce_sum(t):
+        me = threading.get_ident()
+        slots[me] = t.clone()
+        barrier.wait()
+        total = sum(slots.values())
+        barrier.wait()
         return total
 
-    for h in halves:
+    def run(h):
         parts[h.start], _ = algos.ADV_ESTIMATORS["reinforce_pp"](token_rewards=rows[h], mask=mask[h],
                                                                  reduce_sum=reduce_sum)
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in halves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert torch.allclose(torch.cat([parts[0], parts[3]]), whole, atol=1e-6)
 
 

@@ -298,3 +298,14 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, facto
         return torch.zeros_like(lengths, dtype=torch.float32)
     expected = max_len - buffer_len
     return ((expected - lengths.float()) / buffer_len).clamp(min=-1.0, max=0.0) * factor
+
+
+def preset_table() -> str:
+    """README's "Algorithms" table: each --algo preset's values, as PRESETS holds them."""
+    cols = ["adv_estimator", "policy_loss", "loss_agg_mode", "kl_placement", "kl_estimator", "kl_coef", "eps_clip",
+            "eps_clip_high", "dynamic_sampling", "overlong_buffer_len"]
+    rows = ["| `--algo` | " + " | ".join(f"`--{c}`" for c in cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    for name, preset in PRESETS.items():
+        cells = ["" if preset[c] is None else f"`{preset[c]}`" for c in cols]
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"

@@ -215,3 +215,24 @@ def test_script_runs_grpo_with_the_gsm8k_reward(tmp_path, tiny_llama_dir, shared
     assert (out / "config.json").is_file() and not (out / "critic").exists()
     hist = mod.main(argv + ["--reward_fn", "coati.rewards:gsm8k", "--save_path", str(tmp_path / "builtin")])
     assert hist[-1]["critic/score/mean"] == 0.0 and hist[-1]["training/optim_steps"] == 1
+
+
+@pytest.mark.dist
+def test_grpo_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    script = str(ROOT / "tests" / "dist_rl.py")
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=127.0.0.1:29641", script, str(tmp_path), "ddp"]
+    for cmd in (ddp, [sys.executable, script, str(tmp_path), "single"]):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp_hist, single_hist = (json.loads((tmp_path / f"history_{m}.json").read_text()) for m in ("ddp", "single"))
+    for a, b in zip(ddp_hist, single_hist):
+        for key in ("critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/pg_clipfrac", "response_length/mean"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert ddp_hist[-1]["actor/kl_loss"] > 0 and ddp_hist[-1]["training/optim_steps"] == 4
+    ddp_w, single_w = (torch.load(tmp_path / f"actor_{m}.pt") for m in ("ddp", "single"))
+    start = h.models(seed=0)[0].state_dict()
+    assert max((ddp_w[k] - start[k]).abs().max().item() for k in start) > 1e-3  # it trained
+    for k in ddp_w:
+        torch.testing.assert_close(ddp_w[k], single_w[k], atol=2e-5, rtol=0)

@@ -1,4 +1,5 @@
-"""Stage 3: PPO (PPO-ptx with --pretrain_dataset) of an SFT model against a reward model or a Python reward.
+"""Stage 3: PPO (PPO-ptx with --pretrain_dataset), GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO or GSPO (--algo) of an
+SFT model against a reward model or a Python reward.
 
     torchrun --standalone --nproc_per_node=2 examples/train_prompts.py --pretrain SFT_OUT --model llama \
         --rm_pretrain SFT_OUT --rm_path RM_OUT --strategy ddp --prompt_dataset prompts.jsonl \
@@ -9,8 +10,13 @@
     python examples/train_prompts.py --pretrain SFT_OUT --prompt_dataset gsm8k_train.jsonl \
         --reward_fn my_rewards.py:gsm8k_correct --save_path PPO_OUT
 
+    # GRPO with the built-in GSM8K checker: no critic, no reward model
+    python examples/train_prompts.py --algo grpo --n_samples_per_prompt 8 --pretrain SFT_OUT \
+        --prompt_dataset ../shared/data/eval/gsm8k_train.jsonl --reward_fn coati.rewards:gsm8k --save_path GRPO_OUT
+
 Outputs: the trained actor as the HF model dir ``{save_path}`` (as train_sft.py writes it),
-``{save_path}/critic`` (+ value head), ``{save_path}/metrics.jsonl`` and, with --save_interval,
+``{save_path}/critic`` (+ value head; only for --adv_estimator gae, the critic-free methods have none),
+``{save_path}/metrics.jsonl`` and, with --save_interval,
 ``{save_path}/checkpoints/step_{episode}/{actor,critic,trainer_state}``.
 """
 from __future__ import annotations
@@ -31,14 +37,17 @@ from coati.models.quant import check_strategy_support, quant_mode
 from coati.models.sharing import SharedBaseRewardModel, shared_critic_and_reward
 from coati.trainer import resolve_resume
 from coati.trainer.ppo import PPOTrainer
+from coati.trainer.rl_config import RLConfig
 from coati.utils import cli
+from coati.utils.config import add_config_args, config_from_args
 from coati.utils.tokenizer import load_tokenizer
 
 log = logging.getLogger("coati")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.make_parser("coati stage 3: PPO / PPO-ptx of a causal LM against a reward model or reward function. "
+    p = cli.make_parser("coati stage 3: PPO / PPO-ptx, or a critic-free method (--algo grpo, dr_grpo, rloo, "
+                        "reinforce_pp, dapo, gspo), of a causal LM against a reward model or reward function. "
                         "Every dropout of actor and critic (the model's own and --lora_dropout) is off during PPO, "
                         "so rollouts are scored and updated under one policy")
     cli.add_model_args(p)
@@ -57,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Python reward instead of a reward model: module:function or path/to/file.py:function, "
                         "called as f(prompts, responses, **record_fields) -> list[float]")
     r.add_argument("--critic_pretrain", default=None,
-                   help="critic start point; default: the reward model (--rm_path / --rm_pretrain), else --pretrain")
+                   help="critic start point (--adv_estimator gae only); default: the reward model (--rm_path / "
+                        "--rm_pretrain), else --pretrain")
     d = p.add_argument_group("data")
     d.add_argument("--prompt_dataset", required=True, help="prompt file or dir (prompt / instruction / question / "
                                                            "text / messages records)")
@@ -68,71 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max_datasets_size", type=int, default=None,
                    help="use at most this many prompt / pretrain records")
     d.add_argument("--max_input_len", type=int, default=96, help="max prompt tokens (longer prompts are skipped)")
-    d.add_argument("--max_seq_len", type=int, default=128,
-                   help="max prompt + response tokens (padded prompt width + generated tokens)")
-    d.add_argument("--max_new_tokens", type=int, default=None, help="max generated tokens (overrides --max_seq_len)")
     d.add_argument("--ptx_max_len", type=int, default=None,
                    help="max tokens per pretraining sample (default: --max_seq_len)")
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="prompt format; must match the SFT stage")
     cli.add_empty_records_arg(d)
-    t = p.add_argument_group("PPO")
-    t.add_argument("--num_episodes", type=int, default=10, help="collect + update rounds")
-    t.add_argument("--num_collect_steps", "--max_timesteps", dest="num_collect_steps", type=int, default=10,
-                   help="prompt batches collected per episode (--max_timesteps: June-2023 name)")
-    t.add_argument("--num_update_steps", "--update_timesteps", dest="num_update_steps", type=int, default=5,
-                   help="passes over the replay buffer per episode (--update_timesteps: June-2023 name)")
-    t.add_argument("--max_epochs", type=int, default=1, help="epochs per update step")
+    groups = add_config_args(p, RLConfig, {"data": d})
+    t, m = groups["PPO"], groups["memory"]
     t.add_argument("--experience_batch_size", type=int, default=8, help="prompts per generation batch per process")
-    t.add_argument("--train_batch_size", type=int, default=8, help="experiences per training micro-batch per process")
     t.add_argument("--ptx_batch_size", type=int, default=1, help="pretraining samples per micro-batch (PPO-ptx)")
-    t.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--kl_coef", type=float, default=0.1, help="KL penalty coefficient (initial one with --target_kl)")
-    t.add_argument("--target_kl", type=float, default=None,
-                   help="adaptive KL (Ziegler et al.): target KL per response in nats; off = fixed --kl_coef")
-    t.add_argument("--kl_horizon", type=int, default=10000, help="adaptive KL horizon in samples")
-    t.add_argument("--ptx_coef", type=float, default=0.9, help="actor loss = policy loss + ptx_coef * pretrain LM loss")
-    t.add_argument("--eps_clip", type=float, default=0.2, help="policy ratio clip")
-    t.add_argument("--value_clip", type=float, default=0.4, help="value clip around the old values")
-    t.add_argument("--vf_coef", type=float, default=1.0, help="value loss weight")
-    t.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
-    t.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
-    t.add_argument("--whiten_advantages", action=cli.BoolFlag, default=True,
-                   help="normalise advantages over valid tokens of each batch")
-    t.add_argument("--reward_clip", type=float, default=None, help="clip sequence rewards to +-this (off when absent)")
-    t.add_argument("--normalize_reward", action=cli.BoolFlag, default=False,
-                   help="normalise sequence rewards with running mean / std")
-    t.add_argument("--lr", type=float, default=1e-6, help="actor learning rate (AdamW)")
-    t.add_argument("--critic_lr", type=float, default=9e-6, help="critic learning rate (AdamW)")
-    t.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    t.add_argument("--lr_scheduler", default="constant", choices=["constant", "cosine"],
-                   help="learning-rate schedule of both optimizers (after warmup)")
-    t.add_argument("--warmup_ratio", type=float, default=0.0, help="share of optimizer steps spent warming up")
-    s = p.add_argument_group("sampling")
-    s.add_argument("--do_sample", action=cli.BoolFlag, default=True,
-                   help="sample (false = greedy); rollouts use these sampling flags only, never the model's "
-                        "generation_config.json")
-    s.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature; PPO's old, new and reference log-probs are those of logits / "
-                        "temperature, the distribution sampled")
-    s.add_argument("--top_k", type=int, default=0,
-                   help="top-k sampling (0 = off); biases PPO: log-probs stay those of the untruncated "
-                        "distribution")
-    s.add_argument("--top_p", type=float, default=1.0,
-                   help="nucleus sampling (1 = off); biases PPO: log-probs stay those of the untruncated "
-                        "distribution")
-    m = p.add_argument_group("memory")
-    m.add_argument("--offload_ref_reward", action=cli.BoolFlag, default=False,
-                   help="keep reference and reward models on CPU between uses (not with fsdp, which shards them: "
-                        "use --cpu_offload there)")
     m.add_argument("--share_critic_reward_base", action=cli.BoolFlag, default=False,
                    help="critic and reward model share one frozen base (quantized with --quant): the critic trains "
                         "a LoRA adapter on the reward model's weights, which the reward model runs with that adapter "
                         "off (or with its own frozen adapter when --rm_path is a LoRA dir); needs --lora_rank > 0")
-    m.add_argument("--buffer_cpu_offload", action=cli.BoolFlag, default=True, help="keep the replay buffer on CPU")
-    m.add_argument("--buffer_limit", type=int, default=0, help="max samples in the replay buffer (0 = no limit)")
-    m.add_argument("--log_entropy", action=cli.BoolFlag, default=True,
-                   help="log policy entropy (computes full-vocabulary logits of the response)")
     cli.add_logging_args(p, default_log_interval=1, save_unit="episodes")
     return p
 
@@ -197,10 +155,20 @@ def build_shared_critic_reward(args: argparse.Namespace, lora: Any, **load_kwarg
     return critic, reward_model
 
 
-def build_models(args: argparse.Namespace) -> tuple[Actor, Critic, RewardModel | None]:
-    """Actor from --pretrain; reward model from --rm_path/--rm_pretrain (unless --reward_fn); critic from
-    --critic_pretrain, else initialised from the reward model, else from --pretrain with a fresh value head.
-    With --share_critic_reward_base the critic and reward model share the reward model's frozen base."""
+def rl_config(args: argparse.Namespace) -> RLConfig:
+    """The flags' RLConfig with the --algo preset filled in (a bad combination is a UsageError)."""
+    return config_from_args(RLConfig, args).resolve()
+
+
+def build_models(args: argparse.Namespace) -> tuple[Actor, Critic | None, RewardModel | None]:
+    """Actor from --pretrain; reward model from --rm_path/--rm_pretrain (unless --reward_fn); for an estimator
+    with a critic (gae), the critic from --critic_pretrain, else initialised from the reward model, else from
+    --pretrain with a fresh value head; no critic otherwise. With --share_critic_reward_base the critic and
+    reward model share the reward model's frozen base."""
+    needs_critic = rl_config(args).needs_critic
+    if not needs_critic and (args.critic_pretrain or args.share_critic_reward_base):
+        raise UsageError(f"--adv_estimator {rl_config(args).adv_estimator} trains no critic: drop "
+                         f"--critic_pretrain / --share_critic_reward_base")
     lora = cli.lora_settings(args)
     quant = cli.quant_kwargs(args)
     if args.share_critic_reward_base:
@@ -226,6 +194,8 @@ def build_models(args: argparse.Namespace) -> tuple[Actor, Critic, RewardModel |
                                         **quant)
     elif args.rm_path is not None:
         raise UsageError("--reward_fn and --rm_path both give a reward; use one (--critic_pretrain sets the critic)")
+    if not needs_critic:
+        return actor, None, reward_model
     critic_kw = dict(lora=lora, grad_checkpoint=args.grad_checkpoint, **hf, **quant)
     if args.critic_pretrain:
         critic = Critic.from_pretrained(args.critic_pretrain, family=rm_family, **critic_kw)
@@ -238,30 +208,24 @@ def build_models(args: argparse.Namespace) -> tuple[Actor, Critic, RewardModel |
 
 def build_reference(args: argparse.Namespace) -> Actor | None:
     """Full fine-tuning: the starting policy loaded again as the frozen KL reference, in --frozen_dtype. With
-    LoRA the actor's base with the adapter off is the reference (None)."""
-    if cli.lora_settings(args).enabled:
+    LoRA the actor's base with the adapter off is the reference (None); without a KL term there is none."""
+    if cli.lora_settings(args).enabled or not rl_config(args).uses_reference:
         return None
     return Actor.from_pretrained(args.pretrain, family=args.model, frozen=True, frozen_dtype=args.frozen_dtype,
                                  trust_remote_code=args.trust_remote_code)
 
 
 def trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """CLI options that are PPOTrainer keyword arguments of the same name."""
-    names = ("kl_coef", "target_kl", "kl_horizon", "ptx_coef", "eps_clip", "value_clip", "vf_coef", "gamma", "lam",
-             "whiten_advantages", "reward_clip", "normalize_reward", "num_episodes", "num_collect_steps",
-             "num_update_steps", "max_epochs", "train_batch_size", "accumulation_steps", "lr", "critic_lr",
-             "weight_decay", "lr_scheduler", "warmup_ratio", "max_new_tokens", "max_seq_len", "do_sample",
-             "temperature", "top_k", "top_p", "buffer_limit", "buffer_cpu_offload", "offload_ref_reward",
-             "save_path", "save_interval", "log_interval", "log_dir", "use_tensorboard", "use_wandb",
-             "need_optim_ckpt", "log_entropy")
-    kw = {n: getattr(args, n) for n in names}
-    kw["merge_lora"] = args.merge_lora_weights
-    return kw
+    """PPOTrainer's arguments besides the models: the RL config and the logging / checkpoint options."""
+    names = ("save_path", "save_interval", "log_interval", "log_dir", "use_tensorboard", "use_wandb",
+             "need_optim_ckpt")
+    return {"config": rl_config(args), "merge_lora": args.merge_lora_weights, **{n: getattr(args, n) for n in names}}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     args = build_parser().parse_args(argv)
     cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy before any work
+    rl_config(args)  # and a bad --algo combination
     strategy = cli.strategy_from_args(args)
     cli.setup_logging(strategy.is_rank0())
     try:

@@ -329,14 +329,16 @@ def test_cli_defaults_aliases_and_critic_from_reward_model(tmp_path, tiny_llama_
     mod = _load_example()
     parser = mod.build_parser()
     help_text = " ".join(parser.format_help().split())
-    for flag, default in [("--kl_coef", "0.1"), ("--ptx_coef", "0.9"), ("--eps_clip", "0.2"),
-                          ("--value_clip", "0.4"), ("--vf_coef", "1.0")]:
+    for flag, default in [("--ptx_coef", "0.9"), ("--value_clip", "0.4"), ("--vf_coef", "1.0")]:
         entry = help_text.split(f"{flag} {flag[2:].upper()} ")[-1]  # the options-list entry
         assert re.search(r"\(default: ([^)]*)\)", entry).group(1) == default, entry
     assert all(a.help for a in parser._actions)
     args = mod.build_parser().parse_args(["--pretrain", "x", "--prompt_dataset", "p", "--max_timesteps", "3",
                                           "--update_timesteps", "2", "--no-whiten_advantages"])
     assert (args.num_collect_steps, args.num_update_steps, args.whiten_advantages) == (3, 2, False)
+    cfg = mod.rl_config(args)  # --algo ppo (the default) fills the algorithm flags with Coati's PPO values
+    assert (cfg.kl_coef, cfg.eps_clip, cfg.eps_clip_high, cfg.adv_estimator, cfg.kl_placement) == (
+        0.1, 0.2, None, "gae", "reward")
 
     torch.manual_seed(3)
     rm = RewardModel.from_pretrained(tiny_llama_dir)

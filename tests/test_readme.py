@@ -1,11 +1,27 @@
-"""README.md names only files that exist, and its stage-0 wrapper runs from any directory."""
+"""README.md: its flag tables are the scripts' --help row for row, it names only files that exist, and its
+stage-0 wrapper runs from any directory."""
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from coati.utils import flag_table
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_flag_tables_match_help(capsys):
+    assert flag_table.main(["--check", str(ROOT / "README.md")]) == 0, capsys.readouterr().out
+
+
+def test_check_sees_a_drifted_row(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    drifted = tmp_path / "README.md"
+    drifted.write_text(readme.replace("| `--lam` | `0.95` |", "| `--lam` | `0.9` |"))
+    assert flag_table.main(["--check", str(drifted)]) == 1
+    assert flag_table.main(["--write", str(drifted)]) == 0
+    assert drifted.read_text() == readme
 
 
 def test_every_path_the_readme_names_exists():

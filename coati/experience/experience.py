@@ -1,9 +1,11 @@
-"""The unit of PPO data: one batch of generated responses with everything the update needs.
+"""The unit of RL data: one batch of generated responses with everything the update needs.
 
 Tensors with an action axis have shape (batch, num_actions) and are aligned with the last
 ``num_actions`` tokens of ``sequences``. Prompts are left padded and responses right padded, so an
 experience can be split into samples and re-batched with different padding without changing the
-model outputs (the models compute position ids from ``attention_mask``).
+model outputs (the models compute position ids from ``attention_mask``). Optional tensors are None when
+the algorithm has no use for them: ``values`` / ``returns`` without a critic, ``ref_log_probs`` unless the
+KL is a loss term, ``group`` (the prompt each sample answers) is always set by the experience maker.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 # Per-action tensors: trimmed / padded along the action axis together.
-ACTION_FIELDS = ("action_mask", "action_log_probs", "values", "returns", "advantages")
+ACTION_FIELDS = ("action_mask", "action_log_probs", "values", "returns", "advantages", "ref_log_probs")
+# Per-sample tensors (shape (batch,)) that the update uses; ``info`` holds those only logged.
+SAMPLE_FIELDS = ("group",)
 
 
 @dataclass
@@ -24,9 +28,11 @@ class Experience:
     attention_mask: torch.Tensor  # (B, T) 1 on prompt tokens and valid response tokens
     action_mask: torch.Tensor  # (B, A) 1 on response tokens up to and including the first EOS
     action_log_probs: torch.Tensor  # (B, A) log pi_old(a_t | s_t)
-    values: torch.Tensor  # (B, A) V_old(s_t)
-    returns: torch.Tensor  # (B, A) GAE returns (targets of the value loss)
-    advantages: torch.Tensor  # (B, A) GAE advantages (whitened unless turned off)
+    values: torch.Tensor | None  # (B, A) V_old(s_t); None without a critic
+    returns: torch.Tensor | None  # (B, A) value targets; None without a critic
+    advantages: torch.Tensor  # (B, A) from the configured estimator
+    ref_log_probs: torch.Tensor | None = None  # (B, A) log pi_ref, for a KL loss term
+    group: torch.Tensor | None = None  # (B,) id of the prompt each sample answers
     info: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -38,8 +44,12 @@ class Experience:
         return self.sequences.size(0)
 
     def _map(self, fn) -> "Experience":
-        kw = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "info"}
+        kw = {f.name: _opt(fn, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "info"}
         return Experience(**kw, info={k: fn(v) for k, v in self.info.items()})
+
+    def select(self, index: torch.Tensor) -> "Experience":
+        """The samples at ``index`` (a 1-d index or boolean tensor)."""
+        return self._map(lambda t: t[index.to(t.device)])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Experience":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -64,7 +74,9 @@ class Experience:
                 "attention_mask": self.attention_mask[i : i + 1, start:end].clone(),
             }
             for name in ACTION_FIELDS:
-                kw[name] = getattr(self, name)[i : i + 1, :n_act].clone()
+                kw[name] = _opt(lambda t: t[i : i + 1, :n_act].clone(), getattr(self, name))
+            for name in SAMPLE_FIELDS:
+                kw[name] = _opt(lambda t: t[i : i + 1].clone(), getattr(self, name))
             info = {k: v[i : i + 1].clone() for k, v in self.info.items()}
             items.append(Experience(**kw, info=info))
         return items
@@ -84,14 +96,15 @@ class Experience:
             seqs.append(_pad(e.sequences, left, right, pad_token_id))
             attn.append(_pad(e.attention_mask, left, right, 0))
             for name in ACTION_FIELDS:
-                per_action[name].append(_pad(getattr(e, name), 0, right, 0))
+                per_action[name].append(_opt(lambda t: _pad(t, 0, right, 0), getattr(e, name)))
         info_keys = set(items[0].info)
         for e in items[1:]:
             info_keys &= set(e.info)
         return Experience(
             sequences=torch.cat(seqs),
             attention_mask=torch.cat(attn),
-            **{name: torch.cat(ts) for name, ts in per_action.items()},
+            **{name: _cat(ts) for name, ts in per_action.items()},
+            **{name: _cat([getattr(e, name) for e in items]) for name in SAMPLE_FIELDS},
             info={k: torch.cat([e.info[k] for e in items]) for k in sorted(info_keys)},
         )
 
@@ -100,3 +113,16 @@ def _pad(t: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
     if left == 0 and right == 0:
         return t
     return torch.nn.functional.pad(t, (left, right), value=value)
+
+
+def _opt(fn, t):
+    return None if t is None else fn(t)
+
+
+def _cat(ts: list) -> torch.Tensor | None:
+    """Concatenate, or None when the field is absent (it is absent from all items or from none)."""
+    if any(t is None for t in ts):
+        if not all(t is None for t in ts):
+            raise ValueError("cannot collate experiences where only some carry a field")
+        return None
+    return torch.cat(ts)

@@ -1,10 +1,13 @@
 """Turn a batch of prompts into an :class:`Experience`: sample responses, score them, compute advantages.
 
-Per batch: generate with the actor; log-probs of the sampled tokens under the actor and the reference
-policy; critic values; a sequence reward from a :class:`~coati.models.RewardModel` or a Python function;
-per-token rewards ``-kl_coef * (log pi - log pi_ref)`` with the sequence reward on the last response token;
-GAE; whitened advantages. With LoRA and no separate reference model, the reference is the actor with its
-adapter disabled (no second copy of the weights).
+Per batch: repeat each prompt ``n_samples_per_prompt`` times (one group id per prompt); generate with the
+actor; log-probs of the sampled tokens under the actor and (when there is a KL term) the reference policy;
+critic values (only for an estimator that needs them); a sequence score from a
+:class:`~coati.models.RewardModel` or a Python function, plus DAPO's overlong penalty when on; per-token
+rewards: the sequence reward on the last response token and, with ``kl_placement="reward"``,
+``-kl_coef * KL`` on every token; then advantages from ``coati.algos.ADV_ESTIMATORS[adv_estimator]``. With
+``kl_placement="loss"`` the reference log-probs are stored for the update's KL term instead. With LoRA and
+no separate reference model, the reference is the actor with its adapter disabled (no second copy).
 
 Rollouts sample with exactly the settings given here (the checkpoint's ``generation_config.json`` never
 applies, see :meth:`~coati.models.Actor.generate`), and every log-prob PPO uses (old, reference, and the
@@ -22,12 +25,13 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from coati.algos import ADV_ESTIMATORS, overlong_penalty
 from coati.errors import MissingInputError, UsageError
 from coati.experience.experience import Experience
-from coati.experience.gae import compute_gae
-from coati.experience.kl import FixedKLController
+from coati.experience.kl import FixedKLController, make_kl_controller
 from coati.models.generation import generate_with_masks
-from coati.models.utils import compute_reward, masked_mean, masked_whiten
+from coati.models.utils import compute_reward, masked_mean
+from coati.trainer.rl_config import RLConfig, make_config
 
 logger = logging.getLogger("coati")
 
@@ -73,72 +77,82 @@ class RunningMoments:
         self.count, self.mean, self.var = state["count"], state["mean"], state["var"]
 
 
-class ExperienceMaker:
-    """Builds experiences for PPO.
+def _repeat_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """Every per-sample entry of a PromptCollator batch repeated ``n`` times in place (rows 0..n-1 answer
+    prompt 0, ...)."""
+    if n == 1:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            out[k] = v.repeat_interleave(n, dim=0)
+        elif isinstance(v, (list, tuple)):
+            out[k] = [x for x in v for _ in range(n)]
+        else:
+            out[k] = v
+    return out
 
-    ``actor``/``critic`` may be strategy-wrapped (DDP); inference here uses the unwrapped modules.
-    ``initial_model`` is the frozen reference actor; leave it None when the actor has LoRA to use the actor
-    with its adapter disabled. Give ``reward_model`` or ``reward_fn`` (``f(prompts, responses, **extras) ->
-    list[float]``, extras being the prompt dataset's other fields). ``kl_ctl`` holds the KL coefficient
-    (a float makes a fixed controller).
+
+class ExperienceMaker:
+    """Builds experiences for PPO and the critic-free methods.
+
+    ``actor``/``critic`` may be strategy-wrapped (DDP); inference here uses the unwrapped modules. ``critic``
+    is used (and required) only by an estimator that needs values (gae). ``initial_model`` is the frozen
+    reference actor; leave it None when the actor has LoRA to use the actor with its adapter disabled (with
+    no KL term no reference is needed). Give ``reward_model`` or ``reward_fn`` (``f(prompts, responses,
+    **extras) -> list[float]``, extras being the prompt dataset's other fields). ``config`` (an
+    :class:`~coati.trainer.rl_config.RLConfig`) holds the settings; keyword arguments override its fields.
+    ``kl_ctl`` holds the KL coefficient (default: made from the config; a float makes a fixed controller).
     """
 
     def __init__(
         self,
         actor: nn.Module,
-        critic: nn.Module,
+        critic: nn.Module | None = None,
         reward_model: nn.Module | None = None,
         initial_model: nn.Module | None = None,
         *,
         tokenizer: Any,
         reward_fn: RewardFn | None = None,
-        kl_ctl: FixedKLController | float = 0.1,
-        gamma: float = 1.0,
-        lam: float = 0.95,
-        whiten_advantages: bool = True,
-        reward_clip: float | None = None,
-        normalize_reward: bool = False,
-        offload_ref_reward: bool = False,
+        kl_ctl: FixedKLController | float | None = None,
         strategy: Any = None,
-        max_new_tokens: int | None = None,
-        max_seq_len: int | None = None,
-        do_sample: bool = True,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
         generate_kwargs: dict[str, Any] | None = None,
+        config: RLConfig | None = None,
+        **overrides: Any,
     ) -> None:
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("give exactly one reward source: reward_model or reward_fn")
-        if max_new_tokens is None and max_seq_len is None:
+        cfg = self.config = make_config(config, **overrides)
+        if cfg.max_new_tokens is None and cfg.max_seq_len is None:
             raise ValueError("set max_new_tokens or max_seq_len for generation")
+        if cfg.needs_critic and critic is None:
+            raise ValueError(f"adv_estimator {cfg.adv_estimator!r} needs a critic")
         self.actor = actor
-        self.critic = critic
+        self.critic = critic if cfg.needs_critic else None
         self.reward_model = reward_model
         self.initial_model = initial_model
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn
+        if kl_ctl is None:
+            kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.kl_ctl = kl_ctl if isinstance(kl_ctl, FixedKLController) else FixedKLController(kl_ctl)
-        self.gamma = gamma
-        self.lam = lam
-        self.whiten_advantages = whiten_advantages
-        self.reward_clip = reward_clip
-        self.normalize_reward = normalize_reward
         self.reward_stats = RunningMoments(strategy)
-        self.offload_ref_reward = offload_ref_reward
+        self.offload_ref_reward = cfg.offload_ref_reward
         self.strategy = strategy
-        self.max_new_tokens = max_new_tokens
-        self.max_seq_len = max_seq_len
-        self.sampling = {"do_sample": do_sample, **(generate_kwargs or {})}
-        if do_sample:
-            self.sampling.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.max_new_tokens = cfg.max_new_tokens
+        self.max_seq_len = cfg.max_seq_len
+        self.sampling = {"do_sample": cfg.do_sample, **(generate_kwargs or {})}
+        if cfg.do_sample:
+            self.sampling.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         # log-probs are those of the sampled distribution (greedy decoding has none; score at 1)
-        self.temperature = temperature if do_sample else 1.0
+        self.temperature = cfg.temperature if cfg.do_sample else 1.0
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.timings: dict[str, float] = {"generate": 0.0, "make_experience": 0.0}
+        self.groups_made = 0  # prompts seen by this process: the next group id
         self._warned_len = False
-        self._check_reference()
+        if cfg.uses_reference:
+            self._check_reference()
 
     # ----- helpers ------------------------------------------------------------------------------------
     def _unwrap(self, model: nn.Module | None) -> nn.Module | None:
@@ -230,23 +244,40 @@ class ExperienceMaker:
             return actor(sequences, attention_mask, num_actions=num_actions, temperature=self.temperature)
 
     # ----- the experience -------------------------------------------------------------------------------
+    def _group_ids(self, num_prompts: int, device: torch.device) -> torch.Tensor:
+        """One id per prompt, unique over the run and over processes, repeated for its samples."""
+        rank, world = (self.strategy.rank, self.strategy.world_size) if self.strategy is not None else (0, 1)
+        ids = (torch.arange(num_prompts, device=device) + self.groups_made) * world + rank
+        self.groups_made += num_prompts
+        return ids.repeat_interleave(self.config.n_samples_per_prompt)
+
+    def _reduce_sum(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.strategy is None:
+            return None
+        return lambda t: self.strategy.all_reduce(t, op="sum")
+
     @torch.no_grad()
     def make_experience(self, batch: dict[str, Any]) -> Experience:
         """``batch`` is a PromptCollator batch (left-padded ``input_ids``, ``attention_mask``, ``prompts``,
-        extras) on any device."""
+        extras) on any device; each prompt yields ``n_samples_per_prompt`` samples of one group."""
+        cfg = self.config
         actor, critic = self._unwrap(self.actor), self._unwrap(self.critic)
-        was_training = actor.training, critic.training
+        was_training = actor.training, critic.training if critic is not None else False
         actor.eval()
-        critic.eval()
+        if critic is not None:
+            critic.eval()
         device = self.device
+        group = self._group_ids(batch["input_ids"].size(0), device)
+        batch = _repeat_batch(batch, cfg.n_samples_per_prompt)
         input_ids = batch["input_ids"].to(device)
         prompt_mask = batch["attention_mask"].to(device)
 
         t0 = time.perf_counter()
         with self._inference(self.actor):  # one gather of the actor for generating and scoring
+            gen_kwargs = self._generation_kwargs(input_ids.size(1))
             sequences, attention_mask, action_mask = generate_with_masks(
                 actor, input_ids, prompt_mask, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                **self._generation_kwargs(input_ids.size(1)))
+                **gen_kwargs)
             t1 = time.perf_counter()
             num_actions = action_mask.size(1)
             # Tokens after the first EOS are padding: keep them out of every model input.
@@ -255,50 +286,69 @@ class ExperienceMaker:
             with self._autocast():
                 log_probs = actor(sequences, attention_mask, num_actions=num_actions,
                                   temperature=self.temperature).float()
-        with self._inference(self.critic), self._autocast():
-            values = critic(sequences, attention_mask, num_actions=num_actions).float()
-        ref_log_probs = self._ref_log_probs(sequences, attention_mask, num_actions).float()
+        values = None
+        if critic is not None:
+            with self._inference(self.critic), self._autocast():
+                values = critic(sequences, attention_mask, num_actions=num_actions).float()
+        ref_log_probs = None
+        if cfg.uses_reference:
+            ref_log_probs = self._ref_log_probs(sequences, attention_mask, num_actions).float()
         score = self._sequence_reward(batch, sequences, attention_mask, action_mask)
+        mask = action_mask.float()
+        lengths = mask.sum(-1)
 
         reward = score
-        if self.normalize_reward:
-            self.reward_stats.update(score)
-            reward = (score - self.reward_stats.mean) / (self.reward_stats.std + 1e-8)
-        kl_coef = self.kl_ctl.value
-        rewards = compute_reward(reward, kl_coef, log_probs, ref_log_probs, action_mask,
-                                 reward_clip=self.reward_clip)
-        mask = action_mask.float()
-        values = values * mask
-        advantages, returns = compute_gae(rewards, values, action_mask, self.gamma, self.lam)
-        raw_adv = masked_mean(advantages, action_mask, dim=-1)
-        if self.whiten_advantages:
-            advantages = masked_whiten(advantages, action_mask) * mask
+        penalty = None
+        if cfg.overlong_buffer_len:
+            penalty = overlong_penalty(lengths, gen_kwargs["max_new_tokens"], cfg.overlong_buffer_len,
+                                       cfg.overlong_penalty_factor)
+            reward = reward + penalty
+        if cfg.normalize_reward:
+            self.reward_stats.update(reward)
+            reward = (reward - self.reward_stats.mean) / (self.reward_stats.std + 1e-8)
+        kl_coef = self.kl_ctl.value if cfg.kl_placement == "reward" and ref_log_probs is not None else 0.0
+        rewards = compute_reward(reward, kl_coef, log_probs, log_probs if ref_log_probs is None else ref_log_probs,
+                                 action_mask, reward_clip=self.config.reward_clip, kl_estimator=cfg.kl_estimator)
+        seq_reward = reward if cfg.reward_clip is None else reward.clamp(-cfg.reward_clip, cfg.reward_clip)
+        if values is not None:
+            values = values * mask
+        advantages, returns = ADV_ESTIMATORS[cfg.adv_estimator](
+            token_rewards=rewards, values=values, mask=action_mask, scores=seq_reward, group=group,
+            gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages, reduce_sum=self._reduce_sum())
 
-        log_ratio = (log_probs - ref_log_probs) * mask
         info = {
             "score": score,
             "reward": rewards.sum(-1),
-            "kl": masked_mean(log_ratio, action_mask, dim=-1),
-            "kl_seq": log_ratio.sum(-1),
-            "return": masked_mean(returns, action_mask, dim=-1),
-            "value": masked_mean(values, action_mask, dim=-1),
-            "advantage": raw_adv,
-            "response_length": mask.sum(-1),
+            "advantage": masked_mean(advantages, action_mask, dim=-1),
+            "response_length": lengths,
             "prompt_length": prompt_mask.float().sum(-1),
             "response_clipped": self._no_eos(sequences[:, -num_actions:], action_mask),
         }
+        if ref_log_probs is not None:
+            log_ratio = (log_probs - ref_log_probs) * mask
+            info["kl"] = masked_mean(log_ratio, action_mask, dim=-1)
+            info["kl_seq"] = log_ratio.sum(-1)
+        if values is not None:
+            info["return"] = masked_mean(returns, action_mask, dim=-1)
+            info["value"] = masked_mean(values, action_mask, dim=-1)
+        if penalty is not None:
+            info["overlong_penalty"] = penalty
         actor.train(was_training[0])
-        critic.train(was_training[1])
+        if critic is not None:
+            critic.train(was_training[1])
         self.timings["generate"] += t1 - t0
         self.timings["make_experience"] += time.perf_counter() - t1
+        keep_ref = ref_log_probs is not None and cfg.kl_placement == "loss"
         return Experience(
             sequences=sequences,
             attention_mask=attention_mask,
             action_mask=action_mask,
             action_log_probs=log_probs * mask,
             values=values,
-            returns=returns,
+            returns=returns if values is not None else None,
             advantages=advantages,
+            ref_log_probs=ref_log_probs * mask if keep_ref else None,
+            group=group,
             info=info,
         )
 

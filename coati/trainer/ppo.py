@@ -1,20 +1,30 @@
-"""Stage 3: PPO (and PPO-ptx) on prompts, driven through a Strategy.
+"""Stage 3: PPO (and PPO-ptx), GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO and GSPO on prompts, through a Strategy.
+
+The algorithm is data (:class:`~coati.trainer.rl_config.RLConfig`, ``--algo`` presets in
+``coati.algos.PRESETS``): an advantage estimator, a policy loss, a loss aggregation and where the KL goes,
+each a registered function of ``coati.algos``. The critic exists only for an estimator that needs values
+(gae): otherwise none is built, stepped or saved.
 
 One *episode* (= one logged step, like a veRL iteration) is:
 
-1. collect: ``num_collect_steps`` prompt batches -> experiences (generate, score, KL penalty, GAE) -> buffer;
+1. collect: ``num_collect_steps`` prompt batches, each prompt sampled ``n_samples_per_prompt`` times ->
+   experiences (generate, score, KL, advantages) -> buffer; with ``dynamic_sampling`` groups whose rewards
+   are all equal are dropped and further prompt batches top the episode up to its number of groups;
 2. update: ``num_update_steps`` x ``max_epochs`` shuffled passes over the buffer in micro-batches of
-   ``train_batch_size``; every ``accumulation_steps`` micro-batches make one actor and one critic
-   optimizer step (separate optimizers and schedules);
+   ``train_batch_size``; every ``accumulation_steps`` micro-batches make one actor (and critic) optimizer
+   step (separate optimizers and schedules);
 3. the buffer is cleared.
 
-Actor loss (PPO-ptx, InstructGPT's objective)::
+Actor loss (PPO-ptx, InstructGPT's objective, plus a KL term for ``kl_placement="loss"``)::
 
-    loss_actor  = policy_loss + ptx_coef * ptx_loss      (ptx term only with a pretrain dataloader)
+    loss_actor  = policy_loss + kl_coef * kl_loss + ptx_coef * ptx_loss  (ptx only with a pretrain loader)
     loss_critic = vf_coef * value_loss
 
-``policy_loss`` is the clipped surrogate (``eps_clip``), ``value_loss`` the clipped value loss
-(``value_clip``), ``ptx_loss`` the LM loss on a pretraining batch of ``ptx_batch_size`` per micro-batch.
+``policy_loss`` is ``POLICY_LOSSES[policy_loss]`` (PPO clip ``eps_clip`` / ``eps_clip_high`` / dual clip, or
+GSPO) reduced by ``agg_loss(loss_agg_mode)``; micro-batches of one optimizer step are weighted by their
+sequences (``seq_*`` modes) or valid tokens (``token_mean``), so accumulation equals one big batch.
+``value_loss`` is the clipped value loss (``value_clip``), ``ptx_loss`` the LM loss on a pretraining batch
+of ``ptx_batch_size`` per micro-batch.
 With ``ptx_coef == 0`` no pretraining batch is even drawn, so the run equals plain PPO exactly. (Coati's
 2023 code mixed ``ptx_coef * ptx + (1 - ptx_coef) * policy`` instead; here the policy term keeps weight 1 so
 turning ptx on does not shrink the RL step.)
@@ -35,21 +45,23 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
+from ..algos import POLICY_LOSSES, agg_loss, kl_estimate
 from ..experience.buffer import ReplayBuffer
 from ..experience.experience import Experience
 from ..experience.kl import make_kl_controller
 from ..experience.maker import ExperienceMaker
 from ..models.lora import check_ppo_train_bias, lora_train_bias
-from ..models.loss import PolicyLoss, PtxLoss, ValueLoss
+from ..models.loss import PtxLoss, ValueLoss
 from ..models.utils import disable_dropout, log_probs_from_logits, masked_mean
 from .base import checkpoint_dir, cosine_schedule, epoch_iter, make_adamw, save_checkpoint, to_device
 from .callbacks import MetricsLogger, logger
+from .rl_config import RLConfig, make_config
 from .strategies import Strategy
 
 # Experience info fields -> logged names (veRL's where it has one).
 # "score" is the sequence reward (reward model / function), "reward" the per-token rewards summed (score
 # minus the KL penalty), "kl" the per-token mean of log pi - log pi_ref, "kl_seq" its sum over the response
-# (what the adaptive KL controller sees), "advantage" the raw GAE advantage before whitening.
+# (what the adaptive KL controller sees), "advantage" the per-sequence mean of the advantages trained on.
 _EXPERIENCE_METRICS = {
     "score": "critic/score/mean",
     "reward": "critic/rewards/mean",
@@ -61,6 +73,7 @@ _EXPERIENCE_METRICS = {
     "response_length": "response_length/mean",
     "prompt_length": "prompt_length/mean",
     "response_clipped": "response_length/clip_ratio",
+    "overlong_penalty": "critic/overlong_penalty/mean",
 }
 _WITH_STD = ("score", "reward", "response_length")
 
@@ -98,21 +111,24 @@ class _Cycle:
         self._it = None
 
 
-def _check_frozen_bases(actor: nn.Module, critic: nn.Module, initial_model: nn.Module | None,
-                        reward_model: nn.Module | None) -> None:
+def _check_frozen_bases(actor: nn.Module, critic: nn.Module | None, initial_model: nn.Module | None,
+                        reward_model: nn.Module | None, uses_reference: bool) -> None:
     """The reference policy (the LoRA actor's base, when no ``initial_model`` is given) and a reward model
     sharing the critic's base must not train: refuse LoRA that trains the base's biases."""
-    if initial_model is None:
+    if initial_model is None and uses_reference:
         check_ppo_train_bias(lora_train_bias(actor.model))
-    if getattr(reward_model, "shares_base", False):  # never strategy-wrapped: it has nothing to train
+    if critic is not None and getattr(reward_model, "shares_base", False):  # never strategy-wrapped: it has nothing to train
         check_ppo_train_bias(lora_train_bias(critic.model))
 
 
 class PPOTrainer:
-    """PPO / PPO-ptx trainer. Keyword arguments carry the names of ``examples/train_prompts.py``'s flags.
+    """The stage-3 trainer (PPO / PPO-ptx and the critic-free methods). ``config`` holds the hyper-parameters
+    (:class:`~coati.trainer.rl_config.RLConfig`, the fields of ``examples/train_prompts.py``'s flags);
+    keyword arguments of the same names override its fields.
 
-    Models may be plain or already prepared by ``strategy``; unprepared ones are prepared here.
-    ``initial_model`` (frozen reference policy) defaults to the actor with LoRA disabled when the actor has
+    Models may be plain or already prepared by ``strategy``; unprepared ones are prepared here. ``critic`` is
+    required by an estimator that needs values (gae) and refused otherwise. ``initial_model`` (frozen
+    reference policy, only used with a KL term) defaults to the actor with LoRA disabled when the actor has
     LoRA, else to a frozen copy of the actor made now. Give ``reward_model`` or ``reward_fn``.
     """
 
@@ -120,7 +136,7 @@ class PPOTrainer:
         self,
         strategy: Strategy,
         actor: nn.Module,
-        critic: nn.Module,
+        critic: nn.Module | None = None,
         reward_model: nn.Module | None = None,
         initial_model: nn.Module | None = None,
         actor_optim: torch.optim.Optimizer | None = None,
@@ -128,44 +144,8 @@ class PPOTrainer:
         *,
         tokenizer: Any,
         reward_fn: Callable[..., list[float]] | None = None,
-        # PPO objective
-        kl_coef: float = 0.1,
-        target_kl: float | None = None,
-        kl_horizon: int = 10000,
-        ptx_coef: float = 0.9,
-        eps_clip: float = 0.2,
-        value_clip: float = 0.4,
-        vf_coef: float = 1.0,
-        gamma: float = 1.0,
-        lam: float = 0.95,
-        whiten_advantages: bool = True,
-        reward_clip: float | None = None,
-        normalize_reward: bool = False,
-        # loop sizes
-        num_episodes: int = 10,
-        num_collect_steps: int = 10,
-        num_update_steps: int = 5,
-        max_epochs: int = 1,
-        train_batch_size: int = 8,
-        accumulation_steps: int = 1,
-        # optimisation
-        lr: float = 1e-6,
-        critic_lr: float = 9e-6,
-        weight_decay: float = 0.0,
-        lr_scheduler: str = "constant",
-        warmup_ratio: float = 0.0,
-        # generation
-        max_new_tokens: int | None = None,
-        max_seq_len: int | None = 128,
-        do_sample: bool = True,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        config: RLConfig | None = None,
         generate_kwargs: dict[str, Any] | None = None,
-        # memory
-        buffer_limit: int = 0,
-        buffer_cpu_offload: bool = True,
-        offload_ref_reward: bool = False,
         # logging and checkpoints
         save_path: str | os.PathLike | None = None,
         save_interval: int = 0,
@@ -175,66 +155,72 @@ class PPOTrainer:
         use_wandb: bool = False,
         merge_lora: bool = True,
         need_optim_ckpt: bool = True,
-        log_entropy: bool = True,
         run_config: dict[str, Any] | None = None,
+        **overrides: Any,
     ) -> None:
-        if lr_scheduler not in ("constant", "cosine"):
-            raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {lr_scheduler!r}")
-        strategy.check_ppo(offload_ref_reward)
+        cfg = self.config = make_config(config, **overrides)
+        strategy.check_ppo(cfg.offload_ref_reward)
+        if cfg.needs_critic and critic is None:
+            raise ValueError(f"adv_estimator {cfg.adv_estimator!r} learns from a critic's values: pass a critic")
+        if not cfg.needs_critic and critic is not None:
+            raise ValueError(f"adv_estimator {cfg.adv_estimator!r} uses no critic: pass critic=None")
         self.strategy = strategy
         self.tokenizer = tokenizer
         plain_actor = strategy.unwrap(actor)
-        _check_frozen_bases(plain_actor, strategy.unwrap(critic), initial_model, reward_model)
+        _check_frozen_bases(plain_actor, strategy.unwrap(critic) if critic is not None else None, initial_model,
+                            reward_model, cfg.uses_reference)
         for model in (actor, critic, initial_model, reward_model):
             if model is not None:
                 # old log-probs and values are scored without gradients, the update runs in train mode:
                 # with dropout they would be two different functions (TRL and OpenRLHF do the same)
                 disable_dropout(strategy.unwrap(model))
-        if initial_model is None and not getattr(plain_actor, "lora_enabled", False):
+        if not cfg.uses_reference:
+            initial_model = None  # no KL term: no reference pass
+        elif initial_model is None and not getattr(plain_actor, "lora_enabled", False):
             # Full fine-tuning needs a frozen copy of the starting policy as the KL reference.
             initial_model = copy.deepcopy(plain_actor)
         self.actor = self._prepare(actor, trainable=True)
         self.critic = self._prepare(critic, trainable=True)
         self.initial_model = self._prepare(initial_model, trainable=False)
         self.reward_model = self._prepare(reward_model, trainable=False)
-        if offload_ref_reward:
+        if cfg.offload_ref_reward:
             for m in (self.initial_model, self.reward_model):
                 if m is not None:
                     m.to("cpu")
         actor_optim = actor_optim or make_adamw(
-            (p for p in self.actor.parameters() if p.requires_grad), lr=lr, weight_decay=weight_decay)
-        critic_optim = critic_optim or make_adamw(
-            (p for p in self.critic.parameters() if p.requires_grad), lr=critic_lr, weight_decay=weight_decay)
+            (p for p in self.actor.parameters() if p.requires_grad), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # Strategies that wrap a model together with its optimizer (ColossalAI's Booster) do it here; the
         # experience maker and the update phase then use the returned pairs.
         self.actor, self.actor_optim = strategy.prepare_optimizer(self.actor, actor_optim)
-        self.critic, self.critic_optim = strategy.prepare_optimizer(self.critic, critic_optim)
+        self.critic_optim = None
+        if self.critic is not None:
+            critic_optim = critic_optim or make_adamw(
+                (p for p in self.critic.parameters() if p.requires_grad), lr=cfg.critic_lr,
+                weight_decay=cfg.weight_decay)
+            self.critic, self.critic_optim = strategy.prepare_optimizer(self.critic, critic_optim)
 
-        self.kl_ctl = make_kl_controller(kl_coef, target_kl, kl_horizon)
+        self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.experience_maker = ExperienceMaker(
             self.actor, self.critic, self.reward_model, self.initial_model, tokenizer=tokenizer,
-            reward_fn=reward_fn, kl_ctl=self.kl_ctl, gamma=gamma, lam=lam, whiten_advantages=whiten_advantages,
-            reward_clip=reward_clip, normalize_reward=normalize_reward, offload_ref_reward=offload_ref_reward,
-            strategy=strategy, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, generate_kwargs=generate_kwargs)
+            reward_fn=reward_fn, kl_ctl=self.kl_ctl, strategy=strategy, generate_kwargs=generate_kwargs, config=cfg)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.buffer = ReplayBuffer(pad_token_id=pad_id, cpu_offload=buffer_cpu_offload, limit=buffer_limit)
+        self.buffer = ReplayBuffer(pad_token_id=pad_id, cpu_offload=cfg.buffer_cpu_offload, limit=cfg.buffer_limit)
         self.actor_scheduler = self.critic_scheduler = None
-        self.lr_scheduler = lr_scheduler
-        self.warmup_ratio = warmup_ratio
+        self.lr_scheduler = cfg.lr_scheduler
+        self.warmup_ratio = cfg.warmup_ratio
 
-        self.policy_loss_fn = PolicyLoss(eps_clip)
-        self.value_loss_fn = ValueLoss(value_clip)
+        self.policy_loss_fn = POLICY_LOSSES[cfg.policy_loss]
+        self.value_loss_fn = ValueLoss(cfg.value_clip)
         self.ptx_loss_fn = PtxLoss()
-        self.ptx_coef = ptx_coef
-        self.vf_coef = vf_coef
-        self.num_episodes = num_episodes
-        self.num_collect_steps = num_collect_steps
-        self.num_update_steps = num_update_steps
-        self.max_epochs = max_epochs
-        self.train_batch_size = train_batch_size
-        self.accumulation_steps = max(1, accumulation_steps)
-        self.log_entropy = log_entropy
+        self.ptx_coef = cfg.ptx_coef
+        self.vf_coef = cfg.vf_coef
+        self.num_episodes = cfg.num_episodes
+        self.num_collect_steps = cfg.num_collect_steps
+        self.num_update_steps = cfg.num_update_steps
+        self.max_epochs = cfg.max_epochs
+        self.train_batch_size = cfg.train_batch_size
+        self.accumulation_steps = max(1, cfg.accumulation_steps)
+        self.log_entropy = cfg.log_entropy
 
         self.save_path = save_path
         self.save_interval = save_interval
@@ -268,10 +254,15 @@ class PPOTrainer:
         n, size = len(prompt_loader.sampler), prompt_loader.batch_size
         batches = [size] * (n // size) + ([n % size] if n % size and not prompt_loader.drop_last else [])
         passes = self.num_update_steps * self.max_epochs
+        per_prompt = self.config.n_samples_per_prompt
         total = 0
         for episode in range(self.num_episodes):
             first = episode * self.num_collect_steps
-            samples = sum(batches[i % len(batches)] for i in range(first, first + self.num_collect_steps))
+            if self.config.dynamic_sampling:  # tops up to full batches' worth of groups (at most)
+                samples = self.num_collect_steps * size * per_prompt
+            else:
+                samples = per_prompt * sum(batches[i % len(batches)]
+                                           for i in range(first, first + self.num_collect_steps))
             if self.buffer.limit > 0:
                 samples = min(samples, self.buffer.limit)
             micro = math.ceil(samples / self.train_batch_size)
@@ -281,7 +272,7 @@ class PPOTrainer:
     def _build_schedulers(self, prompt_loader: DataLoader) -> None:
         total = self._planned_optimizer_steps(prompt_loader)
         warmup = int(math.ceil(total * self.warmup_ratio))
-        for name in ("actor", "critic"):
+        for name in ("actor", "critic") if self.critic is not None else ("actor",):
             optim = self.strategy.base_optimizer(getattr(self, f"{name}_optim"))
             if self.lr_scheduler == "cosine":
                 sched = cosine_schedule(optim, total, self.warmup_ratio)
@@ -296,19 +287,26 @@ class PPOTrainer:
             "kl_ctl": self.kl_ctl.state_dict(),
             "reward_stats": self.experience_maker.reward_stats.state_dict(),
             "actor_scheduler": self.actor_scheduler.state_dict(),
-            "critic_scheduler": self.critic_scheduler.state_dict(),
             "prompts": self._prompts.state_dict() if self._prompts else None,
             "pretrain": self._pretrain.state_dict() if self._pretrain else None,
         }
+        if self.critic is not None:
+            state["critic_scheduler"] = self.critic_scheduler.state_dict()
         if self.need_optim_ckpt:
             state["actor_optim"] = self.actor_optim.state_dict()
-            state["critic_optim"] = self.critic_optim.state_dict()
+            if self.critic is not None:
+                state["critic_optim"] = self.critic_optim.state_dict()
         return state
 
+    def _models(self) -> dict[str, nn.Module]:
+        """The trained models by checkpoint name (no critic for a critic-free estimator)."""
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
+
     def save_checkpoint(self) -> Path:
-        """``{save_path}/checkpoints/step_{episode}/{actor,critic,trainer_state}``, written atomically."""
+        """``{save_path}/checkpoints/step_{episode}/{actor,critic,trainer_state}`` (no critic when the run has
+        none), written atomically."""
         path = checkpoint_dir(self.save_path, self.episode)
-        save_checkpoint(self.strategy, path, {"actor": self.actor, "critic": self.critic}, self._state(),
+        save_checkpoint(self.strategy, path, self._models(), self._state(),
                         tokenizer=self.tokenizer)
         if self.strategy.is_rank0():
             logger.info("saved checkpoint %s", path)
@@ -316,14 +314,16 @@ class PPOTrainer:
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         path = Path(path)
-        self.strategy.load_model(self.actor, path / "actor")
-        self.strategy.load_model(self.critic, path / "critic")
+        for name, model in self._models().items():
+            self.strategy.load_model(model, path / name)
         state = self.strategy.load_state(path / "trainer_state")
         if "actor_optim" in state:
             self.actor_optim.load_state_dict(state["actor_optim"])
-            self.critic_optim.load_state_dict(state["critic_optim"])
+            if self.critic is not None:
+                self.critic_optim.load_state_dict(state["critic_optim"])
         self.actor_scheduler.load_state_dict(state["actor_scheduler"])
-        self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+        if self.critic is not None:
+            self.critic_scheduler.load_state_dict(state["critic_scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.experience_maker.reward_stats.load_state_dict(state["reward_stats"])
         self.episode = state["episode"]
@@ -339,29 +339,62 @@ class PPOTrainer:
     def save_model(self, path: str | os.PathLike | None = None) -> None:
         """Final models: the actor as the HF dir ``path`` itself (like the SFT and RM stages, so the next tool
         takes ``--pretrain path``; LoRA merged when ``merge_lora``) and the critic in ``{path}/critic``
-        (HF dir + ``value_head.safetensors``). ``checkpoints/`` and ``metrics.jsonl`` beside them are kept."""
+        (HF dir + ``value_head.safetensors``) when the run has one. ``checkpoints/`` and ``metrics.jsonl``
+        beside them are kept."""
         path = Path(path or self.save_path)
         self.strategy.save_model(self.actor, path, tokenizer=self.tokenizer, merge_lora=self.merge_lora)
-        self.strategy.save_model(self.critic, path / "critic", tokenizer=self.tokenizer,
-                                 merge_lora=self.merge_lora)
+        if self.critic is not None:
+            self.strategy.save_model(self.critic, path / "critic", tokenizer=self.tokenizer,
+                                     merge_lora=self.merge_lora)
 
     # ----- update phase ------------------------------------------------------------------------------
     def _sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if sync else self.strategy.no_sync(model)
+
+    def _policy_loss(self, log_probs: torch.Tensor, exp: Experience) -> tuple[torch.Tensor, dict[str, float]]:
+        """The configured policy loss, plus the KL loss term when the KL is one, and their metrics."""
+        cfg = self.config
+        agg = dict(agg_mode=cfg.loss_agg_mode, norm_len=self._norm_len)
+        loss, metrics = self.policy_loss_fn(log_probs, exp.action_log_probs, exp.advantages, exp.action_mask,
+                                            clip_low=cfg.eps_clip, clip_high=cfg.eps_clip_high,
+                                            dual_clip=cfg.dual_clip, **agg)
+        out = {"actor/pg_loss": float(loss.detach()), "actor/pg_clipfrac": float(metrics["pg_clipfrac"]),
+               "actor/ppo_kl": float(metrics["ppo_kl"])}
+        if exp.ref_log_probs is not None:
+            kl_loss = agg_loss(kl_estimate(log_probs, exp.ref_log_probs, cfg.kl_estimator), exp.action_mask,
+                               cfg.loss_agg_mode, self._norm_len)
+            out["actor/kl_loss"] = float(kl_loss.detach())
+            loss = loss + self.kl_ctl.value * kl_loss
+        return loss, out
+
+    @property
+    def _norm_len(self) -> int:
+        """Dr. GRPO's constant length normaliser: the generation budget."""
+        return self.config.max_new_tokens or self.config.max_seq_len
+
+    def _weights(self, group: list[Experience]) -> list[float]:
+        """Each micro-batch's share of the optimizer step, so the accumulated loss is the aggregation of
+        the whole group: by valid tokens for ``token_mean``, else by sequences."""
+        if self.config.loss_agg_mode == "token_mean":
+            sizes = [float(e.action_mask.sum()) for e in group]
+        else:
+            sizes = [float(e.batch_size) for e in group]
+        total = sum(sizes) or 1.0
+        return [n / total for n in sizes]
 
     def _actor_step(self, group: list[Experience]) -> dict[str, float]:
         strategy, actor = self.strategy, self.actor
         total = sum(e.batch_size for e in group)
         use_ptx = self._pretrain is not None and self.ptx_coef != 0
         temperature = self.experience_maker.temperature
-        sums = {"actor/pg_loss": 0.0, "actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0}
+        sums: dict[str, float] = {}
         if self.log_entropy:
             sums["actor/entropy"] = 0.0
         if use_ptx:
             sums["actor/ptx_loss"] = 0.0
-        for i, exp in enumerate(group):
+        for i, (exp, weight) in enumerate(zip(group, self._weights(group))):
             last = i == len(group) - 1
-            weight = exp.batch_size / total
+            seq_weight = exp.batch_size / total
             num_actions = exp.num_actions
             with self._sync(actor, last and not use_ptx):
                 with strategy.autocast():
@@ -373,18 +406,16 @@ class PPOTrainer:
                         with torch.no_grad():
                             lf = action_logits.detach()
                             entropy = torch.logsumexp(lf, -1) - (lf.softmax(-1) * lf).sum(-1)
-                            sums["actor/entropy"] += weight * float(
+                            sums["actor/entropy"] += seq_weight * float(
                                 masked_mean(entropy, exp.action_mask, dim=-1).mean())
                         del logits, action_logits
                     else:
                         log_probs = actor(exp.sequences, attention_mask=exp.attention_mask,
                                           num_actions=num_actions, temperature=temperature)
-                pg_loss, pg_metrics = self.policy_loss_fn(log_probs, exp.action_log_probs, exp.advantages,
-                                                          exp.action_mask)
-                strategy.backward(pg_loss * weight, actor, self.actor_optim)
-            sums["actor/pg_loss"] += weight * float(pg_loss.detach())
-            sums["actor/pg_clipfrac"] += weight * float(pg_metrics["clip_frac"])
-            sums["actor/ppo_kl"] += weight * float(pg_metrics["approx_kl"])
+                loss, metrics = self._policy_loss(log_probs, exp)
+                strategy.backward(loss * weight, actor, self.actor_optim)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + weight * v
             if use_ptx:
                 batch = to_device(self._pretrain.next(), strategy.device)
                 with self._sync(actor, last):
@@ -416,7 +447,8 @@ class PPOTrainer:
 
     def _update_phase(self, timings: dict[str, float]) -> list[dict[str, float]]:
         self.actor.train()
-        self.critic.train()
+        if self.critic is not None:
+            self.critic.train()
         step_metrics = []
         device = self.strategy.device
         for update in range(self.num_update_steps * self.max_epochs):
@@ -431,9 +463,10 @@ class PPOTrainer:
                 t0 = time.perf_counter()
                 metrics = self._actor_step(group)
                 t1 = time.perf_counter()
-                metrics.update(self._critic_step(group))
                 timings["train_actor"] += t1 - t0
-                timings["train_critic"] += time.perf_counter() - t1
+                if self.critic is not None:
+                    metrics.update(self._critic_step(group))
+                    timings["train_critic"] += time.perf_counter() - t1
                 self.optim_step += 1
                 step_metrics.append(metrics)
                 group = []
@@ -476,6 +509,59 @@ class PPOTrainer:
         metrics["training/optim_steps"] = self.optim_step
         return metrics
 
+    # ----- collection ---------------------------------------------------------------------------------
+    def _experience(self, global_batch: int) -> tuple[Experience, dict[str, torch.Tensor], float]:
+        """One prompt batch made into experience; the adaptive KL controller sees its KL."""
+        exp = self.experience_maker.make_experience(self._prompts.next())
+        if "kl_seq" in exp.info:
+            kl_seq = float(self.strategy.all_reduce(exp.info["kl_seq"].float().mean(), op="mean"))
+            self.kl_ctl.update(kl_seq, global_batch)
+        return exp, {k: v.detach().cpu() for k, v in exp.info.items()}, float(exp.attention_mask.sum())
+
+    def _collect(self, prompts_per_batch: int, global_batch: int) -> tuple[list[dict[str, torch.Tensor]], float,
+                                                                           dict[str, float]]:
+        """Fill the buffer for one episode. Returns the experiences' info (every generated sample), their token
+        count and, with dynamic sampling, its metrics."""
+        infos, tokens = [], 0.0
+        if not self.config.dynamic_sampling:
+            for _ in range(self.num_collect_steps):
+                exp, info, n_tokens = self._experience(global_batch)
+                infos.append(info)
+                tokens += n_tokens
+                self.buffer.append(exp)
+                del exp
+            return infos, tokens, {}
+        # DAPO dynamic sampling: keep groups whose rewards differ until the episode holds its number of groups.
+        # Every process runs the same number of generation rounds (sharded models generate collectively): go on
+        # while any process still needs groups, up to max_sampling_rounds per prompt batch.
+        strategy, n = self.strategy, self.config.n_samples_per_prompt
+        target = self.num_collect_steps * prompts_per_batch
+        kept = generated = rounds = 0
+        while rounds < self.num_collect_steps * self.config.max_sampling_rounds:
+            if float(strategy.all_reduce(torch.tensor(float(kept < target)), op="max")) == 0:
+                break
+            exp, info, n_tokens = self._experience(global_batch)
+            rounds += 1
+            infos.append(info)
+            tokens += n_tokens
+            scores = exp.info["score"].reshape(-1, n)
+            informative = (scores != scores[:, :1]).any(-1)
+            generated += informative.numel()
+            groups = informative.nonzero().flatten()[: max(target - kept, 0)]
+            if len(groups):
+                rows = (groups.unsqueeze(-1) * n + torch.arange(n, device=groups.device)).flatten()
+                self.buffer.append(exp.select(rows))
+                kept += len(groups)
+            del exp
+        # the same number of samples on every process, so every process takes the same optimizer steps
+        least = int(strategy.all_reduce(torch.tensor(float(kept)), op="min"))
+        del self.buffer.items[least * n:]
+        totals = strategy.all_reduce(torch.tensor([float(generated), float(least), float(rounds)],
+                                                  dtype=torch.float64), op="sum").cpu()
+        dropped = 1.0 - float(totals[1]) / max(float(totals[0]), 1.0)
+        return infos, tokens, {"sampling/dropped_group_share": dropped,
+                               "sampling/generation_rounds": float(totals[2]) / strategy.world_size}
+
     # ----- main loop ----------------------------------------------------------------------------------
     def fit(self, prompt_dataloader: DataLoader, pretrain_dataloader: DataLoader | None = None, *,
             num_episodes: int | None = None, num_collect_steps: int | None = None,
@@ -498,28 +584,22 @@ class PPOTrainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
-        strategy, maker = self.strategy, self.experience_maker
-        global_batch = (prompt_dataloader.batch_size or 1) * strategy.world_size
+        strategy = self.strategy
+        global_batch = (prompt_dataloader.batch_size or 1) * strategy.world_size * self.config.n_samples_per_prompt
         bar = tqdm(total=self.num_episodes, initial=self.episode, desc="ppo", disable=not strategy.is_rank0(),
                    dynamic_ncols=True)
         while self.episode < self.num_episodes:
             t_start = time.perf_counter()
-            maker.timings = {"generate": 0.0, "make_experience": 0.0}
-            infos, tokens = [], 0.0
-            for _ in range(self.num_collect_steps):
-                exp = maker.make_experience(self._prompts.next())
-                kl_seq = float(strategy.all_reduce(exp.info["kl_seq"].float().mean(), op="mean"))
-                self.kl_ctl.update(kl_seq, global_batch)
-                infos.append({k: v.detach().cpu() for k, v in exp.info.items()})
-                tokens += float(exp.attention_mask.sum())
-                self.buffer.append(exp)
-                del exp
-            timings = {**maker.timings, "train_actor": 0.0, "train_critic": 0.0}
+            self.experience_maker.timings = {"generate": 0.0, "make_experience": 0.0}
+            infos, tokens, sampling = self._collect(prompt_dataloader.batch_size or 1, global_batch)
+            timings = {**self.experience_maker.timings, "train_actor": 0.0}
+            if self.critic is not None:
+                timings["train_critic"] = 0.0
             step_metrics = self._update_phase(timings)
             self.buffer.clear()
             self.episode += 1
             timings["step"] = time.perf_counter() - t_start
-            metrics = self._episode_metrics(infos, tokens, step_metrics, timings)
+            metrics = {**self._episode_metrics(infos, tokens, step_metrics, timings), **sampling}
             self.history.append({"step": self.episode, **metrics})
             bar.update(1)
             bar.set_postfix(score=f"{metrics.get('critic/score/mean', float('nan')):.3f}",

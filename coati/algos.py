@@ -1,0 +1,311 @@
+"""RL algorithms as data: advantage estimators, policy losses, loss aggregation and KL estimators.
+
+Every method coati runs on the prompts-and-rewards loop (PPO, GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO,
+GSPO) differs from the others only in these few small functions, so each is a pure function registered by
+name; an algorithm is a choice of names plus their settings, and adding one never edits the trainer.
+
+Shapes: ``(B, A)`` for per-action tensors aligned with the last ``A`` tokens of each sequence, ``(B,)`` for
+per-sequence ones. ``mask`` marks valid action tokens (1 up to and including the first EOS). ``group`` holds
+one integer per sequence naming the prompt it answers (the ``n_samples_per_prompt`` samples of a prompt
+share it). ``reduce_sum``, where taken, sums a tensor over every process (the strategy's all-reduce), so
+statistics over "the batch" mean the global batch; leave it None on one process.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .experience.gae import compute_gae
+from .models.utils import masked_mean
+
+Reduce = Callable[[torch.Tensor], torch.Tensor] | None
+
+ADV_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
+AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def register_adv_est(name: str, *, needs_critic: bool = False, needs_groups: bool = False):
+    """Register an advantage estimator. ``needs_critic``: it reads a value model's ``values`` (else no critic
+    is built); ``needs_groups``: it compares samples of one prompt (so ``n_samples_per_prompt`` must be > 1)."""
+    def deco(fn):
+        fn.needs_critic, fn.needs_groups = needs_critic, needs_groups
+        ADV_ESTIMATORS[name] = fn
+        return fn
+    return deco
+
+
+def register_policy_loss(name: str):
+    def deco(fn):
+        POLICY_LOSSES[name] = fn
+        return fn
+    return deco
+
+
+# ----- statistics ----------------------------------------------------------------------------------------
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, reduce_sum: Reduce = None, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance over the valid entries of the global batch; invalid entries become 0.
+    Two passes (mean, then the mean squared deviation), the same arithmetic as PPO's per-batch whitening."""
+    x = x.float()
+    m = mask.to(torch.float32)
+    stats = torch.stack([(x * m).sum(), m.sum()])
+    if reduce_sum is not None:
+        stats = reduce_sum(stats)
+    count = stats[1].clamp(min=1e-8)
+    mean = stats[0] / count
+    sq = ((x - mean) ** 2 * m).sum()
+    if reduce_sum is not None:
+        sq = reduce_sum(sq)
+    return (x - mean) * torch.rsqrt(sq / count + eps) * m
+
+
+def group_stats(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sequence: the size, mean and unbiased std of its group's scores (std 0 for a group of one)."""
+    scores = scores.float()
+    _, inverse = torch.unique(group, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    count = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add_(
+        0, inverse, torch.ones_like(scores))
+    total = torch.zeros_like(count).index_add_(0, inverse, scores)
+    mean = total / count
+    sq = torch.zeros_like(count).index_add_(0, inverse, (scores - mean[inverse]) ** 2)
+    std = (sq / (count - 1).clamp(min=1.0)).sqrt()
+    return count[inverse], mean[inverse], std[inverse]
+
+
+# ----- advantage estimators ------------------------------------------------------------------------------
+# Each returns (advantages, returns), both (B, A) and 0 outside the mask. Keyword arguments an estimator
+# does not use are accepted and ignored, so callers pass one set of inputs to any of them.
+
+@register_adv_est("gae", needs_critic=True)
+def gae_advantages(*, token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 0.95, whiten_advantages: bool = True, reduce_sum: Reduce = None,
+                   **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's generalised advantage estimation on a critic's values; returns are the value targets."""
+    advantages, returns = compute_gae(token_rewards, values * mask.to(values.dtype), mask, gamma, lam)
+    if whiten_advantages:
+        advantages = whiten(advantages, mask, reduce_sum)
+    return advantages, returns
+
+
+def _broadcast(per_seq: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    adv = per_seq.float().unsqueeze(-1) * mask.to(torch.float32)
+    return adv, adv
+
+
+@register_adv_est("grpo", needs_groups=True)
+def grpo_advantages(*, scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor, norm_by_std: bool = True,
+                    eps: float = 1e-6, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO: ``(r - mean_group) / (std_group + eps)`` on every token. A group of one, or one whose rewards
+    are all equal, carries no signal and gets advantage 0."""
+    count, mean, std = group_stats(scores, group)
+    adv = scores.float() - mean
+    if norm_by_std:
+        adv = adv / (std + eps)
+    return _broadcast(torch.where(count > 1, adv, torch.zeros_like(adv)), mask)
+
+
+@register_adv_est("dr_grpo", needs_groups=True)
+def dr_grpo_advantages(**kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dr. GRPO: the group mean is the baseline, no division by the std (which over-weights easy prompts)."""
+    return grpo_advantages(**{**kwargs, "norm_by_std": False})
+
+
+@register_adv_est("rloo", needs_groups=True)
+def rloo_advantages(*, scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor,
+                    **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO: each sample's baseline is the mean of the *other* samples of its prompt,
+    ``r_i - (sum_g - r_i) / (n - 1)``; a group of one has no baseline and gets 0."""
+    count, mean, _ = group_stats(scores, group)
+    scores = scores.float()
+    loo = (mean * count - scores) / (count - 1).clamp(min=1.0)
+    return _broadcast(torch.where(count > 1, scores - loo, torch.zeros_like(scores)), mask)
+
+
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """``G_t = sum_{k >= t} gamma^(k-t) r_k`` over the valid tokens of each row."""
+    m = mask.to(torch.float32)
+    rewards = token_rewards.float() * m
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        running = (rewards[:, t] + gamma * running) * m[:, t]
+        out[:, t] = running
+    return out
+
+
+@register_adv_est("reinforce_pp")
+def reinforce_pp_advantages(*, token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                            reduce_sum: Reduce = None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++: discounted returns of the per-token rewards (score on the last token, KL penalty on
+    every token), normalised over the global batch; no critic, no groups."""
+    returns = discounted_returns(token_rewards, mask, gamma)
+    return whiten(returns, mask, reduce_sum), returns
+
+
+@register_adv_est("reinforce_baseline", needs_groups=True)
+def reinforce_baseline_advantages(*, scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor,
+                                  reduce_sum: Reduce = None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++-baseline: the group mean as baseline, then normalised over the global batch."""
+    _, mean, _ = group_stats(scores, group)
+    adv, _ = _broadcast(scores.float() - mean, mask)
+    adv = whiten(adv, mask, reduce_sum)
+    return adv, adv
+
+
+# ----- aggregation ---------------------------------------------------------------------------------------
+
+def agg_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: int | None = None) -> torch.Tensor:
+    """Reduce a ``(B, A)`` per-token loss to a scalar.
+
+    ``token_mean``: every valid token of the batch weighs the same (DAPO). ``seq_mean_token_mean``: mean per
+    sequence, then over sequences (PPO, GRPO). ``seq_mean_token_sum_norm``: per-sequence sum divided by the
+    constant ``norm_len`` (Dr. GRPO; default the action width), then the mean over sequences, so no length
+    bias enters through the normaliser.
+    """
+    m = mask.to(loss.dtype)
+    if mode == "token_mean":
+        return (loss * m).sum() / m.sum().clamp(min=1.0)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(loss, mask, dim=-1).mean()
+    if mode == "seq_mean_token_sum_norm":
+        return ((loss * m).sum(-1) / float(norm_len or loss.size(-1))).mean()
+    raise ValueError(f"loss aggregation must be one of {AGG_MODES}, got {mode!r}")
+
+
+# ----- KL ------------------------------------------------------------------------------------------------
+
+def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from tokens sampled from pi (Schulman's k1, k2, k3).
+
+    ``k1 = log pi - log ref`` (unbiased, can be negative: the form PPO puts in the reward);
+    ``k2 = (log pi - log ref)^2 / 2``; ``k3 = exp(log ref - log pi) - 1 - (log ref - log pi)`` (unbiased and
+    non-negative, the "low-variance KL" used as a loss term by GRPO).
+    """
+    log_ratio = log_probs.float() - ref_log_probs.float()
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return (-log_ratio).exp() - 1 + log_ratio
+    raise ValueError(f"KL estimator must be one of {KL_ESTIMATORS}, got {kind!r}")
+
+
+# ----- policy losses -------------------------------------------------------------------------------------
+# Each returns (loss, metrics) with metrics as detached 0-d tensors: pg_clipfrac (share of tokens whose
+# clipped branch is taken), ppo_kl (KL(old || new) estimated as ratio - 1 - log ratio).
+
+def _clip_metrics(ratio: torch.Tensor, log_ratio: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor,
+                  mode: str, norm_len: int | None) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {"pg_clipfrac": agg_loss(clipped.float(), mask, mode, norm_len),
+                "ppo_kl": agg_loss(ratio - 1 - log_ratio, mask, mode, norm_len)}
+
+
+@register_policy_loss("ppo")
+def ppo_clip_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                  mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float | None = None,
+                  dual_clip: float | None = None, agg_mode: str = "seq_mean_token_mean",
+                  norm_len: int | None = None, **_: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)``.
+
+    ``clip_high`` defaults to ``clip_low`` (PPO); a larger one is DAPO's clip-higher, which lets
+    low-probability tokens grow. ``dual_clip`` (c > 1) bounds the loss of negative-advantage tokens by
+    ``-c A`` so a huge ratio cannot blow the step up (dual-clip PPO).
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    log_ratio = log_probs.float() - old_log_probs.float()
+    ratio = log_ratio.exp()
+    adv = advantages.float()
+    surr1 = ratio * adv
+    surr2 = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    loss = -torch.min(surr1, surr2)
+    clipped = surr2.lt(surr1)
+    if dual_clip is not None:
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        bound = -dual_clip * adv
+        loss = torch.where(adv < 0, torch.min(loss, bound), loss)
+    metrics = _clip_metrics(ratio, log_ratio, clipped, mask, agg_mode, norm_len)
+    return agg_loss(loss, mask, agg_mode, norm_len), metrics
+
+
+@register_policy_loss("gspo")
+def gspo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              *, clip_low: float = 3e-4, clip_high: float | None = 4e-4, agg_mode: str = "seq_mean_token_mean",
+              norm_len: int | None = None, **_: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO: one importance ratio per sequence, ``s = exp(mean_t(log pi - log pi_old))`` over its valid
+    tokens, clipped with GSPO's small ranges. Written per token as ``sg[s] * pi_t / sg[pi_t]`` so the value is
+    ``s`` and the gradient is ``s`` times the sequence's mean token-log-prob gradient."""
+    clip_high = clip_low if clip_high is None else clip_high
+    log_ratio = log_probs.float() - old_log_probs.float()
+    seq_log_ratio = masked_mean(log_ratio, mask, dim=-1)
+    token_log_ratio = seq_log_ratio.detach().unsqueeze(-1) + log_probs.float() - log_probs.float().detach()
+    ratio = token_log_ratio.exp()
+    adv = advantages.float()
+    surr1 = ratio * adv
+    surr2 = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    loss = -torch.min(surr1, surr2)
+    metrics = _clip_metrics(ratio.detach(), token_log_ratio.detach(), surr2.lt(surr1), mask, agg_mode, norm_len)
+    return agg_loss(loss, mask, agg_mode, norm_len), metrics
+
+
+# ----- presets -------------------------------------------------------------------------------------------
+# ``--algo NAME`` fills every algorithm field the user left unset (None) from PRESETS[NAME]; an explicit flag
+# always wins. Values are those of each method's paper (README "Algorithms" lists them). ``eps_clip_high``
+# None means "as eps_clip" (symmetric clip); kl_coef 0 means no KL term and no reference model pass.
+_NO_EXTRAS = {"dynamic_sampling": False, "overlong_buffer_len": 0, "overlong_penalty_factor": 1.0,
+              "eps_clip_high": None}
+PRESETS: dict[str, dict[str, object]] = {
+    # InstructGPT / Coati PPO: GAE on a critic, k1 KL penalty in the reward
+    "ppo": {"adv_estimator": "gae", "policy_loss": "ppo", "loss_agg_mode": "seq_mean_token_mean",
+            "kl_placement": "reward", "kl_estimator": "k1", "kl_coef": 0.1, "eps_clip": 0.2, **_NO_EXTRAS},
+    # DeepSeekMath GRPO: group z-score, k3 KL as a loss term with beta 0.04
+    "grpo": {"adv_estimator": "grpo", "policy_loss": "ppo", "loss_agg_mode": "seq_mean_token_mean",
+             "kl_placement": "loss", "kl_estimator": "k3", "kl_coef": 0.04, "eps_clip": 0.2, **_NO_EXTRAS},
+    # Dr. GRPO (Liu et al. 2025): no std division, constant length normaliser, no KL
+    "dr_grpo": {"adv_estimator": "dr_grpo", "policy_loss": "ppo", "loss_agg_mode": "seq_mean_token_sum_norm",
+                "kl_placement": "loss", "kl_estimator": "k3", "kl_coef": 0.0, "eps_clip": 0.2, **_NO_EXTRAS},
+    # RLOO (Ahmadian et al. 2024): leave-one-out baseline, KL penalty in the reward
+    "rloo": {"adv_estimator": "rloo", "policy_loss": "ppo", "loss_agg_mode": "seq_mean_token_mean",
+             "kl_placement": "reward", "kl_estimator": "k1", "kl_coef": 0.05, "eps_clip": 0.2, **_NO_EXTRAS},
+    # REINFORCE++ (Hu 2025): per-token KL in the reward, returns normalised over the global batch
+    "reinforce_pp": {"adv_estimator": "reinforce_pp", "policy_loss": "ppo", "loss_agg_mode": "token_mean",
+                     "kl_placement": "reward", "kl_estimator": "k1", "kl_coef": 0.01, "eps_clip": 0.2,
+                     **_NO_EXTRAS},
+    # DAPO (Yu et al. 2025): GRPO advantages, clip-higher 0.2 / 0.28, token mean, no KL, dynamic sampling,
+    # soft overlong penalty over the last 4096 tokens of the budget
+    "dapo": {"adv_estimator": "grpo", "policy_loss": "ppo", "loss_agg_mode": "token_mean",
+             "kl_placement": "loss", "kl_estimator": "k3", "kl_coef": 0.0, "eps_clip": 0.2, "eps_clip_high": 0.28,
+             "dynamic_sampling": True, "overlong_buffer_len": 4096, "overlong_penalty_factor": 1.0},
+    # GSPO (Zheng et al. 2025): sequence-level ratio clipped to 3e-4 / 4e-4, GRPO advantages, no KL
+    "gspo": {"adv_estimator": "grpo", "policy_loss": "gspo", "loss_agg_mode": "seq_mean_token_mean",
+             "kl_placement": "loss", "kl_estimator": "k3", "kl_coef": 0.0, **_NO_EXTRAS,
+             "eps_clip": 3e-4, "eps_clip_high": 4e-4},
+}
+PRESET_FIELDS = tuple(PRESETS["ppo"])
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to ``max_len - buffer_len`` tokens, then falling linearly to
+    ``-factor`` at ``max_len`` (and beyond). ``buffer_len`` is clamped to ``max_len``."""
+    buffer_len = min(buffer_len, max_len)
+    if buffer_len <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    expected = max_len - buffer_len
+    return ((expected - lengths.float()) / buffer_len).clamp(min=-1.0, max=0.0) * factor
+
+
+def preset_table() -> str:
+    """README's "Algorithms" table: each --algo preset's values, as PRESETS holds them."""
+    cols = ["adv_estimator", "policy_loss", "loss_agg_mode", "kl_placement", "kl_estimator", "kl_coef", "eps_clip",
+            "eps_clip_high", "dynamic_sampling", "overlong_buffer_len"]
+    rows = ["| `--algo` | " + " | ".join(f"`--{c}`" for c in cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    for name, preset in PRESETS.items():
+        cells = ["" if preset[c] is None else f"`{preset[c]}`" for c in cols]
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,152 @@
+"""Every hyper-parameter of stage 3 (PPO and the critic-free methods), declared once.
+
+``examples/train_prompts.py`` makes its flags from :class:`RLConfig` (``add_config_args``), PPOTrainer and
+ExperienceMaker take it (their keyword arguments of the same names override its fields), and README's flag
+table is generated from the parser. Algorithm fields default to None: :meth:`RLConfig.resolve` fills them
+from the ``--algo`` preset (``coati.algos.PRESETS``), so an explicit flag always wins over the preset.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..algos import ADV_ESTIMATORS, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES, PRESET_FIELDS, PRESETS
+from ..errors import UsageError
+from ..utils.config import option
+
+
+def _preset(help: str, name: str) -> str:
+    """Help for a preset field: the text plus what ``--algo ppo`` (the default) sets."""
+    return f"{help}; unset = from --algo (ppo: {PRESETS['ppo'][name]})"
+
+
+A, P, S, M, D = "algorithm", "PPO", "sampling", "memory", "data"
+
+
+@dataclass
+class RLConfig:
+    """Stage-3 hyper-parameters; field names are the script's flag names."""
+
+    # algorithm: --algo fills the fields left None
+    algo: str = option("ppo", "algorithm preset: fills the algorithm flags left unset (README: Algorithms)",
+                       choices=sorted(PRESETS), group=A)
+    adv_estimator: str | None = option(None, _preset("advantage estimator (gae needs a critic; the others build "
+                                                     "none)", "adv_estimator"),
+                                       choices=sorted(ADV_ESTIMATORS), group=A)
+    policy_loss: str | None = option(None, _preset("policy loss", "policy_loss"), choices=sorted(POLICY_LOSSES),
+                                     group=A)
+    loss_agg_mode: str | None = option(None, _preset("how per-token losses become one number",
+                                                     "loss_agg_mode"), choices=list(AGG_MODES), group=A)
+    kl_placement: str | None = option(None, _preset("where the KL to the reference goes: a per-token penalty in "
+                                                    "the reward, or a loss term", "kl_placement"),
+                                      choices=["reward", "loss"], group=A)
+    kl_estimator: str | None = option(None, _preset("per-token KL estimator (k3 = low-variance KL)",
+                                                    "kl_estimator"), choices=list(KL_ESTIMATORS), group=A)
+    kl_coef: float | None = option(None, _preset("KL coefficient (initial one with --target_kl; 0 = no KL and no "
+                                                 "reference pass)", "kl_coef"), group=A)
+    target_kl: float | None = option(None, "adaptive KL (Ziegler et al.): target KL per response in nats; off = "
+                                           "fixed --kl_coef", group=A)
+    kl_horizon: int = option(10000, "adaptive KL horizon in samples", group=A)
+    eps_clip: float | None = option(None, _preset("policy ratio clip (the lower one with --eps_clip_high)",
+                                                  "eps_clip"), group=A)
+    eps_clip_high: float | None = option(None, "upper ratio clip (DAPO's clip-higher); unset = from --algo, "
+                                               "else --eps_clip", group=A)
+    dual_clip: float | None = option(None, "dual-clip PPO: bound negative-advantage losses by -c * A (c > 1; off "
+                                           "when absent)", group=A)
+    n_samples_per_prompt: int = option(1, "responses sampled per prompt (one group); group estimators need >= 2",
+                                       group=A)
+    dynamic_sampling: bool | None = option(None, _preset("drop groups whose rewards are all equal and top up from "
+                                                         "the next prompt batches (DAPO)", "dynamic_sampling"),
+                                           group=A)
+    max_sampling_rounds: int = option(4, "with --dynamic_sampling: most generation rounds per prompt batch an "
+                                         "episode collects", group=A)
+    overlong_buffer_len: int | None = option(None, _preset("DAPO soft overlong penalty: responses longer than the "
+                                                           "generation budget minus this many tokens are "
+                                                           "penalised linearly (0 = off)", "overlong_buffer_len"),
+                                             group=A)
+    overlong_penalty_factor: float | None = option(None, _preset("largest overlong penalty",
+                                                                 "overlong_penalty_factor"), group=A)
+    # PPO objective
+    ptx_coef: float = option(0.9, "actor loss = policy loss + ptx_coef * pretrain LM loss", group=P)
+    value_clip: float = option(0.4, "value clip around the old values", group=P)
+    vf_coef: float = option(1.0, "value loss weight", group=P)
+    gamma: float = option(1.0, "GAE / return discount", group=P)
+    lam: float = option(0.95, "GAE lambda", group=P)
+    whiten_advantages: bool = option(True, "normalise GAE advantages over the valid tokens of each batch", group=P)
+    reward_clip: float | None = option(None, "clip sequence rewards to +-this (off when absent)", group=P)
+    normalize_reward: bool = option(False, "normalise sequence rewards with running mean / std", group=P)
+    # loop sizes
+    num_episodes: int = option(10, "collect + update rounds", group=P)
+    num_collect_steps: int = option(10, "prompt batches collected per episode (--max_timesteps: June-2023 name)",
+                                    aliases=["--max_timesteps"], group=P)
+    num_update_steps: int = option(5, "passes over the replay buffer per episode (--update_timesteps: June-2023 "
+                                      "name)", aliases=["--update_timesteps"], group=P)
+    max_epochs: int = option(1, "epochs per update step", group=P)
+    train_batch_size: int = option(8, "experiences per training micro-batch per process", group=P)
+    accumulation_steps: int = option(1, "micro-batches per optimizer step", group=P)
+    # optimisation
+    lr: float = option(1e-6, "actor learning rate (AdamW)", group=P)
+    critic_lr: float = option(9e-6, "critic learning rate (AdamW)", group=P)
+    weight_decay: float = option(0.0, "AdamW weight decay", group=P)
+    lr_scheduler: str = option("constant", "learning-rate schedule of both optimizers (after warmup)",
+                               choices=["constant", "cosine"], group=P)
+    warmup_ratio: float = option(0.0, "share of optimizer steps spent warming up", group=P)
+    # generation
+    max_seq_len: int | None = option(128, "max prompt + response tokens (padded prompt width + generated tokens)",
+                                     group=D)
+    max_new_tokens: int | None = option(None, "max generated tokens (overrides --max_seq_len)", group=D)
+    do_sample: bool = option(True, "sample (false = greedy); rollouts use these sampling flags only, never the "
+                                   "model's generation_config.json", group=S)
+    temperature: float = option(1.0, "sampling temperature; PPO's old, new and reference log-probs are those of "
+                                     "logits / temperature, the distribution sampled", group=S)
+    top_k: int = option(0, "top-k sampling (0 = off); biases PPO: log-probs stay those of the untruncated "
+                           "distribution", group=S)
+    top_p: float = option(1.0, "nucleus sampling (1 = off); biases PPO: log-probs stay those of the untruncated "
+                               "distribution", group=S)
+    # memory
+    offload_ref_reward: bool = option(False, "keep reference and reward models on CPU between uses (not with "
+                                             "fsdp, which shards them: use --cpu_offload there)", group=M)
+    buffer_cpu_offload: bool = option(True, "keep the replay buffer on CPU", group=M)
+    buffer_limit: int = option(0, "max samples in the replay buffer (0 = no limit)", group=M)
+    log_entropy: bool = option(True, "log policy entropy (computes full-vocabulary logits of the response)",
+                               group=M)
+
+    def resolve(self) -> "RLConfig":
+        """This config with the ``algo`` preset filling the algorithm fields left None, checked."""
+        if self.algo not in PRESETS:
+            raise UsageError(f"--algo must be one of {sorted(PRESETS)}, got {self.algo!r}")
+        preset = PRESETS[self.algo]
+        cfg = dataclasses.replace(self, **{k: preset[k] for k in PRESET_FIELDS if getattr(self, k) is None})
+        estimator = ADV_ESTIMATORS[cfg.adv_estimator]
+        if estimator.needs_groups and cfg.n_samples_per_prompt < 2:
+            raise UsageError(f"--adv_estimator {cfg.adv_estimator} compares the samples of a prompt: set "
+                             f"--n_samples_per_prompt >= 2")
+        if cfg.n_samples_per_prompt < 1:
+            raise UsageError(f"--n_samples_per_prompt must be >= 1, got {cfg.n_samples_per_prompt}")
+        if cfg.dynamic_sampling and cfg.n_samples_per_prompt < 2:
+            raise UsageError("--dynamic_sampling drops groups of equal rewards: set --n_samples_per_prompt >= 2")
+        if cfg.dual_clip is not None and cfg.dual_clip <= 1:
+            raise UsageError(f"--dual_clip must be > 1, got {cfg.dual_clip}")
+        if cfg.lr_scheduler not in ("constant", "cosine"):
+            raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {cfg.lr_scheduler!r}")
+        return cfg
+
+    @property
+    def needs_critic(self) -> bool:
+        return ADV_ESTIMATORS[self.adv_estimator].needs_critic
+
+    @property
+    def uses_reference(self) -> bool:
+        """A KL term exists (so reference log-probs are computed)."""
+        return self.kl_coef != 0 or self.target_kl is not None
+
+
+def make_config(config: RLConfig | None = None, **overrides: Any) -> RLConfig:
+    """``config`` (default: the dataclass defaults) with keyword overrides, resolved. Unknown names raise
+    TypeError, as a wrong keyword argument would."""
+    names = {f.name for f in dataclasses.fields(RLConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown RL config fields: {unknown}")
+    return dataclasses.replace(config or RLConfig(), **overrides).resolve()

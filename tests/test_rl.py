@@ -1,0 +1,238 @@
+"""Stage 3 as data: PPO unchanged by the redesign, --algo presets, critic-free GRPO / RLOO / REINFORCE++ learn the
+tiny task, critic-free checkpoints resume exactly, DAPO's dynamic sampling, the script with the GSM8K reward."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from coati import algos
+from coati.errors import UsageError
+from coati.models import Critic
+from coati.trainer.ppo import PPOTrainer
+from coati.trainer.strategies import NaiveStrategy
+from tests import dist_ppo as h
+from tests import tiny
+from tests.scripts import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_KL_KW = {k: v for k, v in h.PPO_KW.items() if k != "kl_coef"}  # the preset's KL
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _record_steps(trainer):
+    steps = []
+    for name in ("_actor_step", "_critic_step"):
+        def recording(group, step=getattr(trainer, name)):
+            steps.append(step(group))
+            return steps[-1]
+
+        setattr(trainer, name, recording)
+    return steps
+
+
+# Per optimizer step (actor/pg_loss, actor/ppo_kl) and critic/vf_loss, and per episode critic/score/mean and
+# actor/reward_kl_penalty, of the run below, recorded on the code before the algorithm seam (commit 3e3d179:
+# PolicyLoss, compute_gae and masked_whiten called by hand in the trainer and the experience maker).
+OLD_ACTOR = [[0.022865802, 0.0], [-0.010124713, 0.005409874], [-0.152347922, 0.024921418],
+             [-0.111476471, 0.031290094], [-0.018308111, 0.0], [0.037617117, 0.000991948],
+             [-0.171637505, 0.007259052], [0.025171891, 0.009573238], [-0.234380238, 0.0],
+             [0.122826692, 0.000363663], [0.054059479, 0.003681257], [-0.325381681, 0.028642265]]
+OLD_CRITIC = [0.267905101, 0.732829809, 0.33347407, 0.195752479, 0.037023177, 0.21583873, 0.209356479, 0.065408412,
+              0.054028273, 0.07609161, 0.028656301, 0.008765271]
+OLD_SCORE = [0.015625, 0.041294642, 0.0234375]
+OLD_KL = [0.0, 0.019991439, -0.001686817]
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_ppo_loss_curve_is_the_one_before_the_redesign(explicit):
+    """--algo ppo (the default), and the same pieces named explicitly, reproduce the old code's per-step losses
+    and per-episode metrics to 1e-6 (adaptive KL, gradient accumulation, GAE with whitening)."""
+    strategy = NaiveStrategy(seed=0)
+    actor, critic = h.models(seed=0)
+    prompts, _ = h.loaders(strategy)
+    pieces = dict(algo="grpo", adv_estimator="gae", policy_loss="ppo", loss_agg_mode="seq_mean_token_mean",
+                  kl_placement="reward", kl_estimator="k1", eps_clip=0.2) if explicit else {}
+    trainer = PPOTrainer(strategy, actor, critic, tokenizer=tiny.tokenizer("llama"), reward_fn=h.target_share,
+                         **{**h.PPO_KW, "num_episodes": 3, "target_kl": 0.5, "kl_horizon": 100,
+                            "train_batch_size": 4, "accumulation_steps": 2, **pieces})
+    steps = _record_steps(trainer)
+    hist = trainer.fit(prompts)
+    got_actor = [[s["actor/pg_loss"], s["actor/ppo_kl"]] for s in steps[0::2]]
+    got_critic = [s["critic/vf_loss"] for s in steps[1::2]]
+    torch.testing.assert_close(torch.tensor(got_actor), torch.tensor(OLD_ACTOR), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(got_critic), torch.tensor(OLD_CRITIC), atol=1e-6, rtol=0)
+    assert [x["critic/score/mean"] for x in hist] == pytest.approx(OLD_SCORE, abs=1e-6)
+    assert [x["actor/reward_kl_penalty"] for x in hist] == pytest.approx(OLD_KL, abs=1e-6)
+
+
+# ----- presets -------------------------------------------------------------------------------------------
+def test_presets_fill_unset_fields_and_explicit_flags_win():
+    mod = load_script("examples/train_prompts.py")
+    base = ["--pretrain", "x", "--prompt_dataset", "p"]
+    for name, preset in algos.PRESETS.items():
+        cfg = mod.rl_config(mod.build_parser().parse_args(base + ["--algo", name, "--n_samples_per_prompt", "4"]))
+        assert {k: getattr(cfg, k) for k in preset} == preset
+        assert cfg.needs_critic == (name == "ppo")
+    grpo = mod.rl_config(mod.build_parser().parse_args(base + ["--algo", "grpo", "--n_samples_per_prompt", "4"]))
+    assert (grpo.kl_placement, grpo.kl_estimator, grpo.kl_coef, grpo.loss_agg_mode) == (
+        "loss", "k3", 0.04, "seq_mean_token_mean")
+    args = mod.build_parser().parse_args(base + ["--algo", "dapo", "--n_samples_per_prompt", "2", "--eps_clip_high",
+                                                 "0.3", "--kl_coef", "0.01", "--no-dynamic_sampling",
+                                                 "--loss_agg_mode", "seq_mean_token_sum_norm"])
+    dapo = mod.rl_config(args)
+    assert (dapo.eps_clip_high, dapo.kl_coef, dapo.dynamic_sampling, dapo.loss_agg_mode) == (
+        0.3, 0.01, False, "seq_mean_token_sum_norm")
+    assert (dapo.eps_clip, dapo.adv_estimator, dapo.overlong_buffer_len) == (0.2, "grpo", 4096)  # the rest: DAPO
+    assert mod.rl_config(mod.build_parser().parse_args(base + ["--adv_estimator", "rloo", "--n_samples_per_prompt",
+                                                               "2"])).kl_placement == "reward"  # ppo's, explicit rloo
+    with pytest.raises(UsageError, match="--n_samples_per_prompt >= 2"):
+        mod.rl_config(mod.build_parser().parse_args(base + ["--algo", "grpo"]))
+    with pytest.raises(TypeError, match="kl_coeff"):
+        PPOTrainer(NaiveStrategy(), None, tokenizer=None, reward_fn=h.target_share, kl_coeff=0.1)
+    assert algos.preset_table() in (ROOT / "README.md").read_text()
+
+
+# ----- critic-free methods -------------------------------------------------------------------------------
+def _critic_free(algo, n, episodes, **kw):
+    strategy = NaiveStrategy(seed=0)
+    actor, _ = h.models(seed=0)
+    prompts, _ = h.loaders(strategy, experience_batch_size=16 // n)
+    trainer = PPOTrainer(strategy, actor, None, tokenizer=tiny.tokenizer("llama"), reward_fn=h.target_share,
+                         algo=algo, n_samples_per_prompt=n, num_episodes=episodes, **{**NO_KL_KW, **kw})
+    return trainer, prompts
+
+
+@pytest.mark.parametrize("algo, n", [("grpo", 4), ("rloo", 4), ("reinforce_pp", 1)])
+def test_critic_free_methods_raise_the_reward(algo, n):
+    trainer, prompts = _critic_free(algo, n, episodes=16)
+    seen = []
+    make = trainer.experience_maker.make_experience
+
+    def recording(batch):
+        exp = make(batch)
+        seen.append(exp)
+        return exp
+
+    trainer.experience_maker.make_experience = recording
+    hist = trainer.fit(prompts)
+    scores = [m["critic/score/mean"] for m in hist]
+    assert _mean(scores[-3:]) > _mean(scores[:3]) + 0.2, scores
+    assert trainer.critic is None and trainer.experience_maker.critic is None and trainer.critic_optim is None
+    assert all(e.values is None and e.returns is None for e in seen)
+    assert not any(k.startswith("critic/v") for k in hist[-1]) and "timing_s/train_critic" not in hist[-1]
+    groups = seen[0].group.tolist()
+    assert groups == [g for g in sorted(set(groups)) for _ in range(n)]  # n samples per prompt, one id each
+    assert (seen[0].ref_log_probs is not None) == (algo == "grpo")  # GRPO's KL is a loss term
+    if algo == "grpo":
+        assert hist[-1]["actor/kl_loss"] > 0
+    for key in ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "response_length/mean",
+                "timing_s/generate", "perf/throughput"):
+        assert key in hist[-1]
+
+
+def test_critic_free_run_holds_no_critic_and_resumes_exactly(tmp_path):
+    def run(save_path, resume=None):
+        trainer, prompts = _critic_free("grpo", 4, episodes=4, save_path=str(save_path), save_interval=2,
+                                        lr_scheduler="cosine", target_kl=0.5, kl_horizon=100)
+        hist = trainer.fit(prompts, resume_from=resume)
+        return trainer, hist
+
+    full, full_hist = run(tmp_path / "full")
+    held = [m for m in vars(full).values() if isinstance(m, torch.nn.Module)]
+    assert not any(isinstance(m, Critic) for m in held) and full.critic is None
+    modules = [full.actor, full.initial_model, full.experience_maker.actor]
+    assert not any(isinstance(sub, Critic) for m in modules for sub in m.modules())
+    step2 = tmp_path / "full" / "checkpoints" / "step_2"
+    assert sorted(p.name for p in step2.iterdir()) == ["actor", "trainer_state"]
+    assert not (tmp_path / "full" / "critic").exists()
+    resumed, res_hist = run(tmp_path / "resumed", resume=step2)
+    assert resumed.optim_step == full.optim_step and resumed.kl_ctl.value == full.kl_ctl.value
+    for a, b in zip(full.actor.state_dict().values(), resumed.actor.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert res_hist[-1]["critic/score/mean"] == pytest.approx(full_hist[-1]["critic/score/mean"], abs=1e-6)
+    assert res_hist[-1]["actor/pg_loss"] == pytest.approx(full_hist[-1]["actor/pg_loss"], abs=1e-6)
+
+
+def test_dynamic_sampling_keeps_only_informative_groups_and_fills_the_episode():
+    """DAPO: on the tiny task most groups of a random policy score all 0; those are dropped and further prompt
+    batches fill the episode to num_collect_steps x batch groups (or stop after max_sampling_rounds)."""
+    trainer, prompts = _critic_free("dapo", 4, episodes=3, num_collect_steps=2, overlong_buffer_len=2)
+    kept = []
+    update = trainer._update_phase
+
+    def recording(timings):
+        kept.append([it.info["score"].item() for it in trainer.buffer.items])
+        return update(timings)
+
+    trainer._update_phase = recording
+    hist = trainer.fit(prompts)
+    for episode, metrics in zip(kept, hist):
+        assert len(episode) % 4 == 0
+        groups = [episode[i:i + 4] for i in range(0, len(episode), 4)]
+        assert all(len(set(g)) > 1 for g in groups)  # every kept group has differing rewards
+        rounds = metrics["sampling/generation_rounds"]
+        assert len(groups) == 2 * 4 or rounds == 2 * trainer.config.max_sampling_rounds
+        assert metrics["sampling/dropped_group_share"] == pytest.approx(1 - len(groups) / (rounds * 4))
+    assert hist[0]["sampling/dropped_group_share"] > 0.3
+    assert hist[0]["critic/overlong_penalty/mean"] < 0  # 8-token budget, penalty over the last 2 tokens
+
+
+def test_script_runs_grpo_with_the_gsm8k_reward(tmp_path, tiny_llama_dir, shared_data):
+    out = tmp_path / "out"
+    seen = {}
+    from coati import rewards
+
+    def spy(prompts, responses, answer=None, **kw):
+        seen.setdefault("answers", []).extend(answer)
+        return rewards.gsm8k(prompts, responses, answer=answer, **kw)
+
+    # the script loads module:function; the spy is registered as an importable module
+    sys.modules["coati_test_spy_reward"] = type(sys)("coati_test_spy_reward")
+    sys.modules["coati_test_spy_reward"].gsm8k = spy
+    mod = load_script("examples/train_prompts.py")
+    argv = ["--pretrain", str(tiny_llama_dir), "--prompt_dataset", str(shared_data / "eval" / "gsm8k_test.jsonl"),
+            "--max_datasets_size", "4", "--algo", "grpo", "--n_samples_per_prompt", "2", "--num_episodes", "1",
+            "--num_collect_steps", "1", "--num_update_steps", "1", "--experience_batch_size", "2",
+            "--train_batch_size", "4", "--max_new_tokens", "4", "--max_input_len", "256", "--prompt_template",
+            "none", "--save_path", str(out)]
+    try:
+        hist = mod.main(argv + ["--reward_fn", "coati_test_spy_reward:gsm8k"])
+    finally:
+        del sys.modules["coati_test_spy_reward"]
+    records = [json.loads(x) for x in (shared_data / "eval" / "gsm8k_test.jsonl").read_text().splitlines()]
+    answers = seen["answers"]
+    assert len(answers) == 4 and answers[0] == answers[1] and answers[2] == answers[3]  # 2 samples per prompt
+    assert all(a in [r["answer"] for r in records] for a in answers)
+    assert hist[-1]["critic/score/mean"] == 0.0  # a random tiny model does not solve GSM8K
+    assert "actor/kl_loss" in hist[-1] and not any(k.startswith("critic/v") for k in hist[-1])
+    assert (out / "config.json").is_file() and not (out / "critic").exists()
+    hist = mod.main(argv + ["--reward_fn", "coati.rewards:gsm8k", "--save_path", str(tmp_path / "builtin")])
+    assert hist[-1]["critic/score/mean"] == 0.0 and hist[-1]["training/optim_steps"] == 1
+
+
+@pytest.mark.dist
+def test_grpo_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    script = str(ROOT / "tests" / "dist_rl.py")
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=127.0.0.1:29641", script, str(tmp_path), "ddp"]
+    for cmd in (ddp, [sys.executable, script, str(tmp_path), "single"]):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp_hist, single_hist = (json.loads((tmp_path / f"history_{m}.json").read_text()) for m in ("ddp", "single"))
+    for a, b in zip(ddp_hist, single_hist):
+        for key in ("critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/pg_clipfrac", "response_length/mean"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert ddp_hist[-1]["actor/kl_loss"] > 0 and ddp_hist[-1]["training/optim_steps"] == 4
+    ddp_w, single_w = (torch.load(tmp_path / f"actor_{m}.pt") for m in ("ddp", "single"))
+    start = h.models(seed=0)[0].state_dict()
+    assert max((ddp_w[k] - start[k]).abs().max().item() for k in start) > 1e-3  # it trained
+    for k in ddp_w:
+        torch.testing.assert_close(ddp_w[k], single_w[k], atol=2e-5, rtol=0)

@@ -1,4 +1,4 @@
-"""Datasets for SFT, reward modelling, PPO prompts and PPO-ptx pretraining, plus their collators.
+"""Datasets for SFT, reward modelling, preference optimisation (DPO family), PPO prompts and PPO-ptx pretraining, plus their collators.
 
 Files are read by :mod:`.io`, record shapes are recognised by :mod:`.formats`, prompt templates and the
 shared tokenization rule live in :mod:`.templates`.
@@ -7,6 +7,9 @@ from .collators import PromptCollator, RewardCollator, SFTCollator, pad_sequence
 from .common import split_dataset
 from .formats import REWARD_FORMATS, detect_reward_format, format_from_name, parse_hh
 from .io import DatasetFormatError, EmptyFieldError, Record, load_records, read_records
+from .preference import (
+    PreferenceCollator, PreferenceDataset, UnpairedPreferenceCollator, UnpairedPreferenceDataset,
+)
 from .pretrain import PretrainDataset
 from .prompt import PromptDataset
 from .reward import RewardDataset
@@ -28,7 +31,8 @@ __all__ = [
     "DatasetFormatError", "EmptyFieldError", "Record", "read_records", "load_records",
     "TEMPLATES", "IGNORE_INDEX", "ChatTemplateError", "SegmentEncoder", "render_segments", "render_prompt",
     "encode_prompt", "encode_segments", "join_segments", "resolve_template",
-    "SFTDataset", "RewardDataset", "PromptDataset", "PretrainDataset",
+    "SFTDataset", "RewardDataset", "PromptDataset", "PretrainDataset", "PreferenceDataset",
+    "UnpairedPreferenceDataset", "PreferenceCollator", "UnpairedPreferenceCollator",
     "SFTCollator", "RewardCollator", "PromptCollator", "pad_sequences",
     "split_dataset", "format_from_name", "detect_reward_format", "parse_hh", "REWARD_FORMATS",
 ]

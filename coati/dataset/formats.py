@@ -9,6 +9,9 @@ Reward (``format=`` or detected): "hh-rlhf" ``{chosen, rejected}`` transcripts, 
     ``{prompt, chosen, rejected}``, "sharegpt" ``{conversations, chosen: {from, value}, rejected}``,
     "ranked" ``{instruction, input, output: [best, ..., worst]}`` (every better/worse pair) or
     ``{instruction, input, chosen, rejected}``, "chat" ``{chosen: [messages], rejected: [messages]}``.
+Unpaired (KTO): ``{messages: [...], label: bool}`` (the last assistant turn is judged), ``{prompt, completion,
+    label}`` (prompt text or messages; completion text or ``[assistant message]``), or any reward format split
+    into a desirable chosen and an undesirable rejected sample.
 Prompts (per record, first field found): ``messages`` / ``conversations`` (a trailing assistant turn is
     dropped), ``prompt`` (an hh-style ``\\n\\nHuman: ... \\n\\nAssistant:`` transcript is parsed into turns),
     ``instruction`` (+ ``input``, or the first ``instances[].input``), ``question``, ``text``, ``source``
@@ -353,6 +356,54 @@ def reward_converter(first: Record, fmt: str | None) -> Callable[[Record], list[
     if fmt not in _REWARD:
         raise ValueError(f"unknown reward format {fmt!r}; choose one of {REWARD_FORMATS}")
     return _REWARD[fmt]
+
+
+# ---------------------------------------------------------------- unpaired (KTO)
+
+Labelled = tuple[list[dict], bool]
+
+
+def _label(rec: Record) -> bool:
+    value = rec.data.get("label")
+    if not isinstance(value, bool):
+        raise rec.error("label", f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _ends_with_reply(rec: Record, key: str, messages: list[dict]) -> list[dict]:
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise rec.error(key, "must end with the assistant completion that 'label' judges")
+    return messages
+
+
+def _kto_messages(rec: Record) -> list[Labelled]:
+    return [(_ends_with_reply(rec, "messages", _with_system(rec, parse_messages(rec, "messages"))), _label(rec))]
+
+
+def _kto_prompt_completion(rec: Record) -> list[Labelled]:
+    prompt, completion = rec.data.get("prompt"), rec.data.get("completion")
+    if isinstance(prompt, list):  # conversational: prompt messages + [assistant message]
+        items = prompt + (completion if isinstance(completion, list) else [{"role": "assistant", "content":
+                                                                             _reply(rec, "completion")}])
+        messages = _with_system(rec, parse_messages(rec, "prompt", items=items))
+        return [(_ends_with_reply(rec, "completion", messages), _label(rec))]
+    return [(_prompt_from_text(rec, "prompt") + [{"role": "assistant", "content": _reply(rec, "completion")}],
+             _label(rec))]
+
+
+def unpaired_converter(first: Record, fmt: str | None) -> Callable[[Record], list[Labelled]]:
+    """KTO records ``{messages, label}`` / ``{prompt, completion, label}``, or any pair format split into a
+    desirable chosen and an undesirable rejected sample (as TRL's ``unpair_preference_dataset``)."""
+    keys = first.data
+    if "label" in keys and "messages" in keys:
+        return _kto_messages
+    if "label" in keys and "completion" in keys:
+        return _kto_prompt_completion
+    pairs = reward_converter(first, fmt)
+
+    def convert(rec: Record) -> list[Labelled]:
+        return [item for chosen, rejected in pairs(rec) for item in ((chosen, True), (rejected, False))]
+    return convert
 
 
 # ---------------------------------------------------------------- prompts

@@ -136,6 +136,26 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def accumulate_metrics(sums: dict[str, list[float]], extra: dict[str, Any], count: Any) -> None:
+    """Add a micro-batch's metrics: a float is a sum over the micro-batch's ``count`` units, a
+    ``(sum, count)`` tuple a sum over its own units (e.g. KTO's desirable samples only)."""
+    for k, v in extra.items():
+        num, den = v if isinstance(v, tuple) else (v, count)
+        acc = sums.setdefault(k, [0.0, 0.0])
+        acc[0] += float(num)
+        acc[1] += float(den)
+
+
+def reduce_metrics(strategy: Strategy, sums: dict[str, list[float]]) -> dict[str, float]:
+    """Global means of accumulated metric sums (one all-reduce); a metric no process saw any unit of is left out."""
+    if not sums:
+        return {}
+    keys = sorted(sums)  # the same order on every rank
+    total = strategy.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=strategy.device),
+                                op="sum")
+    return {k: float(num / den) for k, (num, den) in zip(keys, total.tolist()) if den > 0}
+
+
 # ----- the loop -------------------------------------------------------------------------------------------
 
 class SupervisedTrainer:
@@ -143,6 +163,7 @@ class SupervisedTrainer:
 
     Subclasses define ``compute_loss(batch) -> (loss_sum, count, metrics)`` where ``loss_sum`` is the
     summed loss of the micro-batch and ``count`` the number of units it sums over, and ``evaluate()``.
+    Metrics are sums too (see :func:`accumulate_metrics`); they are logged as global means.
     """
 
     stage = "train"
@@ -239,21 +260,19 @@ class SupervisedTrainer:
         # sum over every unit in the global batch divided by the global unit count.
         scale = strategy.world_size / global_count
         loss_total = torch.zeros((), device=device)
-        sums: dict[str, float] = {}
+        sums: dict[str, list[float]] = {}
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with strategy.no_sync(model) if not last else contextlib.nullcontext():
                 with strategy.autocast():
-                    loss_sum, _, extra = self.compute_loss(batch)
+                    loss_sum, count, extra = self.compute_loss(batch)
                 strategy.backward(loss_sum * scale, model, self.optimizer)
             loss_total += loss_sum.detach().float()
-            for k, v in extra.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            accumulate_metrics(sums, extra, count)
         grad_norm = strategy.optimizer_step(self.optimizer, model, self.scheduler)
         loss = strategy.all_reduce(loss_total, op="sum") / global_count
         metrics = {"loss": float(loss), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
-        for k, v in sums.items():
-            metrics[k] = float(strategy.all_reduce(torch.tensor(v, device=device), op="sum") / global_count)
+        metrics.update(reduce_metrics(strategy, sums))
         return metrics
 
     def fit(self, resume_from: str | os.PathLike | None = None) -> list[dict[str, float]]:

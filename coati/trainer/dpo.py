@@ -1,0 +1,283 @@
+"""Direct preference optimisation on the supervised loop: DPO (and conservative DPO), IPO, KTO, ORPO, SimPO.
+
+The policy is an :class:`~coati.models.Actor`. Paired batches (:class:`~coati.dataset.PreferenceCollator`)
+put chosen and rejected rows in one concatenated forward; KTO batches
+(:class:`~coati.dataset.UnpairedPreferenceCollator`) add a no-grad forward of the mismatched KL samples.
+Log-probs are per-sequence sums over the labelled (response) tokens, computed only from the first labelled
+position of the batch on.
+
+The reference policy is, in this order: ``ref_model`` when given; precomputed log-probs
+(``precompute_ref_logps``: one pass before training stored on the datasets, so training holds one model);
+the policy with its LoRA adapter switched off; a frozen copy of the policy made at construction. ORPO and
+SimPO use none and hold none. Dropout is off in policy and reference (as TRL does), so at step 0 the policy
+equals its reference exactly.
+
+Units: a pair for paired losses, a sample for KTO; each micro-batch's loss is a sum over its units and the
+step divides by the global count (see :class:`~coati.trainer.base.SupervisedTrainer`). Metrics carry TRL's
+names: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+``logps/chosen``, ``logps/rejected`` (summed log-probs), plus ``kl`` for KTO.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..models import preference_loss as pl
+from ..models.lora import lora_train_bias
+from ..models.utils import disable_dropout
+from .base import SupervisedTrainer, accumulate_metrics, reduce_metrics, to_device
+from .strategies import Strategy
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """The loss and its hyper-parameters; each field is a ``train_dpo.py`` flag of the same name."""
+
+    loss_type: str = field(default="dpo", metadata={
+        "choices": pl.LOSS_TYPES,
+        "help": "dpo: sigmoid DPO (with --label_smoothing: conservative DPO); ipo: squared loss on token-averaged "
+                "log-ratios; kto: unpaired desirable / undesirable samples (paired data is split); orpo: NLL + "
+                "odds-ratio term; simpo: length-normalised margin. orpo and simpo load no reference model"})
+    beta: float = field(default=0.1, metadata={
+        "help": "inverse temperature of the implicit reward (IPO: its tau; SimPO papers use 2.0-2.5)"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "assumed share of flipped labels (conservative DPO / SimPO), in [0, 0.5)"})
+    gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin"})
+    lambda_orpo: float = field(default=0.1, metadata={"help": "weight of ORPO's odds-ratio term"})
+    sft_coef: float = field(default=0.0, metadata={
+        "help": "weight of an NLL term on chosen (KTO: desirable) responses, mean per token of each sequence "
+                "(RPO); ORPO has its own NLL"})
+    desirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of desirable samples"})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of undesirable samples"})
+    precompute_ref_logps: bool = field(default=False, metadata={
+        "help": "score every sample with the reference once before training and keep only the policy"})
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in pl.LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}; choose one of {pl.LOSS_TYPES}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.loss_type not in pl.REFERENCE_FREE
+
+
+def _base_dataset(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+class _Indexed(Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> tuple[int, Any]:
+        return idx, self.dataset[idx]
+
+
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed log-probs of the labelled tokens, their count)`` per row, fp32. The LM head runs only from the
+    batch's first labelled position on (``Actor``'s ``num_actions``)."""
+    targets = labels.ne(IGNORE_INDEX)
+    width = labels.shape[1]
+    first = torch.where(targets.any(1), targets.int().argmax(1), torch.full_like(targets[:, 0], width - 1,
+                                                                                 dtype=torch.long))
+    num_actions = width - max(1, int(first.min()))
+    logps = model(input_ids, attention_mask=attention_mask, num_actions=num_actions)
+    mask = targets[:, -num_actions:]
+    return (logps.float() * mask).sum(-1), mask.sum(-1).float()
+
+
+class DPOTrainer(SupervisedTrainer):
+    """``model`` is an ``Actor`` (prepared by the strategy); ``config`` picks the loss. See the module doc."""
+
+    stage = "dpo"
+
+    def __init__(self, model: nn.Module, strategy: Strategy, train_dataloader: DataLoader,
+                 eval_dataloader: DataLoader | None = None, *, ref_model: nn.Module | None = None,
+                 config: PreferenceConfig | None = None, **kwargs: Any) -> None:
+        self.config = config = config or PreferenceConfig()
+        self.paired = config.loss_type != "kto"
+        self.strategy = strategy
+        self.model = model
+        plain = strategy.unwrap(model)
+        disable_dropout(plain)
+        self.ref_model: nn.Module | None = None
+        self.reference = "none"
+        if not config.uses_reference:
+            if ref_model is not None:
+                raise ValueError(f"loss_type={config.loss_type} uses no reference model; pass none")
+        else:
+            if ref_model is not None:
+                self.ref_model, self.reference = disable_dropout(ref_model), "model"
+            elif getattr(plain, "lora_enabled", False):
+                if lora_train_bias(plain.model) != "none":
+                    raise ValueError("--lora_train_bias trains the base model's own biases, and the base with the "
+                                     "adapter off is the DPO reference; use --lora_train_bias none, a separate "
+                                     "reference model or --precompute_ref_logps")
+                self.reference = "adapter_off"
+            elif not config.precompute_ref_logps:
+                self.ref_model = strategy.prepare_model(copy.deepcopy(plain), trainable=False)
+                self.reference = "copy"
+            else:
+                self.reference = "policy"  # the policy itself, before it trains
+            if config.precompute_ref_logps:
+                for loader in (train_dataloader, eval_dataloader):
+                    if loader is not None:
+                        self.precompute_reference(loader)
+                self.ref_model, self.reference = None, "precomputed"
+        super().__init__(model, strategy, train_dataloader, eval_dataloader, **kwargs)
+
+    # ----- reference ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _reference_logps(self, batch: dict[str, Any], prefix: str = "") -> torch.Tensor:
+        key = f"ref_{prefix}logps"
+        if key in batch:
+            return batch[key].float()
+        if self.reference == "precomputed":
+            raise ValueError("precompute_ref_logps: the batch carries no reference log-probs")
+        args = (batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"])
+        if self.ref_model is not None:
+            return sequence_logps(self.ref_model, *args)[0]
+        if self.reference == "adapter_off":
+            with self.strategy.unwrap(self.model).disable_adapter():
+                return sequence_logps(self.model, *args)[0]
+        return sequence_logps(self.model, *args)[0]  # "policy": only before training
+
+    @torch.no_grad()
+    def precompute_reference(self, loader: DataLoader) -> None:
+        """Score every sample of ``loader``'s dataset with the reference once and store the log-probs on it;
+        processes split the samples and share the results."""
+        dataset = _base_dataset(loader.dataset)
+        if getattr(dataset, "ref_logps", None) is not None:
+            return
+        collate = loader.collate_fn
+
+        def indexed_collate(items):
+            return torch.tensor([i for i, _ in items]), collate([item for _, item in items])
+
+        scoring = self.strategy.setup_dataloader(_Indexed(dataset), loader.batch_size, shuffle=False,
+                                                 collate_fn=indexed_collate)
+        was_training = self.model.training
+        self.model.eval()
+        indices, values = [], []
+        for idx, batch in scoring:
+            batch = to_device(batch, self.strategy.device)
+            with self.strategy.autocast():
+                if self.paired:
+                    logps = self._reference_logps(batch)
+                    cols = torch.stack(logps.view(2, -1).unbind(0), dim=1)  # (B, [chosen, rejected])
+                else:
+                    cols = torch.stack([self._reference_logps(batch), self._reference_logps(batch, "kl_")], dim=1)
+            indices += idx.tolist()
+            values += cols.float().cpu().tolist()
+        self.model.train(was_training)
+        table = torch.zeros(len(dataset), 2)
+        for part_idx, part_values in self.strategy.all_gather_object((indices, values)):
+            table[torch.tensor(part_idx, dtype=torch.long)] = torch.tensor(part_values)
+        dataset.set_ref_logps(table)
+
+    # ----- loss -----------------------------------------------------------------------------------------
+    def count_units(self, batch: dict[str, Any]) -> torch.Tensor:
+        n = batch["input_ids"].shape[0]
+        return torch.tensor(n // 2 if self.paired else n)
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        logps, lengths = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if self.paired:
+            return self._paired_loss(batch, logps, lengths)
+        return self._kto_loss(batch, logps, lengths)
+
+    def _paired_loss(self, batch, logps, lengths):
+        cfg = self.config
+        n = logps.shape[0] // 2
+        (c, r), (lc, lr) = logps.split(n), lengths.split(n)
+        if cfg.loss_type in ("dpo", "ipo"):
+            rc, rr = self._reference_logps(batch).split(n)
+            if cfg.loss_type == "dpo":
+                losses = pl.dpo_loss(c, r, rc, rr, cfg.beta, cfg.label_smoothing)
+            else:
+                losses = pl.ipo_loss(c, r, rc, rr, lc, lr, cfg.beta)
+            reward_c, reward_r = cfg.beta * (c - rc).detach(), cfg.beta * (r - rr).detach()
+        elif cfg.loss_type == "orpo":
+            losses = pl.orpo_loss(c / lc.clamp(min=1), r / lr.clamp(min=1), cfg.lambda_orpo)
+            reward_c, reward_r = (cfg.lambda_orpo * (x / n_.clamp(min=1)).detach() for x, n_ in ((c, lc), (r, lr)))
+        else:  # simpo
+            losses = pl.simpo_loss(c / lc.clamp(min=1), r / lr.clamp(min=1), cfg.beta, cfg.gamma, cfg.label_smoothing)
+            reward_c, reward_r = (cfg.beta * (x / n_.clamp(min=1)).detach() for x, n_ in ((c, lc), (r, lr)))
+        if cfg.sft_coef:
+            losses = losses + cfg.sft_coef * pl.sft_nll(c, lc)
+        metrics = {"rewards/chosen": reward_c.sum(), "rewards/rejected": reward_r.sum(),
+                   "rewards/accuracies": (reward_c > reward_r).float().sum(),
+                   "rewards/margins": (reward_c - reward_r).sum(),
+                   "logps/chosen": c.detach().sum(), "logps/rejected": r.detach().sum()}
+        return losses.sum(), torch.tensor(n), metrics
+
+    def _kto_loss(self, batch, logps, lengths):
+        cfg = self.config
+        with torch.no_grad():
+            kl_logps = sequence_logps(self.model, batch["kl_input_ids"], batch["kl_attention_mask"],
+                                      batch["kl_labels"])[0]
+            ref_kl = self._reference_logps(batch, "kl_")
+            # z0 over the micro-batch of every process (TRL: the mean over processes' batches), clamped at 0
+            sums = self.strategy.all_reduce(torch.stack([(kl_logps - ref_kl).float().sum(),
+                                                         torch.tensor(float(len(kl_logps)), device=kl_logps.device)]),
+                                            op="sum")
+            kl = (sums[0] / sums[1].clamp(min=1)).clamp(min=0)
+        ref = self._reference_logps(batch)
+        desirable = batch["desirable"].bool()
+        losses = pl.kto_loss(logps, ref, desirable, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+        if cfg.sft_coef:
+            losses = losses + cfg.sft_coef * pl.sft_nll(logps, lengths) * desirable
+        rewards = cfg.beta * (logps - ref).detach()
+        good, bad = desirable.float(), (~desirable).float()
+        metrics = {"rewards/chosen": ((rewards * good).sum(), good.sum()),
+                   "rewards/rejected": ((rewards * bad).sum(), bad.sum()),
+                   "logps/chosen": ((logps.detach() * good).sum(), good.sum()),
+                   "logps/rejected": ((logps.detach() * bad).sum(), bad.sum()),
+                   # every process holds the same z0: the mean over micro-batches
+                   "kl": (kl / self.strategy.world_size, 1.0 / self.strategy.world_size)}
+        return losses.sum(), torch.tensor(len(logps)), metrics
+
+    def _train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+        metrics = super()._train_step(micro_batches)
+        _add_margin(metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and TRL's reward metrics over the eval set; ``rewards/accuracies`` is the share of held-out pairs
+        whose chosen response gains more implicit reward than the rejected one."""
+        sums: dict[str, list[float]] = {}
+        loss_sum = count = 0.0
+        for batch in self.eval_dataloader:
+            batch = to_device(batch, self.strategy.device)
+            with self.strategy.autocast():
+                loss, n, extra = self.compute_loss(batch)
+            loss_sum, count = loss_sum + float(loss), count + float(n)
+            accumulate_metrics(sums, extra, n)
+        sums["loss"] = [loss_sum, count]
+        result = reduce_metrics(self.strategy, sums)
+        _add_margin(result)
+        return result
+
+
+def _add_margin(metrics: dict[str, float]) -> None:
+    """KTO's margin as TRL logs it: mean desirable reward minus mean undesirable reward."""
+    if "kl" in metrics and "rewards/chosen" in metrics and "rewards/rejected" in metrics:
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]

@@ -1,0 +1,107 @@
+"""Direct preference optimisation of an SFT model: DPO, IPO, KTO, ORPO or SimPO.
+
+    torchrun --standalone --nproc_per_node=2 examples/train_dpo.py --pretrain SFT_OUT --model llama \
+        --strategy ddp --dataset dpo_en_demo.json --loss_type dpo --beta 0.1 --batch_size 4 --lr 5e-7 \
+        --save_path DPO_OUT
+
+    # KTO on unpaired {messages, label} records; LoRA, whose base with the adapter off is the reference
+    python examples/train_dpo.py --pretrain SFT_OUT --dataset kto_en_demo.json --loss_type kto --lora_rank 16
+
+Outputs: the trained policy as the HF model dir ``{save_path}`` (as train_sft.py writes it),
+``{save_path}/metrics.jsonl`` and, with --save_interval, ``{save_path}/checkpoints/step_{n}``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from coati.dataset import (
+    PreferenceCollator, PreferenceDataset, UnpairedPreferenceCollator, UnpairedPreferenceDataset, format_from_name,
+    split_dataset,
+)
+from coati.models import Actor
+from coati.trainer import DPOTrainer, PreferenceConfig, resolve_resume
+from coati.utils import cli
+from coati.utils.tokenizer import load_tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.make_parser("coati: train a policy directly on preferences (DPO, IPO, KTO, ORPO, SimPO)")
+    cli.add_model_args(p)
+    cli.add_lora_args(p)
+    cli.add_quant_args(p)
+    cli.add_strategy_args(p)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", required=True,
+                   help="preference file or dir: any pair format train_reward_model.py reads, or (KTO) "
+                        "{messages, label} / {prompt, completion, label} records")
+    d.add_argument("--subset", default=None, help="sub-directory of --dataset to read (e.g. hh-rlhf's harmless-base)")
+    d.add_argument("--format", default=None, choices=["hh-rlhf", "rm-static", "sharegpt", "ranked", "chat"],
+                   help="force a pair format (default: detected from the records)")
+    d.add_argument("--eval_dataset", default=None, help="held-out preference file (default: --eval_ratio of --dataset)")
+    d.add_argument("--eval_ratio", type=float, default=0.05,
+                   help="share of --dataset held out for preference accuracy / margin")
+    d.add_argument("--max_datasets_size", type=int, default=None, help="use at most this many pairs (KTO: samples)")
+    d.add_argument("--max_len", type=int, default=512, help="max tokens per chosen / rejected sequence")
+    d.add_argument("--overlong", default="truncate", choices=["truncate", "skip"],
+                   help="what to do with samples over --max_len")
+    cli.add_empty_records_arg(d)
+    d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
+                   help="how prompts are rendered; must match the SFT stage")
+    o = p.add_argument_group("preference loss")
+    cli.add_config_args(o, PreferenceConfig)
+    t = p.add_argument_group("training")
+    t.add_argument("--batch_size", type=int, default=4, help="pairs (KTO: samples) per micro-batch per process")
+    t.add_argument("--accumulation_steps", "--accimulation_steps", dest="accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step")
+    t.add_argument("--lr", type=float, default=5e-7, help="peak learning rate (AdamW, warmup then cosine)")
+    t.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps spent warming up")
+    t.add_argument("--max_epochs", type=int, default=1, help="passes over the data")
+    t.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    t.add_argument("--eval_interval", type=int, default=0, help="evaluate every N steps (0 = each epoch end)")
+    cli.add_logging_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    config = cli.config_from_args(args, PreferenceConfig)
+    quant = cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy up front
+    strategy = cli.strategy_from_args(args)
+    cli.setup_logging(strategy.is_rank0())
+    tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
+
+    dataset_cls, collate = ((UnpairedPreferenceDataset, UnpairedPreferenceCollator(tokenizer.pad_token_id))
+                            if config.loss_type == "kto" else (PreferenceDataset, PreferenceCollator(tokenizer.pad_token_id)))
+    path = os.path.join(args.dataset, args.subset) if args.subset else args.dataset
+    data_kw = dict(max_len=args.max_len, prompt_template=args.prompt_template, overlong=args.overlong,
+                   seed=args.seed, format=args.format or format_from_name(args.dataset), empty=args.empty_records)
+    train_ds = dataset_cls(path, tokenizer, max_datasets_size=args.max_datasets_size, **data_kw)
+    eval_ds = None
+    if args.eval_dataset:
+        eval_ds = dataset_cls(args.eval_dataset, tokenizer, **data_kw)
+    elif args.eval_ratio > 0:
+        train_ds, eval_ds = split_dataset(train_ds, args.eval_ratio, args.seed)
+
+    model = Actor.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
+                                  grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
+                                  frozen_dtype=args.frozen_dtype, **quant)
+    model = strategy.prepare_model(model)
+    train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
+    eval_dl = (strategy.setup_dataloader(eval_ds, args.batch_size, shuffle=False, collate_fn=collate)
+               if eval_ds is not None else None)
+
+    trainer = DPOTrainer(
+        model, strategy, train_dl, eval_dl, config=config, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, max_epochs=args.max_epochs, max_steps=args.max_steps,
+        accumulation_steps=args.accumulation_steps, save_path=args.save_path, save_interval=args.save_interval,
+        log_interval=args.log_interval, eval_interval=args.eval_interval, log_dir=args.log_dir,
+        use_tensorboard=args.use_tensorboard, use_wandb=args.use_wandb, tokenizer=tokenizer,
+        merge_lora=args.merge_lora_weights, need_optim_ckpt=args.need_optim_ckpt, run_config=vars(args),
+    )
+    trainer.fit(resume_from=resolve_resume(args.resume, args.save_path))
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ from coati.dataset import (
 from coati.models import Actor
 from coati.trainer import DPOTrainer, PreferenceConfig, resolve_resume
 from coati.utils import cli
+from coati.utils.config import add_config_args, config_from_args
 from coati.utils.tokenizer import load_tokenizer
 
 
@@ -48,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_empty_records_arg(d)
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="how prompts are rendered; must match the SFT stage")
-    o = p.add_argument_group("preference loss")
-    cli.add_config_args(o, PreferenceConfig)
+    add_config_args(p, PreferenceConfig)
     t = p.add_argument_group("training")
     t.add_argument("--batch_size", type=int, default=4, help="pairs (KTO: samples) per micro-batch per process")
     t.add_argument("--accumulation_steps", "--accimulation_steps", dest="accumulation_steps", type=int, default=1,
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    config = cli.config_from_args(args, PreferenceConfig)
+    config = config_from_args(PreferenceConfig, args)
     quant = cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy up front
     strategy = cli.strategy_from_args(args)
     cli.setup_logging(strategy.is_rank0())

@@ -79,44 +79,16 @@ def test_empty_records_raise_names_file_line_field_before_any_model_loads(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def flag_table_rows(parser) -> list[str]:
-    """README rows ``| flag | default | meaning |`` as argparse help prints them, choices in parentheses."""
-    from coati.utils.cli import BoolFlag
-
-    rows = []
-    for a in parser._actions:
-        if not a.option_strings or a.dest == "help":
-            continue
-        names = ", ".join(f"`{o}`" for o in a.option_strings if not o.startswith("--no-"))
-        if isinstance(a, BoolFlag):
-            names += " (`--no-...`)"
-        default = "" if a.default is None else f"`{a.default}`"
-        meaning = a.help.replace("%%", "%").replace("|", "\\|")
-        if a.choices:
-            meaning += f" ({', '.join(str(c) for c in a.choices)})"
-        rows.append(f"| {names} | {default} | {meaning} |")
-    return rows
-
-
-def test_readme_lists_every_train_dpo_flag():
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### `examples/train_dpo.py`", 1)[1].split("\n### ", 1)[0]
-    table = [line for line in section.splitlines() if line.startswith("| `")]
-    assert table == flag_table_rows(_script("train_dpo").build_parser())
-
-
 def test_dpo_flags_build_the_loss_config():
+    from coati.errors import UsageError
     from coati.trainer import PreferenceConfig
-    from coati.utils import cli
+    from coati.utils.config import config_from_args
 
     parser = _script("train_dpo").build_parser()
     args = parser.parse_args("--pretrain P --dataset F --loss_type simpo --beta 2.5 --gamma 1.0 "
                              "--precompute_ref_logps".split())
-    cfg = cli.config_from_args(args, PreferenceConfig)
+    cfg = config_from_args(PreferenceConfig, args)
     assert (cfg.loss_type, cfg.beta, cfg.gamma, cfg.precompute_ref_logps, cfg.lambda_orpo) == ("simpo", 2.5, 1.0,
                                                                                               True, 0.1)
-    with pytest.raises(SystemExit, match="label_smoothing"):
-        cli.config_from_args(parser.parse_args("--pretrain P --dataset F --label_smoothing 0.7".split()),
-                             PreferenceConfig)
+    with pytest.raises(UsageError, match="label_smoothing"):
+        config_from_args(PreferenceConfig, parser.parse_args("--pretrain P --dataset F --label_smoothing 0.7".split()))

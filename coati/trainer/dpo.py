@@ -20,18 +20,22 @@ names: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewar
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..errors import UsageError
 from ..models import preference_loss as pl
 from ..models.lora import lora_train_bias
 from ..models.utils import disable_dropout
 from .base import SupervisedTrainer, accumulate_metrics, reduce_metrics, to_device
+from ..utils.config import option
 from .strategies import Strategy
+
+_GROUP = "preference loss"
 
 IGNORE_INDEX = -100
 
@@ -40,32 +44,31 @@ IGNORE_INDEX = -100
 class PreferenceConfig:
     """The loss and its hyper-parameters; each field is a ``train_dpo.py`` flag of the same name."""
 
-    loss_type: str = field(default="dpo", metadata={
-        "choices": pl.LOSS_TYPES,
-        "help": "dpo: sigmoid DPO (with --label_smoothing: conservative DPO); ipo: squared loss on token-averaged "
-                "log-ratios; kto: unpaired desirable / undesirable samples (paired data is split); orpo: NLL + "
-                "odds-ratio term; simpo: length-normalised margin. orpo and simpo load no reference model"})
-    beta: float = field(default=0.1, metadata={
-        "help": "inverse temperature of the implicit reward (IPO: its tau; SimPO papers use 2.0-2.5)"})
-    label_smoothing: float = field(default=0.0, metadata={
-        "help": "assumed share of flipped labels (conservative DPO / SimPO), in [0, 0.5)"})
-    gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin"})
-    lambda_orpo: float = field(default=0.1, metadata={"help": "weight of ORPO's odds-ratio term"})
-    sft_coef: float = field(default=0.0, metadata={
-        "help": "weight of an NLL term on chosen (KTO: desirable) responses, mean per token of each sequence "
-                "(RPO); ORPO has its own NLL"})
-    desirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of desirable samples"})
-    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO weight of undesirable samples"})
-    precompute_ref_logps: bool = field(default=False, metadata={
-        "help": "score every sample with the reference once before training and keep only the policy"})
+    loss_type: str = option(
+        "dpo", "dpo: sigmoid DPO (with --label_smoothing: conservative DPO); ipo: squared loss on token-averaged "
+               "log-ratios; kto: unpaired desirable / undesirable samples (paired data is split); orpo: NLL + "
+               "odds-ratio term; simpo: length-normalised margin. orpo and simpo load no reference model",
+        choices=pl.LOSS_TYPES, group=_GROUP)
+    beta: float = option(0.1, "inverse temperature of the implicit reward (IPO: its tau; SimPO papers use 2.0-2.5)",
+                         group=_GROUP)
+    label_smoothing: float = option(0.0, "assumed share of flipped labels (conservative DPO / SimPO), in [0, 0.5)",
+                                    group=_GROUP)
+    gamma: float = option(0.5, "SimPO target reward margin", group=_GROUP)
+    lambda_orpo: float = option(0.1, "weight of ORPO's odds-ratio term", group=_GROUP)
+    sft_coef: float = option(0.0, "weight of an NLL term on chosen (KTO: desirable) responses, mean per token of "
+                                  "each sequence (RPO); ORPO has its own NLL", group=_GROUP)
+    desirable_weight: float = option(1.0, "KTO weight of desirable samples", group=_GROUP)
+    undesirable_weight: float = option(1.0, "KTO weight of undesirable samples", group=_GROUP)
+    precompute_ref_logps: bool = option(False, "score every sample with the reference once before training and "
+                                               "keep only the policy", group=_GROUP)
 
     def __post_init__(self) -> None:
         if self.loss_type not in pl.LOSS_TYPES:
-            raise ValueError(f"loss_type={self.loss_type!r}; choose one of {pl.LOSS_TYPES}")
+            raise UsageError(f"loss_type={self.loss_type!r}; choose one of {pl.LOSS_TYPES}")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            raise UsageError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+            raise UsageError(f"beta must be > 0, got {self.beta}")
 
     @property
     def uses_reference(self) -> bool:

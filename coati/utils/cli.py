@@ -139,32 +139,6 @@ def add_logging_args(p: argparse.ArgumentParser, *, default_log_interval: int = 
     g.add_argument("--use_wandb", action=BoolFlag, default=False, help="also log to Weights & Biases")
 
 
-def add_config_args(group: argparse._ArgumentGroup, config_cls: type) -> None:
-    """One flag per field of a dataclass: its name, default, ``metadata["help"]`` and ``metadata["choices"]``
-    (bools become :class:`BoolFlag` switches), so a default is written once, on the field."""
-    import dataclasses
-
-    for f in dataclasses.fields(config_cls):
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
-        if isinstance(f.default, bool):
-            kwargs["action"] = BoolFlag
-        else:
-            kwargs["type"] = type(f.default)
-            if "choices" in f.metadata:
-                kwargs["choices"] = list(f.metadata["choices"])
-        group.add_argument(f"--{f.name}", **kwargs)
-
-
-def config_from_args(args: argparse.Namespace, config_cls: type) -> Any:
-    """The dataclass built from the flags :func:`add_config_args` added; a bad value ends with ``error: ...``."""
-    import dataclasses
-
-    try:
-        return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-
-
 def strategy_names() -> list[str]:
     return ["naive", "ddp", "fsdp", "colossalai_zero2", "colossalai_zero2_cpu", "colossalai_gemini"]
 

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ("examples/train_sft.py", "examples/train_reward_model.py", "examples/train_prompts.py")
+SCRIPTS = ("examples/train_sft.py", "examples/train_reward_model.py", "examples/train_dpo.py",
+           "examples/train_prompts.py")
 
 
 def _parser(script: str) -> argparse.ArgumentParser:

@@ -32,8 +32,8 @@ def recipe(shared_data, tmp_path_factory):
     extend_tokenizer(llama2, pieces, root / "tok")
     src = tiny.save_tiny_model("llama", root / "src")
     save_extended_model(src, root / "tok", root / "model")
-    rows = [{"source": "", "target": r["instruction"] + r["output"], "category": "zh"} for r in zh[:24]]
-    rows += [{"source": "", "target": t[:300], "category": "en"} for t in en[:16]]
+    rows = [{"source": "", "target": r["instruction"] + r["output"], "category": "zh"} for r in zh[:10]]
+    rows += [{"source": "", "target": t[:300], "category": "en"} for t in en[:8]]
     (root / "raw").mkdir()
     (root / "raw" / "data.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     load_script("examples/colossal_llama/prepare_pretrain_dataset.py").main([
@@ -68,14 +68,14 @@ def _held_out_loss(model_dir, texts) -> float:
 def test_continual_pretraining_lowers_chinese_loss_and_keeps_english(recipe, tmp_path):
     root, held_out = recipe
     before = {lang: _held_out_loss(root / "model", texts) for lang, texts in held_out.items()}
-    trainer = _train(root, tmp_path / "out", "--num_epochs", "3")
+    trainer = _train(root, tmp_path / "out", "--num_epochs", "2")
     after = {lang: _held_out_loss(tmp_path / "out", texts) for lang, texts in held_out.items()}
     print(f"\nheld-out loss before -> after: zh {before['zh']:.3f} -> {after['zh']:.3f}, "
           f"en {before['en']:.3f} -> {after['en']:.3f} ({trainer.global_step} steps)")
     assert after["zh"] < before["zh"] - 0.5
     assert after["en"] <= before["en"] + EN_BOUND
     config = json.loads((tmp_path / "out" / "train_config.json").read_text())
-    assert config["num_epochs"] == 3 and config["plugin"] == "naive" and config["resolved_strategy"] == "naive"
+    assert config["num_epochs"] == 2 and config["plugin"] == "naive" and config["resolved_strategy"] == "naive"
     assert set(vars(load_script("examples/colossal_llama/train.py").build_parser().parse_args(
         ["--pretrained", "P", "--dataset", "D"]))) <= set(config)
 
@@ -93,9 +93,7 @@ def test_load_checkpoint_resumes_a_state_and_starts_a_stage_from_a_model(recipe,
 
     stage = _train(root, tmp_path / "stage2", "--load_checkpoint", str(tmp_path / "full"))
     assert [h["step"] for h in stage.history] == list(range(1, full.total_steps + 1))
-    start = {k: v for k, v in stage.model.state_dict().items()}
     assert stage.history[0]["loss"] < full.history[0]["loss"] - 0.3  # began from the trained weights
-    assert start.keys()
 
 
 def test_freeze_non_embeds_params_leaves_every_other_weight_identical(recipe, tmp_path):

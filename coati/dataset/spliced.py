@@ -32,8 +32,8 @@ DEFAULT_CATEGORY = "default"
 
 
 def record_category(rec: Record) -> str:
-    """A record's ``category`` as a safe dir name."""
-    name = str(rec.data.get("category") or DEFAULT_CATEGORY)
+    """A record's ``category`` (else its file's name) as a safe dir name."""
+    name = str(rec.data.get("category") or (Path(rec.path).stem if rec.path != "<records>" else DEFAULT_CATEGORY))
     return re.sub(r"[^\w.-]+", "_", name).strip("._") or DEFAULT_CATEGORY
 
 

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max_epochs", type=int, default=3, help="passes over the training data")
     t.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
     t.add_argument("--eval_interval", type=int, default=0, help="evaluate every N steps (0 = each epoch end)")
+    cli.add_neftune_args(t)
     cli.add_logging_args(p)
     return p
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     model = Actor.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
                                   grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
                                   frozen_dtype=args.frozen_dtype, **quant)
+    cli.neftune_from_args(model, args)
     model = strategy.prepare_model(model)
     collate = SFTCollator(tokenizer.pad_token_id)
     train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)

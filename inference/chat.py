@@ -2,6 +2,8 @@
 
     python inference/chat.py MODEL_PATH --prompt "Explain PPO in one sentence."      # one answer, then exit
     python inference/chat.py MODEL_PATH [--quant 4bit] [--system "You are ..."]      # interactive session
+    python inference/chat.py --model_path MODEL --input_txt "..." --do_sample --temperature 0.3 --top_k 50 \
+        --top_p 0.95 --max_new_tokens 512 --device cuda                            # Colossal-LLaMA's flags
 
 Prompts are rendered with the same template as training (--prompt_template, default auto: the tokenizer's
 chat template if it has one, else Alpaca). In a session the whole conversation is sent each turn;
@@ -24,7 +26,13 @@ from coati.utils import cli  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--prompt", default=None, help="answer this one prompt and exit (else: interactive)")
+    positional = next(a for a in p._actions if a.dest == "model_path")
+    positional.nargs, positional.default = "?", None  # or --model_path (Colossal-LLaMA's spelling)
+    p.add_argument("--model_path", dest="model_path_flag", default=None, help="the model dir, as a flag")
+    p.add_argument("--prompt", "--input_txt", dest="prompt", default=None,
+                   help="answer this one prompt and exit (else: interactive)")
+    p.add_argument("--do_sample", action=cli.BoolFlag, default=True,
+                   help="sample with --temperature / --top_k / --top_p; false = greedy decoding")
     p.add_argument("--system", default=None, help="system message opening the conversation")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -83,10 +91,15 @@ def chat_session(gen: Generator, params: SamplingParams, template: str, *, syste
 
 def main(argv: list[str] | None = None, *, read: Callable[[str], str] = input,
          out: TextIO = sys.stdout) -> list[str]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.model_path is None) == (args.model_path_flag is None):
+        parser.error("give the model dir once: as MODEL_PATH or as --model_path")
+    args.model_path = args.model_path or args.model_path_flag
     model, tokenizer = load_from_args(args)
     gen = Generator(model, tokenizer)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    temperature = args.temperature if args.do_sample else 0.0
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

@@ -217,3 +217,28 @@ def run(main: Callable[[], Any]) -> None:
             message = f"rank {rank}: {message}"
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def add_neftune_args(group: argparse._ArgumentGroup) -> None:
+    from ..models.neftune import DEFAULT_NEFTUNE_ALPHA
+
+    group.add_argument("--use_neft", action=BoolFlag, default=False,
+                       help="NEFTune: uniform noise of scale alpha / sqrt(seq_len * hidden) on the input "
+                            "embeddings while training (none in eval)")
+    group.add_argument("--neftune_noise_alpha", type=positive_float, default=DEFAULT_NEFTUNE_ALPHA,
+                       help="NEFTune's alpha (with --use_neft)")
+
+
+def neftune_from_args(model: Any, args: argparse.Namespace) -> None:
+    """Attach NEFTune to ``model`` when ``--use_neft`` is on (before the strategy wraps it)."""
+    if args.use_neft:
+        from ..models.neftune import enable_neftune
+
+        enable_neftune(model, args.neftune_noise_alpha)

@@ -1,47 +1,58 @@
-"""RLHF step throughput: coati's PPOTrainer vs TRL's GRPOTrainer on the same model, prompts and lengths.
+"""RLHF step throughput: coati's PPOTrainer (``--algo ppo`` or ``--algo grpo``) vs TRL's GRPOTrainer.
 
-TRL has no PPO trainer any more; its GRPO trainer is the closest on-policy loop (generate, score, KL to a
-reference, one policy update). The two algorithms do different amounts of work per sample, so read the
-ratio as "what a user gets per second from each library's RL loop", not as identical arithmetic:
+Two comparisons, chosen with this script's ``--algo``:
 
-  coati PPO, per step: generate; actor, reference and critic forwards (+ reward model with
-      ``--reward model``); GAE; one actor step (policy loss, entropy logged) and one critic step.
-  TRL GRPO, per step:  generate; reference forward (beta > 0); reward; one policy step (no critic).
+``--algo grpo`` (like for like): coati's critic-free ``--algo grpo`` preset against TRL's GRPOTrainer. Same
+  algorithm on both sides, per step: generate G completions per prompt; reference forward; reward; group
+  z-score advantages; one policy step with the PPO clip (0.2) and the k3 KL ``exp(ref - logp) - (ref - logp)
+  - 1`` as a loss term (beta = the preset's ``kl_coef``, 0.04), per-token losses averaged per sequence, then
+  over sequences (coati ``loss_agg_mode seq_mean_token_mean``, TRL ``loss_type="grpo"``), entropy logged.
+  No critic exists in coati (``critic_params`` 0). One difference remains, each library's own choice: coati
+  scores the old log-probs of the sampled tokens in a no-grad actor forward while making experience; TRL,
+  when one generation feeds exactly one optimizer step, skips that forward and uses its training forward's
+  detached log-probs (the same values).
+
+``--algo ppo`` (default, recorded as ppo_cpu_small.json): coati PPO against TRL GRPO, the closest on-policy
+  loop TRL ships. Different amounts of work per sample, so read the ratio as "what a user gets per second
+  from each library's RL loop": coati also runs a critic forward, GAE and a critic step; the KL (0.1) is
+  coati's k1 penalty in the reward and TRL's k3 loss term (TRL's default token-mean loss).
 
 What is held equal
   * weights: one random-weight LLaMA (``--config`` preset, default "small": hidden 256, 4 layers, 32k
-    vocab) saved once; both load it (coati's critic starts from the same body).
+    vocab) saved once; both load it (coati's PPO critic starts from the same body).
   * prompts: ``../shared/data/prompts/vicuna_question_80.jsonl`` (or ``--prompts``) rendered with coati's
     ``PromptDataset`` (Alpaca template, at most ``--seq_len`` prompt tokens); TRL gets the same prompt text and
-    the script checks that its tokenizer call gives the same ids. GRPO needs ``--num_generations`` (G >= 2)
-    completions per prompt, so each prompt is repeated G times for coati as well: both see identical
-    batches of ``--batch_size`` rows (batch_size / G distinct prompts), in file order.
+    the script checks that its tokenizer call gives the same ids. Each batch is ``--batch_size`` rows:
+    batch_size / G distinct prompts, in file order, each sampled ``--num_generations`` (G >= 2) times (TRL's
+    ``num_generations``; coati GRPO's ``n_samples_per_prompt``; coati PPO gets each prompt repeated G times).
   * generation: sampling at temperature 1, no top-k / top-p, exactly ``--gen_len`` new tokens per row
     (``min_new_tokens = max_new_tokens`` in both, so early EOS cannot make one side cheaper).
   * reward: the same Python function (distinct-word ratio of the response) in both, or with
     ``--reward model`` a random reward model on the same body (coati ``RewardModel``, TRL a
     sequence-classification model passed as a reward function).
-  * KL: coati ``kl_coef`` 0.1, TRL ``beta`` 0.1 (both keep a frozen reference model).
+  * KL: a frozen reference model in both, the coefficient above.
   * one optimizer step per batch (coati: 1 collect step, 1 update step, train_batch_size = batch; TRL:
-    steps_per_generation 1, num_iterations 1), AdamW, fp32 (or bf16 autocast in both), no gradient
-    checkpointing.
+    steps_per_generation 1, num_iterations 1), AdamW (fused in both), fp32 (or bf16 autocast in both), no
+    gradient checkpointing.
 
 Figures, per framework (over ``--steps`` timed steps after ``--warmup_steps`` untimed ones)
-  samples_per_s        sequences (prompt + response) trained per second
+  samples_per_s        sequences (prompt + response) trained per second (wall)
+  samples_per_cpu_s    the same per CPU-second of the worker process: the figure to read on a shared CPU
   gen_tokens_per_s     generated tokens per second of the whole step
   gen_phase_tokens_per_s  generated tokens per second of the generation phase alone (HF generate in both)
-  time_split_s         mean seconds per step in generate / make_experience (scoring, reference, values,
-                       advantages) / train; coati's from its PPOTrainer metrics (``timing_s/*``), TRL's by
-                       timing its ``_generate`` and ``_generate_and_score_completions`` calls
+  time_split_s         mean seconds per step in generate / make_experience (old and reference log-probs,
+                       reward, advantages) / train; coati's from its PPOTrainer metrics (``timing_s/*``), TRL's
+                       by timing its ``_generate`` and ``_generate_and_score_completions`` calls
   peak_rss_mb, rss_before_train_mb, peak_gpu_mem_mb  as in bench_sft.py
 
 How to read the ratio
-  ``ratio_coati_over_trl.samples_per_s`` > 1 means coati's loop turns out more samples per second;
+  ``ratio_coati_over_trl.samples_per_cpu_s`` > 1 means coati's loop turns out more samples per CPU-second;
   ``gen_phase_tokens_per_s`` compares the generation engines alone (both HF generate: ~1 expected). Memory
-  ratios < 1 mean coati uses less; coati holds a critic and its optimizer that GRPO does not have.
+  ratios < 1 mean coati uses less.
 
 Example
-  OMP_NUM_THREADS=1 python benchmarks/bench_ppo.py --config small --batch_size 8 --gen_len 64 --steps 5
+  OMP_NUM_THREADS=1 python benchmarks/bench_ppo.py --algo grpo --config small --batch_size 8 \
+      --num_generations 4 --gen_len 64 --steps 5 --repeats 3
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ How to read the ratio
   ratios < 1 mean coati uses less.
 
 Example
-  OMP_NUM_THREADS=1 python benchmarks/bench_ppo.py --algo grpo --config small --batch_size 8 \
+  OMP_NUM_THREADS=1 python benchmarks/bench_ppo.py --algo grpo --config small --batch_size 8 \\
       --num_generations 4 --gen_len 64 --steps 5 --repeats 3
 """
 from __future__ import annotations

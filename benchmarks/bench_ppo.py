@@ -1,47 +1,58 @@
-"""RLHF step throughput: coati's PPOTrainer vs TRL's GRPOTrainer on the same model, prompts and lengths.
+"""RLHF step throughput: coati's PPOTrainer (``--algo ppo`` or ``--algo grpo``) vs TRL's GRPOTrainer.
 
-TRL has no PPO trainer any more; its GRPO trainer is the closest on-policy loop (generate, score, KL to a
-reference, one policy update). The two algorithms do different amounts of work per sample, so read the
-ratio as "what a user gets per second from each library's RL loop", not as identical arithmetic:
+Two comparisons, chosen with this script's ``--algo``:
 
-  coati PPO, per step: generate; actor, reference and critic forwards (+ reward model with
-      ``--reward model``); GAE; one actor step (policy loss, entropy logged) and one critic step.
-  TRL GRPO, per step:  generate; reference forward (beta > 0); reward; one policy step (no critic).
+``--algo grpo`` (like for like): coati's critic-free ``--algo grpo`` preset against TRL's GRPOTrainer. Same
+  algorithm on both sides, per step: generate G completions per prompt; reference forward; reward; group
+  z-score advantages; one policy step with the PPO clip (0.2) and the k3 KL ``exp(ref - logp) - (ref - logp)
+  - 1`` as a loss term (beta = the preset's ``kl_coef``, 0.04), per-token losses averaged per sequence, then
+  over sequences (coati ``loss_agg_mode seq_mean_token_mean``, TRL ``loss_type="grpo"``), entropy logged.
+  No critic exists in coati (``critic_params`` 0). One difference remains, each library's own choice: coati
+  scores the old log-probs of the sampled tokens in a no-grad actor forward while making experience; TRL,
+  when one generation feeds exactly one optimizer step, skips that forward and uses its training forward's
+  detached log-probs (the same values).
+
+``--algo ppo`` (default, recorded as ppo_cpu_small.json): coati PPO against TRL GRPO, the closest on-policy
+  loop TRL ships. Different amounts of work per sample, so read the ratio as "what a user gets per second
+  from each library's RL loop": coati also runs a critic forward, GAE and a critic step; the KL (0.1) is
+  coati's k1 penalty in the reward and TRL's k3 loss term (TRL's default token-mean loss).
 
 What is held equal
   * weights: one random-weight LLaMA (``--config`` preset, default "small": hidden 256, 4 layers, 32k
-    vocab) saved once; both load it (coati's critic starts from the same body).
+    vocab) saved once; both load it (coati's PPO critic starts from the same body).
   * prompts: ``../shared/data/prompts/vicuna_question_80.jsonl`` (or ``--prompts``) rendered with coati's
     ``PromptDataset`` (Alpaca template, at most ``--seq_len`` prompt tokens); TRL gets the same prompt text and
-    the script checks that its tokenizer call gives the same ids. GRPO needs ``--num_generations`` (G >= 2)
-    completions per prompt, so each prompt is repeated G times for coati as well: both see identical
-    batches of ``--batch_size`` rows (batch_size / G distinct prompts), in file order.
+    the script checks that its tokenizer call gives the same ids. Each batch is ``--batch_size`` rows:
+    batch_size / G distinct prompts, in file order, each sampled ``--num_generations`` (G >= 2) times (TRL's
+    ``num_generations``; coati GRPO's ``n_samples_per_prompt``; coati PPO gets each prompt repeated G times).
   * generation: sampling at temperature 1, no top-k / top-p, exactly ``--gen_len`` new tokens per row
     (``min_new_tokens = max_new_tokens`` in both, so early EOS cannot make one side cheaper).
   * reward: the same Python function (distinct-word ratio of the response) in both, or with
     ``--reward model`` a random reward model on the same body (coati ``RewardModel``, TRL a
     sequence-classification model passed as a reward function).
-  * KL: coati ``kl_coef`` 0.1, TRL ``beta`` 0.1 (both keep a frozen reference model).
+  * KL: a frozen reference model in both, the coefficient above.
   * one optimizer step per batch (coati: 1 collect step, 1 update step, train_batch_size = batch; TRL:
-    steps_per_generation 1, num_iterations 1), AdamW, fp32 (or bf16 autocast in both), no gradient
-    checkpointing.
+    steps_per_generation 1, num_iterations 1), AdamW (fused in both), fp32 (or bf16 autocast in both), no
+    gradient checkpointing.
 
 Figures, per framework (over ``--steps`` timed steps after ``--warmup_steps`` untimed ones)
-  samples_per_s        sequences (prompt + response) trained per second
+  samples_per_s        sequences (prompt + response) trained per second (wall)
+  samples_per_cpu_s    the same per CPU-second of the worker process: the figure to read on a shared CPU
   gen_tokens_per_s     generated tokens per second of the whole step
   gen_phase_tokens_per_s  generated tokens per second of the generation phase alone (HF generate in both)
-  time_split_s         mean seconds per step in generate / make_experience (scoring, reference, values,
-                       advantages) / train; coati's from its PPOTrainer metrics (``timing_s/*``), TRL's by
-                       timing its ``_generate`` and ``_generate_and_score_completions`` calls
+  time_split_s         mean seconds per step in generate / make_experience (old and reference log-probs,
+                       reward, advantages) / train; coati's from its PPOTrainer metrics (``timing_s/*``), TRL's
+                       by timing its ``_generate`` and ``_generate_and_score_completions`` calls
   peak_rss_mb, rss_before_train_mb, peak_gpu_mem_mb  as in bench_sft.py
 
 How to read the ratio
-  ``ratio_coati_over_trl.samples_per_s`` > 1 means coati's loop turns out more samples per second;
+  ``ratio_coati_over_trl.samples_per_cpu_s`` > 1 means coati's loop turns out more samples per CPU-second;
   ``gen_phase_tokens_per_s`` compares the generation engines alone (both HF generate: ~1 expected). Memory
-  ratios < 1 mean coati uses less; coati holds a critic and its optimizer that GRPO does not have.
+  ratios < 1 mean coati uses less.
 
 Example
-  OMP_NUM_THREADS=1 python benchmarks/bench_ppo.py --config small --batch_size 8 --gen_len 64 --steps 5
+  OMP_NUM_THREADS=1 python benchmarks/bench_ppo.py --algo grpo --config small --batch_size 8 \\
+      --num_generations 4 --gen_len 64 --steps 5 --repeats 3
 """
 from __future__ import annotations
 
@@ -72,6 +83,9 @@ def add_args(parser) -> None:
     parser.add_argument("--reward", choices=["fn", "model"], default="fn",
                         help="fn: a Python reward function; model: a (random) reward model on the same body")
     parser.add_argument("--prompts", default=str(PROMPTS), help="prompt file coati's PromptDataset reads")
+    parser.add_argument("--algo", choices=["ppo", "grpo"], default="ppo",
+                        help="coati's side: ppo (actor + critic, GAE, KL in the reward) or grpo (critic-free "
+                             "--algo grpo, n_samples_per_prompt = G, k3 KL as a loss term: like for like with TRL)")
 
 
 def prepare(args, workdir: Path) -> dict:
@@ -100,7 +114,16 @@ def prepare(args, workdir: Path) -> dict:
             "data_mean_prompt_len": round(sum(lengths) / len(lengths), 1),
             "data_prompts_used": need, "data_trl_prompt_ids_match": f"{matched}/{len(rows)}",
             "trl_add_bos": add_bos,
-            "gen_len": args.gen_len, "num_generations": args.num_generations, "reward": args.reward}
+            "gen_len": args.gen_len, "num_generations": args.num_generations, "reward": args.reward,
+            "kl_coef": _kl_coef(args.algo)}
+
+
+def _kl_coef(algo: str) -> float:
+    """The KL coefficient both sides use: 0.1 against PPO (as recorded before), the ``--algo grpo`` preset's
+    beta for GRPO."""
+    from coati.algos import PRESETS
+
+    return 0.1 if algo == "ppo" else float(PRESETS[algo]["kl_coef"])
 
 
 def _rows(job):
@@ -135,13 +158,18 @@ def worker_coati(job: dict) -> None:
 
     harness.setup_worker(job)
     device = job["device"]
+    grpo = job["algo"] == "grpo"
     strategy = NaiveStrategy(seed=job["seed"], mixed_precision="bf16" if job["precision"] == "bf16" else None)
     tok = harness.llama_tokenizer()
     actor = Actor.from_pretrained(job["model_dir"])
-    critic = Critic.from_pretrained(job["model_dir"])
+    critic = None if grpo else Critic.from_pretrained(job["model_dir"])
     reward_model = RewardModel.from_pretrained(job["model_dir"]) if job["reward"] == "model" else None
-    items = [{"input_ids": torch.tensor(r["input_ids"]), "prompt": r["prompt"]} for r in _rows(job)]
-    loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False,
+    # PPO: each prompt repeated G times in the data (the same rows TRL sees); GRPO: G samples per prompt
+    # from n_samples_per_prompt, so a loader batch holds batch_size / G distinct prompts
+    rows = json.loads(Path(job["data_file"]).read_text()) if grpo else _rows(job)
+    per_prompt = job["num_generations"] if grpo else 1
+    items = [{"input_ids": torch.tensor(r["input_ids"]), "prompt": r["prompt"]} for r in rows]
+    loader = strategy.setup_dataloader(items, job["batch_size"] // per_prompt, shuffle=False,
                                        collate_fn=PromptCollator(tok.pad_token_id))
     total = job["warmup_steps"] + job["steps"]
     clock = harness.StepClock(device)
@@ -152,33 +180,42 @@ def worker_coati(job: dict) -> None:
             clock.tick()
             return metrics
 
+    algo = dict(algo="grpo", n_samples_per_prompt=per_prompt) if grpo else dict(
+        critic_optim=harness.coati_optimizer(job, critic.parameters(), job["lr"]), critic_lr=job["lr"])
     trainer = TimedPPOTrainer(
         strategy, actor, critic, reward_model=reward_model, tokenizer=tok,
         actor_optim=harness.coati_optimizer(job, actor.parameters(), job["lr"]),
-        critic_optim=harness.coati_optimizer(job, critic.parameters(), job["lr"]),
         reward_fn=distinct_word_reward if reward_model is None else None,
-        kl_coef=0.1, ptx_coef=0.0, num_episodes=total, num_collect_steps=1, num_update_steps=1, max_epochs=1,
-        train_batch_size=job["batch_size"], lr=job["lr"], critic_lr=job["lr"], max_new_tokens=job["gen_len"],
+        kl_coef=job["kl_coef"], ptx_coef=0.0, num_episodes=total, num_collect_steps=1, num_update_steps=1,
+        max_epochs=1, train_batch_size=job["batch_size"], lr=job["lr"], max_new_tokens=job["gen_len"],
         max_seq_len=None, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-        generate_kwargs={"min_new_tokens": job["gen_len"]}, log_interval=1)
+        generate_kwargs={"min_new_tokens": job["gen_len"]}, log_interval=1, **algo)
     probe = harness.MemoryProbe(device)
     probe.start()
     history = trainer.fit(loader)
     split = {"generate": [h["timing_s/generate"] for h in history],
              "make_experience": [h["timing_s/make_experience"] for h in history],
-             "train": [h["timing_s/train_actor"] + h["timing_s/train_critic"] for h in history],
-             "train_actor": [h["timing_s/train_actor"] for h in history],
-             "train_critic": [h["timing_s/train_critic"] for h in history]}
+             "train": [h["timing_s/train_actor"] + h.get("timing_s/train_critic", 0.0) for h in history]}
+    if not grpo:
+        split.update(train_actor=[h["timing_s/train_actor"] for h in history],
+                     train_critic=[h["timing_s/train_critic"] for h in history])
     samples = [job["batch_size"]] * len(history)
     tokens = [h["perf/total_num_tokens"] for h in history]
     lens = [h.get("response_length/mean") for h in history]
+    models = "policy + reference" if grpo else "actor + critic + reference"
     _finish(job, clock, samples, tokens, split, probe,
-            {"algorithm": "PPO (actor + critic + reference" + (" + reward model)" if reward_model else ")"),
+            {"algorithm": f"{job['algo'].upper()} ({models}" + (" + reward model)" if reward_model else ")"),
              "mean_response_len": lens[-1], "device_used": str(strategy.device),
-             "optimizer": f"AdamW ({job['coati_optim']}) x2 (actor, critic)"})
+             "critic_params": sum(p.numel() for p in trainer.critic.parameters()) if trainer.critic else 0,
+             "optimizer": f"AdamW ({job['coati_optim']})" + ("" if grpo else " x2 (actor, critic)")})
 
 
 # ----- TRL -------------------------------------------------------------------------------------------------
+
+# TRL's loss aggregation: its default (dapo, token mean) against PPO as recorded before; against --algo grpo
+# the preset's seq_mean_token_mean, which TRL calls "grpo".
+TRL_LOSS_TYPE = {"ppo": "dapo", "grpo": "grpo"}
+
 
 def worker_trl(job: dict) -> None:
     from datasets import Dataset
@@ -232,7 +269,8 @@ def worker_trl(job: dict) -> None:
         gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
         num_generations=job["num_generations"], max_completion_length=job["gen_len"],
         generation_kwargs={"min_new_tokens": job["gen_len"]}, temperature=1.0, top_k=0, top_p=1.0,
-        beta=0.1, max_steps=total, learning_rate=job["lr"], weight_decay=0.0, max_grad_norm=1.0,
+        beta=job["kl_coef"], epsilon=0.2, loss_type=TRL_LOSS_TYPE[job["algo"]], scale_rewards="group",
+        max_steps=total, learning_rate=job["lr"], weight_decay=0.0, max_grad_norm=1.0,
         gradient_checkpointing=False, bf16=job["precision"] == "bf16", fp16=False, logging_steps=1,
         save_strategy="no", report_to="none", shuffle_dataset=False, seed=job["seed"], use_cpu=device == "cpu",
         dataloader_num_workers=0, log_completions=False,
@@ -251,6 +289,14 @@ def worker_trl(job: dict) -> None:
              "device_used": str(trainer.args.device), "optimizer": f"AdamW ({config.optim})"})
 
 
+NOTES = {
+    "ppo": "coati PPO (actor+critic+ref) vs TRL GRPO (policy+ref): different algorithms, same weights, prompts, "
+           "batch, generation length and reward;",
+    "grpo": "coati --algo grpo vs TRL GRPOTrainer, like for like: no critic, same weights, prompts, group size, "
+            "generation length, reward, k3 KL loss term (beta), clip 0.2, seq-mean-token-mean loss, one step;",
+}
+
+
 def main() -> None:
     parser = harness.common_parser(__doc__, steps=5, batch_size=8, seq_len=128)
     add_args(parser)
@@ -259,14 +305,12 @@ def main() -> None:
         job = json.loads(Path(args._job).read_text())
         (worker_coati if args._worker == "coati" else worker_trl)(job)
         return
-    harness.main(args, script=__file__, bench="ppo", prepare=prepare,
+    notes = NOTES[args.algo] + " samples_per_s ratio > 1 = coati faster. --seq_len is the max prompt length here."
+    harness.main(args, script=__file__, bench=args.algo, prepare=prepare,
                  key_metrics=["samples_per_s", "samples_per_cpu_s"],
                  ratio_keys=["samples_per_s", "samples_per_cpu_s", "gen_tokens_per_s", "gen_phase_tokens_per_s",
                              "peak_rss_mb", "peak_gpu_mem_mb"],
-                 notes="coati PPO (actor+critic+ref) vs TRL GRPO (policy+ref): different algorithms, same "
-                       "weights, prompts, batch, generation length and reward; samples_per_s ratio > 1 = coati "
-                       "faster. --seq_len is the max prompt length here.",
-                 report_args=("gen_len", "num_generations", "reward"))
+                 notes=notes, report_args=("algo", "gen_len", "num_generations", "reward"))
 
 
 if __name__ == "__main__":

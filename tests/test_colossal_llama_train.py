@@ -31,6 +31,7 @@ def recipe(shared_data, tmp_path_factory):
     pieces = pieces_from_corpus(corpus_texts(zh[:300]), load_source_tokenizer(llama2), vocab_size=3000)
     extend_tokenizer(llama2, pieces, root / "tok")
     src = tiny.save_tiny_model("llama", root / "src")
+    load_source_tokenizer(llama2).save_pretrained(src)  # the recipe extends the real LLaMA-2 tokenizer
     save_extended_model(src, root / "tok", root / "model")
     rows = [{"source": "", "target": r["instruction"] + r["output"], "category": "zh"} for r in zh[:10]]
     rows += [{"source": "", "target": t[:300], "category": "en"} for t in en[:8]]

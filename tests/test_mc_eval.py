@@ -50,7 +50,9 @@ def trained(tok):
     return model.eval(), items
 
 
-def test_answer_tokens_are_both_spellings(tok):
+def test_answer_tokens_are_both_spellings(llama2_tokenizer):
+    """On LLaMA-2's vocabulary, where both "▁A" and "A" are pieces."""
+    tok = llama2_tokenizer
     ids = answer_token_ids(tok)
     assert ids == {x: sorted({tok.convert_tokens_to_ids("▁" + x), tok.convert_tokens_to_ids(x)}) for x in LETTERS}
 

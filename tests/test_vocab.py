@@ -104,6 +104,7 @@ def small_extension(shared_data, tmp_path_factory):
 def test_new_rows_are_means_of_old_pieces_and_old_logits_unchanged(shared_data, small_extension, tmp_path, tied):
     pieces = PIECES
     src_dir = tiny.save_tiny_model("llama", tmp_path / "src", tie_word_embeddings=tied)
+    load_source_tokenizer(shared_data / "tokenizers" / "llama2").save_pretrained(src_dir)  # the one extended
     save_extended_model(src_dir, small_extension, tmp_path / "out")
     source_model = AutoModelForCausalLM.from_pretrained(str(src_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))

@@ -23,10 +23,11 @@ MAX_LEN = 96
 
 
 @pytest.fixture(scope="module")
-def sft_dir(shared_data, tmp_path_factory):
-    """A tiny LLaMA after a few SFT steps on the chosen replies (DPO starts from an SFT model)."""
+def sft_dir(shared_data, llama2_tokenizer, tmp_path_factory):
+    """A tiny LLaMA after a few SFT steps on the chosen replies (DPO starts from an SFT model). The real pairs are
+    tokenized with LLaMA-2's tokenizer, whose lengths MAX_LEN was chosen for."""
     base = tiny.save_tiny_model("llama", tmp_path_factory.mktemp("dpo_base"))
-    tok = tiny.tokenizer("llama")
+    tok = llama2_tokenizer
     raw = json.loads((shared_data / "preference" / "dpo_en_demo.json").read_text())
     sft = SFTDataset([{"conversations": r["conversations"] + [r["chosen"]]} for r in raw], tok, max_len=MAX_LEN)
     strategy = NaiveStrategy(seed=0)
@@ -39,8 +40,8 @@ def sft_dir(shared_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pairs(shared_data):
-    tok = tiny.tokenizer("llama")
+def pairs(shared_data, llama2_tokenizer):
+    tok = llama2_tokenizer
     ds = PreferenceDataset(shared_data / "preference" / "dpo_en_demo.json", tok, max_len=MAX_LEN)
     train, held = split_dataset(ds, 0.25, seed=0)
     return tok, train, held
@@ -101,8 +102,8 @@ def test_precomputed_reference_gives_the_same_loss_curve(sft_dir, pairs):
     assert pre[-1]["loss"] < pre[0]["loss"]
 
 
-def test_kto_trains_on_unpaired_samples(sft_dir, shared_data):
-    tok = tiny.tokenizer("llama")
+def test_kto_trains_on_unpaired_samples(sft_dir, shared_data, llama2_tokenizer):
+    tok = llama2_tokenizer
     ds = UnpairedPreferenceDataset(shared_data / "preference" / "kto_en_demo.json", tok, max_len=MAX_LEN,
                                    max_datasets_size=64)
     cfg = PreferenceConfig(loss_type="kto", beta=0.1, desirable_weight=1.0, undesirable_weight=1.2)

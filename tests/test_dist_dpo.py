@@ -12,7 +12,7 @@ pytestmark = pytest.mark.dist
 @pytest.mark.parametrize("loss_type,data,port", [("dpo", "dpo_en_demo.json", 29621), ("kto", "kto_en_demo.json", 29622)])
 def test_ddp_matches_single_process(loss_type, data, port, tiny_llama_dir, shared_data, tmp_path):
     common = ["examples/train_dpo.py", "--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset",
-              str(shared_data / "preference" / data), "--loss_type", loss_type, "--max_datasets_size", "120",
+              str(shared_data / "preference" / data), "--loss_type", loss_type, "--max_datasets_size", "200",
               "--max_len", "96", "--max_steps", "5", "--lr", "1e-3", "--eval_ratio", "0", "--log_interval", "1",
               "--seed", "7"]
     _run([sys.executable, *common, "--strategy", "naive", "--batch_size", "4", "--save_path", str(tmp_path / "naive")])

@@ -130,6 +130,7 @@ def test_torchrun_prints_the_error_once(tmp_path, tok_dir):
     output = proc.stdout + proc.stderr
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: {data}: line 2: field 'output': expected a string, got int"], output[-4000:]
-    assert f'File "{ROOT}' not in output  # no rank printed a traceback through coati's code
+    # no rank printed a traceback through coati's code (torchrun's own summary may name a venv inside ROOT)
+    assert not any(f'File "{ROOT / part}' in output for part in ("coati/", "examples/", "tests/")), output[-4000:]
     assert output.count("exitcode  : 2") == 2, output[-4000:]  # torchrun's report: both ranks, status 2
     assert proc.returncode != 0

@@ -139,5 +139,17 @@ def main(out: str) -> None:
     strategy.barrier()
 
 
+def record_steps(trainer):
+    """Metrics of every actor and critic optimizer step, in order (the trainer only logs episode means)."""
+    steps = []
+    for name in ("_actor_step", "_critic_step"):
+        def recording(group, step=getattr(trainer, name)):
+            steps.append(step(group))
+            return steps[-1]
+
+        setattr(trainer, name, recording)
+    return steps
+
+
 if __name__ == "__main__":
     main(sys.argv[1])

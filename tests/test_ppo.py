@@ -404,16 +404,6 @@ def _gpt2_config(**overrides):
     return tiny.gpt2_config(vocab_size=h.VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
 
 
-def _record_steps(trainer):
-    """Metrics of every actor and critic optimizer step, in order (the trainer only logs episode means)."""
-    steps = []
-    for name in ("_actor_step", "_critic_step"):
-        def recording(group, step=getattr(trainer, name)):
-            steps.append(step(group))
-            return steps[-1]
-
-        setattr(trainer, name, recording)
-    return steps
 
 
 @pytest.mark.parametrize("temperature, log_entropy, lora_rank", [(1.0, True, 0), (0.7, False, 0), (0.7, True, 4)])
@@ -429,7 +419,7 @@ def test_first_update_sees_the_scored_policy_despite_dropout(temperature, log_en
     prompts, _ = h.loaders(strategy)
     trainer = _trainer(strategy, actor, critic, reward_fn=h.target_share, num_episodes=1, temperature=temperature,
                        log_entropy=log_entropy)
-    steps = _record_steps(trainer)
+    steps = h.record_steps(trainer)
     trainer.fit(prompts)
     actor_first, critic_first, actor_second = steps[0], steps[1], steps[2]
     assert actor_first["actor/ppo_kl"] == 0 and actor_first["actor/pg_clipfrac"] == 0

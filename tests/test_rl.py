@@ -26,15 +26,6 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-def _record_steps(trainer):
-    steps = []
-    for name in ("_actor_step", "_critic_step"):
-        def recording(group, step=getattr(trainer, name)):
-            steps.append(step(group))
-            return steps[-1]
-
-        setattr(trainer, name, recording)
-    return steps
 
 
 # Per optimizer step (actor/pg_loss, actor/ppo_kl) and critic/vf_loss, and per episode critic/score/mean and
@@ -62,7 +53,7 @@ def test_ppo_loss_curve_is_the_one_before_the_redesign(explicit):
     trainer = PPOTrainer(strategy, actor, critic, tokenizer=tiny.tokenizer("llama"), reward_fn=h.target_share,
                          **{**h.PPO_KW, "num_episodes": 3, "target_kl": 0.5, "kl_horizon": 100,
                             "train_batch_size": 4, "accumulation_steps": 2, **pieces})
-    steps = _record_steps(trainer)
+    steps = h.record_steps(trainer)
     hist = trainer.fit(prompts)
     got_actor = [[s["actor/pg_loss"], s["actor/ppo_kl"]] for s in steps[0::2]]
     got_critic = [s["critic/vf_loss"] for s in steps[1::2]]

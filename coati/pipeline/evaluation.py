@@ -99,6 +99,29 @@ def evaluate_policy(actor: Actor, tokenizer: Any, items: Sequence[dict], *, max_
 
 
 @torch.no_grad()
+def standardize_reward_model(reward_model: RewardModel, actor: Actor, tokenizer: Any,
+                             prompt_ids: Sequence[torch.Tensor], *, max_new_tokens: int, seed: int = 0,
+                             batch_size: int = 256) -> dict[str, float]:
+    """Shift and scale ``reward_model``'s value head in place so that it scores ``actor``'s samples of the
+    prompts with mean 0 and standard deviation 1; returns the raw ``mean`` and ``std``.
+
+    A pairwise loss fixes only score differences, and their scale keeps growing with training, so a KL
+    coefficient against raw scores means something different after every reward-model run. On this scale
+    ``kl_coef`` is the weight of one nat of KL in units of the reward's spread over the SFT policy's answers
+    (as Stiennon et al. 2020 normalise their reward model on reference samples). The ranking is unchanged."""
+    with torch.random.fork_rng(devices=[]), _eval_mode(actor, reward_model):
+        torch.manual_seed(seed)
+        sampled = rollout(actor, tokenizer, prompt_ids, greedy=False, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size)
+        scores = torch.cat([reward_model(seq, attn).float() for seq, attn, _ in sampled])
+    mean, std = float(scores.mean()), float(scores.std().clamp(min=1e-6))
+    head = reward_model.value_head
+    head.weight.div_(std)
+    head.bias.sub_(mean).div_(std)
+    return {"mean": mean, "std": std}
+
+
+@torch.no_grad()
 def reward_accuracy(reward_model: RewardModel, pairs: Sequence[dict], pad_token_id: int,
                     batch_size: int = 256) -> dict[str, float]:
     """Pairwise accuracy (chosen scored above rejected) and mean margin on RewardDataset items."""

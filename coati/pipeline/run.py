@@ -5,7 +5,9 @@ By default coati generates its arithmetic task (:mod:`coati.pipeline.task`), bui
 (:mod:`coati.pipeline.tokenizer`) and trains a tiny LLaMA from scratch: SFT on imperfect demonstrations, a
 reward model on (correct, slipped) answer pairs, then PPO against that reward model. The data files are
 written as JSON lines into ``--output_dir`` and read back through coati's datasets, and every stage runs
-through coati's trainers, so this is the same code path as ``examples/train_*.py``. After each stage a table
+through coati's trainers, so this is the same code path as ``examples/train_*.py``. The trained reward model is
+standardised (mean 0, std 1 over the SFT policy's answers to the training prompts) so that ``--kl_coef`` weighs
+the KL against a reward of known spread. After each stage a table
 reports the policy's exact task accuracy on held-out questions, the reward model's held-out pair accuracy,
 the mean reward of the policy's samples and their KL to the SFT policy; ``summary.json`` keeps the numbers.
 
@@ -31,20 +33,20 @@ from ..dataset import (PromptCollator, PromptDataset, RewardCollator, RewardData
 from ..models import Actor, Critic, RewardModel
 from ..trainer import PPOTrainer, RewardModelTrainer, SFTTrainer
 from ..trainer.strategies import NaiveStrategy
-from .evaluation import evaluate_policy
-from .task import ArithmeticTask, write_jsonl
+from .evaluation import evaluate_policy, standardize_reward_model
+from .task import WRONG_KINDS, ArithmeticTask, write_jsonl
 from .tokenizer import build_tokenizer
 
 logger = logging.getLogger("coati")
 
-# Sizes. "default" is the README run (about 3-4 minutes on one CPU core); "quick" is the test-suite run.
+# Sizes. "default" is the README run (about 5 minutes on one CPU core); "quick" is the test-suite run.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(hidden_size=64, num_layers=4, num_eval=300, sft_per_question=16, sft_steps=1500,
-                    sft_batch_size=64, sft_lr=3e-3, rm_per_question=6, rm_steps=1200, rm_batch_size=32,
+                    sft_batch_size=64, sft_lr=3e-3, rm_per_question=6, rm_steps=2400, rm_batch_size=32,
                     rm_lr=7e-4, ppo_episodes=250, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
                     critic_lr=1e-4, eval_samples=4),
-    "quick": dict(hidden_size=64, num_layers=4, num_eval=200, sft_per_question=8, sft_steps=800,
-                  sft_batch_size=64, sft_lr=3e-3, rm_per_question=4, rm_steps=600, rm_batch_size=32,
+    "quick": dict(hidden_size=64, num_layers=4, num_eval=200, sft_per_question=16, sft_steps=800,
+                  sft_batch_size=64, sft_lr=3e-3, rm_per_question=4, rm_steps=1200, rm_batch_size=32,
                   rm_lr=7e-4, ppo_episodes=80, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
                   critic_lr=1e-4, eval_samples=2),
 }
@@ -109,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ppo_train_batch_size", type=int, default=None, help="PPO update micro-batch size")
     s.add_argument("--ppo_lr", type=float, default=None, help="actor learning rate in PPO")
     s.add_argument("--critic_lr", type=float, default=None, help="critic learning rate in PPO")
-    s.add_argument("--kl_coef", type=float, default=0.1, help="per-token KL penalty coefficient in PPO")
+    s.add_argument("--kl_coef", type=float, default=0.5,
+                   help="per-token KL penalty coefficient in PPO, against rewards standardised to mean 0, std 1 "
+                        "over the SFT policy's answers")
     s.add_argument("--eval_samples", type=int, default=None,
                    help="sampled answers per held-out prompt for the accuracy / reward / KL columns")
     return p
@@ -134,7 +138,7 @@ def write_builtin_data(task: ArithmeticTask, args: argparse.Namespace, data_dir:
         "preference": write_jsonl(data_dir / "preference.jsonl",
                                   task.preference_records(train_q, args.rm_per_question, rng)),
         "preference_eval": write_jsonl(data_dir / "preference_eval.jsonl",
-                                       task.preference_records(eval_q, 1, rng)),
+                                       task.preference_records(eval_q, len(WRONG_KINDS), rng)),
         "prompts": write_jsonl(data_dir / "prompts.jsonl", task.prompt_records(train_q)),
         "prompts_eval": write_jsonl(data_dir / "prompts_eval.jsonl", task.prompt_records(eval_q)),
     }
@@ -279,8 +283,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rm_trainer.fit()
     timings["rm"] = time.perf_counter() - t0
     rm_eval_metrics = rm_trainer.eval_history[-1] if rm_trainer.eval_history else {}
+    # Scores on the scale --kl_coef is measured in: mean 0, std 1 over the SFT policy's training answers.
+    n_scale = min(len(train_prompts), 1024)
+    rm_scale = standardize_reward_model(strategy.unwrap(reward_model), actor, tokenizer,
+                                        [train_prompts[i]["input_ids"] for i in range(n_scale)],
+                                        max_new_tokens=max_new_tokens, seed=args.seed + 2)
+    strategy.save_model(reward_model, out / "rm", tokenizer=tokenizer)
     sft_scored = evaluate(actor, reward_model=reward_model, tag="rm")
     summary.update(rm_accuracy=rm_eval_metrics.get("acc"), rm_margin=rm_eval_metrics.get("margin"),
+                   rm_raw_score_mean=rm_scale["mean"], rm_raw_score_std=rm_scale["std"],
                    sft_reward=sft_scored["reward"])
     table({"stage": "rm", "acc(sampled)": sft_scored.get("accuracy"),
            "acc(greedy)": sft_scored.get("accuracy_greedy"), "rm_pair_acc": rm_eval_metrics.get("acc"),

@@ -5,10 +5,12 @@ has the same layout and a tiny model learns it in a minute). The story RLHF tell
 
 * **imperfect demonstrations**: a share ``slip_rate`` of the SFT answers has a slipped last digit (off by 1
   or 2), so the SFT policy sampled at temperature 1 is right only about 70% of the time;
-* **preferences**: pairs (correct answer, wrong answer) teach a reward model to check answers. Most wrong
-  answers are the demonstrators' slips; the rest are malformed (a digit dropped or added) or have the tens
-  digit wrong, because a reward model that has only seen slips scores a one-digit answer like "4" for
-  "21+27=" at random, and PPO finds such holes quickly (reward hacking);
+* **preferences**: pairs (correct answer, wrong answer) teach a reward model to check answers. Each
+  question's wrong answers are in turn a slip, a wrong tens digit and a malformed answer (a digit dropped
+  or added): a reward model checks only the kinds of error it was shown, and PPO finds the holes quickly
+  (reward hacking). With slips in 60% of the pairs and a wrong tens digit in 15%, the reward model ranked
+  the answer +-10 above the right one on 20-27% of the questions, and PPO taught the policy to answer
+  "39" to "13+16=";
 * **PPO** against that reward model moves the policy's probability mass onto the correct answers.
 
 Everything is generated from a seed; held-out questions never appear in SFT, reward or PPO data.
@@ -24,6 +26,8 @@ from typing import Any, Iterable, Sequence
 
 Question = tuple[int, int]
 _PROMPT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*=\s*$")
+# The wrong answers a preference pair rejects (see ArithmeticTask.rejected).
+WRONG_KINDS = ("slip", "tens", "malformed")
 
 
 @dataclass(frozen=True)
@@ -70,21 +74,23 @@ class ArithmeticTask:
         offsets = [d for d in self.slips if right + d >= 0]
         return str(right + rng.choice(offsets))
 
-    def rejected(self, q: Question, rng: random.Random) -> str:
-        """A wrong answer for a preference pair: a slip (60%), a malformed answer with a digit dropped or
-        added (25%), or a wrong tens digit (15%)."""
+    def rejected(self, q: Question, rng: random.Random, kind: str) -> str:
+        """A wrong answer of one of :data:`WRONG_KINDS`: ``slip`` (last digit off by 1 or 2), ``tens`` (tens
+        digit off: the sum +-10 or +-20; a slip for a one-digit sum) or ``malformed`` (a digit dropped or
+        added)."""
         right = self.answer(q)
-        u = rng.random()
-        if u < 0.6:
+        if kind == "slip":
             return self.slipped(q, rng)
-        if u < 0.85:
-            if len(right) > 1 and rng.random() < 0.5:
-                cut = rng.choice([right[:-1], right[-1:]])
-                if cut != right:
-                    return cut
-            return right + str(rng.randrange(10))
-        offsets = [d for d in (-20, -10, 10, 20) if q[0] + q[1] + d >= 0]
-        return str(q[0] + q[1] + rng.choice(offsets))
+        if kind == "tens":  # the same number of digits, so only the tens digit differs
+            offsets = [d for d in (-20, -10, 10, 20) if 0 <= int(right) + d and len(str(int(right) + d)) == len(right)]
+            return str(int(right) + rng.choice(offsets)) if offsets else self.slipped(q, rng)
+        if kind != "malformed":
+            raise ValueError(f"kind must be one of {WRONG_KINDS}, got {kind!r}")
+        if len(right) > 1 and rng.random() < 0.5:
+            cut = rng.choice([right[:-1], right[-1:]])
+            if cut != right:
+                return cut
+        return right + str(rng.randrange(10))
 
     @staticmethod
     def parse(prompt: str) -> Question | None:
@@ -112,16 +118,23 @@ class ArithmeticTask:
 
     def preference_records(self, questions: Sequence[Question], per_question: int,
                            rng: random.Random) -> list[dict]:
-        """rm-static ``{prompt, chosen, rejected}`` pairs: the correct answer against distinct wrong ones."""
+        """rm-static ``{prompt, chosen, rejected}`` pairs: the correct answer against distinct wrong ones.
+
+        Each question's wrong answers take the kinds of :data:`WRONG_KINDS` in turn (from a random start), so
+        ``per_question >= 3`` checks every digit of every question's answer. A reward model trained mostly on
+        slips checks only the last digit and ranks a wrong tens digit above the right answer on about a
+        quarter of the questions, which PPO then learns to answer."""
         out = []
         for q in questions:
             wrongs: list[str] = []
-            for _ in range(per_question):
-                w = self.rejected(q, rng)
+            start = rng.randrange(len(WRONG_KINDS))
+            for i in range(per_question):
+                kind = WRONG_KINDS[(start + i) % len(WRONG_KINDS)]
+                w = self.rejected(q, rng, kind)
                 for _ in range(10):  # prefer a wrong answer this question has not used yet
                     if w not in wrongs:
                         break
-                    w = self.rejected(q, rng)
+                    w = self.rejected(q, rng, kind)
                 wrongs.append(w)
                 out.append({"prompt": self.prompt(q), "chosen": self.answer(q), "rejected": w})
         rng.shuffle(out)

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ppo_train_batch_size", type=int, default=None, help="PPO update micro-batch size")
     s.add_argument("--ppo_lr", type=float, default=None, help="actor learning rate in PPO")
     s.add_argument("--critic_lr", type=float, default=None, help="critic learning rate in PPO")
-    s.add_argument("--kl_coef", type=float, default=0.5,
+    s.add_argument("--kl_coef", type=float, default=1.0,
                    help="per-token KL penalty coefficient in PPO, against rewards standardised to mean 0, std 1 "
                         "over the SFT policy's answers")
     s.add_argument("--eval_samples", type=int, default=None,

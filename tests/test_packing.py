@@ -290,3 +290,34 @@ def test_a_packed_row_without_padding_has_padding_share_zero():
     assert batch_token_counts(batch) == (36, 36)
     padded = SFTCollator(0)(_sft_items(0, (5, 7, 12, 4, 8)))
     assert batch_token_counts(padded) == (36, 60)
+
+
+# ----- the scripts --------------------------------------------------------------------------------------
+
+def _sft_script_run(tmp_path: pathlib.Path, name: str, model_dir: pathlib.Path, *flags: str) -> list[dict]:
+    from tests.scripts import load_script
+
+    records = [{"instruction": "Say " + "hello " * n, "output": "Hello " * (n % 5 + 1)} for n in range(1, 9)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / name
+    load_script("examples/train_sft.py").main(
+        ["--pretrain", str(model_dir), "--dataset", str(data), "--batch_size", "8", "--accumulation_steps", "1",
+         "--max_len", "128", "--max_steps", "1", "--max_epochs", "1", "--log_interval", "1", "--save_path", str(out),
+         *flags])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_sft_packs_by_default_where_the_architecture_allows_and_refuses_it_where_not(tmp_path):
+    llama = tiny.save_tiny_model("llama", tmp_path / "llama")
+    packed = _sft_script_run(tmp_path, "packed", llama)[0]
+    padded = _sft_script_run(tmp_path, "padded", llama, "--no-packing")[0]
+    assert packed["perf/padding_share"] < padded["perf/padding_share"]
+    assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-5)
+    opt = tmp_path / "opt"
+    config = CONFIGS["opt"]()
+    config.vocab_size, config.max_position_embeddings = tiny.LLAMA_VOCAB, 256
+    tiny._save(config, tiny.tokenizer("llama"), opt, seed=0)
+    assert _sft_script_run(tmp_path, "opt_auto", opt)[0]["perf/padding_share"] > 0  # auto: padded
+    with pytest.raises(UsageError, match=r"model_type 'opt' \(family 'auto'\) cannot keep packed samples apart"):
+        _sft_script_run(tmp_path, "opt_packed", opt, "--packing")

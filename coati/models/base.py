@@ -88,6 +88,15 @@ def checkpoint_dtype(path: str | Path, trust_remote_code: bool = False) -> torch
     return config_dtype(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
 
 
+def checkpoint_model_type(path: str | Path, trust_remote_code: bool = False) -> str:
+    """``config.model_type`` of a checkpoint (an adapter dir: its base model's), read without loading weights."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    source = _adapter_base(path) if (path / ADAPTER_CONFIG_FILE).is_file() else str(path)
+    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
+
+
 def _load_dtype(path: Path, lora: LoraSettings | None, frozen: bool, frozen_dtype: str | torch.dtype,
                 trust_remote_code: bool) -> torch.dtype:
     """fp32 when any weight of the loaded model trains (full fine-tuning; LoRA with ``train_bias``, whose

@@ -321,3 +321,31 @@ def test_train_sft_packs_by_default_where_the_architecture_allows_and_refuses_it
     assert _sft_script_run(tmp_path, "opt_auto", opt)[0]["perf/padding_share"] > 0  # auto: padded
     with pytest.raises(UsageError, match=r"model_type 'opt' \(family 'auto'\) cannot keep packed samples apart"):
         _sft_script_run(tmp_path, "opt_packed", opt, "--packing")
+
+
+def test_packed_ptx_batches_give_the_padded_lm_loss():
+    """PPO-ptx's pretraining batches go through the same model call (``model_inputs``) and the mean LM loss."""
+    from coati.dataset.packing import model_inputs
+    from coati.models.loss import PtxLoss
+
+    torch.manual_seed(0)
+    actor = Actor.from_config(CONFIGS["llama"]()).eval()
+    items = _sft_items(3)
+    losses = []
+    for collate in (SFTCollator(0), PackingCollator(0, MAX_LEN)):
+        batch = collate(items)
+        with torch.no_grad():
+            losses.append(float(PtxLoss()(actor(batch["input_ids"], **model_inputs(batch)), batch["labels"])))
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+
+
+def test_kto_refuses_an_explicit_packing_and_leaves_auto_off():
+    import argparse
+
+    from coati.utils.cli import packing_from_args
+
+    args = argparse.Namespace(packing=True, model="auto", pretrain="unused", trust_remote_code=False)
+    with pytest.raises(UsageError, match="KTO batches are not packed; use --no-packing"):
+        packing_from_args(args, stage_packs=False, stage="KTO")
+    args.packing = "auto"
+    assert packing_from_args(args, stage_packs=False, stage="KTO") is False

@@ -393,8 +393,8 @@ class Actor(_HFWrapper):
         """Logits, or with ``num_actions`` the action log-probs under ``log_softmax(logits / temperature)``:
         the distribution PPO's rollouts were sampled from at that temperature. ``position_ids`` instead of a
         mask: a packed batch (:mod:`coati.dataset.packing`)."""
-        kwargs = _lm_inputs(self.base_lm, attention_mask, position_ids)
         lm = self.base_lm
+        kwargs = _lm_inputs(lm, attention_mask, position_ids)
         if num_actions is not None and _accepts(lm, "logits_to_keep"):
             kwargs["logits_to_keep"] = num_actions + 1
         logits = self.model(input_ids=input_ids, **kwargs).logits

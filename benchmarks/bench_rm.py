@@ -79,7 +79,8 @@ def _finish(job, clock, step_pairs, step_tokens, losses, probe, extra):
 def worker_coati(job: dict) -> None:
     import torch
 
-    from coati.dataset import RewardCollator
+    from coati.dataset import PackingRewardCollator, RewardCollator
+    from coati.dataset.packing import batch_token_counts
     from coati.models import RewardModel
     from coati.trainer import RewardModelTrainer
     from coati.trainer.strategies import NaiveStrategy
@@ -90,7 +91,8 @@ def worker_coati(job: dict) -> None:
     model = strategy.prepare_model(RewardModel.from_pretrained(job["model_dir"]))
     items = [{"chosen_input_ids": torch.tensor(r["chosen"]), "rejected_input_ids": torch.tensor(r["rejected"])}
              for r in _load_rows(job)]
-    loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False, collate_fn=RewardCollator(0))
+    collate = PackingRewardCollator(0, job["seq_len"]) if job["packing"] else RewardCollator(0)
+    loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False, collate_fn=collate)
     total = job["warmup_steps"] + job["steps"]
     clock = harness.StepClock(device)
     step_pairs: list[int] = []
@@ -98,9 +100,8 @@ def worker_coati(job: dict) -> None:
 
     class TimedRMTrainer(RewardModelTrainer):
         def _train_step(self, micro_batches):
-            step_pairs.append(sum(int(b["chosen_input_ids"].shape[0]) for b in micro_batches))
-            step_tokens.append(sum(int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum())
-                                   for b in micro_batches))
+            step_pairs.append(sum(int(self.count_units(b)) for b in micro_batches))
+            step_tokens.append(sum(batch_token_counts(b)[0] for b in micro_batches))
             metrics = super()._train_step(micro_batches)
             clock.tick()
             return metrics
@@ -172,6 +173,9 @@ def worker_trl(job: dict) -> None:
 
 def main() -> None:
     parser = harness.common_parser(__doc__, steps=10, batch_size=4, seq_len=256)
+    parser.add_argument("--packing", action="store_true",
+                        help="coati packs each batch's 2B sequences into rows of <= --seq_len tokens (TRL's "
+                             "RewardTrainer has no padding-free mode and stays padded)")
     args = parser.parse_args()
     if args._worker:
         job = json.loads(Path(args._job).read_text())

@@ -6,7 +6,9 @@ What it measures
   (``../shared/data/sft/alpaca_en_demo.json``) is tokenized once by coati's ``SFTDataset`` (Alpaca template,
   loss on responses only, truncated to ``--seq_len``), and both frameworks train on exactly those token ids
   and labels, in file order (no shuffling), ``--batch_size`` samples a step, padded to the longest sample of
-  the batch, no accumulation, AdamW, grad-clip 1.0, fp32 (or bf16 autocast in both with
+  the batch (``--packing``: coati packs each batch's samples into rows of at most ``--seq_len`` tokens,
+  TRL's SFTConfig ``padding_free=True`` flattens the same batch into one row; the same samples a step either
+  way), no accumulation, AdamW, grad-clip 1.0, fp32 (or bf16 autocast in both with
   ``--precision bf16``), no gradient checkpointing (TRL's default of gradient checkpointing and bf16 is
   switched off so both do the same arithmetic). Each framework runs in its own subprocess: ``--warmup_steps``
   untimed optimizer steps, then ``--steps`` timed ones, measured from the end of the last warmup step to the
@@ -14,7 +16,7 @@ What it measures
   inside the window).
 
 Figures, per framework
-  tokens_per_s        non-padding tokens (attention_mask sum) of the timed batches / timed seconds
+  tokens_per_s        real (non-pad) tokens of the timed batches / timed seconds
   padded_tokens_per_s batch x padded length, same window
   step_s              mean seconds per timed optimizer step
   peak_rss_mb         the worker process's RSS high-water mark (CPU; includes imports and the model)
@@ -82,7 +84,8 @@ def _finish(job, clock, step_tokens, step_padded, losses, probe, extra):
 def worker_coati(job: dict) -> None:
     import torch
 
-    from coati.dataset import SFTCollator
+    from coati.dataset import PackingCollator, SFTCollator
+    from coati.dataset.packing import batch_token_counts
     from coati.models import Actor
     from coati.trainer import SFTTrainer
     from coati.trainer.strategies import NaiveStrategy
@@ -94,7 +97,8 @@ def worker_coati(job: dict) -> None:
     rows = _load_rows(job)
     items = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])} for r in rows]
     loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False,
-                                       collate_fn=SFTCollator(0))
+                                       collate_fn=PackingCollator(0, job["seq_len"]) if job["packing"]
+                                       else SFTCollator(0))
     total = job["warmup_steps"] + job["steps"]
     clock = harness.StepClock(device)
     step_tokens: list[int] = []
@@ -102,8 +106,9 @@ def worker_coati(job: dict) -> None:
 
     class TimedSFTTrainer(SFTTrainer):
         def _train_step(self, micro_batches):
-            step_tokens.append(int(sum(int(b["attention_mask"].sum()) for b in micro_batches)))
-            step_padded.append(int(sum(b["input_ids"].numel() for b in micro_batches)))
+            counts = [batch_token_counts(b) for b in micro_batches]
+            step_tokens.append(sum(real for real, _ in counts))
+            step_padded.append(sum(slots for _, slots in counts))
             metrics = super()._train_step(micro_batches)
             clock.tick()
             return metrics
@@ -150,7 +155,9 @@ def worker_trl(job: dict) -> None:
 
     class CountingSFTTrainer(SFTTrainer):
         def training_step(self, model, inputs, *a, **kw):
-            step_tokens.append(int(inputs["attention_mask"].sum()))
+            # padding-free batches carry no mask: one row of real tokens only
+            step_tokens.append(int(inputs["attention_mask"].sum()) if "attention_mask" in inputs
+                               else int(inputs["input_ids"].numel()))
             step_padded.append(int(inputs["input_ids"].numel()))
             return super().training_step(model, inputs, *a, **kw)
 
@@ -158,7 +165,9 @@ def worker_trl(job: dict) -> None:
         output_dir=str(Path(job["workdir"]) / "trl_out"), per_device_train_batch_size=job["batch_size"],
         gradient_accumulation_steps=1, max_steps=total, learning_rate=job["lr"], weight_decay=0.0,
         max_grad_norm=1.0, gradient_checkpointing=False, bf16=job["precision"] == "bf16", fp16=False,
-        logging_steps=1, save_strategy="no", report_to="none", max_length=job["seq_len"],
+        logging_steps=1, save_strategy="no", report_to="none",
+        # padding-free leaves max_length to the inputs, already truncated to --seq_len by prepare()
+        max_length=None if job["packing"] else job["seq_len"], padding_free=job["packing"],
         shuffle_dataset=False, train_sampling_strategy="sequential", seed=job["seed"],
         use_cpu=device == "cpu", dataloader_num_workers=0,
     )
@@ -175,6 +184,9 @@ def worker_trl(job: dict) -> None:
 
 def main() -> None:
     parser = harness.common_parser(__doc__, steps=10, batch_size=8, seq_len=256)
+    parser.add_argument("--packing", action="store_true",
+                        help="no padding: coati packs each batch into rows of <= --seq_len tokens, TRL runs "
+                             "padding_free on the same batch")
     args = parser.parse_args()
     if args._worker:
         job = json.loads(Path(args._job).read_text())

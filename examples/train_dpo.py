@@ -16,7 +16,7 @@ import argparse
 import os
 
 from coati.dataset import (
-    PreferenceCollator, PreferenceDataset, UnpairedPreferenceCollator, UnpairedPreferenceDataset, format_from_name,
+    PackingPreferenceCollator, PreferenceCollator, PreferenceDataset, UnpairedPreferenceCollator, UnpairedPreferenceDataset, format_from_name,
     split_dataset,
 )
 from coati.models import Actor
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_empty_records_arg(d)
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="how prompts are rendered; must match the SFT stage")
+    cli.add_batching_args(d)
     add_config_args(p, PreferenceConfig)
     t = p.add_argument_group("training")
     t.add_argument("--batch_size", type=int, default=4, help="pairs (KTO: samples) per micro-batch per process")
@@ -84,11 +85,14 @@ def main(argv: list[str] | None = None) -> None:
     elif args.eval_ratio > 0:
         train_ds, eval_ds = split_dataset(train_ds, args.eval_ratio, args.seed)
 
+    packing = cli.packing_from_args(args, stage_packs=config.loss_type != "kto", stage="KTO")
     model = Actor.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
                                   grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
                                   frozen_dtype=args.frozen_dtype, **quant)
     model = strategy.prepare_model(model)
-    train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
+    train_collate = PackingPreferenceCollator(tokenizer.pad_token_id, args.max_len) if packing else collate
+    train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=train_collate,
+                                         drop_last=True, lengths=cli.group_lengths(args, train_ds))
     eval_dl = (strategy.setup_dataloader(eval_ds, args.batch_size, shuffle=False, collate_fn=collate)
                if eval_ds is not None else None)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from coati.dataset import PretrainDataset, PromptCollator, PromptDataset, SFTCollator
+from coati.dataset import PackingCollator, PretrainDataset, PromptCollator, PromptDataset, SFTCollator
 from coati.errors import UsageError
 from coati.experience.maker import load_reward_fn
 from coati.models import FAMILIES, Actor, Critic, RewardModel
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="prompt format; must match the SFT stage")
     cli.add_empty_records_arg(d)
+    cli.add_batching_args(d)
     groups = add_config_args(p, RLConfig, {"data": d})
     t, m = groups["PPO"], groups["memory"]
     t.add_argument("--experience_batch_size", type=int, default=8, help="prompts per generation batch per process")
@@ -244,11 +245,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
                                           collate_fn=PromptCollator(tokenizer.pad_token_id))
     pretrain_dl = None
     if args.pretrain_dataset:
-        ptx = PretrainDataset(args.pretrain_dataset, tokenizer, max_len=args.ptx_max_len or args.max_seq_len,
+        ptx_max_len = args.ptx_max_len or args.max_seq_len
+        ptx = PretrainDataset(args.pretrain_dataset, tokenizer, max_len=ptx_max_len,
                               max_datasets_size=args.max_datasets_size, prompt_template=args.prompt_template,
                               seed=args.seed, empty=args.empty_records)
+        collate = (PackingCollator(tokenizer.pad_token_id, ptx_max_len) if cli.packing_from_args(args)
+                   else SFTCollator(tokenizer.pad_token_id))
         pretrain_dl = strategy.setup_dataloader(ptx, args.ptx_batch_size, shuffle=True, drop_last=True,
-                                                collate_fn=SFTCollator(tokenizer.pad_token_id))
+                                                collate_fn=collate, lengths=cli.group_lengths(args, ptx))
 
     actor, critic, reward_model = build_models(args)
     trainer = PPOTrainer(strategy, actor, critic, reward_model, initial_model=build_reference(args),

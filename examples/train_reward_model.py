@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from coati.dataset import RewardCollator, RewardDataset, format_from_name, split_dataset
+from coati.dataset import PackingRewardCollator, RewardCollator, RewardDataset, format_from_name, split_dataset
 from coati.models import RewardModel
 from coati.trainer import RewardModelTrainer, resolve_resume
 from coati.utils import cli
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_empty_records_arg(d)
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="how prompts are rendered; must match the SFT stage")
+    cli.add_batching_args(d)
     t = p.add_argument_group("training")
     t.add_argument("--loss_fn", default="log_sig", choices=["log_sig", "log_exp"],
                    help="log_sig: -log sigmoid(r_c - r_r); log_exp: log(1 + exp(r_r - r_c))")
@@ -77,12 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         eval_ds = None
 
+    packing = cli.packing_from_args(args)  # before the model loads
     model = RewardModel.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
                                         grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
                                         frozen_dtype=args.frozen_dtype, **quant)
     model = strategy.prepare_model(model)
     collate = RewardCollator(tokenizer.pad_token_id)
-    train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
+    train_collate = PackingRewardCollator(tokenizer.pad_token_id, args.max_len) if packing else collate
+    train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=train_collate,
+                                         drop_last=True, lengths=cli.group_lengths(args, train_ds))
     eval_dl = (strategy.setup_dataloader(eval_ds, args.batch_size, shuffle=False, collate_fn=collate)
                if eval_ds is not None else None)
 

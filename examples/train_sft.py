@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from coati.dataset import SFTCollator, SFTDataset, split_dataset
+from coati.dataset import PackingCollator, SFTCollator, SFTDataset, split_dataset
 from coati.models import Actor
 from coati.trainer import SFTTrainer, resolve_resume
 from coati.utils import cli
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_empty_records_arg(d)
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="auto = the tokenizer's chat template if it has one, else alpaca")
+    cli.add_batching_args(d)
     t = p.add_argument_group("training")
     t.add_argument("--batch_size", type=int, default=4, help="micro-batch size per process")
     t.add_argument("--accumulation_steps", "--accimulation_steps", dest="accumulation_steps", type=int, default=8,
@@ -62,13 +63,16 @@ def main(argv: list[str] | None = None) -> None:
     elif args.eval_ratio > 0:
         train_ds, eval_ds = split_dataset(train_ds, args.eval_ratio, args.seed)
 
+    packing = cli.packing_from_args(args)  # before the model loads
     model = Actor.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
                                   grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
                                   frozen_dtype=args.frozen_dtype, **quant)
     cli.neftune_from_args(model, args)
     model = strategy.prepare_model(model)
     collate = SFTCollator(tokenizer.pad_token_id)
-    train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
+    train_collate = PackingCollator(tokenizer.pad_token_id, args.max_len) if packing else collate
+    train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=train_collate,
+                                         drop_last=True, lengths=cli.group_lengths(args, train_ds))
     eval_dl = (strategy.setup_dataloader(eval_ds, args.batch_size, shuffle=False, collate_fn=collate)
                if eval_ds is not None else None)
 

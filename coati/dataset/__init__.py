@@ -6,6 +6,7 @@ shared tokenization rule live in :mod:`.templates`.
 from .collators import PromptCollator, RewardCollator, SFTCollator, pad_sequences
 from .common import split_dataset
 from .formats import REWARD_FORMATS, detect_reward_format, format_from_name, parse_hh
+from .packing import PackingCollator, PackingPreferenceCollator, PackingRewardCollator, sample_lengths
 from .io import DatasetFormatError, EmptyFieldError, Record, load_records, read_records
 from .preference import (
     PreferenceCollator, PreferenceDataset, UnpairedPreferenceCollator, UnpairedPreferenceDataset,
@@ -34,5 +35,6 @@ __all__ = [
     "SFTDataset", "RewardDataset", "PromptDataset", "PretrainDataset", "PreferenceDataset",
     "UnpairedPreferenceDataset", "PreferenceCollator", "UnpairedPreferenceCollator",
     "SFTCollator", "RewardCollator", "PromptCollator", "pad_sequences",
+    "PackingCollator", "PackingRewardCollator", "PackingPreferenceCollator", "sample_lengths",
     "split_dataset", "format_from_name", "detect_reward_format", "parse_hh", "REWARD_FORMATS",
 ]

@@ -88,6 +88,15 @@ def checkpoint_dtype(path: str | Path, trust_remote_code: bool = False) -> torch
     return config_dtype(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
 
 
+def checkpoint_model_type(path: str | Path, trust_remote_code: bool = False) -> str:
+    """``config.model_type`` of a checkpoint (an adapter dir: its base model's), read without loading weights."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    source = _adapter_base(path) if (path / ADAPTER_CONFIG_FILE).is_file() else str(path)
+    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
+
+
 def _load_dtype(path: Path, lora: LoraSettings | None, frozen: bool, frozen_dtype: str | torch.dtype,
                 trust_remote_code: bool) -> torch.dtype:
     """fp32 when any weight of the loaded model trains (full fine-tuning; LoRA with ``train_bias``, whose
@@ -252,6 +261,18 @@ def _load_adapter(model: nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: adapter does not match the model; unexpected keys {unexpected[:5]}")
 
 
+def _lm_inputs(module: nn.Module, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None) -> dict[str, Any]:
+    """Model-call keywords: padding-independent position ids from the mask, or (a packed batch) the given
+    position ids and no mask, from which transformers builds the block-diagonal causal mask."""
+    if position_ids is not None:
+        return {"attention_mask": None, "position_ids": position_ids, "use_cache": False}
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    if attention_mask is not None and _accepts(module, "position_ids"):
+        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+    return kwargs
+
+
 class _HFWrapper(nn.Module):
     """Shared save/load/adapter plumbing. Subclasses set ``self.model`` (HF causal LM or PeftModel)."""
 
@@ -367,13 +388,13 @@ class Actor(_HFWrapper):
         return cls(_prepare(model, family, lora, grad_checkpoint))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                num_actions: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+                num_actions: int | None = None, temperature: float = 1.0,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits, or with ``num_actions`` the action log-probs under ``log_softmax(logits / temperature)``:
-        the distribution PPO's rollouts were sampled from at that temperature."""
+        the distribution PPO's rollouts were sampled from at that temperature. ``position_ids`` instead of a
+        mask: a packed batch (:mod:`coati.dataset.packing`)."""
         lm = self.base_lm
-        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
-        if attention_mask is not None and _accepts(lm, "position_ids"):
-            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        kwargs = _lm_inputs(lm, attention_mask, position_ids)
         if num_actions is not None and _accepts(lm, "logits_to_keep"):
             kwargs["logits_to_keep"] = num_actions + 1
         logits = self.model(input_ids=input_ids, **kwargs).logits
@@ -454,13 +475,10 @@ class _ValueModel(_HFWrapper):
         model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))  # fp32 masters
         return cls(_prepare(model, family, lora, grad_checkpoint))
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Value at every position, ``(B, T)``, fp32."""
-        body = self.body
-        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
-        if attention_mask is not None and _accepts(body, "position_ids"):
-            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-        out = body(input_ids=input_ids, **kwargs)
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Value at every position, ``(B, T)``, fp32 (``position_ids`` instead of a mask: a packed batch)."""
+        out = self.body(input_ids=input_ids, **_lm_inputs(self.body, attention_mask, position_ids))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self.value_head(hidden.float()).squeeze(-1)
 
@@ -493,7 +511,13 @@ class Critic(_ValueModel):
 class RewardModel(_ValueModel):
     """Scalar reward per sequence: the value at the last token whose attention mask is 1 (any padding side)."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B,)`` rewards; for a packed batch pass ``position_ids`` and ``last_index``, each sample's last
+        token as an index into the flattened rows (:func:`coati.dataset.packing.last_token_flat_index`),
+        and get one reward per sample."""
+        if position_ids is not None:
+            return self.values(input_ids, position_ids=position_ids).flatten()[last_index]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         values = self.values(input_ids, attention_mask)

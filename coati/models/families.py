@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..errors import UsageError
+
 ALL_LINEAR = "all-linear"
 
 
@@ -17,12 +19,18 @@ class Family:
 
     ``model_types`` are the ``config.model_type`` values it covers (empty = any). ``lora_target_modules`` is
     a tuple of module-name suffixes, or ``"all-linear"`` (peft picks every linear layer except the LM head).
+    ``packing_model_types`` are the architectures whose attention keeps packed samples apart (see
+    :mod:`coati.dataset.packing`): they hand ``position_ids`` to transformers' causal-mask builder, which turns
+    position ids restarting at 0 into a block-diagonal mask. OPT derives positions from the attention mask and
+    builds its mask without position ids, BLOOM takes no position ids at all (ALiBi): both would let a packed
+    sample attend to the one before it.
     """
 
     name: str
     model_types: tuple[str, ...]
     lora_target_modules: tuple[str, ...] | str
     description: str = ""
+    packing_model_types: tuple[str, ...] = ()
 
     def targets(self) -> list[str] | str:
         t = self.lora_target_modules
@@ -30,19 +38,23 @@ class Family:
 
 
 _NEOX_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+# every architecture packing is checked on (tests/test_packing.py: a sample's logits packed equal its logits alone)
+_PACKING = ("llama", "gpt_neox", "gpt2", "qwen2", "mistral")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
         Family("llama", ("llama",),
                ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-               "LLaMA / LLaMA-2/3 and look-alikes"),
-        Family("gpt_neox", ("gpt_neox",), _NEOX_TARGETS, "GPT-NeoX, Pythia"),
-        Family("polyglot_ko", ("gpt_neox",), _NEOX_TARGETS, "EleutherAI Polyglot-Ko (GPT-NeoX architecture)"),
-        Family("gpt2", ("gpt2",), ("c_attn", "c_proj", "c_fc"), "GPT-2 (Conv1D layers; peft sets fan_in_fan_out)"),
+               "LLaMA / LLaMA-2/3 and look-alikes", ("llama",)),
+        Family("gpt_neox", ("gpt_neox",), _NEOX_TARGETS, "GPT-NeoX, Pythia", ("gpt_neox",)),
+        Family("polyglot_ko", ("gpt_neox",), _NEOX_TARGETS, "EleutherAI Polyglot-Ko (GPT-NeoX architecture)",
+               ("gpt_neox",)),
+        Family("gpt2", ("gpt2",), ("c_attn", "c_proj", "c_fc"), "GPT-2 (Conv1D layers; peft sets fan_in_fan_out)",
+               ("gpt2",)),
         Family("opt", ("opt",), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), "Meta OPT"),
         Family("bloom", ("bloom",), _NEOX_TARGETS, "BigScience BLOOM"),
-        Family("auto", (), ALL_LINEAR, "any causal LM; LoRA on all linear layers"),
+        Family("auto", (), ALL_LINEAR, "any causal LM; LoRA on all linear layers", _PACKING),
     ]
 }
 
@@ -72,6 +84,25 @@ def check_model_type(family: str | Family, model_type: str) -> None:
     fam = family if isinstance(family, Family) else get_family(family)
     if fam.model_types and model_type not in fam.model_types:
         raise ValueError(f"family {fam.name!r} expects model_type in {fam.model_types}, got {model_type!r}")
+
+
+def supports_packing(family: str | Family, model_type: str) -> bool:
+    """Whether padding-free packing keeps samples apart for ``model_type`` under ``family``."""
+    fam = family if isinstance(family, Family) else get_family(family)
+    return model_type in fam.packing_model_types
+
+
+def resolve_packing(choice: bool | str, family: str | Family, model_type: str) -> bool:
+    """``--packing``: ``"auto"`` packs where the architecture isolates samples; ``True`` where it cannot is
+    refused with the fix."""
+    fam = family if isinstance(family, Family) else get_family(family)
+    ok = supports_packing(fam, model_type)
+    if choice == "auto":
+        return ok
+    if choice and not ok:
+        raise UsageError(f"--packing: model_type {model_type!r} (family {fam.name!r}) cannot keep packed samples "
+                         f"apart (packing works for {', '.join(_PACKING)}); use --no-packing")
+    return bool(choice)
 
 
 # --- Coati-style constructors -------------------------------------------------------------------------
@@ -130,4 +161,5 @@ COATI_CONSTRUCTORS: dict[str, Callable[..., Any]] = {
 }
 
 __all__ = ["ALL_LINEAR", "FAMILIES", "Family", "check_model_type", "get_family", "lora_targets",
+           "resolve_packing", "supports_packing",
            *COATI_CONSTRUCTORS]

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ..dataset.packing import batch_token_counts
 from ..errors import MissingInputError, UsageError
 from .callbacks import MetricsLogger, logger
 from .strategies import Strategy
@@ -127,11 +128,6 @@ def _groups(iterable: Iterable, size: int) -> Iterable[list]:
         yield group
 
 
-def batch_tokens(batch: dict[str, Any]) -> int:
-    """Non-pad tokens in a batch (every ``*attention_mask`` field), for throughput."""
-    return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v)))
-
-
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -164,6 +160,9 @@ class SupervisedTrainer:
     Subclasses define ``compute_loss(batch) -> (loss_sum, count, metrics)`` where ``loss_sum`` is the
     summed loss of the micro-batch and ``count`` the number of units it sums over, and ``evaluate()``.
     Metrics are sums too (see :func:`accumulate_metrics`); they are logged as global means.
+    ``perf/throughput`` counts real (non-pad) tokens per second per process, ``perf/padding_share`` the
+    share of pad slots among all token slots the model ran on since the last log (0 for packed rows
+    without a pad tail).
     """
 
     stage = "train"
@@ -217,6 +216,11 @@ class SupervisedTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
+
+    @staticmethod
+    def token_counts(batch: dict[str, Any]) -> tuple[int, int]:
+        """``(real tokens, token slots the model runs on)`` of a micro-batch, for the perf metrics."""
+        return batch_token_counts(batch)
 
     # ----- checkpoint / resume ----------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -283,10 +287,10 @@ class SupervisedTrainer:
         loader = self.train_dataloader
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.stage,
                    disable=not self.strategy.is_rank0(), dynamic_ncols=True)
-        t_last, tokens_since = time.perf_counter(), 0
+        t_last, tokens_since = time.perf_counter(), torch.zeros(2, dtype=torch.float64)  # real, slots
         while self.global_step < self.total_steps:
             for group in _groups(epoch_iter(loader, self.epoch, self.micro_in_epoch), self.accumulation_steps):
-                tokens_since += sum(batch_tokens(b) for b in group)
+                tokens_since += torch.tensor([self.token_counts(b) for b in group], dtype=torch.float64).sum(0)
                 metrics = self._train_step(group)
                 self.micro_in_epoch += len(group)
                 self.global_step += 1
@@ -296,9 +300,11 @@ class SupervisedTrainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if self.global_step % self.log_interval == 0 or self.global_step == self.total_steps:
                     now = time.perf_counter()
-                    tokens = float(self.strategy.all_reduce(torch.tensor(float(tokens_since)), op="sum"))
-                    metrics["perf/throughput"] = tokens / max(now - t_last, 1e-9) / self.strategy.world_size
-                    t_last, tokens_since = now, 0
+                    real, slots = self.strategy.all_reduce(tokens_since.to(self.strategy.device),
+                                                           op="sum").tolist()
+                    metrics["perf/throughput"] = real / max(now - t_last, 1e-9) / self.strategy.world_size
+                    metrics["perf/padding_share"] = 1.0 - real / max(slots, 1.0)
+                    t_last, tokens_since = now, torch.zeros(2, dtype=torch.float64)
                     self.metrics.log(self.global_step, metrics)
                 if self.eval_interval and self.global_step % self.eval_interval == 0:
                     self._run_eval()

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..dataset.packing import is_packed, sample_sums
 from ..errors import UsageError
 from ..models import preference_loss as pl
 from ..models.lora import lora_train_bias
@@ -106,6 +107,26 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return (logps.float() * mask).sum(-1), mask.sum(-1).float()
 
 
+def packed_sequence_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logps` of a packed batch (:class:`~coati.dataset.packing.PackingPreferenceCollator`):
+    per-sample sums, in batch order, over the labelled tokens (a sample's first token carries no label, so
+    no sample is scored on a token predicted from the one before it)."""
+    ids, labels, sample_ids = batch["input_ids"], batch["labels"], batch["sample_ids"][:, 1:]
+    n = batch["seq_lens"].shape[0]
+    logps = model(ids, num_actions=ids.shape[1] - 1, position_ids=batch["position_ids"])
+    mask = labels[:, 1:].ne(IGNORE_INDEX)
+    return (sample_sums(logps.float() * mask, sample_ids, n),
+            sample_sums(mask.float(), sample_ids, n))
+
+
+def batch_logps(model: nn.Module, batch: dict[str, Any], prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed log-probs and label counts of a padded or (no prefix) packed batch."""
+    if not prefix and is_packed(batch):
+        return packed_sequence_logps(model, batch)
+    return sequence_logps(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
+                          batch[f"{prefix}labels"])
+
+
 class DPOTrainer(SupervisedTrainer):
     """``model`` is an ``Actor`` (prepared by the strategy); ``config`` picks the loss. See the module doc."""
 
@@ -154,13 +175,12 @@ class DPOTrainer(SupervisedTrainer):
             return batch[key].float()
         if self.reference == "precomputed":
             raise ValueError("precompute_ref_logps: the batch carries no reference log-probs")
-        args = (batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"])
         if self.ref_model is not None:
-            return sequence_logps(self.ref_model, *args)[0]
+            return batch_logps(self.ref_model, batch, prefix)[0]
         if self.reference == "adapter_off":
             with self.strategy.unwrap(self.model).disable_adapter():
-                return sequence_logps(self.model, *args)[0]
-        return sequence_logps(self.model, *args)[0]  # "policy": only before training
+                return batch_logps(self.model, batch, prefix)[0]
+        return batch_logps(self.model, batch, prefix)[0]  # "policy": only before training
 
     @torch.no_grad()
     def precompute_reference(self, loader: DataLoader) -> None:
@@ -197,11 +217,11 @@ class DPOTrainer(SupervisedTrainer):
 
     # ----- loss -----------------------------------------------------------------------------------------
     def count_units(self, batch: dict[str, Any]) -> torch.Tensor:
-        n = batch["input_ids"].shape[0]
+        n = batch["seq_lens"].shape[0] if is_packed(batch) else batch["input_ids"].shape[0]
         return torch.tensor(n // 2 if self.paired else n)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        logps, lengths = sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps, lengths = batch_logps(self.model, batch)
         if self.paired:
             return self._paired_loss(batch, logps, lengths)
         return self._kto_loss(batch, logps, lengths)

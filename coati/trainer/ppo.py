@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
 from ..algos import POLICY_LOSSES, agg_loss, kl_estimate
+from ..dataset.packing import model_inputs
 from ..experience.buffer import ReplayBuffer
 from ..experience.experience import Experience
 from ..experience.kl import make_kl_controller
@@ -420,7 +421,7 @@ class PPOTrainer:
                 batch = to_device(self._pretrain.next(), strategy.device)
                 with self._sync(actor, last):
                     with strategy.autocast():
-                        logits = actor(batch["input_ids"], attention_mask=batch["attention_mask"])
+                        logits = actor(batch["input_ids"], **model_inputs(batch))
                     ptx_loss = self.ptx_loss_fn(logits, batch["labels"])
                     strategy.backward(ptx_loss * (self.ptx_coef / len(group)), actor, self.actor_optim)
                 sums["actor/ptx_loss"] += float(ptx_loss.detach()) / len(group)

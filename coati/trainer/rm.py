@@ -6,6 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..dataset.packing import is_packed, last_token_flat_index
 from ..models.loss import LogExpLoss, LogSigLoss
 from .base import SupervisedTrainer
 
@@ -17,7 +18,8 @@ def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
 
 
 class RewardModelTrainer(SupervisedTrainer):
-    """``model`` is a ``RewardModel``; batches come from ``RewardDataset`` + ``RewardCollator``.
+    """``model`` is a ``RewardModel``; batches come from ``RewardDataset`` + ``RewardCollator`` (or
+    ``PackingRewardCollator``: the 2B sequences packed into rows, each scored at its own last token).
 
     Chosen and rejected sequences go through the model as one concatenated batch (one forward, not two).
     Eval reports pairwise accuracy (chosen scored above rejected) and the mean margin.
@@ -34,9 +36,25 @@ class RewardModelTrainer(SupervisedTrainer):
 
     @staticmethod
     def count_units(batch: dict[str, Any]) -> torch.Tensor:
+        if is_packed(batch):
+            return torch.tensor(batch["seq_lens"].shape[0] // 2)
         return torch.tensor(batch["chosen_input_ids"].shape[0])
 
+    @staticmethod
+    def token_counts(batch: dict[str, Any]) -> tuple[int, int]:
+        if is_packed(batch):
+            return SupervisedTrainer.token_counts(batch)
+        # both sides run padded to the longer of the two
+        width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+        real = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+        return real, 2 * batch["chosen_input_ids"].shape[0] * width
+
     def rewards(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if is_packed(batch):
+            n = batch["seq_lens"].shape[0] // 2
+            last = last_token_flat_index(batch["sample_ids"], 2 * n)
+            reward = self.model(batch["input_ids"], position_ids=batch["position_ids"], last_index=last).float()
+            return reward[:n], reward[n:]
         n = batch["chosen_input_ids"].shape[0]
         length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
         ids = torch.cat([_pad_to(batch["chosen_input_ids"], length, 0),

@@ -5,12 +5,14 @@ from typing import Any
 
 import torch
 
+from ..dataset.packing import model_inputs
 from ..models.loss import GPTLMLoss
 from .base import SupervisedTrainer
 
 
 class SFTTrainer(SupervisedTrainer):
-    """``model`` is an ``Actor``; batches come from ``SFTDataset`` + ``SFTCollator``.
+    """``model`` is an ``Actor``; batches come from ``SFTDataset`` + ``SFTCollator`` (or ``PackingCollator``:
+    packed rows, whose labels already leave out each sample's first token, so the token count is the same).
 
     The step loss is the mean over every target token of the global batch (see ``SupervisedTrainer``).
     """
@@ -26,7 +28,7 @@ class SFTTrainer(SupervisedTrainer):
         return (batch["labels"][:, 1:] != -100).sum()
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = self.model(batch["input_ids"], **model_inputs(batch))
         loss_sum = self.loss_fn(logits, batch["labels"], reduction="sum")
         return loss_sum, self.count_units(batch), {}
 

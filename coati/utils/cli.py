@@ -242,3 +242,37 @@ def neftune_from_args(model: Any, args: argparse.Namespace) -> None:
         from ..models.neftune import enable_neftune
 
         enable_neftune(model, args.neftune_noise_alpha)
+
+
+def add_batching_args(group: argparse._ArgumentGroup) -> None:
+    """``--packing`` and ``--group_by_length``: how training micro-batches are laid out."""
+    group.add_argument("--packing", action=BoolFlag, default="auto",
+                       help="padding-free packing: each training micro-batch's samples (PPO: the pretraining "
+                            "samples) are concatenated into rows of at most --max_len (--ptx_max_len) tokens, with "
+                            "per-sample position ids and no attention across samples: the same loss and gradient "
+                            "as padded batches without the pad compute. auto = on where the architecture keeps "
+                            "packed samples apart (llama, gpt_neox, gpt2, qwen2, mistral; not opt, bloom) and the "
+                            "stage packs (not KTO); evaluation batches stay padded")
+    group.add_argument("--group_by_length", action=BoolFlag, default=False,
+                       help="training batches of similar lengths: the seeded epoch order is cut into groups of 50 "
+                            "batches, each sorted by length (less padding without --packing; resumable)")
+
+
+def packing_from_args(args: argparse.Namespace, stage_packs: bool = True, stage: str = "") -> bool:
+    """Resolve ``--packing`` for ``--pretrain``'s architecture before any model loads (``stage_packs=False``:
+    the stage's batches cannot be packed, e.g. KTO)."""
+    from ..models.base import checkpoint_model_type
+    from ..models.families import resolve_packing
+
+    if not stage_packs:
+        if args.packing is True:
+            raise UsageError(f"--packing: {stage} batches are not packed; use --no-packing")
+        return False
+    return resolve_packing(args.packing, args.model, checkpoint_model_type(args.pretrain, args.trust_remote_code))
+
+
+def group_lengths(args: argparse.Namespace, dataset: Any) -> list[int] | None:
+    """Per-sample lengths for ``setup_dataloader(lengths=...)`` under ``--group_by_length``, else None."""
+    from ..dataset.packing import sample_lengths
+
+    return sample_lengths(dataset) if args.group_by_length else None

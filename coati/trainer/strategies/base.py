@@ -53,6 +53,40 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start_index
 
 
+class LengthGroupedSampler(ResumableSampler):
+    """:class:`ResumableSampler` whose batches hold samples of similar length (``--group_by_length``): the
+    epoch's seeded permutation is cut into groups of ``GROUP_BATCHES`` global batches (``batch_size`` x
+    processes) and each group is sorted by decreasing length before rank r takes every W-th index, so each
+    rank's micro-batch, and the micro-batches of one step across ranks, span a narrow range of lengths.
+    The order is a function of (seed, epoch) only, so ``start_index`` resumes it exactly."""
+
+    GROUP_BATCHES = 50  # as transformers' LengthGroupedSampler: enough mixing, still a narrow length range
+
+    def __init__(self, dataset: Dataset, lengths: list[int], batch_size: int, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        if len(lengths) != len(dataset):
+            raise ValueError(f"{len(lengths)} lengths for {len(dataset)} samples")
+        self.lengths, self.batch_size = list(lengths), batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        if self.drop_last:
+            order = order[: self.total_size]
+        else:  # repeat from the start, as DistributedSampler does
+            order = (order * math.ceil(self.total_size / max(n, 1)))[: self.total_size]
+        group = self.GROUP_BATCHES * self.batch_size * self.num_replicas
+        order = [i for s in range(0, len(order), group)
+                 for i in sorted(order[s:s + group], key=lambda i: -self.lengths[i])]
+        start, self.start_index = self.start_index, 0
+        return iter(order[self.rank::self.num_replicas][start:])
+
+
 def unpadded_samples(sampler: Any) -> int:
     """How many of this rank's samples are not padding: without ``drop_last`` a DistributedSampler repeats
     the first indices so every rank gets ``num_samples``, and the repeats are the last of each rank's share.
@@ -191,10 +225,13 @@ class Strategy:
 
     def setup_dataloader(self, dataset: Dataset, batch_size: int, *, shuffle: bool = True,
                          collate_fn: Callable | None = None, drop_last: bool = False, seed: int | None = None,
-                         num_workers: int = 0) -> DataLoader:
-        """A loader over this rank's share of ``dataset``; ``batch_size`` is per process."""
-        sampler = ResumableSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
-                                   seed=self.seed if seed is None else seed, drop_last=drop_last)
+                         num_workers: int = 0, lengths: list[int] | None = None) -> DataLoader:
+        """A loader over this rank's share of ``dataset``; ``batch_size`` is per process. ``lengths`` (one per
+        sample) groups batches by length (:class:`LengthGroupedSampler`)."""
+        kwargs = dict(num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
+                      seed=self.seed if seed is None else seed, drop_last=drop_last)
+        sampler = (ResumableSampler(dataset, **kwargs) if lengths is None
+                   else LengthGroupedSampler(dataset, lengths, batch_size, **kwargs))
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                           drop_last=drop_last, num_workers=num_workers)
 

@@ -1,0 +1,351 @@
+"""Padding-free packing and length grouping: a packed sample sees only itself (its logits equal its logits
+alone) on every architecture the registry lets pack, the others are refused; packed SFT, RM and DPO give the
+unpacked per-sample numbers and gradients; resume stays exact; the padding share is counted by hand."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+from transformers import BloomConfig, MistralConfig, OPTConfig, Qwen2Config
+
+from coati.dataset import (
+    PackingCollator, PackingPreferenceCollator, PackingRewardCollator, PreferenceCollator, RewardCollator,
+    SFTCollator, sample_lengths,
+)
+from coati.dataset.packing import first_fit, pack
+from coati.errors import UsageError
+from coati.models import Actor, RewardModel
+from coati.models.families import FAMILIES, resolve_packing, supports_packing
+from coati.trainer import DPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
+from coati.trainer.base import epoch_iter
+from coati.trainer.dpo import batch_logps
+from coati.trainer.strategies import NaiveStrategy
+from coati.trainer.strategies.base import LengthGroupedSampler
+from tests import tiny
+
+VOCAB = 64
+MAX_LEN = 24
+_SMALL = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+CONFIGS = {
+    "llama": lambda: tiny.llama_config(**_SMALL),
+    "gpt2": lambda: tiny.gpt2_config(**_SMALL),
+    "gpt_neox": lambda: tiny.gpt_neox_config(**_SMALL),
+    "qwen2": lambda: Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, **_SMALL),
+    "mistral": lambda: MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=None, **_SMALL),
+    "opt": lambda: OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                             word_embed_proj_dim=32, max_position_embeddings=64, **_SMALL),
+    "bloom": lambda: BloomConfig(hidden_size=32, n_layer=2, n_head=4, **_SMALL),
+}
+PACKING = sorted({t for f in FAMILIES.values() for t in f.packing_model_types})
+REFUSED = sorted(set(CONFIGS) - set(PACKING))
+
+
+def _ragged(seed: int, lengths=(5, 11, 3, 8, 7, 2, 9)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+
+
+def _sft_items(seed: int = 0, lengths=(5, 11, 3, 8, 7, 2, 9)) -> list[dict]:
+    items = []
+    for ids in _ragged(seed, lengths):
+        labels = ids.clone()
+        labels[: len(ids) // 3] = -100  # a prompt the loss skips
+        items.append({"input_ids": ids, "labels": labels})
+    return items
+
+
+def _pairs(seed: int = 0, n: int = 4) -> list[dict]:
+    chosen, rejected = _ragged(seed, (6, 10, 4, 9)[:n]), _ragged(seed + 1, (8, 3, 7, 5)[:n])
+    out = []
+    for c, r in zip(chosen, rejected):
+        cl, rl = c.clone(), r.clone()
+        cl[:2] = rl[:2] = -100
+        out.append({"chosen_input_ids": c, "chosen_labels": cl, "rejected_input_ids": r, "rejected_labels": rl})
+    return out
+
+
+def test_the_registry_packs_exactly_the_checked_architectures():
+    assert PACKING == ["gpt2", "gpt_neox", "llama", "mistral", "qwen2"]
+    assert REFUSED == ["bloom", "opt"]
+
+
+@pytest.mark.parametrize("model_type", PACKING)
+def test_a_packed_sample_has_its_logits_alone(model_type):
+    torch.manual_seed(0)
+    config = CONFIGS[model_type]()
+    assert config.model_type == model_type
+    actor = Actor.from_config(config).eval()
+    seqs = _ragged(0)
+    batch = pack(seqs, None, MAX_LEN, 0)
+    assert batch["input_ids"].shape[0] < len(seqs)  # rows really hold several samples
+    with torch.no_grad():
+        packed = actor(batch["input_ids"], position_ids=batch["position_ids"])
+        for i, ids in enumerate(seqs):
+            alone = actor(ids[None])[0]
+            torch.testing.assert_close(packed[batch["sample_ids"] == i], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", REFUSED)
+def test_architectures_that_cannot_isolate_samples_are_refused(model_type):
+    family = FAMILIES[model_type]
+    assert not supports_packing(family, model_type) and not supports_packing("auto", model_type)
+    assert resolve_packing("auto", family, model_type) is False
+    with pytest.raises(UsageError, match="--no-packing"):
+        resolve_packing(True, family, model_type)
+    # and refusing is right: packed, a later sample would see the one before it
+    torch.manual_seed(0)
+    actor = Actor.from_config(CONFIGS[model_type]()).eval()
+    seqs = _ragged(0)
+    batch = pack(seqs, None, MAX_LEN, 0)
+    with torch.no_grad():
+        packed = actor(batch["input_ids"], position_ids=batch["position_ids"])
+        worst = max(float((packed[batch["sample_ids"] == i] - actor(s[None])[0]).abs().max())
+                    for i, s in enumerate(seqs))
+    assert worst > 1e-3
+
+
+def test_first_fit_fills_rows_up_to_max_len_deterministically():
+    lengths = [5, 11, 3, 8, 7, 2, 9]
+    rows = first_fit(lengths, 12)
+    assert rows == [[1], [6, 2], [3, 5], [4, 0]]
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 12 for r in rows)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def _loader(strategy, data, collate, batch_size):
+    return strategy.setup_dataloader(data, batch_size, shuffle=False, collate_fn=collate)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type):
+    items = _sft_items()
+    results = []
+    for collate in (SFTCollator(0), PackingCollator(0, MAX_LEN)):
+        torch.manual_seed(0)
+        strategy = NaiveStrategy(seed=0)
+        model = strategy.prepare_model(Actor.from_config(CONFIGS[model_type]()))
+        trainer = SFTTrainer(model, strategy, _loader(strategy, items, collate, len(items)), log_interval=100)
+        batch = collate(items)
+        loss_sum, count, _ = trainer.compute_loss(batch)
+        loss_sum.backward()
+        # per-sample losses: each sample's summed token loss from its own labelled positions
+        with torch.no_grad():
+            logits = model(batch["input_ids"], **({"position_ids": batch["position_ids"]} if "position_ids" in batch
+                                                   else {"attention_mask": batch["attention_mask"]}))
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                                    reduction="none")
+            if "sample_ids" in batch:
+                per_sample = torch.zeros(len(items)).index_add(0, batch["sample_ids"][:, 1:][batch["labels"][:, 1:] != -100],
+                                                               nll[batch["labels"][:, 1:] != -100])
+            else:
+                per_sample = nll.sum(1)
+        results.append((float(loss_sum.detach()), int(count), per_sample, _grads(model)))
+    (plain_loss, plain_n, plain_ps, plain_g), (packed_loss, packed_n, packed_ps, packed_g) = results
+    assert packed_n == plain_n == sum(int((it["labels"][1:] != -100).sum()) for it in items)
+    assert packed_loss == pytest.approx(plain_loss, abs=1e-5, rel=1e-6)
+    torch.testing.assert_close(packed_ps, plain_ps, atol=1e-5, rtol=1e-6)
+    _assert_same_grads(plain_g, packed_g)
+
+
+def test_packed_reward_model_gives_the_unpacked_rewards_and_gradient():
+    pairs = _pairs()
+    results = []
+    for collate in (RewardCollator(0), PackingRewardCollator(0, MAX_LEN)):
+        torch.manual_seed(0)
+        strategy = NaiveStrategy(seed=0)
+        model = strategy.prepare_model(RewardModel.from_config(CONFIGS["llama"]()))
+        trainer = RewardModelTrainer(model, strategy, _loader(strategy, pairs, collate, len(pairs)), log_interval=100)
+        batch = collate(pairs)
+        chosen, rejected = trainer.rewards(batch)
+        loss_sum, count, _ = trainer.compute_loss(batch)
+        loss_sum.backward()
+        results.append((chosen.detach(), rejected.detach(), float(loss_sum), int(count), _grads(model)))
+    plain, packed = results
+    assert packed[3] == plain[3] == len(pairs)
+    torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[1], plain[1], atol=1e-5, rtol=0)
+    assert packed[2] == pytest.approx(plain[2], abs=1e-5)
+    _assert_same_grads(plain[4], packed[4])
+
+
+def test_packed_dpo_gives_the_unpacked_logps_loss_and_gradient():
+    pairs = _pairs()
+    results = []
+    for collate in (PreferenceCollator(0), PackingPreferenceCollator(0, MAX_LEN)):
+        torch.manual_seed(0)
+        strategy = NaiveStrategy(seed=0)
+        model = strategy.prepare_model(Actor.from_config(CONFIGS["llama"]()))
+        trainer = DPOTrainer(model, strategy, _loader(strategy, pairs, collate, len(pairs)), log_interval=100,
+                             config=PreferenceConfig(loss_type="dpo", sft_coef=0.5))
+        with torch.no_grad():  # the reference copy starts equal to the policy: move the policy off it
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        batch = collate(pairs)
+        logps, lengths = batch_logps(model, batch)
+        loss_sum, count, _ = trainer.compute_loss(batch)
+        loss_sum.backward()
+        results.append((logps.detach(), lengths, float(loss_sum), int(count), _grads(model)))
+    plain, packed = results
+    assert packed[0].shape == (2 * len(pairs),)
+    torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[1], plain[1])
+    assert packed[3] == plain[3] == len(pairs)
+    assert packed[2] == pytest.approx(plain[2], abs=1e-5)
+    _assert_same_grads(plain[4], packed[4])
+
+
+# ----- resume, grouping, metrics ----------------------------------------------------------------------
+
+def _fit_items(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return _sft_items(seed, [int(x) for x in torch.randint(3, 13, (n,), generator=g)])
+
+
+def _sft_trainer(save_path: pathlib.Path, *, packing: bool, group_by_length: bool, log_interval: int = 100):
+    strategy = NaiveStrategy(seed=0)
+    torch.manual_seed(0)
+    config = tiny.gpt2_config(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, **_SMALL)
+    model = strategy.prepare_model(Actor.from_config(config))
+    data = _fit_items(24, seed=1)
+    collate = PackingCollator(0, MAX_LEN) if packing else SFTCollator(0)
+    lengths = sample_lengths(data) if group_by_length else None
+    train = strategy.setup_dataloader(data, 4, shuffle=True, collate_fn=collate, drop_last=True, lengths=lengths)
+    return SFTTrainer(model, strategy, train, None, lr=1e-3, max_epochs=2, accumulation_steps=2,
+                      save_path=str(save_path), save_interval=4, log_interval=log_interval)
+
+
+@pytest.mark.parametrize("packing,group_by_length", [(True, False), (False, True)])
+def test_resume_is_exact_with_packing_and_with_length_grouping(packing, group_by_length, tmp_path):
+    full = _sft_trainer(tmp_path / "full", packing=packing, group_by_length=group_by_length).fit()
+    assert len(full) == 6
+    resumed = _sft_trainer(tmp_path / "resumed", packing=packing, group_by_length=group_by_length).fit(
+        resume_from=tmp_path / "full" / "checkpoints" / "step_4")
+    assert [h["loss"] for h in resumed[4:]] == [h["loss"] for h in full[4:]]
+
+
+def test_length_grouping_keeps_every_sample_once_and_groups_lengths_across_ranks():
+    lengths = [int(x) for x in torch.randint(1, 200, (103,), generator=torch.Generator().manual_seed(0))]
+    data = list(range(103))
+    shares = []
+    for rank in range(2):
+        s = LengthGroupedSampler(data, lengths, 4, num_replicas=2, rank=rank, shuffle=True, seed=3, drop_last=True)
+        s.set_epoch(1)
+        shares.append(list(s))
+    assert not set(shares[0]) & set(shares[1]) and len(shares[0]) == len(shares[1]) == 51
+    # a whole epoch fits in one group here: each rank's order, and a step's batches across ranks, fall in length
+    for share in shares:
+        assert [lengths[i] for i in share] == sorted((lengths[i] for i in share), reverse=True)
+    spread = [max(lengths[i] for s in shares for i in s[b:b + 4]) - min(lengths[i] for s in shares for i in s[b:b + 4])
+              for b in range(0, 48, 4)]
+    assert max(spread) < 40  # 8 of 102 random lengths in 1..199
+    # seeded: the same epoch gives the same order, another epoch another one
+    again = LengthGroupedSampler(data, lengths, 4, num_replicas=2, rank=0, shuffle=True, seed=3, drop_last=True)
+    again.set_epoch(1)
+    assert list(again) == shares[0]
+    again.set_epoch(2)
+    assert list(again) != shares[0]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_padding_share_is_the_hand_count_of_pad_slots(packing, tmp_path):
+    trainer = _sft_trainer(tmp_path / "run", packing=packing, group_by_length=False, log_interval=1)
+    batches = list(epoch_iter(trainer.train_dataloader, 0))
+    history = trainer.fit()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if r["split"] == "train"]
+    assert [r["step"] for r in logged] == list(range(1, 7))
+    for step in range(3):
+        group = batches[2 * step: 2 * step + 2]
+        slots = sum(b["input_ids"].numel() for b in group)
+        real = sum(int(b["seq_lens"].sum()) if packing else int(b["attention_mask"].sum()) for b in group)
+        assert logged[step]["perf/padding_share"] == pytest.approx(1 - real / slots)
+        assert logged[step]["perf/throughput"] > 0
+        assert history[step]["loss"] > 0
+    if packing:
+        # rows that fill exactly carry no padding at all
+        exact = pack([torch.arange(3, 3 + n) for n in (10, 14, 24, 6, 18)], None, 24, 0)
+        assert int((exact["sample_ids"] < 0).sum()) == 0
+
+
+def test_a_packed_row_without_padding_has_padding_share_zero():
+    from coati.dataset.packing import batch_token_counts
+
+    batch = PackingCollator(0, 12)(_sft_items(0, (5, 7, 12, 4, 8)))
+    assert batch["input_ids"].shape == (3, 12)
+    assert batch_token_counts(batch) == (36, 36)
+    padded = SFTCollator(0)(_sft_items(0, (5, 7, 12, 4, 8)))
+    assert batch_token_counts(padded) == (36, 60)
+
+
+# ----- the scripts --------------------------------------------------------------------------------------
+
+def _sft_script_run(tmp_path: pathlib.Path, name: str, model_dir: pathlib.Path, *flags: str) -> list[dict]:
+    from tests.scripts import load_script
+
+    records = [{"instruction": "Say " + "hello " * n, "output": "Hello " * (n % 5 + 1)} for n in range(1, 9)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / name
+    load_script("examples/train_sft.py").main(
+        ["--pretrain", str(model_dir), "--dataset", str(data), "--batch_size", "8", "--accumulation_steps", "1",
+         "--max_len", "128", "--max_steps", "1", "--max_epochs", "1", "--log_interval", "1", "--save_path", str(out),
+         *flags])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_sft_packs_by_default_where_the_architecture_allows_and_refuses_it_where_not(tmp_path):
+    llama = tiny.save_tiny_model("llama", tmp_path / "llama")
+    packed = _sft_script_run(tmp_path, "packed", llama)[0]
+    padded = _sft_script_run(tmp_path, "padded", llama, "--no-packing")[0]
+    assert packed["perf/padding_share"] < padded["perf/padding_share"]
+    assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-5)
+    opt = tmp_path / "opt"
+    config = CONFIGS["opt"]()
+    config.vocab_size, config.max_position_embeddings = tiny.LLAMA_VOCAB, 256
+    tiny._save(config, tiny.tokenizer("llama"), opt, seed=0)
+    assert _sft_script_run(tmp_path, "opt_auto", opt)[0]["perf/padding_share"] > 0  # auto: padded
+    with pytest.raises(UsageError, match=r"model_type 'opt' \(family 'auto'\) cannot keep packed samples apart"):
+        _sft_script_run(tmp_path, "opt_packed", opt, "--packing")
+
+
+def test_packed_ptx_batches_give_the_padded_lm_loss():
+    """PPO-ptx's pretraining batches go through the same model call (``model_inputs``) and the mean LM loss."""
+    from coati.dataset.packing import model_inputs
+    from coati.models.loss import PtxLoss
+
+    torch.manual_seed(0)
+    actor = Actor.from_config(CONFIGS["llama"]()).eval()
+    items = _sft_items(3)
+    losses = []
+    for collate in (SFTCollator(0), PackingCollator(0, MAX_LEN)):
+        batch = collate(items)
+        with torch.no_grad():
+            losses.append(float(PtxLoss()(actor(batch["input_ids"], **model_inputs(batch)), batch["labels"])))
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+
+
+def test_kto_refuses_an_explicit_packing_and_leaves_auto_off():
+    import argparse
+
+    from coati.utils.cli import packing_from_args
+
+    args = argparse.Namespace(packing=True, model="auto", pretrain="unused", trust_remote_code=False)
+    with pytest.raises(UsageError, match="KTO batches are not packed; use --no-packing"):
+        packing_from_args(args, stage_packs=False, stage="KTO")
+    args.packing = "auto"
+    assert packing_from_args(args, stage_packs=False, stage="KTO") is False

@@ -128,6 +128,49 @@ def test_critic_free_methods_raise_the_reward(algo, n):
         assert key in hist[-1]
 
 
+@pytest.mark.parametrize("algo, kw", [("grpo", {}), ("gspo", {"accumulation_steps": 2, "train_batch_size": 8})])
+def test_one_step_per_rollout_reuses_the_update_log_probs_with_the_same_updates(algo, kw):
+    """One optimizer step per rollout batch (one pass, the buffer in <= accumulation_steps micro-batches): the
+    old log-probs are the update's own, detached (no scoring forward while making experience), and every loss,
+    gradient norm and weight equals the run that scores them."""
+    runs = {}
+    for reuse in (True, False):
+        trainer, prompts = _critic_free(algo, 4, episodes=2, max_epochs=1, **{"train_batch_size": 16, **kw})
+        if not reuse:
+            trainer._reuses_update_log_probs = lambda loader: False
+        seen = []
+        make = trainer.experience_maker.make_experience
+        trainer.experience_maker.make_experience = lambda batch: seen.append(make(batch)) or seen[-1]
+        steps = h.record_steps(trainer)
+        trainer.fit(prompts)
+        assert all((e.action_log_probs is None) == reuse for e in seen)
+        runs[reuse] = steps, trainer.actor.state_dict()
+    (steps, weights), (ref_steps, ref_weights) = runs[True], runs[False]
+    assert len(steps) == len(ref_steps) == 2
+    for got, want in zip(steps, ref_steps):
+        for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "actor/entropy"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], abs=1e-6), key
+        assert got["actor/ppo_kl"] == 0.0 and got["actor/pg_clipfrac"] == 0.0
+    # AdamW divides by sqrt(v): float-rounding differences of near-zero gradient entries grow to ~1e-6
+    assert max((weights[k] - ref_weights[k]).abs().max().item() for k in weights) < 2e-5
+    assert max((weights[k] - h.models(seed=0)[0].state_dict()[k]).abs().max().item() for k in weights) > 1e-4
+
+
+def test_reused_log_probs_only_when_one_step_trains_each_sample():
+    prompts = _critic_free("grpo", 4, episodes=1)[1]  # 4 prompts x 4 samples per batch
+    for kw, want in [({"max_epochs": 1, "train_batch_size": 16}, True),
+                     ({"max_epochs": 1, "train_batch_size": 8, "accumulation_steps": 2}, True),
+                     ({"max_epochs": 1, "train_batch_size": 8}, False),  # two steps: the second sees new weights
+                     ({"max_epochs": 2, "train_batch_size": 16}, False),
+                     ({"max_epochs": 1, "train_batch_size": 16, "target_kl": 0.5}, False),  # adaptive KL reads them
+                     ({"max_epochs": 1, "train_batch_size": 16, "buffer_limit": 8, "num_collect_steps": 2}, True)]:
+        trainer, _ = _critic_free("grpo", 4, episodes=1, **kw)
+        assert trainer._reuses_update_log_probs(prompts) is want, kw
+    trainer, _ = _critic_free("rloo", 4, episodes=1, max_epochs=1, train_batch_size=16)
+    assert trainer._reuses_update_log_probs(prompts) is False  # RLOO's KL penalty is in the reward
+
+
 def test_critic_free_run_holds_no_critic_and_resumes_exactly(tmp_path):
     def run(save_path, resume=None):
         trainer, prompts = _critic_free("grpo", 4, episodes=4, save_path=str(save_path), save_interval=2,

@@ -103,6 +103,9 @@ class ExperienceMaker:
     **extras) -> list[float]``, extras being the prompt dataset's other fields). ``config`` (an
     :class:`~coati.trainer.rl_config.RLConfig`) holds the settings; keyword arguments override its fields.
     ``kl_ctl`` holds the KL coefficient (default: made from the config; a float makes a fixed controller).
+    ``old_log_probs=False`` skips the no-grad actor forward that scores the sampled tokens (experiences carry
+    ``action_log_probs=None``): exact only when the update's forward runs the very weights that sampled, which
+    PPOTrainer decides; refused when the KL is in the reward or adaptive (both need those log-probs here).
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class ExperienceMaker:
         strategy: Any = None,
         generate_kwargs: dict[str, Any] | None = None,
         config: RLConfig | None = None,
+        old_log_probs: bool = True,
         **overrides: Any,
     ) -> None:
         if (reward_model is None) == (reward_fn is None):
@@ -153,6 +157,10 @@ class ExperienceMaker:
         self._warned_len = False
         if cfg.uses_reference:
             self._check_reference()
+        self.old_log_probs = old_log_probs
+        if not old_log_probs and cfg.uses_reference and (cfg.kl_placement == "reward" or cfg.target_kl is not None):
+            raise ValueError("old_log_probs=False: a KL penalty in the reward or an adaptive KL needs the old "
+                             "log-probs while making experience")
 
     # ----- helpers ------------------------------------------------------------------------------------
     def _unwrap(self, model: nn.Module | None) -> nn.Module | None:
@@ -283,9 +291,11 @@ class ExperienceMaker:
             # Tokens after the first EOS are padding: keep them out of every model input.
             sequences = sequences.clone()
             sequences[:, -num_actions:].masked_fill_(action_mask.eq(0), self.pad_token_id)
-            with self._autocast():
-                log_probs = actor(sequences, attention_mask, num_actions=num_actions,
-                                  temperature=self.temperature).float()
+            log_probs = None
+            if self.old_log_probs:
+                with self._autocast():
+                    log_probs = actor(sequences, attention_mask, num_actions=num_actions,
+                                      temperature=self.temperature).float()
         values = None
         if critic is not None:
             with self._inference(self.critic), self._autocast():
@@ -307,8 +317,12 @@ class ExperienceMaker:
             self.reward_stats.update(reward)
             reward = (reward - self.reward_stats.mean) / (self.reward_stats.std + 1e-8)
         kl_coef = self.kl_ctl.value if cfg.kl_placement == "reward" and ref_log_probs is not None else 0.0
-        rewards = compute_reward(reward, kl_coef, log_probs, log_probs if ref_log_probs is None else ref_log_probs,
-                                 action_mask, reward_clip=self.config.reward_clip, kl_estimator=cfg.kl_estimator)
+        if kl_coef:
+            rewards = compute_reward(reward, kl_coef, log_probs, ref_log_probs, action_mask,
+                                     reward_clip=cfg.reward_clip, kl_estimator=cfg.kl_estimator)
+        else:  # the same numbers without a KL term: the sequence reward on the last valid token
+            no_kl = torch.zeros_like(mask)
+            rewards = compute_reward(reward, 0.0, no_kl, no_kl, action_mask, reward_clip=cfg.reward_clip)
         seq_reward = reward if cfg.reward_clip is None else reward.clamp(-cfg.reward_clip, cfg.reward_clip)
         if values is not None:
             values = values * mask
@@ -324,7 +338,7 @@ class ExperienceMaker:
             "prompt_length": prompt_mask.float().sum(-1),
             "response_clipped": self._no_eos(sequences[:, -num_actions:], action_mask),
         }
-        if ref_log_probs is not None:
+        if ref_log_probs is not None and log_probs is not None:
             log_ratio = (log_probs - ref_log_probs) * mask
             info["kl"] = masked_mean(log_ratio, action_mask, dim=-1)
             info["kl_seq"] = log_ratio.sum(-1)
@@ -343,7 +357,7 @@ class ExperienceMaker:
             sequences=sequences,
             attention_mask=attention_mask,
             action_mask=action_mask,
-            action_log_probs=log_probs * mask,
+            action_log_probs=log_probs * mask if log_probs is not None else None,
             values=values,
             returns=returns if values is not None else None,
             advantages=advantages,

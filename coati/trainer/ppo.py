@@ -12,7 +12,9 @@ One *episode* (= one logged step, like a veRL iteration) is:
    are all equal are dropped and further prompt batches top the episode up to its number of groups;
 2. update: ``num_update_steps`` x ``max_epochs`` shuffled passes over the buffer in micro-batches of
    ``train_batch_size``; every ``accumulation_steps`` micro-batches make one actor (and critic) optimizer
-   step (separate optimizers and schedules);
+   step (separate optimizers and schedules). When that is a single optimizer step per episode (one pass, the
+   buffer in at most ``accumulation_steps`` micro-batches) the old log-probs are not scored while collecting:
+   the update's forward runs the weights that sampled, and its detached log-probs are the old ones;
 3. the buffer is cleared.
 
 Actor loss (PPO-ptx, InstructGPT's objective, plus a KL term for ``kl_placement="loss"``)::
@@ -269,6 +271,23 @@ class PPOTrainer:
             total += math.ceil(micro / self.accumulation_steps) * passes
         return total
 
+    def _reuses_update_log_probs(self, prompt_loader: DataLoader) -> bool:
+        """Whether the old log-probs may be the update's own, detached, instead of a no-grad forward while
+        making experience (TRL's GRPOTrainer does the same): exact when every sample of an episode is trained
+        in its first optimizer step, i.e. one pass over the buffer and at most ``accumulation_steps``
+        micro-batches in it, so the update's forward runs the weights that sampled (dropout is off in every
+        model, see __init__). The experience maker still needs them for a KL penalty in the reward or an
+        adaptive KL."""
+        cfg = self.config
+        if self.num_update_steps * self.max_epochs != 1:
+            return False
+        if cfg.uses_reference and (cfg.kl_placement == "reward" or cfg.target_kl is not None):
+            return False
+        samples = self.num_collect_steps * (prompt_loader.batch_size or 1) * cfg.n_samples_per_prompt  # the most
+        if self.buffer.limit > 0:
+            samples = min(samples, self.buffer.limit)
+        return math.ceil(samples / self.train_batch_size) <= self.accumulation_steps
+
     def _build_schedulers(self, prompt_loader: DataLoader) -> None:
         total = self._planned_optimizer_steps(prompt_loader)
         warmup = int(math.ceil(total * self.warmup_ratio))
@@ -355,7 +374,9 @@ class PPOTrainer:
         """The configured policy loss, plus the KL loss term when the KL is one, and their metrics."""
         cfg = self.config
         agg = dict(agg_mode=cfg.loss_agg_mode, norm_len=self._norm_len)
-        loss, metrics = self.policy_loss_fn(log_probs, exp.action_log_probs, exp.advantages, exp.action_mask,
+        # no stored old log-probs: this forward runs the weights that sampled (see _reuses_update_log_probs)
+        old = exp.action_log_probs if exp.action_log_probs is not None else log_probs.detach()
+        loss, metrics = self.policy_loss_fn(log_probs, old, exp.advantages, exp.action_mask,
                                             clip_low=cfg.eps_clip, clip_high=cfg.eps_clip_high,
                                             dual_clip=cfg.dual_clip, **agg)
         out = {"actor/pg_loss": float(loss.detach()), "actor/pg_clipfrac": float(metrics["pg_clipfrac"]),
@@ -578,6 +599,7 @@ class PPOTrainer:
         self._prompts = _Cycle(prompt_dataloader)
         self._pretrain = _Cycle(pretrain_dataloader) if pretrain_dataloader is not None else None
         self._build_schedulers(prompt_dataloader)
+        self.experience_maker.old_log_probs = not self._reuses_update_log_probs(prompt_dataloader)
         # models are built (identically on every rank): from here each rank samples its own rollouts; a
         # resumed run restores every rank's stream from its checkpoint
         self.strategy.set_sampling_seed()

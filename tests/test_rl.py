@@ -171,6 +171,31 @@ def test_reused_log_probs_only_when_one_step_trains_each_sample():
     assert trainer._reuses_update_log_probs(prompts) is False  # RLOO's KL penalty is in the reward
 
 
+def test_experience_maker_scores_with_an_async_group_reward():
+    """A per-group async reward function gets each prompt's n samples in one call; its scores are the experience's."""
+    from coati import rewards
+
+    calls = []
+
+    @rewards.per_group
+    async def rank_by_sevens(prompts, responses, **_):
+        calls.append(list(prompts))
+        counts = [r.count(h.TARGET) for r in responses]
+        return [float(sorted(counts).index(c)) for c in counts]  # 0 for the fewest '7's of the group, ...
+
+    trainer, prompts = _critic_free("grpo", 4, episodes=1)
+    trainer.experience_maker.reward_fn = rank_by_sevens
+    batch = next(iter(prompts))
+    exp = trainer.experience_maker.make_experience(batch)
+    responses = trainer.experience_maker.decode_responses(exp.sequences, exp.action_mask)
+    assert calls == [[p] * 4 for p in batch["prompts"]]
+    want = []
+    for i in range(0, len(responses), 4):
+        counts = [r.count(h.TARGET) for r in responses[i:i + 4]]
+        want += [float(sorted(counts).index(c)) for c in counts]
+    assert exp.info["score"].tolist() == want
+
+
 def test_critic_free_run_holds_no_critic_and_resumes_exactly(tmp_path):
     def run(save_path, resume=None):
         trainer, prompts = _critic_free("grpo", 4, episodes=4, save_path=str(save_path), save_interval=2,

@@ -31,11 +31,10 @@ from coati.experience.experience import Experience
 from coati.experience.kl import FixedKLController, make_kl_controller
 from coati.models.generation import generate_with_masks
 from coati.models.utils import compute_reward, masked_mean
+from coati.rewards import RewardFn, call_reward_fn
 from coati.trainer.rl_config import RLConfig, make_config
 
 logger = logging.getLogger("coati")
-
-RewardFn = Callable[..., list[float]]
 
 # PromptCollator fields that are not per-sample extras for a reward function.
 _BATCH_KEYS = ("input_ids", "attention_mask", "prompts")
@@ -100,7 +99,8 @@ class ExperienceMaker:
     is used (and required) only by an estimator that needs values (gae). ``initial_model`` is the frozen
     reference actor; leave it None when the actor has LoRA to use the actor with its adapter disabled (with
     no KL term no reference is needed). Give ``reward_model`` or ``reward_fn`` (``f(prompts, responses,
-    **extras) -> list[float]``, extras being the prompt dataset's other fields). ``config`` (an
+    **extras) -> list[float]``, extras being the prompt dataset's other fields; per batch or per group, sync or
+    async: see :mod:`coati.rewards`). ``config`` (an
     :class:`~coati.trainer.rl_config.RLConfig`) holds the settings; keyword arguments override its fields.
     ``kl_ctl`` holds the KL coefficient (default: made from the config; a float makes a fixed controller).
     ``old_log_probs=False`` skips the no-grad actor forward that scores the sampled tokens (experiences carry
@@ -236,10 +236,9 @@ class ExperienceMaker:
             prompts = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
         responses = self.decode_responses(sequences, action_mask)
         extras = {k: v for k, v in batch.items() if k not in _BATCH_KEYS}
-        scores = self.reward_fn(list(prompts), responses, **extras)
-        if len(scores) != len(responses):
-            raise ValueError(f"reward_fn returned {len(scores)} scores for {len(responses)} responses")
-        return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=sequences.device)
+        scores = call_reward_fn(self.reward_fn, list(prompts), responses, self.config.n_samples_per_prompt,
+                                **extras)
+        return torch.tensor(scores, dtype=torch.float32, device=sequences.device)
 
     @torch.no_grad()
     def _ref_log_probs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int) -> torch.Tensor:
@@ -370,7 +369,8 @@ class ExperienceMaker:
 def load_reward_fn(spec: str) -> RewardFn:
     """``"module:function"`` (module importable from ``sys.path`` / PYTHONPATH) or ``"path/to/file.py:function"``.
 
-    The function is called as ``f(prompts: list[str], responses: list[str], **extras) -> list[float]``.
+    The function is called as ``f(prompts: list[str], responses: list[str], **extras) -> list[float]``, per batch
+    or (marked with :func:`coati.rewards.per_group`) per group, and may be ``async def`` (see :mod:`coati.rewards`).
     """
     import importlib
     import importlib.util

@@ -145,7 +145,7 @@ class PPOTrainer:
         critic_optim: torch.optim.Optimizer | None = None,
         *,
         tokenizer: Any,
-        reward_fn: Callable[..., list[float]] | None = None,
+        reward_fn: Callable[..., Any] | None = None,
         config: RLConfig | None = None,
         generate_kwargs: dict[str, Any] | None = None,
         # logging and checkpoints

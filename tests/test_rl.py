@@ -1,6 +1,7 @@
 """Stage 3 as data: PPO unchanged by the redesign, --algo presets, critic-free GRPO / RLOO / REINFORCE++ learn the
 tiny task, critic-free checkpoints resume exactly, DAPO's dynamic sampling, the script with the GSM8K reward."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -241,6 +242,37 @@ def test_dynamic_sampling_keeps_only_informative_groups_and_fills_the_episode():
         assert metrics["sampling/dropped_group_share"] == pytest.approx(1 - len(groups) / (rounds * 4))
     assert hist[0]["sampling/dropped_group_share"] > 0.3
     assert hist[0]["critic/overlong_penalty/mean"] < 0  # 8-token budget, penalty over the last 2 tokens
+
+
+def test_lr_schedule_ends_with_the_last_step_when_dynamic_sampling_hits_its_round_cap():
+    """One generation round per prompt batch: the episodes keep fewer groups than planned, so they take fewer
+    optimizer steps; the cosine schedule's length follows (it was the planned count), warmup included."""
+    trainer, prompts = _critic_free("dapo", 4, episodes=3, num_collect_steps=2, max_sampling_rounds=1, max_epochs=1,
+                                    train_batch_size=4, lr_scheduler="cosine", warmup_ratio=0.2)
+    kept, lrs = [], []
+    update = trainer._update_phase
+
+    def recording(timings):
+        kept.append(len(trainer.buffer))
+        return update(timings)
+
+    trainer._update_phase = recording
+    steps = h.record_steps(trainer)
+    trainer.fit(prompts)
+    planned = 3 * 2 * 4 * 4 // 4  # 3 episodes x 2 batches x 4 prompts x 4 samples, 4 per step
+    taken = trainer.optim_step
+    assert taken == sum(kept) // 4 < planned  # the cap was hit: fewer informative groups than planned
+    assert trainer.actor_scheduler.lr_lambdas[0].total == taken
+    assert trainer.actor_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # the cosine ended at the end
+    # the last episode's steps follow the cosine over `taken` steps (the total was final by then); each step
+    # logs the rate its scheduler step set, the next step's
+    lr, warmup = NO_KL_KW["lr"], math.ceil(taken * 0.2)
+    last = kept[-1] // 4
+    assert last > 0
+    for step, metrics in zip(range(taken - last + 1, taken + 1), steps[-last:] if last else []):
+        want = lr * step / warmup if step < warmup else \
+            lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (taken - warmup)))
+        assert metrics["actor/lr"] == pytest.approx(want, rel=1e-9)
 
 
 def test_script_runs_grpo_with_the_gsm8k_reward(tmp_path, tiny_llama_dir, shared_data):

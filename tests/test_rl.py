@@ -101,9 +101,11 @@ def _critic_free(algo, n, episodes, **kw):
     return trainer, prompts
 
 
-@pytest.mark.parametrize("algo, n", [("grpo", 4), ("rloo", 4), ("reinforce_pp", 1)])
-def test_critic_free_methods_raise_the_reward(algo, n):
-    trainer, prompts = _critic_free(algo, n, episodes=16)
+# RLOO's KL penalty (0.05, in the reward) acts on its leave-one-out advantages and holds the policy nearer the
+# reference: it takes more episodes to gain as much
+@pytest.mark.parametrize("algo, n, episodes", [("grpo", 4, 16), ("rloo", 4, 24), ("reinforce_pp", 1, 16)])
+def test_critic_free_methods_raise_the_reward(algo, n, episodes):
+    trainer, prompts = _critic_free(algo, n, episodes=episodes)
     seen = []
     make = trainer.experience_maker.make_experience
 
@@ -195,6 +197,32 @@ def test_experience_maker_scores_with_an_async_group_reward():
         counts = [r.count(h.TARGET) for r in responses[i:i + 4]]
         want += [float(sorted(counts).index(c)) for c in counts]
     assert exp.info["score"].tolist() == want
+
+
+def test_rloo_advantages_carry_the_kl_penalty_of_the_reward():
+    """--algo rloo (KL in the reward, 0.05): the leave-one-out baseline works on r_i - 0.05 * sum_t KL_t (RLOO's
+    reward, as TRL's RLOOTrainer computes it), computed here sample by sample."""
+    from coati.experience.maker import ExperienceMaker
+
+    actor, reference = h.models(seed=0)[0], h.models(seed=1)[0]  # a different reference: the KL is not 0
+    maker = ExperienceMaker(actor, initial_model=reference, tokenizer=tiny.tokenizer("llama"),
+                            reward_fn=h.target_share, algo="rloo", n_samples_per_prompt=4, max_new_tokens=8)
+    prompts = h.loaders(NaiveStrategy(seed=0), experience_batch_size=2)[0]
+    exp = maker.make_experience(next(iter(prompts)))
+    ref = maker._ref_log_probs(exp.sequences, exp.attention_mask, exp.num_actions)
+    n, beta = 4, algos.PRESETS["rloo"]["kl_coef"]
+    rewards = []
+    for i in range(exp.batch_size):
+        k = int(exp.action_mask[i].sum())
+        kl = sum(float(exp.action_log_probs[i, t]) - float(ref[i, t]) for t in range(k))
+        rewards.append(float(exp.info["score"][i]) - beta * kl)
+    assert max(abs(r - s) for r, s in zip(rewards, exp.info["score"].tolist())) > 1e-3  # the KL counts
+    for i in range(exp.batch_size):
+        start = i // n * n
+        others = [rewards[j] for j in range(start, start + n) if j != i]
+        want = rewards[i] - sum(others) / (n - 1)
+        k = int(exp.action_mask[i].sum())
+        assert exp.advantages[i, :k].tolist() == pytest.approx([want] * k, abs=1e-5)
 
 
 def test_critic_free_run_holds_no_critic_and_resumes_exactly(tmp_path):

@@ -323,6 +323,10 @@ class ExperienceMaker:
             no_kl = torch.zeros_like(mask)
             rewards = compute_reward(reward, 0.0, no_kl, no_kl, action_mask, reward_clip=cfg.reward_clip)
         seq_reward = reward if cfg.reward_clip is None else reward.clamp(-cfg.reward_clip, cfg.reward_clip)
+        if kl_coef:
+            # a KL penalty in the reward reaches the sequence-level estimators too (RLOO's r - beta * KL, as
+            # TRL's RLOOTrainer does): the score minus kl_coef x the response's summed KL
+            seq_reward = rewards.sum(-1)
         if values is not None:
             values = values * mask
         advantages, returns = ADV_ESTIMATORS[cfg.adv_estimator](

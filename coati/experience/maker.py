@@ -1,7 +1,8 @@
 """Turn a batch of prompts into an :class:`Experience`: sample responses, score them, compute advantages.
 
-Per batch: repeat each prompt ``n_samples_per_prompt`` times (one group id per prompt); generate with the
-actor; log-probs of the sampled tokens under the actor and (when there is a KL term) the reference policy;
+Per batch: repeat each prompt ``n_samples_per_prompt`` times (one group id per prompt); sample with the rollout
+engine (:mod:`coati.rollout`; default HF ``generate`` on the actor), which returns the tokens and their log-probs
+under the actor; log-probs under the reference policy when there is a KL term;
 critic values (only for an estimator that needs them); a sequence score from a
 :class:`~coati.models.RewardModel` or a Python function, plus DAPO's overlong penalty when on; per-token
 rewards: the sequence reward on the last response token and, with ``kl_placement="reward"``,
@@ -29,9 +30,9 @@ from coati.algos import ADV_ESTIMATORS, overlong_penalty
 from coati.errors import MissingInputError, UsageError
 from coati.experience.experience import Experience
 from coati.experience.kl import FixedKLController, make_kl_controller
-from coati.models.generation import generate_with_masks
 from coati.models.utils import compute_reward, masked_mean
 from coati.rewards import RewardFn, call_reward_fn
+from coati.rollout import HFRolloutEngine, RolloutEngine, sampling_temperature
 from coati.trainer.rl_config import RLConfig, make_config
 
 logger = logging.getLogger("coati")
@@ -103,6 +104,8 @@ class ExperienceMaker:
     async: see :mod:`coati.rewards`). ``config`` (an
     :class:`~coati.trainer.rl_config.RLConfig`) holds the settings; keyword arguments override its fields.
     ``kl_ctl`` holds the KL coefficient (default: made from the config; a float makes a fixed controller).
+    ``engine`` generates (a :class:`~coati.rollout.RolloutEngine`; default :class:`~coati.rollout.HFRolloutEngine`
+    on the unwrapped actor); ``timings["generate"]`` is its time, scoring the old log-probs included.
     ``old_log_probs=False`` skips the no-grad actor forward that scores the sampled tokens (experiences carry
     ``action_log_probs=None``): exact only when the update's forward runs the very weights that sampled, which
     PPOTrainer decides; refused when the KL is in the reward or adaptive (both need those log-probs here).
@@ -122,6 +125,7 @@ class ExperienceMaker:
         generate_kwargs: dict[str, Any] | None = None,
         config: RLConfig | None = None,
         old_log_probs: bool = True,
+        engine: RolloutEngine | None = None,
         **overrides: Any,
     ) -> None:
         if (reward_model is None) == (reward_fn is None):
@@ -149,9 +153,12 @@ class ExperienceMaker:
         if cfg.do_sample:
             self.sampling.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         # log-probs are those of the sampled distribution (greedy decoding has none; score at 1)
-        self.temperature = cfg.temperature if cfg.do_sample else 1.0
+        self.temperature = sampling_temperature(self.sampling)
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.engine = engine if engine is not None else HFRolloutEngine(
+            self._unwrap(actor), eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            autocast=self._autocast)
         self.timings: dict[str, float] = {"generate": 0.0, "make_experience": 0.0}
         self.groups_made = 0  # prompts seen by this process: the next group id
         self._warned_len = False
@@ -282,19 +289,11 @@ class ExperienceMaker:
         t0 = time.perf_counter()
         with self._inference(self.actor):  # one gather of the actor for generating and scoring
             gen_kwargs = self._generation_kwargs(input_ids.size(1))
-            sequences, attention_mask, action_mask = generate_with_masks(
-                actor, input_ids, prompt_mask, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                **gen_kwargs)
-            t1 = time.perf_counter()
-            num_actions = action_mask.size(1)
-            # Tokens after the first EOS are padding: keep them out of every model input.
-            sequences = sequences.clone()
-            sequences[:, -num_actions:].masked_fill_(action_mask.eq(0), self.pad_token_id)
-            log_probs = None
-            if self.old_log_probs:
-                with self._autocast():
-                    log_probs = actor(sequences, attention_mask, num_actions=num_actions,
-                                      temperature=self.temperature).float()
+            rollout = self.engine.generate(input_ids, prompt_mask, gen_kwargs, return_log_probs=self.old_log_probs)
+        t1 = time.perf_counter()
+        sequences, attention_mask, action_mask = rollout.sequences, rollout.attention_mask, rollout.action_mask
+        log_probs = rollout.log_probs
+        num_actions = action_mask.size(1)
         values = None
         if critic is not None:
             with self._inference(self.critic), self._autocast():

@@ -655,6 +655,7 @@ class PPOTrainer:
             if self.critic is not None:
                 timings["train_critic"] = 0.0
             step_metrics = self._update_phase(timings)
+            self.experience_maker.engine.update_weights(strategy.unwrap(self.actor))  # the next rollouts' policy
             self.buffer.clear()
             self.episode += 1
             timings["step"] = time.perf_counter() - t_start

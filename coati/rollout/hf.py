@@ -13,8 +13,9 @@ from . import Rollout, sampling_temperature
 
 class HFRolloutEngine:
     """Generates with ``actor`` (an unwrapped :class:`~coati.models.Actor`) and scores the sampled tokens with
-    one forward of it. It shares the trained module, so new weights are already in place: ``update_weights``
-    only checks that it is given that module (or a state dict of it) and raises otherwise. ``autocast`` makes
+    one forward of it. It shares the trained module, so the trainer's new weights are already in place:
+    ``update_weights`` given that module does nothing, given another module raises, and given a state dict with
+    the actor's keys copies in the tensors that are not the actor's own (other keys raise). ``autocast`` makes
     the context of the scoring forward (the strategy's mixed precision)."""
 
     def __init__(self, actor: nn.Module, *, eos_token_id: int | Sequence[int], pad_token_id: int,

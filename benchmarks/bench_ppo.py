@@ -7,10 +7,9 @@ Two comparisons, chosen with this script's ``--algo``:
   z-score advantages; one policy step with the PPO clip (0.2) and the k3 KL ``exp(ref - logp) - (ref - logp)
   - 1`` as a loss term (beta = the preset's ``kl_coef``, 0.04), per-token losses averaged per sequence, then
   over sequences (coati ``loss_agg_mode seq_mean_token_mean``, TRL ``loss_type="grpo"``), entropy logged.
-  No critic exists in coati (``critic_params`` 0). One difference remains, each library's own choice: coati
-  scores the old log-probs of the sampled tokens in a no-grad actor forward while making experience; TRL,
-  when one generation feeds exactly one optimizer step, skips that forward and uses its training forward's
-  detached log-probs (the same values).
+  No critic exists in coati (``critic_params`` 0). One generation feeds exactly one optimizer step, so both
+  skip the no-grad forward that would score the old log-probs and use the training forward's, detached (the
+  same values: coati's PPOTrainer does this whenever it is exact, see ``_reuses_update_log_probs``).
 
 ``--algo ppo`` (default, recorded as ppo_cpu_small.json): coati PPO against TRL GRPO, the closest on-policy
   loop TRL ships. Different amounts of work per sample, so read the ratio as "what a user gets per second

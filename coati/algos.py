@@ -118,7 +118,8 @@ def dr_grpo_advantages(**kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
 def rloo_advantages(*, scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor,
                     **_: object) -> tuple[torch.Tensor, torch.Tensor]:
     """RLOO: each sample's baseline is the mean of the *other* samples of its prompt,
-    ``r_i - (sum_g - r_i) / (n - 1)``; a group of one has no baseline and gets 0."""
+    ``r_i - (sum_g - r_i) / (n - 1)``; a group of one has no baseline and gets 0. With the KL in the reward,
+    ``scores`` already carry it (``r - kl_coef * sum_t KL_t``, see the experience maker)."""
     count, mean, _ = group_stats(scores, group)
     scores = scores.float()
     loo = (mean * count - scores) / (count - 1).clamp(min=1.0)
@@ -270,10 +271,15 @@ PRESETS: dict[str, dict[str, object]] = {
     # Dr. GRPO (Liu et al. 2025): no std division, constant length normaliser, no KL
     "dr_grpo": {"adv_estimator": "dr_grpo", "policy_loss": "ppo", "loss_agg_mode": "seq_mean_token_sum_norm",
                 "kl_placement": "loss", "kl_estimator": "k3", "kl_coef": 0.0, "eps_clip": 0.2, **_NO_EXTRAS},
-    # RLOO (Ahmadian et al. 2024): leave-one-out baseline, KL penalty in the reward
+    # RLOO (Ahmadian et al. 2024, arXiv 2402.14740): leave-one-out baseline on the sequence reward minus
+    # kl_coef x the response's summed k1 KL. 0.05 is TRL's RLOOConfig default beta (trl 1.16
+    # trainer/rloo_config.py; its RLOOTrainer subtracts beta x the summed first-order log ratio from the reward
+    # before the leave-one-out baseline, as here)
     "rloo": {"adv_estimator": "rloo", "policy_loss": "ppo", "loss_agg_mode": "seq_mean_token_mean",
              "kl_placement": "reward", "kl_estimator": "k1", "kl_coef": 0.05, "eps_clip": 0.2, **_NO_EXTRAS},
-    # REINFORCE++ (Hu 2025): per-token KL in the reward, returns normalised over the global batch
+    # REINFORCE++ (Hu 2025, arXiv 2501.03262): per-token k1 KL in the reward, returns normalised over the global
+    # batch. 0.01 is the KL coefficient of the reference implementation's REINFORCE++ example (OpenRLHF
+    # examples/scripts/train_reinforce_llama_ray.sh: --advantage_estimator reinforce --init_kl_coef 0.01)
     "reinforce_pp": {"adv_estimator": "reinforce_pp", "policy_loss": "ppo", "loss_agg_mode": "token_mean",
                      "kl_placement": "reward", "kl_estimator": "k1", "kl_coef": 0.01, "eps_clip": 0.2,
                      **_NO_EXTRAS},

@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "loaded on top of --rm_pretrain")
     r.add_argument("--reward_fn", default=None,
                    help="Python reward instead of a reward model: module:function or path/to/file.py:function, "
-                        "called as f(prompts, responses, **record_fields) -> list[float]")
+                        "called as f(prompts, responses, **record_fields) -> list[float] on a whole rollout batch, or "
+                        "once per prompt on its n_samples_per_prompt responses when the function has "
+                        "reward_per_group = True (decorator coati.rewards.per_group); an async def function is "
+                        "awaited, the calls of a batch concurrently (coati/rewards.py)")
     r.add_argument("--critic_pretrain", default=None,
                    help="critic start point (--adv_estimator gae only); default: the reward model (--rm_path / "
                         "--rm_pretrain), else --pretrain")

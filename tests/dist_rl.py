@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coati.dataset import PromptCollator  # noqa: E402
-from coati.experience import maker as maker_module  # noqa: E402
 from coati.models.generation import action_mask_from_tokens, generate_with_masks  # noqa: E402
+from coati.rollout import hf as hf_engine  # noqa: E402
 from tests import dist_ppo as h  # noqa: E402
 from tests import tiny  # noqa: E402
 
@@ -70,7 +70,7 @@ def main(out: str, mode: str) -> None:
             for r, tokens in enumerate(responses):  # a row cut by the budget has no EOS: mask its own length
                 action_mask[r, len(tokens):] = 0
             return (torch.cat([input_ids, actions], 1), torch.cat([prompt_mask, action_mask], 1), action_mask)
-    maker_module.generate_with_masks = generate
+    hf_engine.generate_with_masks = generate  # what the HF rollout engine samples with
     history = trainer.fit(loader)
     if mode == "ddp":
         Path(out, f"responses_rank{strategy.rank}.json").write_text(json.dumps(recorded))

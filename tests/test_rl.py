@@ -1,6 +1,7 @@
 """Stage 3 as data: PPO unchanged by the redesign, --algo presets, critic-free GRPO / RLOO / REINFORCE++ learn the
 tiny task, critic-free checkpoints resume exactly, DAPO's dynamic sampling, the script with the GSM8K reward."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -100,9 +101,11 @@ def _critic_free(algo, n, episodes, **kw):
     return trainer, prompts
 
 
-@pytest.mark.parametrize("algo, n", [("grpo", 4), ("rloo", 4), ("reinforce_pp", 1)])
-def test_critic_free_methods_raise_the_reward(algo, n):
-    trainer, prompts = _critic_free(algo, n, episodes=16)
+# RLOO's KL penalty (0.05, in the reward) acts on its leave-one-out advantages and holds the policy nearer the
+# reference: it takes more episodes to gain as much
+@pytest.mark.parametrize("algo, n, episodes", [("grpo", 4, 16), ("rloo", 4, 24), ("reinforce_pp", 1, 16)])
+def test_critic_free_methods_raise_the_reward(algo, n, episodes):
+    trainer, prompts = _critic_free(algo, n, episodes=episodes)
     seen = []
     make = trainer.experience_maker.make_experience
 
@@ -126,6 +129,100 @@ def test_critic_free_methods_raise_the_reward(algo, n):
     for key in ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "response_length/mean",
                 "timing_s/generate", "perf/throughput"):
         assert key in hist[-1]
+
+
+@pytest.mark.parametrize("algo, kw", [("grpo", {}), ("gspo", {"accumulation_steps": 2, "train_batch_size": 8})])
+def test_one_step_per_rollout_reuses_the_update_log_probs_with_the_same_updates(algo, kw):
+    """One optimizer step per rollout batch (one pass, the buffer in <= accumulation_steps micro-batches): the
+    old log-probs are the update's own, detached (no scoring forward while making experience), and every loss,
+    gradient norm and weight equals the run that scores them."""
+    runs = {}
+    for reuse in (True, False):
+        trainer, prompts = _critic_free(algo, 4, episodes=2, max_epochs=1, **{"train_batch_size": 16, **kw})
+        if not reuse:
+            trainer._reuses_update_log_probs = lambda loader: False
+        seen = []
+        make = trainer.experience_maker.make_experience
+        trainer.experience_maker.make_experience = lambda batch: seen.append(make(batch)) or seen[-1]
+        steps = h.record_steps(trainer)
+        trainer.fit(prompts)
+        assert all((e.action_log_probs is None) == reuse for e in seen)
+        runs[reuse] = steps, trainer.actor.state_dict()
+    (steps, weights), (ref_steps, ref_weights) = runs[True], runs[False]
+    assert len(steps) == len(ref_steps) == 2
+    for got, want in zip(steps, ref_steps):
+        for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "actor/entropy"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], abs=1e-6), key
+        assert got["actor/ppo_kl"] == 0.0 and got["actor/pg_clipfrac"] == 0.0
+    # AdamW divides by sqrt(v): float-rounding differences of near-zero gradient entries grow to ~1e-6
+    assert max((weights[k] - ref_weights[k]).abs().max().item() for k in weights) < 2e-5
+    assert max((weights[k] - h.models(seed=0)[0].state_dict()[k]).abs().max().item() for k in weights) > 1e-4
+
+
+def test_reused_log_probs_only_when_one_step_trains_each_sample():
+    prompts = _critic_free("grpo", 4, episodes=1)[1]  # 4 prompts x 4 samples per batch
+    for kw, want in [({"max_epochs": 1, "train_batch_size": 16}, True),
+                     ({"max_epochs": 1, "train_batch_size": 8, "accumulation_steps": 2}, True),
+                     ({"max_epochs": 1, "train_batch_size": 8}, False),  # two steps: the second sees new weights
+                     ({"max_epochs": 2, "train_batch_size": 16}, False),
+                     ({"max_epochs": 1, "train_batch_size": 16, "target_kl": 0.5}, False),  # adaptive KL reads them
+                     ({"max_epochs": 1, "train_batch_size": 16, "buffer_limit": 8, "num_collect_steps": 2}, True)]:
+        trainer, _ = _critic_free("grpo", 4, episodes=1, **kw)
+        assert trainer._reuses_update_log_probs(prompts) is want, kw
+    trainer, _ = _critic_free("rloo", 4, episodes=1, max_epochs=1, train_batch_size=16)
+    assert trainer._reuses_update_log_probs(prompts) is False  # RLOO's KL penalty is in the reward
+
+
+def test_experience_maker_scores_with_an_async_group_reward():
+    """A per-group async reward function gets each prompt's n samples in one call; its scores are the experience's."""
+    from coati import rewards
+
+    calls = []
+
+    @rewards.per_group
+    async def rank_by_sevens(prompts, responses, **_):
+        calls.append(list(prompts))
+        counts = [r.count(h.TARGET) for r in responses]
+        return [float(sorted(counts).index(c)) for c in counts]  # 0 for the fewest '7's of the group, ...
+
+    trainer, prompts = _critic_free("grpo", 4, episodes=1)
+    trainer.experience_maker.reward_fn = rank_by_sevens
+    batch = next(iter(prompts))
+    exp = trainer.experience_maker.make_experience(batch)
+    responses = trainer.experience_maker.decode_responses(exp.sequences, exp.action_mask)
+    assert calls == [[p] * 4 for p in batch["prompts"]]
+    want = []
+    for i in range(0, len(responses), 4):
+        counts = [r.count(h.TARGET) for r in responses[i:i + 4]]
+        want += [float(sorted(counts).index(c)) for c in counts]
+    assert exp.info["score"].tolist() == want
+
+
+def test_rloo_advantages_carry_the_kl_penalty_of_the_reward():
+    """--algo rloo (KL in the reward, 0.05): the leave-one-out baseline works on r_i - 0.05 * sum_t KL_t (RLOO's
+    reward, as TRL's RLOOTrainer computes it), computed here sample by sample."""
+    from coati.experience.maker import ExperienceMaker
+
+    actor, reference = h.models(seed=0)[0], h.models(seed=1)[0]  # a different reference: the KL is not 0
+    maker = ExperienceMaker(actor, initial_model=reference, tokenizer=tiny.tokenizer("llama"),
+                            reward_fn=h.target_share, algo="rloo", n_samples_per_prompt=4, max_new_tokens=8)
+    prompts = h.loaders(NaiveStrategy(seed=0), experience_batch_size=2)[0]
+    exp = maker.make_experience(next(iter(prompts)))
+    ref = maker._ref_log_probs(exp.sequences, exp.attention_mask, exp.num_actions)
+    n, beta = 4, algos.PRESETS["rloo"]["kl_coef"]
+    rewards = []
+    for i in range(exp.batch_size):
+        k = int(exp.action_mask[i].sum())
+        kl = sum(float(exp.action_log_probs[i, t]) - float(ref[i, t]) for t in range(k))
+        rewards.append(float(exp.info["score"][i]) - beta * kl)
+    assert max(abs(r - s) for r, s in zip(rewards, exp.info["score"].tolist())) > 1e-3  # the KL counts
+    for i in range(exp.batch_size):
+        start = i // n * n
+        others = [rewards[j] for j in range(start, start + n) if j != i]
+        want = rewards[i] - sum(others) / (n - 1)
+        k = int(exp.action_mask[i].sum())
+        assert exp.advantages[i, :k].tolist() == pytest.approx([want] * k, abs=1e-5)
 
 
 def test_critic_free_run_holds_no_critic_and_resumes_exactly(tmp_path):
@@ -173,6 +270,37 @@ def test_dynamic_sampling_keeps_only_informative_groups_and_fills_the_episode():
         assert metrics["sampling/dropped_group_share"] == pytest.approx(1 - len(groups) / (rounds * 4))
     assert hist[0]["sampling/dropped_group_share"] > 0.3
     assert hist[0]["critic/overlong_penalty/mean"] < 0  # 8-token budget, penalty over the last 2 tokens
+
+
+def test_lr_schedule_ends_with_the_last_step_when_dynamic_sampling_hits_its_round_cap():
+    """One generation round per prompt batch: the episodes keep fewer groups than planned, so they take fewer
+    optimizer steps; the cosine schedule's length follows (it was the planned count), warmup included."""
+    trainer, prompts = _critic_free("dapo", 4, episodes=3, num_collect_steps=2, max_sampling_rounds=1, max_epochs=1,
+                                    train_batch_size=4, lr_scheduler="cosine", warmup_ratio=0.2)
+    kept, lrs = [], []
+    update = trainer._update_phase
+
+    def recording(timings):
+        kept.append(len(trainer.buffer))
+        return update(timings)
+
+    trainer._update_phase = recording
+    steps = h.record_steps(trainer)
+    trainer.fit(prompts)
+    planned = 3 * 2 * 4 * 4 // 4  # 3 episodes x 2 batches x 4 prompts x 4 samples, 4 per step
+    taken = trainer.optim_step
+    assert taken == sum(kept) // 4 < planned  # the cap was hit: fewer informative groups than planned
+    assert trainer.actor_scheduler.lr_lambdas[0].total == taken
+    assert trainer.actor_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # the cosine ended at the end
+    # the last episode's steps follow the cosine over `taken` steps (the total was final by then); each step
+    # logs the rate its scheduler step set, the next step's
+    lr, warmup = NO_KL_KW["lr"], math.ceil(taken * 0.2)
+    last = kept[-1] // 4
+    assert last > 0
+    for step, metrics in zip(range(taken - last + 1, taken + 1), steps[-last:] if last else []):
+        want = lr * step / warmup if step < warmup else \
+            lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (taken - warmup)))
+        assert metrics["actor/lr"] == pytest.approx(want, rel=1e-9)
 
 
 def test_script_runs_grpo_with_the_gsm8k_reward(tmp_path, tiny_llama_dir, shared_data):

@@ -5,7 +5,9 @@ Tensors with an action axis have shape (batch, num_actions) and are aligned with
 experience can be split into samples and re-batched with different padding without changing the
 model outputs (the models compute position ids from ``attention_mask``). Optional tensors are None when
 the algorithm has no use for them: ``values`` / ``returns`` without a critic, ``ref_log_probs`` unless the
-KL is a loss term, ``group`` (the prompt each sample answers) is always set by the experience maker.
+KL is a loss term, ``group`` (the prompt each sample answers) is always set by the experience maker, and
+``action_log_probs`` when the update's first forward is the policy that sampled (see PPOTrainer: one optimizer
+step per rollout batch), whose detached log-probs are then the old ones.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class Experience:
     sequences: torch.Tensor  # (B, T) prompt (left padded) + response (right padded)
     attention_mask: torch.Tensor  # (B, T) 1 on prompt tokens and valid response tokens
     action_mask: torch.Tensor  # (B, A) 1 on response tokens up to and including the first EOS
-    action_log_probs: torch.Tensor  # (B, A) log pi_old(a_t | s_t)
+    action_log_probs: torch.Tensor | None  # (B, A) log pi_old(a_t | s_t); None: the update's own, detached
     values: torch.Tensor | None  # (B, A) V_old(s_t); None without a critic
     returns: torch.Tensor | None  # (B, A) value targets; None without a critic
     advantages: torch.Tensor  # (B, A) from the configured estimator

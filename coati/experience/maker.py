@@ -1,7 +1,8 @@
 """Turn a batch of prompts into an :class:`Experience`: sample responses, score them, compute advantages.
 
-Per batch: repeat each prompt ``n_samples_per_prompt`` times (one group id per prompt); generate with the
-actor; log-probs of the sampled tokens under the actor and (when there is a KL term) the reference policy;
+Per batch: repeat each prompt ``n_samples_per_prompt`` times (one group id per prompt); sample with the rollout
+engine (:mod:`coati.rollout`; default HF ``generate`` on the actor), which returns the tokens and their log-probs
+under the actor; log-probs under the reference policy when there is a KL term;
 critic values (only for an estimator that needs them); a sequence score from a
 :class:`~coati.models.RewardModel` or a Python function, plus DAPO's overlong penalty when on; per-token
 rewards: the sequence reward on the last response token and, with ``kl_placement="reward"``,
@@ -29,13 +30,12 @@ from coati.algos import ADV_ESTIMATORS, overlong_penalty
 from coati.errors import MissingInputError, UsageError
 from coati.experience.experience import Experience
 from coati.experience.kl import FixedKLController, make_kl_controller
-from coati.models.generation import generate_with_masks
 from coati.models.utils import compute_reward, masked_mean
+from coati.rewards import RewardFn, call_reward_fn
+from coati.rollout import HFRolloutEngine, RolloutEngine, sampling_temperature
 from coati.trainer.rl_config import RLConfig, make_config
 
 logger = logging.getLogger("coati")
-
-RewardFn = Callable[..., list[float]]
 
 # PromptCollator fields that are not per-sample extras for a reward function.
 _BATCH_KEYS = ("input_ids", "attention_mask", "prompts")
@@ -100,9 +100,15 @@ class ExperienceMaker:
     is used (and required) only by an estimator that needs values (gae). ``initial_model`` is the frozen
     reference actor; leave it None when the actor has LoRA to use the actor with its adapter disabled (with
     no KL term no reference is needed). Give ``reward_model`` or ``reward_fn`` (``f(prompts, responses,
-    **extras) -> list[float]``, extras being the prompt dataset's other fields). ``config`` (an
+    **extras) -> list[float]``, extras being the prompt dataset's other fields; per batch or per group, sync or
+    async: see :mod:`coati.rewards`). ``config`` (an
     :class:`~coati.trainer.rl_config.RLConfig`) holds the settings; keyword arguments override its fields.
     ``kl_ctl`` holds the KL coefficient (default: made from the config; a float makes a fixed controller).
+    ``engine`` generates (a :class:`~coati.rollout.RolloutEngine`; default :class:`~coati.rollout.HFRolloutEngine`
+    on the unwrapped actor); ``timings["generate"]`` is its time, scoring the old log-probs included.
+    ``old_log_probs=False`` skips the no-grad actor forward that scores the sampled tokens (experiences carry
+    ``action_log_probs=None``): exact only when the update's forward runs the very weights that sampled, which
+    PPOTrainer decides; refused when the KL is in the reward or adaptive (both need those log-probs here).
     """
 
     def __init__(
@@ -118,6 +124,8 @@ class ExperienceMaker:
         strategy: Any = None,
         generate_kwargs: dict[str, Any] | None = None,
         config: RLConfig | None = None,
+        old_log_probs: bool = True,
+        engine: RolloutEngine | None = None,
         **overrides: Any,
     ) -> None:
         if (reward_model is None) == (reward_fn is None):
@@ -145,14 +153,21 @@ class ExperienceMaker:
         if cfg.do_sample:
             self.sampling.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         # log-probs are those of the sampled distribution (greedy decoding has none; score at 1)
-        self.temperature = cfg.temperature if cfg.do_sample else 1.0
+        self.temperature = sampling_temperature(self.sampling)
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.engine = engine if engine is not None else HFRolloutEngine(
+            self._unwrap(actor), eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            autocast=self._autocast)
         self.timings: dict[str, float] = {"generate": 0.0, "make_experience": 0.0}
         self.groups_made = 0  # prompts seen by this process: the next group id
         self._warned_len = False
         if cfg.uses_reference:
             self._check_reference()
+        self.old_log_probs = old_log_probs
+        if not old_log_probs and cfg.uses_reference and (cfg.kl_placement == "reward" or cfg.target_kl is not None):
+            raise ValueError("old_log_probs=False: a KL penalty in the reward or an adaptive KL needs the old "
+                             "log-probs while making experience")
 
     # ----- helpers ------------------------------------------------------------------------------------
     def _unwrap(self, model: nn.Module | None) -> nn.Module | None:
@@ -228,10 +243,9 @@ class ExperienceMaker:
             prompts = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
         responses = self.decode_responses(sequences, action_mask)
         extras = {k: v for k, v in batch.items() if k not in _BATCH_KEYS}
-        scores = self.reward_fn(list(prompts), responses, **extras)
-        if len(scores) != len(responses):
-            raise ValueError(f"reward_fn returned {len(scores)} scores for {len(responses)} responses")
-        return torch.tensor([float(s) for s in scores], dtype=torch.float32, device=sequences.device)
+        scores = call_reward_fn(self.reward_fn, list(prompts), responses, self.config.n_samples_per_prompt,
+                                **extras)
+        return torch.tensor(scores, dtype=torch.float32, device=sequences.device)
 
     @torch.no_grad()
     def _ref_log_probs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int) -> torch.Tensor:
@@ -275,17 +289,11 @@ class ExperienceMaker:
         t0 = time.perf_counter()
         with self._inference(self.actor):  # one gather of the actor for generating and scoring
             gen_kwargs = self._generation_kwargs(input_ids.size(1))
-            sequences, attention_mask, action_mask = generate_with_masks(
-                actor, input_ids, prompt_mask, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                **gen_kwargs)
-            t1 = time.perf_counter()
-            num_actions = action_mask.size(1)
-            # Tokens after the first EOS are padding: keep them out of every model input.
-            sequences = sequences.clone()
-            sequences[:, -num_actions:].masked_fill_(action_mask.eq(0), self.pad_token_id)
-            with self._autocast():
-                log_probs = actor(sequences, attention_mask, num_actions=num_actions,
-                                  temperature=self.temperature).float()
+            rollout = self.engine.generate(input_ids, prompt_mask, gen_kwargs, return_log_probs=self.old_log_probs)
+        t1 = time.perf_counter()
+        sequences, attention_mask, action_mask = rollout.sequences, rollout.attention_mask, rollout.action_mask
+        log_probs = rollout.log_probs
+        num_actions = action_mask.size(1)
         values = None
         if critic is not None:
             with self._inference(self.critic), self._autocast():
@@ -307,9 +315,17 @@ class ExperienceMaker:
             self.reward_stats.update(reward)
             reward = (reward - self.reward_stats.mean) / (self.reward_stats.std + 1e-8)
         kl_coef = self.kl_ctl.value if cfg.kl_placement == "reward" and ref_log_probs is not None else 0.0
-        rewards = compute_reward(reward, kl_coef, log_probs, log_probs if ref_log_probs is None else ref_log_probs,
-                                 action_mask, reward_clip=self.config.reward_clip, kl_estimator=cfg.kl_estimator)
+        if kl_coef:
+            rewards = compute_reward(reward, kl_coef, log_probs, ref_log_probs, action_mask,
+                                     reward_clip=cfg.reward_clip, kl_estimator=cfg.kl_estimator)
+        else:  # the same numbers without a KL term: the sequence reward on the last valid token
+            no_kl = torch.zeros_like(mask)
+            rewards = compute_reward(reward, 0.0, no_kl, no_kl, action_mask, reward_clip=cfg.reward_clip)
         seq_reward = reward if cfg.reward_clip is None else reward.clamp(-cfg.reward_clip, cfg.reward_clip)
+        if kl_coef:
+            # a KL penalty in the reward reaches the sequence-level estimators too (RLOO's r - beta * KL, as
+            # TRL's RLOOTrainer does): the score minus kl_coef x the response's summed KL
+            seq_reward = rewards.sum(-1)
         if values is not None:
             values = values * mask
         advantages, returns = ADV_ESTIMATORS[cfg.adv_estimator](
@@ -324,7 +340,7 @@ class ExperienceMaker:
             "prompt_length": prompt_mask.float().sum(-1),
             "response_clipped": self._no_eos(sequences[:, -num_actions:], action_mask),
         }
-        if ref_log_probs is not None:
+        if ref_log_probs is not None and log_probs is not None:
             log_ratio = (log_probs - ref_log_probs) * mask
             info["kl"] = masked_mean(log_ratio, action_mask, dim=-1)
             info["kl_seq"] = log_ratio.sum(-1)
@@ -343,7 +359,7 @@ class ExperienceMaker:
             sequences=sequences,
             attention_mask=attention_mask,
             action_mask=action_mask,
-            action_log_probs=log_probs * mask,
+            action_log_probs=log_probs * mask if log_probs is not None else None,
             values=values,
             returns=returns if values is not None else None,
             advantages=advantages,
@@ -356,7 +372,8 @@ class ExperienceMaker:
 def load_reward_fn(spec: str) -> RewardFn:
     """``"module:function"`` (module importable from ``sys.path`` / PYTHONPATH) or ``"path/to/file.py:function"``.
 
-    The function is called as ``f(prompts: list[str], responses: list[str], **extras) -> list[float]``.
+    The function is called as ``f(prompts: list[str], responses: list[str], **extras) -> list[float]``, per batch
+    or (marked with :func:`coati.rewards.per_group`) per group, and may be ``async def`` (see :mod:`coati.rewards`).
     """
     import importlib
     import importlib.util

@@ -1,4 +1,5 @@
-"""Rollout generation behind one small function, so a faster engine can replace HF ``generate`` later."""
+"""HF ``generate`` with exact sampling settings and response masks (what :class:`~coati.rollout.HFRolloutEngine`
+samples with)."""
 from __future__ import annotations
 
 from typing import Any, Sequence

@@ -12,7 +12,9 @@ One *episode* (= one logged step, like a veRL iteration) is:
    are all equal are dropped and further prompt batches top the episode up to its number of groups;
 2. update: ``num_update_steps`` x ``max_epochs`` shuffled passes over the buffer in micro-batches of
    ``train_batch_size``; every ``accumulation_steps`` micro-batches make one actor (and critic) optimizer
-   step (separate optimizers and schedules);
+   step (separate optimizers and schedules). When that is a single optimizer step per episode (one pass, the
+   buffer in at most ``accumulation_steps`` micro-batches) the old log-probs are not scored while collecting:
+   the update's forward runs the weights that sampled, and its detached log-probs are the old ones;
 3. the buffer is cleared.
 
 Actor loss (PPO-ptx, InstructGPT's objective, plus a KL term for ``kl_placement="loss"``)::
@@ -43,7 +45,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_constant_schedule_with_warmup
+from torch.optim.lr_scheduler import LambdaLR
 
 from ..algos import POLICY_LOSSES, agg_loss, kl_estimate
 from ..dataset.packing import model_inputs
@@ -54,7 +56,7 @@ from ..experience.maker import ExperienceMaker
 from ..models.lora import check_ppo_train_bias, lora_train_bias
 from ..models.loss import PtxLoss, ValueLoss
 from ..models.utils import disable_dropout, log_probs_from_logits, masked_mean
-from .base import checkpoint_dir, cosine_schedule, epoch_iter, make_adamw, save_checkpoint, to_device
+from .base import checkpoint_dir, epoch_iter, make_adamw, save_checkpoint, to_device
 from .callbacks import MetricsLogger, logger
 from .rl_config import RLConfig, make_config
 from .strategies import Strategy
@@ -77,6 +79,25 @@ _EXPERIENCE_METRICS = {
     "overlong_penalty": "critic/overlong_penalty/mean",
 }
 _WITH_STD = ("score", "reward", "response_length")
+
+
+class _Schedule:
+    """LR multiplier of optimizer step ``step`` for LambdaLR: transformers' constant / cosine schedules with a
+    linear warmup over ``ceil(total * warmup_ratio)`` steps, the cosine reaching 0 at ``total``. ``total`` is an
+    attribute because the trainer corrects it when an episode trains fewer steps than planned (dynamic
+    sampling); LambdaLR's state_dict saves an object's attributes, so a resumed run keeps the corrected one."""
+
+    def __init__(self, total: int, warmup_ratio: float, kind: str) -> None:
+        self.total, self.warmup_ratio, self.kind = total, warmup_ratio, kind
+
+    def __call__(self, step: int) -> float:
+        warmup = math.ceil(self.total * self.warmup_ratio)
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        if self.kind == "constant":
+            return 1.0
+        progress = float(step - warmup) / float(max(1, max(1, self.total) - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class _Cycle:
@@ -144,7 +165,7 @@ class PPOTrainer:
         critic_optim: torch.optim.Optimizer | None = None,
         *,
         tokenizer: Any,
-        reward_fn: Callable[..., list[float]] | None = None,
+        reward_fn: Callable[..., Any] | None = None,
         config: RLConfig | None = None,
         generate_kwargs: dict[str, Any] | None = None,
         # logging and checkpoints
@@ -246,40 +267,74 @@ class PPOTrainer:
         return self.strategy.prepare_model(model, trainable=trainable)
 
     # ----- schedules ---------------------------------------------------------------------------------
-    def _planned_optimizer_steps(self, prompt_loader: DataLoader) -> int:
-        """The optimizer steps the run takes, which the LR schedules span. Each episode collects the next
-        ``num_collect_steps`` prompt batches (the last batch of a pass over the prompts may be short), the
-        buffer keeps at most ``buffer_limit`` of their samples, and each of the ``num_update_steps x
-        max_epochs`` passes over it steps once per ``accumulation_steps`` micro-batches (the last group may be
-        short)."""
+    def _steps_for(self, samples: int) -> int:
+        """Optimizer steps of an update phase over ``samples`` buffered samples: each of the ``num_update_steps
+        x max_epochs`` passes steps once per ``accumulation_steps`` micro-batches (the last group may be short)."""
+        micro = math.ceil(samples / self.train_batch_size)
+        return math.ceil(micro / self.accumulation_steps) * self.num_update_steps * self.max_epochs
+
+    def _planned_optimizer_steps(self, prompt_loader: DataLoader) -> list[int]:
+        """The optimizer steps each episode is planned to take, which the LR schedules span. Each episode
+        collects the next ``num_collect_steps`` prompt batches (the last batch of a pass over the prompts may be
+        short) and the buffer keeps at most ``buffer_limit`` of their samples. With dynamic sampling an episode
+        is topped up to full batches' worth of groups, unless it hits ``max_sampling_rounds`` first: then
+        :meth:`_correct_schedule` shortens the schedules by the steps it did not take."""
         n, size = len(prompt_loader.sampler), prompt_loader.batch_size
         batches = [size] * (n // size) + ([n % size] if n % size and not prompt_loader.drop_last else [])
-        passes = self.num_update_steps * self.max_epochs
         per_prompt = self.config.n_samples_per_prompt
-        total = 0
+        plan = []
         for episode in range(self.num_episodes):
             first = episode * self.num_collect_steps
-            if self.config.dynamic_sampling:  # tops up to full batches' worth of groups (at most)
+            if self.config.dynamic_sampling:
                 samples = self.num_collect_steps * size * per_prompt
             else:
                 samples = per_prompt * sum(batches[i % len(batches)]
                                            for i in range(first, first + self.num_collect_steps))
             if self.buffer.limit > 0:
                 samples = min(samples, self.buffer.limit)
-            micro = math.ceil(samples / self.train_batch_size)
-            total += math.ceil(micro / self.accumulation_steps) * passes
-        return total
+            plan.append(self._steps_for(samples))
+        return plan
+
+    def _reuses_update_log_probs(self, prompt_loader: DataLoader) -> bool:
+        """Whether the old log-probs may be the update's own, detached, instead of a no-grad forward while
+        making experience (TRL's GRPOTrainer does the same): exact when every sample of an episode is trained
+        in its first optimizer step, i.e. one pass over the buffer and at most ``accumulation_steps``
+        micro-batches in it, so the update's forward runs the weights that sampled (dropout is off in every
+        model, see __init__). The experience maker still needs them for a KL penalty in the reward or an
+        adaptive KL."""
+        cfg = self.config
+        if self.num_update_steps * self.max_epochs != 1:
+            return False
+        if cfg.uses_reference and (cfg.kl_placement == "reward" or cfg.target_kl is not None):
+            return False
+        samples = self.num_collect_steps * (prompt_loader.batch_size or 1) * cfg.n_samples_per_prompt  # the most
+        if self.buffer.limit > 0:
+            samples = min(samples, self.buffer.limit)
+        return math.ceil(samples / self.train_batch_size) <= self.accumulation_steps
 
     def _build_schedulers(self, prompt_loader: DataLoader) -> None:
-        total = self._planned_optimizer_steps(prompt_loader)
-        warmup = int(math.ceil(total * self.warmup_ratio))
+        self._plan = self._planned_optimizer_steps(prompt_loader)
         for name in ("actor", "critic") if self.critic is not None else ("actor",):
             optim = self.strategy.base_optimizer(getattr(self, f"{name}_optim"))
-            if self.lr_scheduler == "cosine":
-                sched = cosine_schedule(optim, total, self.warmup_ratio)
-            else:
-                sched = get_constant_schedule_with_warmup(optim, num_warmup_steps=warmup)
+            sched = LambdaLR(optim, _Schedule(sum(self._plan), self.warmup_ratio, self.lr_scheduler))
             setattr(self, f"{name}_scheduler", sched)
+
+    def _correct_schedule(self) -> None:
+        """After collecting: when the buffer gives this episode fewer (or more) optimizer steps than planned
+        (dynamic sampling stopped at its round cap), the schedules' length changes by the difference, so they
+        end with the run's last step; the next step's learning rate follows at once."""
+        diff = self._steps_for(len(self.buffer)) - self._plan[self.episode]
+        if diff == 0:
+            return
+        for sched in (self.actor_scheduler, self.critic_scheduler):
+            if sched is None:
+                continue
+            plan = sched.lr_lambdas[0]
+            plan.total += diff
+            sched._last_lr = []
+            for group, base_lr in zip(sched.optimizer.param_groups, sched.base_lrs):
+                group["lr"] = base_lr * plan(sched.last_epoch)
+                sched._last_lr.append(group["lr"])
 
     # ----- checkpoint / resume -----------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -356,7 +411,9 @@ class PPOTrainer:
         """The configured policy loss, plus the KL loss term when the KL is one, and their metrics."""
         cfg = self.config
         agg = dict(agg_mode=cfg.loss_agg_mode, norm_len=self._norm_len)
-        loss, metrics = self.policy_loss_fn(log_probs, exp.action_log_probs, exp.advantages, exp.action_mask,
+        # no stored old log-probs: this forward runs the weights that sampled (see _reuses_update_log_probs)
+        old = exp.action_log_probs if exp.action_log_probs is not None else log_probs.detach()
+        loss, metrics = self.policy_loss_fn(log_probs, old, exp.advantages, exp.action_mask,
                                             clip_low=cfg.eps_clip, clip_high=cfg.eps_clip_high,
                                             dual_clip=cfg.dual_clip, **agg)
         out = {"actor/pg_loss": float(loss.detach()), "actor/pg_clipfrac": float(metrics["pg_clipfrac"]),
@@ -579,6 +636,7 @@ class PPOTrainer:
         self._prompts = _Cycle(prompt_dataloader)
         self._pretrain = _Cycle(pretrain_dataloader) if pretrain_dataloader is not None else None
         self._build_schedulers(prompt_dataloader)
+        self.experience_maker.old_log_probs = not self._reuses_update_log_probs(prompt_dataloader)
         # models are built (identically on every rank): from here each rank samples its own rollouts; a
         # resumed run restores every rank's stream from its checkpoint
         self.strategy.set_sampling_seed()
@@ -593,10 +651,12 @@ class PPOTrainer:
             t_start = time.perf_counter()
             self.experience_maker.timings = {"generate": 0.0, "make_experience": 0.0}
             infos, tokens, sampling = self._collect(prompt_dataloader.batch_size or 1, global_batch)
+            self._correct_schedule()
             timings = {**self.experience_maker.timings, "train_actor": 0.0}
             if self.critic is not None:
                 timings["train_critic"] = 0.0
             step_metrics = self._update_phase(timings)
+            self.experience_maker.engine.update_weights(strategy.unwrap(self.actor))  # the next rollouts' policy
             self.buffer.clear()
             self.episode += 1
             timings["step"] = time.perf_counter() - t_start

@@ -1,0 +1,86 @@
+"""The rollout engine seam: HF generate behind RolloutEngine, weight updates that raise instead of going stale, and
+experience making / the trainer going through whatever engine they are given."""
+import pytest
+import torch
+
+from coati.models.generation import generate_with_masks
+from coati.rollout import HFRolloutEngine, Rollout, RolloutEngine
+from coati.trainer.ppo import PPOTrainer
+from coati.trainer.strategies import NaiveStrategy
+from tests import dist_ppo as h
+from tests import tiny
+
+SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6}
+
+
+def _prompts():
+    return next(iter(h.loaders(NaiveStrategy(seed=0), experience_batch_size=4)[0]))
+
+
+def test_hf_engine_returns_generate_tokens_and_their_tempered_log_probs():
+    actor = h.models(seed=0)[0].eval()
+    batch = _prompts()
+    engine = HFRolloutEngine(actor, eos_token_id=2, pad_token_id=0)
+    assert isinstance(engine, RolloutEngine)
+    torch.manual_seed(3)
+    got = engine.generate(batch["input_ids"], batch["attention_mask"], SAMPLING)
+    torch.manual_seed(3)
+    seqs, mask, action_mask = generate_with_masks(actor, batch["input_ids"], batch["attention_mask"], eos_token_id=2,
+                                                  pad_token_id=0, **SAMPLING)
+    n = action_mask.size(1)
+    seqs[:, -n:].masked_fill_(action_mask.eq(0), 0)  # padding after EOS
+    assert torch.equal(got.sequences, seqs) and torch.equal(got.attention_mask, mask)
+    assert torch.equal(got.action_mask, action_mask)
+    with torch.no_grad():
+        logits = actor.model(input_ids=seqs, attention_mask=mask).logits[:, -n - 1:-1] / 0.7
+    want = torch.log_softmax(logits.float(), -1).gather(-1, seqs[:, -n:].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got.log_probs, want, atol=1e-5, rtol=0)
+    assert engine.generate(batch["input_ids"], batch["attention_mask"], SAMPLING, return_log_probs=False).log_probs \
+        is None
+
+
+def test_hf_engine_weight_updates_apply_or_raise():
+    actor, other = h.models(seed=0)[0].eval(), h.models(seed=1)[0].eval()
+    engine = HFRolloutEngine(actor, eos_token_id=2, pad_token_id=0)
+    engine.update_weights(actor)  # its own module: already current
+    with pytest.raises(ValueError, match="another"):
+        engine.update_weights(other)
+    with pytest.raises(ValueError, match="keys"):
+        engine.update_weights({"not.a.weight": torch.zeros(1)})
+    engine.update_weights(other.state_dict())  # another policy's weights are copied in
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(actor.model(input_ids=ids).logits, other.model(input_ids=ids).logits)
+
+
+class ScriptedEngine:
+    """A RolloutEngine that answers every prompt with the same tokens (the seam another engine plugs into)."""
+
+    def __init__(self, tokens):
+        self.tokens, self.updates = tokens, []
+
+    def generate(self, input_ids, attention_mask, sampling, *, return_log_probs=True):
+        b = input_ids.size(0)
+        actions = torch.tensor([self.tokens] * b)
+        action_mask = torch.ones_like(actions, dtype=attention_mask.dtype)
+        log_probs = torch.full(actions.shape, -1.5) if return_log_probs else None
+        return Rollout(torch.cat([input_ids, actions], 1), torch.cat([attention_mask, action_mask], 1), action_mask,
+                       log_probs)
+
+    def update_weights(self, weights):
+        self.updates.append(weights)
+
+
+def test_experience_making_and_the_trainer_go_through_the_given_engine():
+    actor, _ = h.models(seed=0)
+    strategy = NaiveStrategy(seed=0)
+    prompts = h.loaders(strategy, experience_batch_size=4)[0]
+    trainer = PPOTrainer(strategy, actor, None, tokenizer=tiny.tokenizer("llama"), reward_fn=h.target_share,
+                         algo="rloo", n_samples_per_prompt=2, num_episodes=2, **h.PPO_KW)
+    engine = ScriptedEngine([h.TARGET_ID, h.TARGET_ID, 9])  # "77" and byte 0x06: 2 of 3 characters are 7
+    trainer.experience_maker.engine = engine
+    exp = trainer.experience_maker.make_experience(next(iter(prompts)))
+    assert exp.sequences[:, -3:].tolist() == [[h.TARGET_ID, h.TARGET_ID, 9]] * 8
+    assert exp.info["score"].tolist() == pytest.approx([2 / 3] * 8) and torch.all(exp.action_log_probs == -1.5)
+    trainer.fit(prompts)
+    assert len(engine.updates) == 2 and all(w is trainer.actor for w in engine.updates)  # once per episode

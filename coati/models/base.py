@@ -22,12 +22,14 @@ import torch
 import torch.nn as nn
 
 from .families import check_model_type
+from .lm_head import logit_processing, token_entropy, token_log_probs
+from .loss import IGNORE_INDEX
 from .lora import LoraSettings, apply_lora, is_peft_model
 from .quant import (
     check_quant, check_quant_lora, config_dtype, full_precision_copy, prepare_kbit_model, quant_mode,
     quantized_load_kwargs,
 )
-from .utils import last_token_index, log_probs_from_logits, position_ids_from_mask
+from .utils import last_token_index, position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -271,6 +273,21 @@ class _HFWrapper(nn.Module):
     def config(self) -> Any:
         return self.base_lm.config
 
+    @property
+    def body(self) -> nn.Module:
+        """The transformer body (e.g. ``LlamaModel``); with LoRA it contains the injected adapter layers."""
+        lm = self.base_lm
+        return getattr(lm, lm.base_model_prefix)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The body's final hidden states ``(B, T, H)``, with padding-independent position ids."""
+        body = self.body
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+        if attention_mask is not None and _accepts(body, "position_ids"):
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        out = body(input_ids=input_ids, **kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run with LoRA adapters off (the frozen base = PPO reference policy); a no-op without LoRA."""
@@ -341,8 +358,8 @@ class Actor(_HFWrapper):
     """The policy: a causal LM that scores its own actions.
 
     ``forward(input_ids, attention_mask)`` gives logits ``(B, T, V)``; with ``num_actions`` it gives the
-    log-probs ``(B, num_actions)`` of the last ``num_actions`` tokens (only those logits are computed when the
-    model supports ``logits_to_keep``).
+    log-probs ``(B, num_actions)`` of the last ``num_actions`` tokens, with ``labels`` those of the labelled
+    tokens; both compute logits only for those positions, a chunk of rows at a time.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -367,20 +384,51 @@ class Actor(_HFWrapper):
         return cls(_prepare(model, family, lora, grad_checkpoint))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                num_actions: int | None = None, temperature: float = 1.0) -> torch.Tensor:
-        """Logits, or with ``num_actions`` the action log-probs under ``log_softmax(logits / temperature)``:
-        the distribution PPO's rollouts were sampled from at that temperature."""
+                num_actions: int | None = None, temperature: float = 1.0, labels: torch.Tensor | None = None,
+                entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits; with ``num_actions`` the action log-probs ``(B, num_actions)`` of the last ``num_actions``
+        tokens under ``log_softmax(logits / temperature)``, the distribution PPO's rollouts were sampled from
+        at that temperature; with ``labels`` the log-probs of :meth:`token_log_probs`. ``entropy`` (with
+        either) also returns the entropies of those distributions (no grad). Log-probs run the LM head only
+        on the positions scored, in chunks; they pass through ``forward`` so DDP / FSDP wrappers see them."""
+        if num_actions is None and labels is None:
+            return self._logits(input_ids, attention_mask)
+        if num_actions is None:
+            return self.token_log_probs(input_ids, attention_mask, labels, temperature, entropy)
+        width = input_ids.shape[1]
+        prompt = torch.arange(width, device=input_ids.device) < width - num_actions
+        out = self.token_log_probs(input_ids, attention_mask, input_ids.masked_fill(prompt, IGNORE_INDEX),
+                                   temperature, entropy)
+        if entropy:
+            return out[0][:, -num_actions:], out[1][:, -num_actions:]
+        return out[:, -num_actions:]
+
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         lm = self.base_lm
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
         if attention_mask is not None and _accepts(lm, "position_ids"):
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-        if num_actions is not None and _accepts(lm, "logits_to_keep"):
-            kwargs["logits_to_keep"] = num_actions + 1
-        logits = self.model(input_ids=input_ids, **kwargs).logits
-        if num_actions is None:
-            return logits
-        action_logits = logits[:, -(num_actions + 1):-1].float() / temperature
-        return log_probs_from_logits(action_logits, input_ids[:, -num_actions:])
+        return self.model(input_ids=input_ids, **kwargs).logits
+
+    def token_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                        temperature: float = 1.0, entropy: bool = False,
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T - 1)`` fp32: at ``t`` the log-prob of ``labels[:, t + 1]`` given the tokens up to ``t``
+        (``log_softmax(logits / temperature)``), 0 where that label is ``-100``; with ``entropy`` also the
+        entropy there. The head runs only on the labelled positions' hidden states (see ``lm_head``).
+        Call it through ``forward(..., labels=...)`` when the model is wrapped by a strategy."""
+        lm = self.base_lm
+        hidden = self.hidden_states(input_ids, attention_mask)[:, :-1]
+        targets = labels[:, 1:]
+        picked = targets.ne(IGNORE_INDEX)
+        head, processing = lm.get_output_embeddings(), logit_processing(lm.config)
+        rows = hidden[picked]
+        logps = hidden.new_zeros(picked.shape, dtype=torch.float32)
+        logps = logps.masked_scatter(picked, token_log_probs(head, rows, targets[picked], temperature, processing))
+        if not entropy:
+            return logps
+        ent = torch.zeros_like(logps).masked_scatter(picked, token_entropy(head, rows, temperature, processing))
+        return logps, ent
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -429,12 +477,6 @@ class _ValueModel(_HFWrapper):
             nn.init.zeros_(value_head.bias)
         self.value_head = value_head
 
-    @property
-    def body(self) -> nn.Module:
-        """The transformer body (e.g. ``LlamaModel``); with LoRA it contains the injected adapter layers."""
-        lm = self.base_lm
-        return getattr(lm, lm.base_model_prefix)
-
     @classmethod
     def from_pretrained(cls, path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
                         grad_checkpoint: bool = False, torch_dtype: Any = None, **hf_kwargs: Any):
@@ -456,13 +498,7 @@ class _ValueModel(_HFWrapper):
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Value at every position, ``(B, T)``, fp32."""
-        body = self.body
-        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
-        if attention_mask is not None and _accepts(body, "position_ids"):
-            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-        out = body(input_ids=input_ids, **kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.value_head(hidden.float()).squeeze(-1)
+        return self.value_head(self.hidden_states(input_ids, attention_mask).float()).squeeze(-1)
 
     def _save_extra(self, path: Path) -> None:
         from safetensors.torch import save_file

@@ -42,20 +42,24 @@ def _reference(hidden, weight, bias, targets, temperature, processing):
 @pytest.mark.parametrize("processing", [LogitProcessing(), LogitProcessing(softcap=0.5),
                                         LogitProcessing(scale=3.0, softcap=0.4)], ids=["plain", "softcap", "scaled"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_chunked_matches_full_logits_and_gradients(processing, bias):
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_chunked_matches_full_logits_and_gradients(processing, bias, reduction):
     torch.manual_seed(0)
-    head = nn.Linear(16, V, bias=bias).double().float()
+    head = nn.Linear(16, V, bias=bias)
     hidden = torch.randn(23, 16)
     targets = torch.randint(0, V, (23,))
-    weights = torch.randn(23)  # a loss that weighs rows differently checks the per-row grad_output
+    # per token: rows weighed differently check the per-row grad_output; summed: the scalar one
+    weights = torch.randn(23) if reduction == "none" else torch.tensor(-0.7)
     h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     head2 = copy.deepcopy(head)
-    got = token_log_probs(head, h1, targets, temperature=0.7, processing=processing, chunk_size=5)
+    got = token_log_probs(head, h1, targets, temperature=0.7, processing=processing, chunk_size=5,
+                          reduction=reduction)
     ref = _reference(h2, head2.weight, head2.bias, targets, 0.7, processing)
-    assert _close(got, ref)
+    ref = ref.sum() if reduction == "sum" else ref
+    assert got.shape == ref.shape and _close(got, ref)
     (got * weights).sum().backward()
     (ref * weights).sum().backward()
-    assert fused_head(head) is not None  # the autograd function ran, not the checkpointed module
+    assert fused_head(head) is not None  # the autograd functions ran, not the checkpointed module
     assert _close(h1.grad, h2.grad)
     assert _close(head.weight.grad, head2.weight.grad)
     if bias:
@@ -210,12 +214,16 @@ def _loss_peaks() -> None:
     def full():  # today's path: (B, T, V) logits, then the LM loss
         GPTLMLoss()(head(hidden), labels, reduction="sum").backward()
 
-    def chunked():
+    def chunked_sum():  # the LM loss as SFT and PTX compute it
+        (-token_log_probs(head, hidden[0, :-1], labels[0, 1:], reduction="sum")).backward()
+
+    def chunked_per_token():  # as PPO and DPO do
         (-token_log_probs(head, hidden[0, :-1], labels[0, 1:]).sum()).backward()
 
-    for fn in (chunked, full):  # first calls allocate once-only buffers
+    fns = {"chunked_sum": chunked_sum, "chunked_per_token": chunked_per_token, "full": full}
+    for fn in fns.values():  # first calls allocate once-only buffers
         fn()
-    print(json.dumps({"chunked": _rss_peak_mib(chunked), "full": _rss_peak_mib(full)}))
+    print(json.dumps({name: _rss_peak_mib(fn) for name, fn in fns.items()}))
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
@@ -228,4 +236,5 @@ def test_chunked_loss_peak_memory_is_a_fraction_of_full_logits():
     out = subprocess.run([sys.executable, "-c", "from tests.test_lm_head import _loss_peaks; _loss_peaks()"],
                          env=env, cwd=root, capture_output=True, text=True, check=True).stdout
     peaks = json.loads(out.strip().splitlines()[-1])
-    assert peaks["full"] > 4 * peaks["chunked"], peaks
+    assert peaks["full"] > 4 * peaks["chunked_sum"], peaks
+    assert peaks["full"] > 4 * peaks["chunked_per_token"], peaks

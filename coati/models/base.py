@@ -385,16 +385,16 @@ class Actor(_HFWrapper):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 num_actions: int | None = None, temperature: float = 1.0, labels: torch.Tensor | None = None,
-                entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                entropy: bool = False, reduction: str = "none") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits; with ``num_actions`` the action log-probs ``(B, num_actions)`` of the last ``num_actions``
         tokens under ``log_softmax(logits / temperature)``, the distribution PPO's rollouts were sampled from
-        at that temperature; with ``labels`` the log-probs of :meth:`token_log_probs`. ``entropy`` (with
-        either) also returns the entropies of those distributions (no grad). Log-probs run the LM head only
-        on the positions scored, in chunks; they pass through ``forward`` so DDP / FSDP wrappers see them."""
+        at that temperature; with ``labels`` the log-probs of :meth:`token_log_probs` (``reduction`` and
+        ``entropy`` as there; ``entropy`` also goes with ``num_actions``). Log-probs run the LM head only on
+        the positions scored, in chunks; they pass through ``forward`` so DDP / FSDP wrappers see them."""
         if num_actions is None and labels is None:
             return self._logits(input_ids, attention_mask)
         if num_actions is None:
-            return self.token_log_probs(input_ids, attention_mask, labels, temperature, entropy)
+            return self.token_log_probs(input_ids, attention_mask, labels, temperature, entropy, reduction)
         width = input_ids.shape[1]
         prompt = torch.arange(width, device=input_ids.device) < width - num_actions
         out = self.token_log_probs(input_ids, attention_mask, input_ids.masked_fill(prompt, IGNORE_INDEX),
@@ -411,11 +411,12 @@ class Actor(_HFWrapper):
         return self.model(input_ids=input_ids, **kwargs).logits
 
     def token_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                        temperature: float = 1.0, entropy: bool = False,
+                        temperature: float = 1.0, entropy: bool = False, reduction: str = "none",
                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``(B, T - 1)`` fp32: at ``t`` the log-prob of ``labels[:, t + 1]`` given the tokens up to ``t``
         (``log_softmax(logits / temperature)``), 0 where that label is ``-100``; with ``entropy`` also the
-        entropy there. The head runs only on the labelled positions' hidden states (see ``lm_head``).
+        entropy there. ``reduction="sum"``: their sum only (an LM loss, whose gradients the head computes in
+        its forward pass). The head runs only on the labelled positions' hidden states (see ``lm_head``).
         Call it through ``forward(..., labels=...)`` when the model is wrapped by a strategy."""
         lm = self.base_lm
         hidden = self.hidden_states(input_ids, attention_mask)[:, :-1]
@@ -423,6 +424,10 @@ class Actor(_HFWrapper):
         picked = targets.ne(IGNORE_INDEX)
         head, processing = lm.get_output_embeddings(), logit_processing(lm.config)
         rows = hidden[picked]
+        if reduction == "sum":
+            if entropy:
+                raise ValueError("entropy is per token; it does not go with reduction='sum'")
+            return token_log_probs(head, rows, targets[picked], temperature, processing, reduction="sum")
         logps = hidden.new_zeros(picked.shape, dtype=torch.float32)
         logps = logps.masked_scatter(picked, token_log_probs(head, rows, targets[picked], temperature, processing))
         if not entropy:

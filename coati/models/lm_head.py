@@ -99,13 +99,49 @@ def _processed_(raw: torch.Tensor, temperature: float, processing: LogitProcessi
     return tanh * (processing.softcap / temperature), tanh
 
 
-class _ChunkedLogProbs(torch.autograd.Function):
-    """``log_softmax(process(h W^T + b) / T)[y]`` per row; backward recomputes each chunk's logits.
+def _raw_grad_(z: torch.Tensor, tanh: torch.Tensor | None, lse: torch.Tensor, targets: torch.Tensor,
+               g: torch.Tensor, temperature: float, processing: LogitProcessing) -> torch.Tensor:
+    """In place over a chunk's processed logits ``z``: the gradient of ``sum(g * log p[y])`` wrt the raw
+    logits. With ``l = scale * raw``, ``z = s(l) / T`` and ``s`` the soft-cap, a row's is
+    ``g (onehot(y) - softmax(z)) s'(l) scale / T`` with ``s'(l) = 1 - tanh(l / c)^2``."""
+    d = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    d.scatter_add_(-1, targets[:, None], g[:, None])
+    d.mul_(processing.scale / temperature)
+    if tanh is not None:
+        d.mul_(tanh.mul_(tanh).neg_().add_(1))
+    return d
 
-    With ``z = s(l) / T``, ``l = scale * (h W^T + b)`` and ``s`` the soft-cap, the gradient of a row's
-    log-prob wrt its raw logits is ``g (onehot(y) - softmax(z)) s'(l) scale / T`` with
-    ``s'(l) = 1 - tanh(l / c)^2``; hidden, weight and bias gradients follow from the matmul.
-    """
+
+class _Grads:
+    """Hidden / weight / bias gradients accumulated chunk by chunk (weight and bias in fp32)."""
+
+    def __init__(self, hidden, weight, bias, needs, dtype):
+        self.hidden, self.w, self.dtype = hidden, weight.to(dtype), dtype
+        need_h, need_w, need_b = needs
+        self.h = torch.empty_like(hidden) if need_h else None
+        self.weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        self.bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+
+    def add(self, s: int, d: torch.Tensor) -> None:
+        h = self.hidden[s:s + d.shape[0]]
+        if self.h is not None:
+            self.h[s:s + d.shape[0]] = (d.to(self.dtype) @ self.w).to(self.hidden.dtype)
+        if self.weight is not None:
+            self.weight.addmm_(d.t(), h.float())
+        if self.bias is not None:
+            self.bias += d.sum(0)
+
+    def result(self, weight, bias, scale=None):
+        out = [self.h, self.weight, self.bias]
+        if scale is not None:
+            out = [None if t is None else t * scale.to(t.dtype) for t in out]
+        return (out[0], None if out[1] is None else out[1].to(weight.dtype),
+                None if out[2] is None else out[2].to(bias.dtype))
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    """``log_softmax(process(h W^T + b) / T)[y]`` per row; backward recomputes each chunk's logits, since the
+    rows' gradients are only known then (see :func:`_raw_grad_` for the formula)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, processing, chunk):
@@ -126,31 +162,48 @@ class _ChunkedLogProbs(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         temperature, processing, chunk, dtype = ctx.settings
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        w = weight.to(dtype)
+        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3], dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
-                h, g = hidden[s:s + chunk], grad_out[s:s + chunk].float()
-                d, tanh = _processed_(_raw_logits(h, weight, bias, dtype), temperature, processing)
-                # g * (onehot - softmax), in place over the chunk's logits, then the chain rule back to raw
-                d.sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None])
-                d.scatter_add_(-1, targets[s:s + chunk, None], g[:, None])
-                d.mul_(processing.scale / temperature)
-                if tanh is not None:
-                    d.mul_(tanh.mul_(tanh).neg_().add_(1))
-                    del tanh
-                if need_h:
-                    grad_h[s:s + chunk] = (d.to(dtype) @ w).to(hidden.dtype)
-                if need_w:
-                    grad_w.addmm_(d.t(), h.float())
-                if need_b:
-                    grad_b += d.sum(0)
-                del d
-        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None, None)
+                z, tanh = _processed_(_raw_logits(hidden[s:s + chunk], weight, bias, dtype), temperature,
+                                      processing)
+                grads.add(s, _raw_grad_(z, tanh, lse[s:s + chunk], targets[s:s + chunk],
+                                        grad_out[s:s + chunk].float(), temperature, processing))
+                del z, tanh
+        return (*grads.result(weight, bias), None, None, None, None)
+
+
+class _ChunkedLogProbSum(torch.autograd.Function):
+    """``sum_i log_softmax(process(h_i W^T + b) / T)[y_i]``: every row weighs the same, so the gradients are
+    computed in the forward pass from the logits it already holds (no recomputation: one matmul per chunk
+    fewer) and backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, processing, chunk, with_grad):
+        dtype = _compute_dtype(hidden)
+        needs = [with_grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+        grads = _Grads(hidden, weight, bias, needs, dtype) if any(needs) else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk):
+                y = targets[s:s + chunk]
+                z, tanh = _processed_(_raw_logits(hidden[s:s + chunk], weight, bias, dtype), temperature,
+                                      processing)
+                lse = torch.logsumexp(z, dim=-1)
+                total += (z.gather(-1, y[:, None]).squeeze(-1) - lse).sum()
+                if grads is not None:
+                    ones = torch.ones_like(lse)
+                    grads.add(s, _raw_grad_(z, tanh, lse, y, ones, temperature, processing))
+                del z, tanh
+        ctx.grads = grads
+        ctx.weight_bias = (weight, bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, (weight, bias) = ctx.grads, ctx.weight_bias
+        ctx.grads = None
+        return (*grads.result(weight, bias, grad_out.float()), None, None, None, None, None)
 
 
 def _module_log_probs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
@@ -159,17 +212,45 @@ def _module_log_probs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return z.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
+def _liger_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+               temperature: float, processing: LogitProcessing) -> torch.Tensor | None:
+    """``sum log p`` by liger-kernel's fused linear cross-entropy (Triton, CUDA only) where it applies: the
+    package is installed (the ``kernels`` extra), the tensors are on a GPU, no temperature and no scaling
+    (it knows only soft-capping). None where it does not."""
+    if not hidden.is_cuda or temperature != 1.0 or processing.scale != 1.0:
+        return None
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    dtype = _compute_dtype(hidden)  # autocast's, as the model's own head would run under it
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=processing.softcap)(
+        weight.to(dtype), hidden.to(dtype), targets, None if bias is None else bias.to(dtype))
+    return -(loss[0] if isinstance(loss, tuple) else loss).float()
+
+
 def token_log_probs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                    processing: LogitProcessing = LogitProcessing(), chunk_size: int | None = None) -> torch.Tensor:
+                    processing: LogitProcessing = LogitProcessing(), chunk_size: int | None = None,
+                    reduction: str = "none") -> torch.Tensor:
     """Log-prob of ``targets`` ``(N,)`` under ``log_softmax(processing(head(hidden)) / temperature)``, fp32,
     for ``hidden`` ``(N, H)``: the rows that need a prediction, gathered by the caller. Logits exist for
-    ``chunk_size`` rows at a time (default: 2^23 / V rows), in backward too."""
+    ``chunk_size`` rows at a time (default: 2^23 / V rows), in backward too.
+
+    ``reduction="sum"`` returns their sum (an LM loss is minus it): its gradients come out of the forward
+    pass without recomputing the logits, through liger-kernel where that is installed and applies."""
+    if reduction not in ("none", "sum"):
+        raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
     parts = fused_head(head)
     vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
     chunk = _chunk_rows(chunk_size, vocab)
+    if parts is not None and reduction == "sum":
+        fast = _liger_sum(hidden, *parts, targets, temperature, processing)
+        if fast is not None:
+            return fast
+        with_grad = torch.is_grad_enabled()
+        return _ChunkedLogProbSum.apply(hidden, *parts, targets, float(temperature), processing, chunk, with_grad)
     if parts is not None:
-        weight, bias = parts
-        return _ChunkedLogProbs.apply(hidden, weight, bias, targets, float(temperature), processing, chunk)
+        return _ChunkedLogProbs.apply(hidden, *parts, targets, float(temperature), processing, chunk)
     from torch.utils.checkpoint import checkpoint
 
     outs = []
@@ -179,7 +260,8 @@ def token_log_probs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
             outs.append(checkpoint(_module_log_probs, *args, use_reentrant=False))
         else:
             outs.append(_module_log_probs(*args))
-    return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+    out = torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+    return out.sum() if reduction == "sum" else out
 
 
 @torch.no_grad()

@@ -40,8 +40,8 @@ class GPTLMLoss(nn.Module):
         return total / count.clamp(min=1)
 
     def from_log_probs(self, log_probs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """The same loss from per-token log-probs ``(B, T - 1)`` (``Actor(..., labels=labels)``, 0 where the
-        label is ignored), so the trainer never holds full logits."""
+        """The same loss from the labelled tokens' log-probs: per token ``(B, T - 1)`` (0 where the label is
+        ignored) or their sum (``Actor(..., labels=labels, reduction="sum")``), so no full logits are held."""
         total = -log_probs.float().sum()
         if reduction == "sum":
             return total

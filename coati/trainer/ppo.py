@@ -414,7 +414,7 @@ class PPOTrainer:
                 with self._sync(actor, last):
                     with strategy.autocast():
                         ptx_log_probs = actor(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                              labels=batch["labels"])
+                                              labels=batch["labels"], reduction="sum")
                     ptx_loss = self.ptx_loss_fn.from_log_probs(ptx_log_probs, batch["labels"])
                     strategy.backward(ptx_loss * (self.ptx_coef / len(group)), actor, self.actor_optim)
                 sums["actor/ptx_loss"] += float(ptx_loss.detach()) / len(group)

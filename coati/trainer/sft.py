@@ -26,7 +26,8 @@ class SFTTrainer(SupervisedTrainer):
         return (batch["labels"][:, 1:] != -100).sum()
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        log_probs = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        log_probs = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                               reduction="sum")
         loss_sum = self.loss_fn.from_log_probs(log_probs, batch["labels"], reduction="sum")
         return loss_sum, self.count_units(batch), {}
 

@@ -537,6 +537,6 @@ class RewardModel(_ValueModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        values = self.values(input_ids, attention_mask)
-        idx = last_token_index(attention_mask)
-        return values.gather(1, idx.unsqueeze(1)).squeeze(1)
+        hidden = self.hidden_states(input_ids, attention_mask)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.value_head(last.float()).squeeze(-1)  # the head on the scored positions only

@@ -4,7 +4,9 @@ Losses and log-probs need the logits of a few positions (labelled tokens for SFT
 for PPO / GRPO), one row at a time. :func:`token_log_probs` takes the final hidden states of just those rows
 and computes ``log_softmax(process(h W^T + b) / T)[target]`` ``chunk_size`` rows at a time, so peak logits
 memory is O(chunk x V) in forward *and* backward: the fused path is an autograd function that recomputes each
-chunk's logits in backward instead of keeping them. ``process`` is the family's own logit processing
+chunk's logits in backward instead of keeping them. A summed log-prob (an LM loss, where every row weighs the
+same) gets its gradients in the forward pass instead, with no recomputation, or from liger-kernel's fused
+linear cross-entropy on CUDA when that is installed. ``process`` is the family's own logit processing
 (:class:`LogitProcessing`: Gemma 2/3 final soft-capping, Cohere / Granite logit scaling), applied exactly as
 the model's forward applies it.
 

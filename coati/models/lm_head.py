@@ -42,16 +42,26 @@ class LogitProcessing:
         return logits
 
 
+# model_type -> (config field, True: logits are multiplied by it / False: divided), as each family's forward does
+LOGIT_SCALES: dict[str, tuple[str, bool]] = {
+    **{t: ("logit_scale", True) for t in ("cohere", "cohere2", "cohere2_moe", "cohere_compass")},
+    **{t: ("logits_scaling", False) for t in ("granite", "granite_swa", "granitemoe", "granitemoe_swa",
+                                              "granitemoeshared", "granitemoehybrid", "minicpm3")},
+    "hyperclovax": ("logits_scaling", True),
+    **{t: ("output_multiplier", True) for t in ("muse_spark", "muse_glimmer")},
+}
+
+
 def logit_processing(config: Any) -> LogitProcessing:
-    """The logit processing a transformers config asks for, under the names its families use:
-    ``final_logit_softcapping`` (Gemma 2/3/3n), ``logit_scale`` (Cohere, a factor), ``logits_scaling``
-    (Granite, a divisor; MiniCPM3 divides the hidden states by it, the same for a bias-free head)."""
+    """The logit processing a transformers config's family applies after ``lm_head``: its scaling
+    (:data:`LOGIT_SCALES`; MiniCPM3 divides the hidden states, the same for its bias-free head), then
+    ``final_logit_softcapping`` (Gemma 2/3/3n and look-alikes), read from the text config."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     scale = 1.0
-    if getattr(text, "logit_scale", None) is not None:
-        scale *= float(text.logit_scale)
-    if getattr(text, "logits_scaling", None) is not None:
-        scale /= float(text.logits_scaling)
+    field, multiply = LOGIT_SCALES.get(config.model_type, (None, True))
+    value = getattr(text, field, None) if field else None
+    if value is not None:
+        scale = float(value) if multiply else 1.0 / float(value)
     softcap = getattr(text, "final_logit_softcapping", None)
     return LogitProcessing(scale=scale, softcap=float(softcap) if softcap else None)
 

@@ -22,6 +22,11 @@ Figures, per framework
   peak_gpu_mem_mb     torch.cuda.max_memory_allocated during training (``--device cuda``)
   first_loss          first-step loss (~0.69 for both: the heads are random and differ, so not equal)
 
+Plain loop
+  A third worker, ``plain``, trains the same body on the same pairs in a hand-written PyTorch loop
+  (``harness.plain_loop``: coati's AdamW, schedule and clipping), the value head only on each row's last
+  non-pad token; ``ratio_coati_over_plain_loop`` compares coati with it (1.0 = no overhead over it).
+
 How to read the ratio
   ``ratio_coati_over_trl.pairs_per_s`` > 1 means coati trains more pairs per second (1.10 = 10% faster);
   a memory ratio < 1 means coati uses less. Use ``--repeats 3`` on a shared CPU before reading differences
@@ -171,22 +176,77 @@ def worker_trl(job: dict) -> None:
              "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)})
 
 
+# ----- plain PyTorch loop ---------------------------------------------------------------------------------
+
+def worker_plain(job: dict) -> None:
+    """The same pairs and optimizer settings in a hand-written loop: the transformer body on chosen + rejected
+    as one batch, the value head only on each row's last token."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from transformers import AutoModel
+
+    from coati.dataset import RewardCollator
+
+    harness.setup_worker(job)
+    device = job["device"]
+    body = AutoModel.from_pretrained(job["model_dir"])
+    hidden = body.config.hidden_size
+    model = nn.ModuleDict({"body": body, "head": nn.Linear(hidden, 1)})
+    nn.init.normal_(model["head"].weight, std=1.0 / math.sqrt(hidden + 1))
+    nn.init.zeros_(model["head"].bias)
+    items = [{"chosen_input_ids": torch.tensor(r["chosen"]), "rejected_input_ids": torch.tensor(r["rejected"])}
+             for r in _load_rows(job)]
+    loader = torch.utils.data.DataLoader(items, batch_size=job["batch_size"], shuffle=False,
+                                         collate_fn=RewardCollator(0))
+    clock = harness.StepClock(device)
+    step_pairs: list[int] = []
+    step_tokens: list[int] = []
+
+    def count(batch):
+        step_pairs.append(int(batch["chosen_input_ids"].shape[0]))
+        step_tokens.append(int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()))
+
+    def loss_fn(batch):
+        length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+        ids = torch.cat([F.pad(batch[f"{s}_input_ids"], (0, length - batch[f"{s}_input_ids"].shape[1]))
+                         for s in ("chosen", "rejected")])
+        mask = torch.cat([F.pad(batch[f"{s}_attention_mask"], (0, length - batch[f"{s}_attention_mask"].shape[1]))
+                          for s in ("chosen", "rejected")])
+        states = model["body"](input_ids=ids, attention_mask=mask).last_hidden_state
+        last = states[torch.arange(ids.shape[0], device=ids.device), mask.sum(1) - 1]  # right padding
+        reward = model["head"](last.float()).squeeze(-1)
+        n = batch["chosen_input_ids"].shape[0]
+        return -F.logsigmoid(reward[:n] - reward[n:]).mean()
+
+    probe = harness.MemoryProbe(device)
+    probe.start()
+    losses = harness.plain_loop(job, model, harness.cycle_batches(loader), loss_fn, clock, on_batch=count)
+    _finish(job, clock, step_pairs, step_tokens, losses, probe,
+            {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": device,
+             "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)})
+
+
+WORKERS = {"coati": worker_coati, "trl": worker_trl, "plain": worker_plain}
+
+
 def main() -> None:
-    parser = harness.common_parser(__doc__, steps=10, batch_size=4, seq_len=256)
+    parser = harness.common_parser(__doc__, steps=10, batch_size=4, seq_len=256, plain_loop=True)
     parser.add_argument("--packing", action="store_true",
                         help="coati packs each batch's 2B sequences into rows of <= --seq_len tokens (TRL's "
                              "RewardTrainer has no padding-free mode and stays padded)")
     args = parser.parse_args()
     if args._worker:
         job = json.loads(Path(args._job).read_text())
-        (worker_coati if args._worker == "coati" else worker_trl)(job)
+        WORKERS[args._worker](job)
         return
     harness.main(args, script=__file__, bench="rm", prepare=prepare,
                  key_metrics=["pairs_per_s", "pairs_per_cpu_s"],
                  ratio_keys=["pairs_per_s", "pairs_per_cpu_s", "tokens_per_s", "peak_rss_mb",
                              "peak_gpu_mem_mb"],
                  notes="pairs_per_s = preference pairs per second; ratio > 1 = coati faster; memory ratio < 1 "
-                       "= coati smaller. Same weights (heads differ: both random), token ids, batch order.")
+                       "= coati smaller. Same weights (heads differ: both random), token ids, batch order. "
+                       "plain_loop: a hand-written PyTorch loop, value head on each row's last token only.")
 
 
 if __name__ == "__main__":

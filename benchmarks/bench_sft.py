@@ -25,6 +25,12 @@ Figures, per framework
   first_loss          loss of the first step: both frameworks see the same batch and weights, so they agree
                       to ~1e-4 in fp32 (a check that they train on the same thing)
 
+Plain loop
+  A third worker, ``plain``, trains the same model on the same batches in a hand-written PyTorch loop
+  (``harness.plain_loop``: the same AdamW, schedule and clipping as coati's trainer), running the LM head
+  and cross-entropy only on the labelled positions' hidden states. ``ratio_coati_over_plain_loop`` compares
+  coati with it: 1.0 means coati adds no overhead over the loop one would write by hand.
+
 How to read the ratio
   ``ratio_coati_over_trl.tokens_per_s`` > 1 means coati is faster (1.10 = 10% more tokens per second);
   for ``peak_rss_mb`` / ``peak_gpu_mem_mb`` a ratio < 1 means coati uses less memory. On a shared CPU the
@@ -182,22 +188,67 @@ def worker_trl(job: dict) -> None:
              "attn_implementation": model.config._attn_implementation})
 
 
+# ----- plain PyTorch loop ---------------------------------------------------------------------------------
+
+def worker_plain(job: dict) -> None:
+    """The same batches and optimizer settings in a hand-written loop; the LM head and cross-entropy run only
+    on the labelled positions' hidden states."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from coati.dataset import SFTCollator
+
+    harness.setup_worker(job)
+    device = job["device"]
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"])
+    items = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])}
+             for r in _load_rows(job)]
+    loader = torch.utils.data.DataLoader(items, batch_size=job["batch_size"], shuffle=False,
+                                         collate_fn=SFTCollator(0))
+    clock = harness.StepClock(device)
+    step_tokens: list[int] = []
+    step_padded: list[int] = []
+
+    def count(batch):
+        step_tokens.append(int(batch["attention_mask"].sum()))
+        step_padded.append(int(batch["input_ids"].numel()))
+
+    def loss_fn(batch):
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        picked = targets.ne(-100)
+        logits = model.lm_head(hidden[:, :-1][picked])
+        return F.cross_entropy(logits.float(), targets[picked])
+
+    probe = harness.MemoryProbe(device)
+    probe.start()
+    losses = harness.plain_loop(job, model, harness.cycle_batches(loader), loss_fn, clock, on_batch=count)
+    _finish(job, clock, step_tokens, step_padded, losses, probe,
+            {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": device,
+             "attn_implementation": model.config._attn_implementation})
+
+
+WORKERS = {"coati": worker_coati, "trl": worker_trl, "plain": worker_plain}
+
+
 def main() -> None:
-    parser = harness.common_parser(__doc__, steps=10, batch_size=8, seq_len=256)
+    parser = harness.common_parser(__doc__, steps=10, batch_size=8, seq_len=256, plain_loop=True)
     parser.add_argument("--packing", action="store_true",
                         help="no padding: coati packs each batch into rows of <= --seq_len tokens, TRL runs "
                              "padding_free on the same batch")
     args = parser.parse_args()
     if args._worker:
         job = json.loads(Path(args._job).read_text())
-        (worker_coati if args._worker == "coati" else worker_trl)(job)
+        WORKERS[args._worker](job)
         return
     harness.main(args, script=__file__, bench="sft", prepare=prepare,
                  key_metrics=["tokens_per_s", "tokens_per_cpu_s"],
                  ratio_keys=["tokens_per_s", "tokens_per_cpu_s", "padded_tokens_per_s", "peak_rss_mb",
                              "peak_gpu_mem_mb"],
                  notes="tokens_per_s counts non-pad tokens; ratio > 1 = coati faster; memory ratio < 1 = "
-                       "coati smaller. Same weights, token ids, labels, batch order, optimizer settings.")
+                       "coati smaller. Same weights, token ids, labels, batch order, optimizer settings. "
+                       "plain_loop: a hand-written PyTorch loop, LM head on labelled positions only.")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Shared plumbing for the coati-vs-TRL benchmarks: model presets, worker subprocesses, clocks, memory.
 
 Each ``bench_*.py`` prepares one model directory and one tokenized data file in the parent process, then
-runs every framework in its own child process (``--_worker coati|trl``) so that peak memory is per framework
-and neither pays for the other's imports. Children report one ``BENCH_RESULT {...}`` line; the parent prints
-one JSON line that holds both results and their ratios.
+runs every framework in its own child process (``--_worker coati|trl|plain``) so that peak memory is per
+framework and none pays for another's imports. ``plain`` is a plain PyTorch loop on the same batches with
+the same optimizer settings (:func:`plain_loop`), the head run only where the loss needs it: the bar coati's
+own overhead is measured against. Children report one ``BENCH_RESULT {...}`` line; the parent prints one
+JSON line that holds every result and the ratios ``ratio_coati_over_trl`` / ``ratio_coati_over_plain_loop``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -18,11 +21,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 RESULT_TAG = "BENCH_RESULT "
+FRAMEWORKS = ("coati", "trl", "plain")
 
 # LLaMA shapes. "small" is the recorded CPU config; "1b" is TinyLlama-1.1B's shape (GPU only).
 PRESETS: dict[str, dict[str, int]] = {
@@ -37,7 +41,9 @@ PRESETS: dict[str, dict[str, int]] = {
 
 # ----- command line ---------------------------------------------------------------------------------------
 
-def common_parser(description: str, *, steps: int, batch_size: int, seq_len: int) -> argparse.ArgumentParser:
+def common_parser(description: str, *, steps: int, batch_size: int, seq_len: int,
+                  plain_loop: bool = False) -> argparse.ArgumentParser:
+    """The flags every benchmark shares; ``plain_loop``: the script has a ``plain`` worker too."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(PRESETS), default="small", help="LLaMA shape preset")
     p.add_argument("--hidden", type=int, default=None, help="override the preset's hidden size")
@@ -57,11 +63,13 @@ def common_parser(description: str, *, steps: int, batch_size: int, seq_len: int
     p.add_argument("--coati_optim", choices=["default", "fused", "foreach"], default="default",
                    help="default: the optimizer coati's trainer builds itself; fused/foreach: hand it "
                         "torch.optim.AdamW(fused=True / foreach=True) instead (TRL's default is fused)")
-    p.add_argument("--skip_trl", action="store_true", help="measure coati only")
-    p.add_argument("--skip_coati", action="store_true", help="measure TRL only")
+    p.add_argument("--skip_trl", action="store_true", help="do not measure TRL")
+    p.add_argument("--skip_coati", action="store_true", help="do not measure coati")
+    if plain_loop:
+        p.add_argument("--skip_plain", action="store_true", help="do not measure the plain PyTorch loop")
     p.add_argument("--output", default=None, help="also write the JSON line to this file")
     p.add_argument("--keep_workdir", action="store_true", help="keep the temp dir (model, data, worker logs)")
-    p.add_argument("--_worker", choices=["coati", "trl"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=FRAMEWORKS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_job", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -211,6 +219,47 @@ class StepClock:
         return out
 
 
+def plain_loop(job: dict[str, Any], model: Any, batches: Iterable[dict[str, Any]], loss_fn: Callable[[dict], Any],
+               clock: StepClock, on_batch: Callable[[dict], None] | None = None) -> list[float]:
+    """A plain PyTorch training loop with coati's trainer settings: AdamW (fused, as coati builds it, or
+    ``--coati_optim``'s), warmup 3% + cosine, bf16 autocast with ``--precision bf16``, grad-clip 1.0;
+    ``warmup_steps + steps`` optimizer steps, one batch each. Returns the per-step losses."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    device = job["device"]
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = coati_optimizer(job, params, job["lr"]) or torch.optim.AdamW(
+        params, lr=job["lr"], weight_decay=0.0, fused=True)
+    total = job["warmup_steps"] + job["steps"]
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total * 0.03), total)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=job["precision"] == "bf16")
+    losses: list[float] = []
+    for batch in batches:
+        if len(losses) == total:
+            break
+        if on_batch is not None:
+            on_batch(batch)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            loss = loss_fn(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(float(loss))
+        clock.tick()
+    return losses
+
+
+def cycle_batches(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The loader's batches in order, epoch after epoch (as coati's trainer goes over it)."""
+    while True:
+        yield from loader
+
+
 def emit(result: dict[str, Any]) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
@@ -271,9 +320,9 @@ def run_worker(script: str, framework: str, job_path: Path, threads: int, device
 
 def run_frameworks(args: argparse.Namespace, script: str, job: dict[str, Any], workdir: Path,
                    key_metrics: list[str]) -> dict[str, dict[str, Any]]:
-    """Run coati and TRL workers (alternating when repeating). With repeats, every numeric figure is the
-    median over the runs, and ``runs`` keeps each run's ``key_metrics``."""
-    frameworks = [f for f, skip in (("coati", args.skip_coati), ("trl", args.skip_trl)) if not skip]
+    """Run the coati, TRL and plain-loop workers (alternating when repeating). With repeats, every numeric
+    figure is the median over the runs, and ``runs`` keeps each run's ``key_metrics``."""
+    frameworks = [f for f in FRAMEWORKS if not getattr(args, f"skip_{f}", True)]
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps(job))
     runs: dict[str, list[dict[str, Any]]] = {f: [] for f in frameworks}
@@ -343,9 +392,12 @@ def main(args: argparse.Namespace, *, script: str, bench: str, prepare: Callable
         **{k: v for k, v in job.items() if k.startswith("data_") and k != "data_file"},
         "coati": results.get("coati"),
         "trl": results.get("trl"),
+        "plain_loop": results.get("plain"),
     }
     if "coati" in results and "trl" in results:
         report["ratio_coati_over_trl"] = ratios(results["coati"], results["trl"], ratio_keys)
+    if "coati" in results and "plain" in results:
+        report["ratio_coati_over_plain_loop"] = ratios(results["coati"], results["plain"], ratio_keys)
     report["notes"] = notes
     report["versions"] = versions()
     report["machine"] = machine(args.device)

@@ -22,12 +22,14 @@ import torch
 import torch.nn as nn
 
 from .families import check_model_type
+from .lm_head import logit_processing, token_entropy, token_log_probs
+from .loss import IGNORE_INDEX
 from .lora import LoraSettings, apply_lora, is_peft_model
 from .quant import (
     check_quant, check_quant_lora, config_dtype, full_precision_copy, prepare_kbit_model, quant_mode,
     quantized_load_kwargs,
 )
-from .utils import last_token_index, log_probs_from_logits, position_ids_from_mask
+from .utils import last_token_index, position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -292,6 +294,19 @@ class _HFWrapper(nn.Module):
     def config(self) -> Any:
         return self.base_lm.config
 
+    @property
+    def body(self) -> nn.Module:
+        """The transformer body (e.g. ``LlamaModel``); with LoRA it contains the injected adapter layers."""
+        lm = self.base_lm
+        return getattr(lm, lm.base_model_prefix)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The body's final hidden states ``(B, T, H)``, with padding-independent position ids (``position_ids``
+        instead of a mask: a packed batch, :mod:`coati.dataset.packing`)."""
+        out = self.body(input_ids=input_ids, **_lm_inputs(self.body, attention_mask, position_ids))
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run with LoRA adapters off (the frozen base = PPO reference policy); a no-op without LoRA."""
@@ -362,8 +377,8 @@ class Actor(_HFWrapper):
     """The policy: a causal LM that scores its own actions.
 
     ``forward(input_ids, attention_mask)`` gives logits ``(B, T, V)``; with ``num_actions`` it gives the
-    log-probs ``(B, num_actions)`` of the last ``num_actions`` tokens (only those logits are computed when the
-    model supports ``logits_to_keep``).
+    log-probs ``(B, num_actions)`` of the last ``num_actions`` tokens, with ``labels`` those of the labelled
+    tokens; both compute logits only for those positions, a chunk of rows at a time.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -388,20 +403,56 @@ class Actor(_HFWrapper):
         return cls(_prepare(model, family, lora, grad_checkpoint))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                num_actions: int | None = None, temperature: float = 1.0,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits, or with ``num_actions`` the action log-probs under ``log_softmax(logits / temperature)``:
-        the distribution PPO's rollouts were sampled from at that temperature. ``position_ids`` instead of a
-        mask: a packed batch (:mod:`coati.dataset.packing`)."""
-        lm = self.base_lm
-        kwargs = _lm_inputs(lm, attention_mask, position_ids)
-        if num_actions is not None and _accepts(lm, "logits_to_keep"):
-            kwargs["logits_to_keep"] = num_actions + 1
-        logits = self.model(input_ids=input_ids, **kwargs).logits
+                num_actions: int | None = None, temperature: float = 1.0, labels: torch.Tensor | None = None,
+                entropy: bool = False, reduction: str = "none", position_ids: torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits; with ``num_actions`` the action log-probs ``(B, num_actions)`` of the last ``num_actions``
+        tokens under ``log_softmax(logits / temperature)``, the distribution PPO's rollouts were sampled from
+        at that temperature; with ``labels`` the log-probs of :meth:`token_log_probs` (``reduction`` and
+        ``entropy`` as there; ``entropy`` also goes with ``num_actions``). Log-probs run the LM head only on
+        the positions scored, in chunks; they pass through ``forward`` so DDP / FSDP wrappers see them.
+        ``position_ids`` instead of a mask: a packed batch (:mod:`coati.dataset.packing`)."""
+        if num_actions is None and labels is None:
+            return self._logits(input_ids, attention_mask, position_ids)
         if num_actions is None:
-            return logits
-        action_logits = logits[:, -(num_actions + 1):-1].float() / temperature
-        return log_probs_from_logits(action_logits, input_ids[:, -num_actions:])
+            return self.token_log_probs(input_ids, attention_mask, labels, temperature, entropy, reduction,
+                                        position_ids)
+        width = input_ids.shape[1]
+        prompt = torch.arange(width, device=input_ids.device) < width - num_actions
+        out = self.token_log_probs(input_ids, attention_mask, input_ids.masked_fill(prompt, IGNORE_INDEX),
+                                   temperature, entropy)
+        if entropy:
+            return out[0][:, -num_actions:], out[1][:, -num_actions:]
+        return out[:, -num_actions:]
+
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, **_lm_inputs(self.base_lm, attention_mask, position_ids)).logits
+
+    def token_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                        temperature: float = 1.0, entropy: bool = False, reduction: str = "none",
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T - 1)`` fp32: at ``t`` the log-prob of ``labels[:, t + 1]`` given the tokens up to ``t``
+        (``log_softmax(logits / temperature)``), 0 where that label is ``-100``; with ``entropy`` also the
+        entropy there. ``reduction="sum"``: their sum only (an LM loss, whose gradients the head computes in
+        its forward pass). The head runs only on the labelled positions' hidden states (see ``lm_head``).
+        Call it through ``forward(..., labels=...)`` when the model is wrapped by a strategy."""
+        lm = self.base_lm
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)[:, :-1]
+        targets = labels[:, 1:]
+        picked = targets.ne(IGNORE_INDEX)
+        head, processing = lm.get_output_embeddings(), logit_processing(lm.config)
+        rows = hidden[picked]
+        if reduction == "sum":
+            if entropy:
+                raise ValueError("entropy is per token; it does not go with reduction='sum'")
+            return token_log_probs(head, rows, targets[picked], temperature, processing, reduction="sum")
+        logps = hidden.new_zeros(picked.shape, dtype=torch.float32)
+        logps = logps.masked_scatter(picked, token_log_probs(head, rows, targets[picked], temperature, processing))
+        if not entropy:
+            return logps
+        ent = torch.zeros_like(logps).masked_scatter(picked, token_entropy(head, rows, temperature, processing))
+        return logps, ent
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -450,12 +501,6 @@ class _ValueModel(_HFWrapper):
             nn.init.zeros_(value_head.bias)
         self.value_head = value_head
 
-    @property
-    def body(self) -> nn.Module:
-        """The transformer body (e.g. ``LlamaModel``); with LoRA it contains the injected adapter layers."""
-        lm = self.base_lm
-        return getattr(lm, lm.base_model_prefix)
-
     @classmethod
     def from_pretrained(cls, path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
                         grad_checkpoint: bool = False, torch_dtype: Any = None, **hf_kwargs: Any):
@@ -478,9 +523,7 @@ class _ValueModel(_HFWrapper):
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Value at every position, ``(B, T)``, fp32 (``position_ids`` instead of a mask: a packed batch)."""
-        out = self.body(input_ids=input_ids, **_lm_inputs(self.body, attention_mask, position_ids))
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.value_head(hidden.float()).squeeze(-1)
+        return self.value_head(self.hidden_states(input_ids, attention_mask, position_ids).float()).squeeze(-1)
 
     def _save_extra(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -517,9 +560,10 @@ class RewardModel(_ValueModel):
         token as an index into the flattened rows (:func:`coati.dataset.packing.last_token_flat_index`),
         and get one reward per sample."""
         if position_ids is not None:
-            return self.values(input_ids, position_ids=position_ids).flatten()[last_index]
+            hidden = self.hidden_states(input_ids, position_ids=position_ids).flatten(0, 1)[last_index]
+            return self.value_head(hidden.float()).squeeze(-1)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        values = self.values(input_ids, attention_mask)
-        idx = last_token_index(attention_mask)
-        return values.gather(1, idx.unsqueeze(1)).squeeze(1)
+        hidden = self.hidden_states(input_ids, attention_mask)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.value_head(last.float()).squeeze(-1)  # the head on the scored positions only

@@ -39,6 +39,16 @@ class GPTLMLoss(nn.Module):
         count = shift_labels.ne(self.ignore_index).sum()
         return total / count.clamp(min=1)
 
+    def from_log_probs(self, log_probs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The same loss from the labelled tokens' log-probs: per token ``(B, T - 1)`` (0 where the label is
+        ignored) or their sum (``Actor(..., labels=labels, reduction="sum")``), so no full logits are held."""
+        total = -log_probs.float().sum()
+        if reduction == "sum":
+            return total
+        if reduction != "mean":
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        return total / labels[..., 1:].ne(self.ignore_index).sum().clamp(min=1)
+
 
 class PtxLoss(GPTLMLoss):
     """PPO-ptx: the language-modelling loss on a pretraining batch, mixed into the actor loss."""

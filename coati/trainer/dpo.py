@@ -95,16 +95,10 @@ class _Indexed(Dataset):
 
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summed log-probs of the labelled tokens, their count)`` per row, fp32. The LM head runs only from the
-    batch's first labelled position on (``Actor``'s ``num_actions``)."""
-    targets = labels.ne(IGNORE_INDEX)
-    width = labels.shape[1]
-    first = torch.where(targets.any(1), targets.int().argmax(1), torch.full_like(targets[:, 0], width - 1,
-                                                                                 dtype=torch.long))
-    num_actions = width - max(1, int(first.min()))
-    logps = model(input_ids, attention_mask=attention_mask, num_actions=num_actions)
-    mask = targets[:, -num_actions:]
-    return (logps.float() * mask).sum(-1), mask.sum(-1).float()
+    """``(summed log-probs of the labelled tokens, their count)`` per row, fp32. The LM head runs only on the
+    labelled positions (``Actor``'s ``labels``)."""
+    logps = model(input_ids, attention_mask=attention_mask, labels=labels)
+    return logps.sum(-1), labels[:, 1:].ne(IGNORE_INDEX).sum(-1).float()
 
 
 def packed_sequence_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +107,9 @@ def packed_sequence_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torc
     no sample is scored on a token predicted from the one before it)."""
     ids, labels, sample_ids = batch["input_ids"], batch["labels"], batch["sample_ids"][:, 1:]
     n = batch["seq_lens"].shape[0]
-    logps = model(ids, num_actions=ids.shape[1] - 1, position_ids=batch["position_ids"])
+    logps = model(ids, labels=labels, position_ids=batch["position_ids"])  # 0 where unlabelled
     mask = labels[:, 1:].ne(IGNORE_INDEX)
-    return (sample_sums(logps.float() * mask, sample_ids, n),
+    return (sample_sums(logps, sample_ids, n),
             sample_sums(mask.float(), sample_ids, n))
 
 

@@ -55,7 +55,7 @@ from ..experience.kl import make_kl_controller
 from ..experience.maker import ExperienceMaker
 from ..models.lora import check_ppo_train_bias, lora_train_bias
 from ..models.loss import PtxLoss, ValueLoss
-from ..models.utils import disable_dropout, log_probs_from_logits, masked_mean
+from ..models.utils import disable_dropout, masked_mean
 from .base import checkpoint_dir, epoch_iter, make_adamw, save_checkpoint, to_device
 from .callbacks import MetricsLogger, logger
 from .rl_config import RLConfig, make_config
@@ -456,20 +456,13 @@ class PPOTrainer:
             num_actions = exp.num_actions
             with self._sync(actor, last and not use_ptx):
                 with strategy.autocast():
+                    # the sampled distribution, as the experience maker scored it (entropy is of it too)
+                    log_probs = actor(exp.sequences, attention_mask=exp.attention_mask, num_actions=num_actions,
+                                      temperature=temperature, entropy=self.log_entropy)
                     if self.log_entropy:
-                        logits = actor(exp.sequences, attention_mask=exp.attention_mask)
-                        # the sampled distribution, as Actor.forward scores it (entropy is of it too)
-                        action_logits = logits[:, -(num_actions + 1):-1].float() / temperature
-                        log_probs = log_probs_from_logits(action_logits, exp.sequences[:, -num_actions:])
-                        with torch.no_grad():
-                            lf = action_logits.detach()
-                            entropy = torch.logsumexp(lf, -1) - (lf.softmax(-1) * lf).sum(-1)
-                            sums["actor/entropy"] += seq_weight * float(
-                                masked_mean(entropy, exp.action_mask, dim=-1).mean())
-                        del logits, action_logits
-                    else:
-                        log_probs = actor(exp.sequences, attention_mask=exp.attention_mask,
-                                          num_actions=num_actions, temperature=temperature)
+                        log_probs, entropy = log_probs
+                        sums["actor/entropy"] += seq_weight * float(
+                            masked_mean(entropy, exp.action_mask, dim=-1).mean())
                 loss, metrics = self._policy_loss(log_probs, exp)
                 strategy.backward(loss * weight, actor, self.actor_optim)
             for k, v in metrics.items():
@@ -478,8 +471,9 @@ class PPOTrainer:
                 batch = to_device(self._pretrain.next(), strategy.device)
                 with self._sync(actor, last):
                     with strategy.autocast():
-                        logits = actor(batch["input_ids"], **model_inputs(batch))
-                    ptx_loss = self.ptx_loss_fn(logits, batch["labels"])
+                        ptx_log_probs = actor(batch["input_ids"], labels=batch["labels"], reduction="sum",
+                                              **model_inputs(batch))
+                    ptx_loss = self.ptx_loss_fn.from_log_probs(ptx_log_probs, batch["labels"])
                     strategy.backward(ptx_loss * (self.ptx_coef / len(group)), actor, self.actor_optim)
                 sums["actor/ptx_loss"] += float(ptx_loss.detach()) / len(group)
         sums["actor/grad_norm"] = strategy.optimizer_step(self.actor_optim, actor, self.actor_scheduler)

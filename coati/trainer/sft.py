@@ -28,8 +28,9 @@ class SFTTrainer(SupervisedTrainer):
         return (batch["labels"][:, 1:] != -100).sum()
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        logits = self.model(batch["input_ids"], **model_inputs(batch))
-        loss_sum = self.loss_fn(logits, batch["labels"], reduction="sum")
+        log_probs = self.model(batch["input_ids"], labels=batch["labels"], reduction="sum",
+                               **model_inputs(batch))
+        loss_sum = self.loss_fn.from_log_probs(log_probs, batch["labels"], reduction="sum")
         return loss_sum, self.count_units(batch), {}
 
     @torch.no_grad()

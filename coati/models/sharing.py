@@ -62,9 +62,11 @@ class SharedBaseRewardModel(RewardModel):
         self.value_head = value_head
         self.adapter = adapter
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Every score (``values``, ``forward``) reads the body through here, with this model's adapter on."""
         with active_adapter(self.model, self.adapter):
-            return super().values(input_ids, attention_mask)
+            return super().hidden_states(input_ids, attention_mask, position_ids)
 
     def save_pretrained(self, path: str | Path, tokenizer: Any = None, merge_lora: bool = False,
                         exact: bool = False) -> None:

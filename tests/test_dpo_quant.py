@@ -29,7 +29,7 @@ def test_4bit_lora_dpo_raises_heldout_margin_against_the_adapter_off_base(sft_di
     collate = PreferenceCollator(tok.pad_token_id)
     dl = strategy.setup_dataloader(train, 8, shuffle=True, collate_fn=collate, drop_last=True)
     edl = strategy.setup_dataloader(held, 16, shuffle=False, collate_fn=collate)
-    trainer = DPOTrainer(model, strategy, dl, edl, config=PreferenceConfig(beta=0.1), lr=5e-3, max_epochs=1,
+    trainer = DPOTrainer(model, strategy, dl, edl, config=PreferenceConfig(beta=0.1), lr=2e-2, max_epochs=2,
                          log_interval=100, tokenizer=tok)
     # the reference is the quantized base itself: no second model, one copy of the base weights
     assert trainer.reference == "adapter_off" and trainer.ref_model is None

@@ -11,6 +11,13 @@ the KL against a reward of known spread. After each stage a table
 reports the policy's exact task accuracy on held-out questions, the reward model's held-out pair accuracy,
 the mean reward of the policy's samples and their KL to the SFT policy; ``summary.json`` keeps the numbers.
 
+``--algo`` replaces the last two stages: a critic-free method (``grpo``, ``rloo`` ... as
+``examples/train_prompts.py --algo`` runs them) rewarded 1 / 0 by the task's checker, with no reward model or
+critic; or a DPO-family loss (``dpo``, ``ipo``, ``orpo``, ``simpo`` as ``examples/train_dpo.py`` runs them) on the
+pairs the reward model would train on, the SFT model as the reference. Their table has the rows ``sft`` and the
+algorithm; its reward column is the checker's mean reward (the sampled accuracy), and for the DPO family
+``rm_pair_acc`` is the held-out pair accuracy of the implicit reward.
+
 ``--pretrain`` / ``--dataset`` / ``--preference_dataset`` / ``--prompt_dataset`` run the same three stages
 on your own model and data (any of them; the rest stay built-in). Task accuracy is reported only for the
 built-in prompts; with your own prompts the table shows reward and KL.
@@ -65,6 +72,9 @@ ALGOS = ("ppo", *CRITIC_FREE, *PREFERENCE)
 # The task's answers are 2-3 tokens of a 4-token budget: DAPO's overlong buffer (4096 tokens, clamped to the
 # budget) would penalise every answer by its length, so only answers that reach the budget are penalised.
 ALGO_OVERRIDES: dict[str, dict[str, Any]] = {"dapo": {"overlong_buffer_len": 1}}
+# --kl_coef left unset: PPO's weighs one nat against the standardised reward's spread; the critic-free methods'
+# group-standardised advantages need a KL of the same weight to keep every greedy answer.
+KL_COEF = {"ppo": 0.5, "critic_free": 1.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ppo_train_batch_size", type=int, default=None, help="PPO update micro-batch size")
     s.add_argument("--ppo_lr", type=float, default=None, help="actor learning rate in PPO")
     s.add_argument("--critic_lr", type=float, default=None, help="critic learning rate in PPO")
-    s.add_argument("--kl_coef", type=float, default=0.5,
-                   help="per-token KL penalty coefficient in PPO, against rewards standardised to mean 0, std 1 "
-                        "over the SFT policy's answers")
+    s.add_argument("--kl_coef", type=float, default=None,
+                   help="KL coefficient of the RL stage (None = 0.5 for ppo, 1.0 for a critic-free --algo): ppo's "
+                        "per-token KL penalty against rewards standardised to mean 0, std 1 over the SFT policy's "
+                        "answers; a critic-free method's KL term where its preset puts it (their own 0-0.05 let "
+                        "them trade held-out greedy answers for sampled ones)")
     s.add_argument("--rl_episodes", type=int, default=None,
                    help="critic-free --algo: episodes (each: one batch of rollouts, then one optimizer step)")
     s.add_argument("--rl_batch_size", type=int, default=None, help="critic-free --algo: prompts per episode")
@@ -148,16 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dpo_lr", type=float, default=None, help="DPO-family --algo: peak learning rate")
     s.add_argument("--beta", type=float, default=PreferenceConfig().beta,
                    help="DPO-family --algo: inverse temperature of the implicit reward (train_dpo.py's --beta)")
+    s.add_argument("--sft_coef", type=float, default=1.0,
+                   help="DPO-family --algo: weight of an NLL term on the chosen answers (train_dpo.py's --sft_coef, "
+                        "RPO): without it DPO lowers the right answers' likelihood too and costs greedy answers")
     s.add_argument("--eval_samples", type=int, default=None,
                    help="sampled answers per held-out prompt for the accuracy / reward / KL columns")
     return p
 
 
 def resolve_sizes(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the flags left at None from the preset."""
+    """Fill the flags left at None from the preset (and --kl_coef from KL_COEF)."""
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.kl_coef is None:
+        args.kl_coef = KL_COEF["ppo" if args.algo == "ppo" else "critic_free"]
     return args
 
 
@@ -225,7 +242,8 @@ def critic_free_stage(args: argparse.Namespace, strategy: NaiveStrategy, tokeniz
     prompt_dl = strategy.setup_dataloader(prompts, min(args.rl_batch_size, len(prompts)), shuffle=True,
                                           collate_fn=PromptCollator(tokenizer.pad_token_id), drop_last=True)
     trainer = PPOTrainer(strategy, policy, None, None, reference, tokenizer=tokenizer, reward_fn=exact_match_reward,
-                         algo=args.algo, n_samples_per_prompt=args.n_samples_per_prompt, ptx_coef=0.0,
+                         algo=args.algo, n_samples_per_prompt=args.n_samples_per_prompt, kl_coef=args.kl_coef,
+                         ptx_coef=0.0,
                          num_episodes=args.rl_episodes, num_collect_steps=1, num_update_steps=1, max_epochs=1,
                          train_batch_size=prompt_dl.batch_size * args.n_samples_per_prompt, lr=args.rl_lr,
                          max_new_tokens=max_new_tokens, save_path=str(out / args.algo),
@@ -252,7 +270,7 @@ def preference_stage(args: argparse.Namespace, strategy: NaiveStrategy, tokenize
     train_dl = strategy.setup_dataloader(train, min(args.dpo_batch_size, len(train)), shuffle=True,
                                          collate_fn=collate, drop_last=True)
     held_dl = strategy.setup_dataloader(held, 256, shuffle=False, collate_fn=collate) if held is not None else None
-    config = PreferenceConfig(loss_type=args.algo, beta=args.beta)
+    config = PreferenceConfig(loss_type=args.algo, beta=args.beta, sft_coef=args.sft_coef)
     trainer = DPOTrainer(policy, strategy, train_dl, held_dl, config=config,
                          ref_model=reference if config.uses_reference else None, lr=args.dpo_lr, warmup_ratio=0.03,
                          max_epochs=_steps_to_epochs(args.dpo_steps, len(train_dl)), max_steps=args.dpo_steps,

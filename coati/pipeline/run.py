@@ -40,7 +40,6 @@ from ..dataset import (PreferenceCollator, PreferenceDataset, PromptCollator, Pr
                        RewardDataset, SFTCollator, SFTDataset, split_dataset)
 from ..errors import UsageError
 from ..models import Actor, Critic, RewardModel
-from ..models.preference_loss import REFERENCE_FREE
 from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
 from ..trainer.strategies import NaiveStrategy
 from .evaluation import evaluate_policy, standardize_reward_model
@@ -55,12 +54,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(hidden_size=64, num_layers=4, num_eval=300, sft_per_question=16, sft_steps=1500,
                     sft_batch_size=64, sft_lr=3e-3, rm_per_question=6, rm_steps=2400, rm_batch_size=32,
                     rm_lr=7e-4, ppo_episodes=250, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
-                    critic_lr=1e-4, eval_samples=4, rl_episodes=150, rl_batch_size=16, n_samples_per_prompt=8,
+                    critic_lr=1e-4, eval_samples=4, rl_episodes=250, rl_batch_size=16, n_samples_per_prompt=8,
                     rl_lr=1e-4, dpo_steps=600, dpo_batch_size=32, dpo_lr=1e-4),
     "quick": dict(hidden_size=64, num_layers=4, num_eval=200, sft_per_question=16, sft_steps=800,
                   sft_batch_size=64, sft_lr=3e-3, rm_per_question=4, rm_steps=1200, rm_batch_size=32,
                   rm_lr=7e-4, ppo_episodes=80, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
-                  critic_lr=1e-4, eval_samples=2, rl_episodes=60, rl_batch_size=16, n_samples_per_prompt=8,
+                  critic_lr=1e-4, eval_samples=2, rl_episodes=120, rl_batch_size=16, n_samples_per_prompt=8,
                   rl_lr=1e-4, dpo_steps=200, dpo_batch_size=32, dpo_lr=1e-4),
 }
 # --algo: PPO against the reward model, a critic-free method of coati.algos rewarded by the task's checker, or a

@@ -47,5 +47,5 @@ def test_fsdp_matches_single_process(tiny_llama_dir, shared_data, tmp_path):
         want, got = _losses(tmp_path / single), _losses(tmp_path / sharded)
         assert len(want) == len(got) == 5
         assert want[0] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as its own reference
-        assert want[-1] < want[0] - 1e-3, want  # and moves off it
+        assert max(abs(x - want[0]) for x in want) > 1e-3, want  # and moves off it
         assert got == pytest.approx(want, abs=1e-4), sharded

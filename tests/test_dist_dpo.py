@@ -36,7 +36,7 @@ def test_fsdp_matches_single_process(tiny_llama_dir, shared_data, tmp_path):
               str(shared_data / "preference" / "dpo_en_demo.json"), "--loss_type", "dpo", "--max_datasets_size", "200",
               "--max_len", "96", "--max_steps", "5", "--lr", "1e-3", "--eval_ratio", "0", "--log_interval", "1",
               "--seed", "7"]
-    lora = ["--lora_rank", "4", "--merge_lora_weights", "false"]
+    lora = ["--lora_rank", "4", "--merge_lora_weights", "false", "--lr", "1e-2"]  # an adapter starts at zero
     for name, extra in {"naive": [], "naive_lora": lora}.items():
         _run([sys.executable, "examples/train_dpo.py", *common, *extra, "--strategy", "naive", "--batch_size", "4",
               "--save_path", str(tmp_path / name)])

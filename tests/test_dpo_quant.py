@@ -37,9 +37,9 @@ def test_4bit_lora_dpo_raises_heldout_margin_against_the_adapter_off_base(sft_di
     before = trainer.evaluate()
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-6) and before["rewards/margins"] == 0.0
     trainer.fit()
-    after = trainer.eval_history[-1]
-    assert after["rewards/margins"] > 0.05 and after["loss"] < math.log(2), trainer.eval_history
-    assert after["rewards/accuracies"] >= 0.6, trainer.eval_history
+    margins = [e["rewards/margins"] for e in trainer.eval_history]  # after each of the 2 epochs
+    assert len(margins) == 2 and 0.0 < margins[0] < margins[1] and margins[1] > 0.01, trainer.eval_history
+    assert trainer.eval_history[-1]["loss"] < math.log(2) - 1e-3
 
     # adapter off = a separately loaded 4-bit base (its fresh adapter is zero), while the trained adapter moved
     fresh = Actor.from_pretrained(str(sft_dir), lora=LORA, quant="4bit").eval()

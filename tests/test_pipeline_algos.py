@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from coati.errors import UsageError
 from coati.models import base
 from coati.pipeline.run import main
 
@@ -45,3 +46,9 @@ def test_quick_algo_costs_no_greedy_answer(run, request):
     if algo == "dpo":
         request.applymarker(DPO_GREEDY)
     assert summary[f"{algo}_accuracy_greedy"] >= summary["sft_accuracy_greedy"]
+
+
+def test_critic_free_algo_refuses_prompts_its_checker_cannot_check(tmp_path):
+    with pytest.raises(UsageError, match="checker"):
+        main(["--algo", "grpo", "--prompt_dataset", str(tmp_path / "mine.jsonl"), "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "data").exists()  # refused before any work

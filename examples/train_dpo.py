@@ -13,6 +13,7 @@ Outputs: the trained policy as the HF model dir ``{save_path}`` (as train_sft.py
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 
 from coati.dataset import (
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     model = Actor.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
                                   grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
                                   frozen_dtype=args.frozen_dtype, **quant)
+    ref_model = None
+    if config.uses_reference and not cli.lora_settings(args).enabled and not config.precompute_ref_logps:
+        # the frozen copy of the starting policy, made before the policy is prepared: a sharded (fsdp) model
+        # cannot be copied
+        ref_model = strategy.prepare_model(copy.deepcopy(model), trainable=False)
     model = strategy.prepare_model(model)
     train_collate = PackingPreferenceCollator(tokenizer.pad_token_id, args.max_len) if packing else collate
     train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=train_collate,
@@ -97,11 +103,11 @@ def main(argv: list[str] | None = None) -> None:
                if eval_ds is not None else None)
 
     trainer = DPOTrainer(
-        model, strategy, train_dl, eval_dl, config=config, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio, max_epochs=args.max_epochs, max_steps=args.max_steps,
-        accumulation_steps=args.accumulation_steps, save_path=args.save_path, save_interval=args.save_interval,
-        log_interval=args.log_interval, eval_interval=args.eval_interval, log_dir=args.log_dir,
-        use_tensorboard=args.use_tensorboard, use_wandb=args.use_wandb, tokenizer=tokenizer,
+        model, strategy, train_dl, eval_dl, ref_model=ref_model, config=config, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_epochs=args.max_epochs,
+        max_steps=args.max_steps, accumulation_steps=args.accumulation_steps, save_path=args.save_path,
+        save_interval=args.save_interval, log_interval=args.log_interval, eval_interval=args.eval_interval,
+        log_dir=args.log_dir, use_tensorboard=args.use_tensorboard, use_wandb=args.use_wandb, tokenizer=tokenizer,
         merge_lora=args.merge_lora_weights, need_optim_ckpt=args.need_optim_ckpt, run_config=vars(args),
     )
     trainer.fit(resume_from=resolve_resume(args.resume, args.save_path))

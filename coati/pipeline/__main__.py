@@ -1,4 +1,4 @@
-"""``python -m coati.pipeline``: the SFT -> RM -> PPO run on the built-in arithmetic task (see ``run.py``)."""
+"""``python -m coati.pipeline``: SFT -> RM -> PPO (or SFT -> ``--algo``) on the built-in arithmetic task (``run.py``)."""
 from coati.pipeline.run import main
 from coati.utils import cli
 

@@ -11,6 +11,13 @@ the KL against a reward of known spread. After each stage a table
 reports the policy's exact task accuracy on held-out questions, the reward model's held-out pair accuracy,
 the mean reward of the policy's samples and their KL to the SFT policy; ``summary.json`` keeps the numbers.
 
+``--algo`` replaces the last two stages: a critic-free method (``grpo``, ``rloo`` ... as
+``examples/train_prompts.py --algo`` runs them) rewarded 1 / 0 by the task's checker, with no reward model or
+critic; or a DPO-family loss (``dpo``, ``ipo``, ``orpo``, ``simpo`` as ``examples/train_dpo.py`` runs them) on the
+pairs the reward model would train on, the SFT model as the reference. Their table has the rows ``sft`` and the
+algorithm; its reward column is the checker's mean reward (the sampled accuracy), and for the DPO family
+``rm_pair_acc`` is the held-out pair accuracy of the implicit reward.
+
 ``--pretrain`` / ``--dataset`` / ``--preference_dataset`` / ``--prompt_dataset`` run the same three stages
 on your own model and data (any of them; the rest stay built-in). Task accuracy is reported only for the
 built-in prompts; with your own prompts the table shows reward and KL.
@@ -28,28 +35,46 @@ from typing import Any
 
 import torch
 
-from ..dataset import (PromptCollator, PromptDataset, RewardCollator, RewardDataset, SFTCollator, SFTDataset,
-                       split_dataset)
+from .. import algos
+from ..dataset import (PreferenceCollator, PreferenceDataset, PromptCollator, PromptDataset, RewardCollator,
+                       RewardDataset, SFTCollator, SFTDataset, split_dataset)
+from ..errors import UsageError
 from ..models import Actor, Critic, RewardModel
-from ..trainer import PPOTrainer, RewardModelTrainer, SFTTrainer
+from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
 from ..trainer.strategies import NaiveStrategy
 from .evaluation import evaluate_policy, standardize_reward_model
-from .task import WRONG_KINDS, ArithmeticTask, write_jsonl
+from .task import WRONG_KINDS, ArithmeticTask, exact_match_reward, write_jsonl
 from .tokenizer import build_tokenizer
 
 logger = logging.getLogger("coati")
 
-# Sizes. "default" is the README run (about 5 minutes on one CPU core); "quick" is the test-suite run.
+# Sizes. "default" is the README run (about 5 minutes on one CPU core); "quick" is the test-suite run. The rl_*
+# sizes are those of the critic-free methods (--algo grpo ...), the dpo_* ones those of the DPO family.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(hidden_size=64, num_layers=4, num_eval=300, sft_per_question=16, sft_steps=1500,
                     sft_batch_size=64, sft_lr=3e-3, rm_per_question=6, rm_steps=2400, rm_batch_size=32,
                     rm_lr=7e-4, ppo_episodes=250, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
-                    critic_lr=1e-4, eval_samples=4),
+                    critic_lr=1e-4, eval_samples=4, rl_episodes=250, rl_batch_size=16, n_samples_per_prompt=8,
+                    rl_lr=1e-4, dpo_steps=600, dpo_batch_size=32, dpo_lr=1e-4),
     "quick": dict(hidden_size=64, num_layers=4, num_eval=200, sft_per_question=16, sft_steps=800,
                   sft_batch_size=64, sft_lr=3e-3, rm_per_question=4, rm_steps=1200, rm_batch_size=32,
                   rm_lr=7e-4, ppo_episodes=80, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
-                  critic_lr=1e-4, eval_samples=2),
+                  critic_lr=1e-4, eval_samples=2, rl_episodes=120, rl_batch_size=16, n_samples_per_prompt=8,
+                  rl_lr=1e-4, dpo_steps=200, dpo_batch_size=32, dpo_lr=1e-4),
 }
+# --algo: PPO against the reward model, a critic-free method of coati.algos rewarded by the task's checker, or a
+# DPO-family loss on the preference pairs.
+CRITIC_FREE = tuple(name for name, preset in algos.PRESETS.items()
+                    if not algos.ADV_ESTIMATORS[preset["adv_estimator"]].needs_critic)
+PREFERENCE = ("dpo", "ipo", "orpo", "simpo")
+ALGOS = ("ppo", *CRITIC_FREE, *PREFERENCE)
+# The task's answers are 2-3 tokens of a 4-token budget: DAPO's overlong buffer (4096 tokens, clamped to the
+# budget) would penalise every answer by its length, so only answers that reach the budget are penalised.
+ALGO_OVERRIDES: dict[str, dict[str, Any]] = {"dapo": {"overlong_buffer_len": 1}}
+# --kl_coef left unset: PPO's weighs one nat against the standardised reward's spread. Critic-free, the presets' KL
+# (0-0.05) cost held-out greedy answers; at 1.0 grpo, gspo and dapo keep them all (quick run, seed 0), while rloo,
+# reinforce_pp and dr_grpo still lose 2-4 of 200.
+KL_COEF = {"ppo": 0.5, "critic_free": 1.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,10 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m coati.pipeline", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="RLHF end to end: SFT -> reward model -> PPO. With no arguments: a tiny LLaMA learns "
                     "two-number addition from imperfect demonstrations, a reward model learns to check the "
-                    "answers, and PPO raises the policy's accuracy. CPU only, nothing downloaded.")
+                    "answers, and PPO raises the policy's accuracy. --algo grpo (or another critic-free method) "
+                    "runs SFT -> GRPO with the task's checker as the reward; --algo dpo runs SFT -> DPO on the "
+                    "reward model's pairs. CPU only, nothing downloaded.")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="./coati_pipeline",
-                   help="where data files, models (sft/, rm/, ppo/), metrics and summary.json go")
+                   help="where data files, models (sft/, rm/, ppo/ or one dir named after --algo), metrics and "
+                        "summary.json go")
+    g.add_argument("--algo", default="ppo", choices=ALGOS,
+                   help="stages after SFT: ppo = reward model, then PPO against it; a critic-free method (README: "
+                        "Algorithms) = its --algo preset of train_prompts.py, rewarded 1 / 0 by the built-in task's "
+                        "checker, no reward model or critic; dpo / ipo / orpo / simpo = that loss of train_dpo.py on "
+                        "the reward model's preference pairs, no reward model")
     g.add_argument("--seed", type=int, default=42, help="seed for data generation, initialisation and sampling")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="size preset; the flags below override single values (None = from the preset)")
@@ -111,19 +144,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ppo_train_batch_size", type=int, default=None, help="PPO update micro-batch size")
     s.add_argument("--ppo_lr", type=float, default=None, help="actor learning rate in PPO")
     s.add_argument("--critic_lr", type=float, default=None, help="critic learning rate in PPO")
-    s.add_argument("--kl_coef", type=float, default=1.0,
-                   help="per-token KL penalty coefficient in PPO, against rewards standardised to mean 0, std 1 "
-                        "over the SFT policy's answers")
+    s.add_argument("--kl_coef", type=float, default=None,
+                   help="KL coefficient of the RL stage (None = 0.5 for ppo, 1.0 for a critic-free --algo): ppo's "
+                        "per-token KL penalty against rewards standardised to mean 0, std 1 over the SFT policy's "
+                        "answers; a critic-free method's KL term where its preset puts it (their own 0-0.05 let "
+                        "them trade held-out greedy answers for sampled ones)")
+    s.add_argument("--rl_episodes", type=int, default=None,
+                   help="critic-free --algo: episodes (each: one batch of rollouts, then one optimizer step)")
+    s.add_argument("--rl_batch_size", type=int, default=None, help="critic-free --algo: prompts per episode")
+    s.add_argument("--n_samples_per_prompt", type=int, default=None,
+                   help="critic-free --algo: answers sampled per prompt (one group)")
+    s.add_argument("--rl_lr", type=float, default=None, help="critic-free --algo: policy learning rate")
+    s.add_argument("--dpo_steps", type=int, default=None, help="DPO-family --algo: optimizer steps")
+    s.add_argument("--dpo_batch_size", type=int, default=None, help="DPO-family --algo: pairs per batch")
+    s.add_argument("--dpo_lr", type=float, default=None, help="DPO-family --algo: peak learning rate")
+    s.add_argument("--beta", type=float, default=PreferenceConfig().beta,
+                   help="DPO-family --algo: inverse temperature of the implicit reward (train_dpo.py's --beta)")
+    s.add_argument("--sft_coef", type=float, default=1.0,
+                   help="DPO-family --algo: weight of an NLL term on the chosen answers (train_dpo.py's --sft_coef, "
+                        "RPO): without it DPO lowers the right answers' likelihood too and costs greedy answers")
     s.add_argument("--eval_samples", type=int, default=None,
                    help="sampled answers per held-out prompt for the accuracy / reward / KL columns")
     return p
 
 
 def resolve_sizes(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the flags left at None from the preset."""
+    """Fill the flags left at None from the preset (and --kl_coef from KL_COEF)."""
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.kl_coef is None:
+        args.kl_coef = KL_COEF["ppo" if args.algo == "ppo" else "critic_free"]
     return args
 
 
@@ -180,15 +231,68 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(header), sep] + [line(b) for b in body])
 
 
+# ----- the stages after SFT without a reward model -----------------------------------------------------------
+
+def critic_free_stage(args: argparse.Namespace, strategy: NaiveStrategy, tokenizer: Any, prompts: PromptDataset,
+                      reference: Actor, max_new_tokens: int, out: Path) -> PPOTrainer:
+    """SFT -> ``--algo`` (GRPO, RLOO, ...): train_prompts.py's preset on the training prompts, every answer
+    rewarded 1 / 0 by the task's checker; one optimizer step per episode over all its samples (on-policy)."""
+    strategy.set_seed(args.seed)
+    policy = Actor.from_pretrained(out / "sft")
+    prompt_dl = strategy.setup_dataloader(prompts, min(args.rl_batch_size, len(prompts)), shuffle=True,
+                                          collate_fn=PromptCollator(tokenizer.pad_token_id), drop_last=True)
+    trainer = PPOTrainer(strategy, policy, None, None, reference, tokenizer=tokenizer, reward_fn=exact_match_reward,
+                         algo=args.algo, n_samples_per_prompt=args.n_samples_per_prompt, kl_coef=args.kl_coef,
+                         ptx_coef=0.0,
+                         num_episodes=args.rl_episodes, num_collect_steps=1, num_update_steps=1, max_epochs=1,
+                         train_batch_size=prompt_dl.batch_size * args.n_samples_per_prompt, lr=args.rl_lr,
+                         max_new_tokens=max_new_tokens, save_path=str(out / args.algo),
+                         log_interval=max(1, args.rl_episodes // 5), log_entropy=False,
+                         **ALGO_OVERRIDES.get(args.algo, {}))
+    trainer.fit(prompt_dl)
+    return trainer
+
+
+def preference_stage(args: argparse.Namespace, strategy: NaiveStrategy, tokenizer: Any, files: dict[str, Path],
+                     template: str, reference: Actor, out: Path) -> DPOTrainer:
+    """SFT -> ``--algo`` (DPO, IPO, ORPO, SimPO): train_dpo.py's trainer on the pairs the reward model would
+    train on (``--preference_dataset``, else the task's), the SFT model as the reference."""
+    strategy.set_seed(args.seed)
+    policy = strategy.prepare_model(Actor.from_pretrained(out / "sft"))
+    data_kw = dict(max_len=args.max_len, prompt_template=template, seed=args.seed)
+    if args.preference_dataset:
+        train, held = split_dataset(PreferenceDataset(args.preference_dataset, tokenizer, **data_kw),
+                                    args.eval_ratio, args.seed)
+    else:
+        train = PreferenceDataset(files["preference"], tokenizer, **data_kw)
+        held = PreferenceDataset(files["preference_eval"], tokenizer, **data_kw)
+    collate = PreferenceCollator(tokenizer.pad_token_id)
+    train_dl = strategy.setup_dataloader(train, min(args.dpo_batch_size, len(train)), shuffle=True,
+                                         collate_fn=collate, drop_last=True)
+    held_dl = strategy.setup_dataloader(held, 256, shuffle=False, collate_fn=collate) if held is not None else None
+    config = PreferenceConfig(loss_type=args.algo, beta=args.beta, sft_coef=args.sft_coef)
+    trainer = DPOTrainer(policy, strategy, train_dl, held_dl, config=config,
+                         ref_model=reference if config.uses_reference else None, lr=args.dpo_lr, warmup_ratio=0.03,
+                         max_epochs=_steps_to_epochs(args.dpo_steps, len(train_dl)), max_steps=args.dpo_steps,
+                         save_path=str(out / args.algo), log_interval=args.log_interval, tokenizer=tokenizer)
+    trainer.fit()
+    return trainer
+
+
 # ----- the run -----------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     args = resolve_sizes(args)
+    algo = args.algo
+    if algo in CRITIC_FREE and args.prompt_dataset is not None:
+        raise UsageError(f"--algo {algo} is rewarded by the built-in task's checker, which cannot check answers to "
+                         f"--prompt_dataset; run examples/train_prompts.py --algo {algo} --reward_fn ... instead")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stage in ("sft", "rm", "ppo"):  # trainers append to metrics.jsonl; start this run's logs afresh
+    stages = ("sft", "rm", "ppo") if algo == "ppo" else ("sft", algo)
+    for stage in stages:  # trainers append to metrics.jsonl; start this run's logs afresh
         (out / stage / "metrics.jsonl").unlink(missing_ok=True)
     t_start = time.perf_counter()
     strategy = NaiveStrategy(seed=args.seed)
@@ -210,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checker = _check_answer if builtin_prompts else None
     timings: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {"seed": args.seed, "preset": args.preset, "prompt_template": template}
+    summary: dict[str, Any] = {"seed": args.seed, "preset": args.preset, "algo": algo, "prompt_template": template}
 
     def table(row: dict[str, Any]) -> None:
         rows.append(row)
@@ -256,77 +360,98 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sft_eval = evaluate(actor, tag="sft")
     summary.update(sft_accuracy=sft_eval.get("accuracy"), sft_accuracy_greedy=sft_eval.get("accuracy_greedy"),
                    sft_loss_start=sft.history[0]["loss"], sft_loss_end=sft.history[-1]["loss"])
-    table({"stage": "sft", "acc(sampled)": sft_eval.get("accuracy"),
-           "acc(greedy)": sft_eval.get("accuracy_greedy"), "kl": 0.0, "time_s": timings["sft"]})
+    # without a reward model the reward column is the checker's mean reward, i.e. the sampled accuracy
+    table({"stage": "sft", "acc(sampled)": sft_eval.get("accuracy"), "acc(greedy)": sft_eval.get("accuracy_greedy"),
+           "reward": None if algo == "ppo" else sft_eval.get("accuracy"), "kl": 0.0, "time_s": timings["sft"]})
 
-    # ----- stage 2: reward model ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    strategy.set_seed(args.seed)
-    reward_model = strategy.prepare_model(RewardModel.from_pretrained(out / "sft"))
-    if args.preference_dataset:
-        pairs = RewardDataset(args.preference_dataset, tokenizer, max_len=args.max_len, prompt_template=template,
-                              seed=args.seed)
-        rm_train, rm_eval = split_dataset(pairs, args.eval_ratio, args.seed)
+    if algo == "ppo":
+        # ----- stage 2: reward model ---------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        strategy.set_seed(args.seed)
+        reward_model = strategy.prepare_model(RewardModel.from_pretrained(out / "sft"))
+        if args.preference_dataset:
+            pairs = RewardDataset(args.preference_dataset, tokenizer, max_len=args.max_len, prompt_template=template,
+                                  seed=args.seed)
+            rm_train, rm_eval = split_dataset(pairs, args.eval_ratio, args.seed)
+        else:
+            rm_train = RewardDataset(files["preference"], tokenizer, max_len=args.max_len, prompt_template=template,
+                                     seed=args.seed)
+            rm_eval = RewardDataset(files["preference_eval"], tokenizer, max_len=args.max_len,
+                                    prompt_template=template, seed=args.seed)
+        collate = RewardCollator(pad_id)
+        rm_dl = strategy.setup_dataloader(rm_train, min(args.rm_batch_size, len(rm_train)), shuffle=True,
+                                          collate_fn=collate, drop_last=True)
+        rm_eval_dl = (strategy.setup_dataloader(rm_eval, 256, shuffle=False, collate_fn=collate)
+                      if rm_eval is not None else None)
+        rm_trainer = RewardModelTrainer(reward_model, strategy, rm_dl, rm_eval_dl, lr=args.rm_lr, warmup_ratio=0.03,
+                                        max_epochs=_steps_to_epochs(args.rm_steps, len(rm_dl)), max_steps=args.rm_steps,
+                                        save_path=str(out / "rm"), log_interval=args.log_interval, tokenizer=tokenizer)
+        rm_trainer.fit()
+        timings["rm"] = time.perf_counter() - t0
+        rm_eval_metrics = rm_trainer.eval_history[-1] if rm_trainer.eval_history else {}
+        # Scores on the scale --kl_coef is measured in: mean 0, std 1 over the SFT policy's training answers.
+        n_scale = min(len(train_prompts), 1024)
+        rm_scale = standardize_reward_model(strategy.unwrap(reward_model), actor, tokenizer,
+                                            [train_prompts[i]["input_ids"] for i in range(n_scale)],
+                                            max_new_tokens=max_new_tokens, seed=args.seed + 2)
+        strategy.save_model(reward_model, out / "rm", tokenizer=tokenizer)
+        sft_scored = evaluate(actor, reward_model=reward_model, tag="rm")
+        summary.update(rm_accuracy=rm_eval_metrics.get("acc"), rm_margin=rm_eval_metrics.get("margin"),
+                       rm_raw_score_mean=rm_scale["mean"], rm_raw_score_std=rm_scale["std"],
+                       sft_reward=sft_scored["reward"])
+        table({"stage": "rm", "acc(sampled)": sft_scored.get("accuracy"),
+               "acc(greedy)": sft_scored.get("accuracy_greedy"), "rm_pair_acc": rm_eval_metrics.get("acc"),
+               "reward": sft_scored["reward"], "kl": 0.0, "time_s": timings["rm"]})
+
+        # ----- stage 3: PPO ------------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        strategy.set_seed(args.seed)
+        policy = Actor.from_pretrained(out / "sft")
+        reference = Actor.from_pretrained(out / "sft")
+        critic = Critic.from_pretrained(out / "rm")
+        prompt_dl = strategy.setup_dataloader(train_prompts, min(args.ppo_batch_size, len(train_prompts)),
+                                              shuffle=True, collate_fn=PromptCollator(pad_id), drop_last=True)
+        ppo = PPOTrainer(strategy, policy, critic, reward_model, reference, tokenizer=tokenizer,
+                         kl_coef=args.kl_coef, ptx_coef=0.0, num_episodes=args.ppo_episodes, num_collect_steps=1,
+                         num_update_steps=1, max_epochs=1, train_batch_size=args.ppo_train_batch_size,
+                         lr=args.ppo_lr, critic_lr=args.critic_lr, max_new_tokens=max_new_tokens,
+                         save_path=str(out / "ppo"), log_interval=max(1, args.ppo_episodes // 5), log_entropy=False)
+        history = ppo.fit(prompt_dl)
+        timings["ppo"] = time.perf_counter() - t0
+        ppo_eval = evaluate(ppo.actor, reward_model=reward_model, reference=reference, tag="ppo")
+        scores = [h.get("critic/score/mean") for h in history]
+        summary.update(ppo_accuracy=ppo_eval.get("accuracy"), ppo_accuracy_greedy=ppo_eval.get("accuracy_greedy"),
+                       ppo_reward_start=sft_scored["reward"], ppo_reward_end=ppo_eval["reward"],
+                       ppo_kl=ppo_eval["kl"], ppo_train_score_first=scores[0] if scores else None,
+                       ppo_train_score_last=scores[-1] if scores else None)
+        table({"stage": "ppo", "acc(sampled)": ppo_eval.get("accuracy"), "acc(greedy)": ppo_eval.get("accuracy_greedy"),
+               "rm_pair_acc": rm_eval_metrics.get("acc"), "reward": ppo_eval["reward"], "kl": ppo_eval["kl"],
+               "time_s": timings["ppo"]})
+        models = {"sft": str(out / "sft"), "reward_model": str(out / "rm"), "ppo": str(out / "ppo")}
     else:
-        rm_train = RewardDataset(files["preference"], tokenizer, max_len=args.max_len, prompt_template=template,
-                                 seed=args.seed)
-        rm_eval = RewardDataset(files["preference_eval"], tokenizer, max_len=args.max_len,
-                                prompt_template=template, seed=args.seed)
-    collate = RewardCollator(pad_id)
-    rm_dl = strategy.setup_dataloader(rm_train, min(args.rm_batch_size, len(rm_train)), shuffle=True,
-                                      collate_fn=collate, drop_last=True)
-    rm_eval_dl = (strategy.setup_dataloader(rm_eval, 256, shuffle=False, collate_fn=collate)
-                  if rm_eval is not None else None)
-    rm_trainer = RewardModelTrainer(reward_model, strategy, rm_dl, rm_eval_dl, lr=args.rm_lr, warmup_ratio=0.03,
-                                    max_epochs=_steps_to_epochs(args.rm_steps, len(rm_dl)), max_steps=args.rm_steps,
-                                    save_path=str(out / "rm"), log_interval=args.log_interval, tokenizer=tokenizer)
-    rm_trainer.fit()
-    timings["rm"] = time.perf_counter() - t0
-    rm_eval_metrics = rm_trainer.eval_history[-1] if rm_trainer.eval_history else {}
-    # Scores on the scale --kl_coef is measured in: mean 0, std 1 over the SFT policy's training answers.
-    n_scale = min(len(train_prompts), 1024)
-    rm_scale = standardize_reward_model(strategy.unwrap(reward_model), actor, tokenizer,
-                                        [train_prompts[i]["input_ids"] for i in range(n_scale)],
-                                        max_new_tokens=max_new_tokens, seed=args.seed + 2)
-    strategy.save_model(reward_model, out / "rm", tokenizer=tokenizer)
-    sft_scored = evaluate(actor, reward_model=reward_model, tag="rm")
-    summary.update(rm_accuracy=rm_eval_metrics.get("acc"), rm_margin=rm_eval_metrics.get("margin"),
-                   rm_raw_score_mean=rm_scale["mean"], rm_raw_score_std=rm_scale["std"],
-                   sft_reward=sft_scored["reward"])
-    table({"stage": "rm", "acc(sampled)": sft_scored.get("accuracy"),
-           "acc(greedy)": sft_scored.get("accuracy_greedy"), "rm_pair_acc": rm_eval_metrics.get("acc"),
-           "reward": sft_scored["reward"], "kl": 0.0, "time_s": timings["rm"]})
-
-    # ----- stage 3: PPO ------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    strategy.set_seed(args.seed)
-    policy = Actor.from_pretrained(out / "sft")
-    reference = Actor.from_pretrained(out / "sft")
-    critic = Critic.from_pretrained(out / "rm")
-    prompt_dl = strategy.setup_dataloader(train_prompts, min(args.ppo_batch_size, len(train_prompts)),
-                                          shuffle=True, collate_fn=PromptCollator(pad_id), drop_last=True)
-    ppo = PPOTrainer(strategy, policy, critic, reward_model, reference, tokenizer=tokenizer,
-                     kl_coef=args.kl_coef, ptx_coef=0.0, num_episodes=args.ppo_episodes, num_collect_steps=1,
-                     num_update_steps=1, max_epochs=1, train_batch_size=args.ppo_train_batch_size,
-                     lr=args.ppo_lr, critic_lr=args.critic_lr, max_new_tokens=max_new_tokens,
-                     save_path=str(out / "ppo"), log_interval=max(1, args.ppo_episodes // 5), log_entropy=False)
-    history = ppo.fit(prompt_dl)
-    timings["ppo"] = time.perf_counter() - t0
-    ppo_eval = evaluate(ppo.actor, reward_model=reward_model, reference=reference, tag="ppo")
-    scores = [h.get("critic/score/mean") for h in history]
-    summary.update(ppo_accuracy=ppo_eval.get("accuracy"), ppo_accuracy_greedy=ppo_eval.get("accuracy_greedy"),
-                   ppo_reward_start=sft_scored["reward"], ppo_reward_end=ppo_eval["reward"],
-                   ppo_kl=ppo_eval["kl"], ppo_train_score_first=scores[0] if scores else None,
-                   ppo_train_score_last=scores[-1] if scores else None)
-    table({"stage": "ppo", "acc(sampled)": ppo_eval.get("accuracy"), "acc(greedy)": ppo_eval.get("accuracy_greedy"),
-           "rm_pair_acc": rm_eval_metrics.get("acc"), "reward": ppo_eval["reward"], "kl": ppo_eval["kl"],
-           "time_s": timings["ppo"]})
+        reference = Actor.from_pretrained(out / "sft")  # the KL column's reference (and the trainers')
+        t0 = time.perf_counter()
+        if algo in CRITIC_FREE:
+            trainer = critic_free_stage(args, strategy, tokenizer, train_prompts, reference, max_new_tokens, out)
+            final, pair_acc = trainer.actor, None
+        else:
+            trainer = preference_stage(args, strategy, tokenizer, files, template, reference, out)
+            final, pair_acc = trainer.model, (trainer.eval_history[-1].get("rewards/accuracies")
+                                              if trainer.eval_history else None)
+        timings[algo] = time.perf_counter() - t0
+        result = evaluate(final, reference=reference, tag=algo)
+        summary.update({"sft_reward": sft_eval.get("accuracy"), f"{algo}_accuracy": result.get("accuracy"),
+                        f"{algo}_accuracy_greedy": result.get("accuracy_greedy"),
+                        f"{algo}_reward": result.get("accuracy"), f"{algo}_kl": result["kl"],
+                        f"{algo}_pair_accuracy": pair_acc})
+        table({"stage": algo, "acc(sampled)": result.get("accuracy"), "acc(greedy)": result.get("accuracy_greedy"),
+               "rm_pair_acc": pair_acc, "reward": result.get("accuracy"), "kl": result["kl"],
+               "time_s": timings[algo]})
+        models = {"sft": str(out / "sft"), algo: str(out / algo)}
 
     timings["total"] = time.perf_counter() - t_start
-    summary.update(timings_s=timings, models={"sft": str(out / "sft"), "reward_model": str(out / "rm"),
-                                              "ppo": str(out / "ppo")},
-                   data={k: str(v) for k, v in files.items()}, threads=torch.get_num_threads(),
-                   args={k: v for k, v in vars(args).items()})
+    summary.update(timings_s=timings, models=models, data={k: str(v) for k, v in files.items()},
+                   threads=torch.get_num_threads(), args={k: v for k, v in vars(args).items()})
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"summary: {out / 'summary.json'} (total {timings['total']:.0f} s on {torch.get_num_threads()} "
           f"thread(s))", flush=True)

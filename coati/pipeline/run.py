@@ -48,16 +48,16 @@ from .tokenizer import build_tokenizer
 
 logger = logging.getLogger("coati")
 
-# Sizes. "default" is the README run (about 5 minutes on one CPU core); "quick" is the test-suite run. The rl_*
+# Sizes. "default" is the README run (about 10 minutes on one CPU core); "quick" is the test-suite run. The rl_*
 # sizes are those of the critic-free methods (--algo grpo ...), the dpo_* ones those of the DPO family.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(hidden_size=64, num_layers=4, num_eval=300, sft_per_question=16, sft_steps=1500,
-                    sft_batch_size=64, sft_lr=3e-3, rm_per_question=6, rm_steps=2400, rm_batch_size=32,
+                    sft_batch_size=64, sft_lr=3e-3, rm_per_question=9, rm_steps=4800, rm_batch_size=32,
                     rm_lr=7e-4, ppo_episodes=250, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
                     critic_lr=1e-4, eval_samples=4, rl_episodes=250, rl_batch_size=16, n_samples_per_prompt=8,
                     rl_lr=1e-4, dpo_steps=600, dpo_batch_size=32, dpo_lr=1e-4),
     "quick": dict(hidden_size=64, num_layers=4, num_eval=200, sft_per_question=16, sft_steps=800,
-                  sft_batch_size=64, sft_lr=3e-3, rm_per_question=4, rm_steps=1200, rm_batch_size=32,
+                  sft_batch_size=64, sft_lr=3e-3, rm_per_question=9, rm_steps=2400, rm_batch_size=32,
                   rm_lr=7e-4, ppo_episodes=80, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
                   critic_lr=1e-4, eval_samples=2, rl_episodes=120, rl_batch_size=16, n_samples_per_prompt=8,
                   rl_lr=1e-4, dpo_steps=200, dpo_batch_size=32, dpo_lr=1e-4),
@@ -71,10 +71,6 @@ ALGOS = ("ppo", *CRITIC_FREE, *PREFERENCE)
 # The task's answers are 2-3 tokens of a 4-token budget: DAPO's overlong buffer (4096 tokens, clamped to the
 # budget) would penalise every answer by its length, so only answers that reach the budget are penalised.
 ALGO_OVERRIDES: dict[str, dict[str, Any]] = {"dapo": {"overlong_buffer_len": 1}}
-# --kl_coef left unset: PPO's weighs one nat against the standardised reward's spread. Critic-free, the presets' KL
-# (0-0.05) cost held-out greedy answers; at 1.0 grpo, gspo and dapo keep them all (quick run, seed 0), while rloo,
-# reinforce_pp and dr_grpo still lose 2-4 of 200.
-KL_COEF = {"ppo": 0.5, "critic_free": 1.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="size preset; the flags below override single values (None = from the preset)")
     g.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                   help="same as --preset quick: the reduced run of the test suite (about a minute)")
+                   help="same as --preset quick: the reduced run of the test suite (a few minutes)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; the tiny default model runs fastest on 1 (more threads only contend)")
     g.add_argument("--log_interval", type=int, default=100, help="print trainer metrics every N steps")
@@ -144,11 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ppo_train_batch_size", type=int, default=None, help="PPO update micro-batch size")
     s.add_argument("--ppo_lr", type=float, default=None, help="actor learning rate in PPO")
     s.add_argument("--critic_lr", type=float, default=None, help="critic learning rate in PPO")
-    s.add_argument("--kl_coef", type=float, default=None,
-                   help="KL coefficient of the RL stage (None = 0.5 for ppo, 1.0 for a critic-free --algo): ppo's "
-                        "per-token KL penalty against rewards standardised to mean 0, std 1 over the SFT policy's "
-                        "answers; a critic-free method's KL term where its preset puts it (their own 0-0.05 let "
-                        "them trade held-out greedy answers for sampled ones)")
+    s.add_argument("--kl_coef", type=float, default=1.0,
+                   help="KL coefficient of the RL stage: ppo's per-token KL penalty against rewards standardised to "
+                        "mean 0, std 1 over the SFT policy's answers; a critic-free method's KL term where its preset "
+                        "puts it (their own 0-0.05 trade held-out greedy answers for sampled ones; at 1.0 grpo, gspo "
+                        "and dapo keep them all, rloo, reinforce_pp and dr_grpo lose 2-4 of 200 on --quick)")
     s.add_argument("--rl_episodes", type=int, default=None,
                    help="critic-free --algo: episodes (each: one batch of rollouts, then one optimizer step)")
     s.add_argument("--rl_batch_size", type=int, default=None, help="critic-free --algo: prompts per episode")
@@ -169,12 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_sizes(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the flags left at None from the preset (and --kl_coef from KL_COEF)."""
+    """Fill the flags left at None from the preset."""
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.kl_coef is None:
-        args.kl_coef = KL_COEF["ppo" if args.algo == "ppo" else "critic_free"]
     return args
 
 

@@ -62,20 +62,6 @@ def prepare(args, workdir: Path) -> dict:
             "data_pairs_used": (args.warmup_steps + args.steps) * args.batch_size}
 
 
-def _load_rows(job):
-    return json.loads(Path(job["data_file"]).read_text())
-
-
-def _finish(job, clock, step_pairs, step_tokens, losses, probe, extra):
-    w, s = job["warmup_steps"], job["steps"]
-    pairs, toks = sum(step_pairs[w:w + s]), sum(step_tokens[w:w + s])
-    out = clock.rates(w, s, {"pairs": pairs, "tokens": toks})
-    out.update(timed_pairs=pairs, timed_tokens=toks, first_loss=round(losses[0], 5) if losses else None)
-    out.update(probe.report())
-    out.update(extra)
-    harness.emit(out)
-
-
 # ----- coati -----------------------------------------------------------------------------------------------
 
 def worker_coati(job: dict) -> None:
@@ -91,7 +77,7 @@ def worker_coati(job: dict) -> None:
     strategy = NaiveStrategy(seed=job["seed"], mixed_precision="bf16" if job["precision"] == "bf16" else None)
     model = strategy.prepare_model(Actor.from_pretrained(job["model_dir"]))
     items = []
-    for r in _load_rows(job):
+    for r in harness.load_rows(job):
         item = {}
         for side in ("chosen", "rejected"):
             item[f"{side}_input_ids"] = torch.tensor(r["prompt"] + r[side])
@@ -117,7 +103,7 @@ def worker_coati(job: dict) -> None:
     probe = harness.MemoryProbe(device)
     probe.start()
     history = trainer.fit()
-    _finish(job, clock, step_pairs, step_tokens, [h["loss"] for h in history], probe,
+    harness.finish(job, clock, {"pairs": step_pairs, "tokens": step_tokens}, [h["loss"] for h in history], probe,
             {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": str(strategy.device),
              "reference": trainer.reference,
              "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)})
@@ -132,7 +118,7 @@ def worker_trl(job: dict) -> None:
 
     harness.setup_worker(job)
     device = job["device"]
-    rows = _load_rows(job)
+    rows = harness.load_rows(job)
     dataset = Dataset.from_dict({"prompt_ids": [r["prompt"] for r in rows], "chosen_ids": [r["chosen"] for r in rows],
                                  "rejected_ids": [r["rejected"] for r in rows]})
     tok = AutoTokenizer.from_pretrained(job["model_dir"])
@@ -174,7 +160,7 @@ def worker_trl(job: dict) -> None:
     probe = harness.MemoryProbe(device)
     probe.start()
     trainer.train()
-    _finish(job, clock, step_pairs, step_tokens, losses, probe,
+    harness.finish(job, clock, {"pairs": step_pairs, "tokens": step_tokens}, losses, probe,
             {"optimizer": f"AdamW ({config.optim})", "device_used": str(trainer.args.device),
              "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)})
 

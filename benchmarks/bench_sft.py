@@ -70,21 +70,6 @@ def prepare(args, workdir: Path) -> dict:
             "data_truncated": ds.num_truncated, "data_samples_used": need}
 
 
-def _load_rows(job):
-    return json.loads(Path(job["data_file"]).read_text())
-
-
-def _finish(job, clock, step_tokens, step_padded, losses, probe, extra):
-    w, s = job["warmup_steps"], job["steps"]
-    toks, padded = sum(step_tokens[w:w + s]), sum(step_padded[w:w + s])
-    out = clock.rates(w, s, {"tokens": toks, "padded_tokens": padded})
-    out.update(timed_tokens=toks, first_loss=round(losses[0], 5) if losses else None,
-               last_loss=round(losses[w + s - 1], 5) if len(losses) >= w + s else None)
-    out.update(probe.report())
-    out.update(extra)
-    harness.emit(out)
-
-
 # ----- coati -----------------------------------------------------------------------------------------------
 
 def worker_coati(job: dict) -> None:
@@ -100,7 +85,7 @@ def worker_coati(job: dict) -> None:
     device = job["device"]
     strategy = NaiveStrategy(seed=job["seed"], mixed_precision="bf16" if job["precision"] == "bf16" else None)
     actor = strategy.prepare_model(Actor.from_pretrained(job["model_dir"]))
-    rows = _load_rows(job)
+    rows = harness.load_rows(job)
     items = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])} for r in rows]
     loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False,
                                        collate_fn=PackingCollator(0, job["seq_len"]) if job["packing"]
@@ -126,7 +111,7 @@ def worker_coati(job: dict) -> None:
     probe.start()
     history = trainer.fit()
     losses = [h["loss"] for h in history]
-    _finish(job, clock, step_tokens, step_padded, losses, probe,
+    harness.finish(job, clock, {"tokens": step_tokens, "padded_tokens": step_padded}, losses, probe,
             {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": str(strategy.device),
              "attn_implementation": actor.config._attn_implementation})
 
@@ -140,7 +125,7 @@ def worker_trl(job: dict) -> None:
 
     harness.setup_worker(job)
     device = job["device"]
-    rows = _load_rows(job)
+    rows = harness.load_rows(job)
     dataset = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
     tok = AutoTokenizer.from_pretrained(job["model_dir"])
     tok.pad_token = tok.unk_token
@@ -182,7 +167,7 @@ def worker_trl(job: dict) -> None:
     probe = harness.MemoryProbe(device)
     probe.start()
     trainer.train()
-    _finish(job, clock, step_tokens, step_padded, losses, probe,
+    harness.finish(job, clock, {"tokens": step_tokens, "padded_tokens": step_padded}, losses, probe,
             {"optimizer": f"AdamW ({config.optim})",
              "device_used": str(trainer.args.device),
              "attn_implementation": model.config._attn_implementation})
@@ -203,7 +188,7 @@ def worker_plain(job: dict) -> None:
     device = job["device"]
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"])
     items = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])}
-             for r in _load_rows(job)]
+             for r in harness.load_rows(job)]
     loader = torch.utils.data.DataLoader(items, batch_size=job["batch_size"], shuffle=False,
                                          collate_fn=SFTCollator(0))
     clock = harness.StepClock(device)
@@ -224,7 +209,7 @@ def worker_plain(job: dict) -> None:
     probe = harness.MemoryProbe(device)
     probe.start()
     losses = harness.plain_loop(job, model, harness.cycle_batches(loader), loss_fn, clock, on_batch=count)
-    _finish(job, clock, step_tokens, step_padded, losses, probe,
+    harness.finish(job, clock, {"tokens": step_tokens, "padded_tokens": step_padded}, losses, probe,
             {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": device,
              "attn_implementation": model.config._attn_implementation})
 

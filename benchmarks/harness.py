@@ -264,6 +264,26 @@ def emit(result: dict[str, Any]) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
+def load_rows(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tokenized rows the parent prepared once for every worker."""
+    return json.loads(Path(job["data_file"]).read_text())
+
+
+def finish(job: dict[str, Any], clock: StepClock, counts: dict[str, list[float]], losses: list[float],
+           probe: "MemoryProbe", extra: dict[str, Any]) -> None:
+    """Emit a training worker's result: the rates of each per-step count over the timed window (and its
+    ``timed_*`` total), the first and last loss, peak memory and ``extra``."""
+    w, s = job["warmup_steps"], job["steps"]
+    totals = {k: sum(v[w:w + s]) for k, v in counts.items()}
+    out = clock.rates(w, s, totals)
+    out.update({f"timed_{k}": v for k, v in totals.items()})
+    out.update(first_loss=round(losses[0], 5) if losses else None,
+               last_loss=round(losses[w + s - 1], 5) if len(losses) >= w + s else None)
+    out.update(probe.report())
+    out.update(extra)
+    emit(out)
+
+
 # ----- the parent: jobs, workers, the report line -----------------------------------------------------------
 
 def versions() -> dict[str, str]:

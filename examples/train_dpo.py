@@ -52,16 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how prompts are rendered; must match the SFT stage")
     cli.add_batching_args(d)
     add_config_args(p, PreferenceConfig)
-    t = p.add_argument_group("training")
-    t.add_argument("--batch_size", type=int, default=4, help="pairs (KTO: samples) per micro-batch per process")
-    t.add_argument("--accumulation_steps", "--accimulation_steps", dest="accumulation_steps", type=int, default=1,
-                   help="micro-batches per optimizer step")
-    t.add_argument("--lr", type=float, default=5e-7, help="peak learning rate (AdamW, warmup then cosine)")
-    t.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    t.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps spent warming up")
-    t.add_argument("--max_epochs", type=int, default=1, help="passes over the data")
-    t.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    t.add_argument("--eval_interval", type=int, default=0, help="evaluate every N steps (0 = each epoch end)")
+    cli.add_training_args(p, batch_help="pairs (KTO: samples) per micro-batch per process",
+                          epochs_help="passes over the data", lr=5e-7, warmup_ratio=0.1)
     cli.add_logging_args(p)
     return p
 

@@ -38,19 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="how prompts are rendered; must match the SFT stage")
     cli.add_batching_args(d)
-    t = p.add_argument_group("training")
+    t = cli.add_training_args(p, batch_help="pairs per micro-batch per process", epochs_help="passes over the pairs",
+                              lr=5e-6)
     t.add_argument("--loss_fn", default="log_sig", choices=["log_sig", "log_exp"],
                    help="log_sig: -log sigmoid(r_c - r_r); log_exp: log(1 + exp(r_r - r_c))")
     t.add_argument("--margin", type=float, default=0.0, help="required reward margin inside the loss")
-    t.add_argument("--batch_size", type=int, default=4, help="pairs per micro-batch per process")
-    t.add_argument("--accumulation_steps", "--accimulation_steps", dest="accumulation_steps", type=int, default=1,
-                   help="micro-batches per optimizer step")
-    t.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (AdamW, warmup then cosine)")
-    t.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    t.add_argument("--warmup_ratio", type=float, default=0.03, help="share of steps spent warming up")
-    t.add_argument("--max_epochs", type=int, default=1, help="passes over the pairs")
-    t.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    t.add_argument("--eval_interval", type=int, default=0, help="evaluate every N steps (0 = each epoch end)")
     t.add_argument("--test", action=cli.BoolFlag, default=False,
                    help="quick smoke run: at most 256 records, one epoch (Coati's --test)")
     cli.add_logging_args(p)

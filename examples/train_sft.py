@@ -32,16 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="auto = the tokenizer's chat template if it has one, else alpaca")
     cli.add_batching_args(d)
-    t = p.add_argument_group("training")
-    t.add_argument("--batch_size", type=int, default=4, help="micro-batch size per process")
-    t.add_argument("--accumulation_steps", "--accimulation_steps", dest="accumulation_steps", type=int, default=8,
-                   help="micro-batches per optimizer step (--accimulation_steps: Coati's spelling)")
-    t.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (AdamW, warmup then cosine)")
-    t.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    t.add_argument("--warmup_ratio", type=float, default=0.03, help="share of steps spent warming up")
-    t.add_argument("--max_epochs", type=int, default=3, help="passes over the training data")
-    t.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    t.add_argument("--eval_interval", type=int, default=0, help="evaluate every N steps (0 = each epoch end)")
+    t = cli.add_training_args(p, batch_help="micro-batch size per process", epochs_help="passes over the training data",
+                              lr=5e-6, accumulation_steps=8, max_epochs=3)
     cli.add_neftune_args(t)
     cli.add_logging_args(p)
     return p

@@ -244,6 +244,25 @@ def neftune_from_args(model: Any, args: argparse.Namespace) -> None:
         enable_neftune(model, args.neftune_noise_alpha)
 
 
+def add_training_args(parser: argparse.ArgumentParser, *, batch_help: str, epochs_help: str, lr: float,
+                      accumulation_steps: int = 1, warmup_ratio: float = 0.03,
+                      max_epochs: int = 1) -> argparse._ArgumentGroup:
+    """The supervised loop's flags (one declaration for train_sft, train_reward_model and train_dpo, whose
+    defaults differ); returns the "training" group for a script's own additions."""
+    t = parser.add_argument_group("training")
+    t.add_argument("--batch_size", type=int, default=4, help=batch_help)
+    t.add_argument("--accumulation_steps", "--accimulation_steps", dest="accumulation_steps", type=int,
+                   default=accumulation_steps,
+                   help="micro-batches per optimizer step (--accimulation_steps: Coati's spelling)")
+    t.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW, warmup then cosine)")
+    t.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--warmup_ratio", type=float, default=warmup_ratio, help="share of steps spent warming up")
+    t.add_argument("--max_epochs", type=int, default=max_epochs, help=epochs_help)
+    t.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    t.add_argument("--eval_interval", type=int, default=0, help="evaluate every N steps (0 = each epoch end)")
+    return t
+
+
 def add_batching_args(group: argparse._ArgumentGroup) -> None:
     """``--packing`` and ``--group_by_length``: how training micro-batches are laid out."""
     group.add_argument("--packing", action=BoolFlag, default="auto",

@@ -113,7 +113,7 @@ def worker_coati(job: dict) -> None:
 
 def worker_trl(job: dict) -> None:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     harness.setup_worker(job)
@@ -129,14 +129,6 @@ def worker_trl(job: dict) -> None:
     step_pairs: list[int] = []
     step_tokens: list[int] = []
     losses: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.tick()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
 
     class PreTokenizedDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, *args, **kwargs):
@@ -156,7 +148,7 @@ def worker_trl(job: dict) -> None:
         dataloader_num_workers=0,
     )
     trainer = PreTokenizedDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok,
-                                     callbacks=[Clock()])
+                                     callbacks=[harness.trl_clock(clock, losses)])
     probe = harness.MemoryProbe(device)
     probe.start()
     trainer.train()

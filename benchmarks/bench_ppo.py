@@ -218,8 +218,7 @@ TRL_LOSS_TYPE = {"ppo": "dapo", "grpo": "grpo"}
 
 def worker_trl(job: dict) -> None:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, \
-        TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     harness.setup_worker(job)
@@ -242,10 +241,6 @@ def worker_trl(job: dict) -> None:
     step_tokens: list[int] = []
     gen_s: list[float] = []
     score_s: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.tick()
 
     class TimedGRPOTrainer(GRPOTrainer):
         def _generate(self, prompts):
@@ -275,7 +270,8 @@ def worker_trl(job: dict) -> None:
         dataloader_num_workers=0, log_completions=False,
     )
     trainer = TimedGRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=dataset,
-                               processing_class=tok, reward_processing_classes=reward_tok, callbacks=[Clock()])
+                               processing_class=tok, reward_processing_classes=reward_tok,
+                               callbacks=[harness.trl_clock(clock)])
     probe = harness.MemoryProbe(device)
     probe.start()
     trainer.train()

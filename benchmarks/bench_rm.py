@@ -112,7 +112,7 @@ def worker_coati(job: dict) -> None:
 
 def worker_trl(job: dict) -> None:
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     harness.setup_worker(job)
@@ -130,14 +130,6 @@ def worker_trl(job: dict) -> None:
     step_tokens: list[int] = []
     losses: list[float] = []
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.tick()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     class CountingRewardTrainer(RewardTrainer):
         def training_step(self, model, inputs, *a, **kw):
             step_pairs.append(int(inputs["input_ids"].shape[0]) // 2)
@@ -153,7 +145,7 @@ def worker_trl(job: dict) -> None:
         dataloader_num_workers=0,
     )
     trainer = CountingRewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok,
-                                    callbacks=[Clock()])
+                                    callbacks=[harness.trl_clock(clock, losses)])
     probe = harness.MemoryProbe(device)
     probe.start()
     trainer.train()

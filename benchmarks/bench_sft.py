@@ -120,7 +120,7 @@ def worker_coati(job: dict) -> None:
 
 def worker_trl(job: dict) -> None:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     harness.setup_worker(job)
@@ -135,14 +135,6 @@ def worker_trl(job: dict) -> None:
     step_tokens: list[int] = []
     step_padded: list[int] = []
     losses: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.tick()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
 
     class CountingSFTTrainer(SFTTrainer):
         def training_step(self, model, inputs, *a, **kw):
@@ -163,7 +155,7 @@ def worker_trl(job: dict) -> None:
         use_cpu=device == "cpu", dataloader_num_workers=0,
     )
     trainer = CountingSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok,
-                                 callbacks=[Clock()])
+                                 callbacks=[harness.trl_clock(clock, losses)])
     probe = harness.MemoryProbe(device)
     probe.start()
     trainer.train()

@@ -264,6 +264,22 @@ def emit(result: dict[str, Any]) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
+def trl_clock(clock: StepClock, losses: list[float] | None = None) -> Any:
+    """A transformers ``TrainerCallback`` that ticks ``clock`` at every optimizer step's end and appends each
+    logged loss to ``losses``: how the TRL workers are timed."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if losses is not None and logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return Clock()
+
+
 def load_rows(job: dict[str, Any]) -> list[dict[str, Any]]:
     """The tokenized rows the parent prepared once for every worker."""
     return json.loads(Path(job["data_file"]).read_text())

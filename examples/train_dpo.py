@@ -17,8 +17,8 @@ import copy
 import os
 
 from coati.dataset import (
-    PackingPreferenceCollator, PreferenceCollator, PreferenceDataset, UnpairedPreferenceCollator, UnpairedPreferenceDataset, format_from_name,
-    split_dataset,
+    PackingPreferenceCollator, PreferenceCollator, PreferenceDataset, UnpairedPreferenceCollator,
+    UnpairedPreferenceDataset, format_from_name, split_dataset,
 )
 from coati.models import Actor
 from coati.trainer import DPOTrainer, PreferenceConfig, resolve_resume

@@ -18,6 +18,16 @@ Figures, per framework
   peak_rss_mb                      worker RSS high-water (CPU); peak_gpu_mem_mb on ``--device cuda``
   first_loss                       first-step loss: log 2 = 0.6931 for both (policy = reference)
 
+Packing (``--packing``)
+  coati packs each batch's pairs into rows, each pair's prompt once (its rejected side reads the prompt the
+  chosen side ran); TRL's DPOTrainer stays padded (its ``padding_free`` needs flash attention).
+
+Plain loop
+  A third worker, ``plain``, trains the same policy on the same padded pairs in a hand-written PyTorch loop
+  (``harness.plain_loop``: coati's AdamW, schedule and clipping), with a frozen reference copy, chosen and
+  rejected as one batch, the LM head only on the labelled positions; ``ratio_coati_over_plain_loop`` compares
+  coati with it.
+
 How to read the ratio
   ``ratio_coati_over_trl.pairs_per_cpu_s`` > 1 means coati trains more pairs per CPU second; a memory
   ratio < 1 means coati uses less. On a shared CPU read the per-CPU-second figures, with ``--repeats 3``.
@@ -67,7 +77,7 @@ def prepare(args, workdir: Path) -> dict:
 def worker_coati(job: dict) -> None:
     import torch
 
-    from coati.dataset import PreferenceCollator
+    from coati.dataset import PackingPreferenceCollator, PreferenceCollator
     from coati.models import Actor
     from coati.trainer import DPOTrainer, PreferenceConfig
     from coati.trainer.strategies import NaiveStrategy
@@ -83,7 +93,8 @@ def worker_coati(job: dict) -> None:
             item[f"{side}_input_ids"] = torch.tensor(r["prompt"] + r[side])
             item[f"{side}_labels"] = torch.tensor([-100] * len(r["prompt"]) + r[side])
         items.append(item)
-    loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False, collate_fn=PreferenceCollator(0))
+    collate = PackingPreferenceCollator(0, job["seq_len"]) if job["packing"] else PreferenceCollator(0)
+    loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False, collate_fn=collate)
     total = job["warmup_steps"] + job["steps"]
     clock = harness.StepClock(device)
     step_pairs: list[int] = []
@@ -91,8 +102,10 @@ def worker_coati(job: dict) -> None:
 
     class TimedDPOTrainer(DPOTrainer):
         def _train_step(self, micro_batches):
-            step_pairs.append(sum(int(b["input_ids"].shape[0]) // 2 for b in micro_batches))
-            step_tokens.append(sum(int(b["attention_mask"].sum()) for b in micro_batches))
+            step_pairs.append(sum(int(self.count_units(b)) for b in micro_batches))
+            # the pairs' own tokens (a shared prompt counted on both sides, as TRL's and the plain loop's are)
+            step_tokens.append(sum(int(b["seq_lens"].sum()) if "seq_lens" in b else int(b["attention_mask"].sum())
+                                   for b in micro_batches))
             metrics = super()._train_step(micro_batches)
             clock.tick()
             return metrics
@@ -157,13 +170,72 @@ def worker_trl(job: dict) -> None:
              "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)})
 
 
+# ----- plain PyTorch loop ---------------------------------------------------------------------------------
+
+def worker_plain(job: dict) -> None:
+    """The same pairs and settings in a hand-written loop: policy and frozen reference on chosen + rejected as
+    one padded batch, the LM head only on the labelled positions, sigmoid DPO."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from coati.dataset import PreferenceCollator
+
+    harness.setup_worker(job)
+    device = job["device"]
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"])
+    reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    items = [{f"{side}_{k}": torch.tensor(([-100] * len(r["prompt"]) if k == "labels" else r["prompt"]) + r[side])
+              for side in ("chosen", "rejected") for k in ("input_ids", "labels")} for r in harness.load_rows(job)]
+    loader = torch.utils.data.DataLoader(items, batch_size=job["batch_size"], shuffle=False,
+                                         collate_fn=PreferenceCollator(0))
+    clock = harness.StepClock(device)
+    step_pairs: list[int] = []
+    step_tokens: list[int] = []
+
+    def count(batch):
+        step_pairs.append(int(batch["input_ids"].shape[0]) // 2)
+        step_tokens.append(int(batch["attention_mask"].sum()))
+
+    def logps(lm, batch):
+        hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        picked = targets.ne(-100)
+        token = torch.log_softmax(lm.lm_head(hidden[:, :-1][picked]).float(), -1)
+        token = token.gather(-1, targets[picked][:, None]).squeeze(-1)
+        rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[picked]
+        return torch.zeros(targets.shape[0], device=targets.device).index_add(0, rows, token)
+
+    def loss_fn(batch):
+        with torch.no_grad():
+            ref = logps(reference, batch)
+        ratio = logps(model, batch) - ref
+        n = ratio.shape[0] // 2
+        return -F.logsigmoid(job["beta"] * (ratio[:n] - ratio[n:])).mean()
+
+    probe = harness.MemoryProbe(device)
+    probe.start()
+    losses = harness.plain_loop(job, model, harness.cycle_batches(loader), loss_fn, clock, on_batch=count)
+    harness.finish(job, clock, {"pairs": step_pairs, "tokens": step_tokens}, losses, probe,
+            {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": device,
+             "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)})
+
+
+WORKERS = {"coati": worker_coati, "trl": worker_trl, "plain": worker_plain}
+
+
 def main() -> None:
-    parser = harness.common_parser(__doc__, steps=10, batch_size=4, seq_len=256)
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta in both frameworks")
+    parser = harness.common_parser(__doc__, steps=10, batch_size=4, seq_len=256, plain_loop=True)
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta in all workers")
+    parser.add_argument("--packing", action="store_true",
+                        help="coati packs each batch's pairs into rows, each pair's shared prompt once (TRL's "
+                             "DPOTrainer and the plain loop stay padded)")
     args = parser.parse_args()
     if args._worker:
         job = json.loads(Path(args._job).read_text())
-        (worker_coati if args._worker == "coati" else worker_trl)(job)
+        WORKERS[args._worker](job)
         return
     harness.main(args, script=__file__, bench="dpo", prepare=prepare,
                  key_metrics=["pairs_per_s", "pairs_per_cpu_s", "peak_rss_mb"],
@@ -171,7 +243,8 @@ def main() -> None:
                              "peak_gpu_mem_mb"],
                  notes="pairs_per_cpu_s = preference pairs per CPU second; ratio > 1 = coati faster; memory ratio "
                        "< 1 = coati smaller. Same weights, token ids, batch order, beta; both hold a frozen "
-                       "reference.", report_args=("beta",))
+                       "reference. plain_loop: a hand-written PyTorch loop, the LM head on labelled positions only.",
+                 report_args=("beta", "packing"))
 
 
 if __name__ == "__main__":

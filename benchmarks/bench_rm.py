@@ -92,7 +92,9 @@ def worker_coati(job: dict) -> None:
     class TimedRMTrainer(RewardModelTrainer):
         def _train_step(self, micro_batches):
             step_pairs.append(sum(int(self.count_units(b)) for b in micro_batches))
-            step_tokens.append(sum(batch_token_counts(b)[0] for b in micro_batches))
+            # the pairs' own tokens (a shared prompt counted on both sides, as TRL's and the plain loop's are)
+            step_tokens.append(sum(int(b["seq_lens"].sum()) if "seq_lens" in b else batch_token_counts(b)[0]
+                                   for b in micro_batches))
             metrics = super()._train_step(micro_batches)
             clock.tick()
             return metrics
@@ -211,8 +213,8 @@ WORKERS = {"coati": worker_coati, "trl": worker_trl, "plain": worker_plain}
 def main() -> None:
     parser = harness.common_parser(__doc__, steps=10, batch_size=4, seq_len=256, plain_loop=True)
     parser.add_argument("--packing", action="store_true",
-                        help="coati packs each batch's 2B sequences into rows of <= --seq_len tokens (TRL's "
-                             "RewardTrainer has no padding-free mode and stays padded)")
+                        help="coati packs each batch's pairs into rows of <= 2 x --seq_len tokens, each pair's "
+                             "shared prompt once (TRL's RewardTrainer has no padding-free mode and stays padded)")
     args = parser.parse_args()
     if args._worker:
         job = json.loads(Path(args._job).read_text())

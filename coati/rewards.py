@@ -16,6 +16,7 @@ properties of the function say how it is called, and the experience maker reads 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import re
 from typing import Any, Callable, Sequence
@@ -33,6 +34,17 @@ def _slice(value: Any, start: int, stop: int) -> Any:
     return value[start:stop] if hasattr(value, "__getitem__") and not isinstance(value, (str, bytes)) else value
 
 
+def _run(coroutine: Any) -> Any:
+    """``asyncio.run``, also where this thread already runs an event loop (a Jupyter notebook), which
+    ``asyncio.run`` refuses: then the coroutine gets a loop of its own in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 def call_reward_fn(fn: RewardFn, prompts: Sequence[str], responses: Sequence[str], group_size: int = 1,
                    **fields: Any) -> list[float]:
     """Score ``responses`` (consecutive runs of ``group_size`` answer one prompt) with ``fn`` as its kind asks:
@@ -48,7 +60,7 @@ def call_reward_fn(fn: RewardFn, prompts: Sequence[str], responses: Sequence[str
         async def gather() -> list:
             return await asyncio.gather(*(c for c, _ in calls))
 
-        results = asyncio.run(gather())
+        results = _run(gather())
     else:
         results = [c for c, _ in calls]
     scores: list[float] = []

@@ -14,7 +14,7 @@ from coati.dataset import (
     PackingCollator, PackingPreferenceCollator, PackingRewardCollator, PreferenceCollator, RewardCollator,
     SFTCollator, sample_lengths,
 )
-from coati.dataset.packing import first_fit, pack
+from coati.dataset.packing import first_fit, model_inputs, pack, shared_prefix_len
 from coati.errors import UsageError
 from coati.models import Actor, RewardModel
 from coati.models.families import FAMILIES, resolve_packing, supports_packing
@@ -69,6 +69,25 @@ def _pairs(seed: int = 0, n: int = 4) -> list[dict]:
     return out
 
 
+def _prompt_pairs(seed: int = 0) -> list[dict]:
+    """Pairs as a preference set holds them: both sides open with the same prompt (labels -100 there), the
+    answers differ from their first token; the last pair shares nothing."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p, c, r in ((5, 4, 6), (3, 7, 2), (8, 1, 3), (0, 5, 4)):
+        prompt = torch.randint(3, VOCAB, (p,), generator=g)
+        answers = [torch.randint(3, VOCAB, (n,), generator=g) for n in (c, r)]
+        answers[1][0] = 3 + (int(answers[0][0]) - 2) % (VOCAB - 3)  # differ at the first answer token
+        item = {}
+        for side, answer in zip(("chosen", "rejected"), answers):
+            ids = torch.cat([prompt, answer])
+            labels = ids.clone()
+            labels[:p] = -100
+            item[f"{side}_input_ids"], item[f"{side}_labels"] = ids, labels
+        out.append(item)
+    return out
+
+
 def test_the_registry_packs_exactly_the_checked_architectures():
     assert PACKING == ["gpt2", "gpt_neox", "llama", "mistral", "qwen2"]
     assert REFUSED == ["bloom", "opt"]
@@ -107,6 +126,65 @@ def test_architectures_that_cannot_isolate_samples_are_refused(model_type):
         worst = max(float((packed[batch["sample_ids"] == i] - actor(s[None])[0]).abs().max())
                     for i, s in enumerate(seqs))
     assert worst > 1e-3
+
+
+@pytest.mark.parametrize("model_type", PACKING)
+def test_a_pair_sharing_its_prompt_has_each_sides_logits_alone(model_type):
+    """The rejected side, laid out after the chosen one and reading the prompt they share, sees exactly its own
+    tokens: its logits equal its logits alone, as do the chosen side's."""
+    torch.manual_seed(0)
+    actor = Actor.from_config(CONFIGS[model_type]()).eval()
+    pairs = _prompt_pairs()
+    batch = PackingRewardCollator(0, MAX_LEN)([{k: v for k, v in p.items() if "input_ids" in k} for p in pairs])
+    n = len(pairs)
+    assert batch["input_ids"].shape[0] < n  # rows really hold several pairs
+    # by hand: the prompts (5, 3, 8 tokens; the answers differ from their first token) once, the last pair apart
+    assert int((batch["shared_ids"] >= 0).sum()) == 5 + 3 + 8
+    assert int((batch["sample_ids"] >= 0).sum()) == sum(len(p[k]) for p in pairs for k in p if "input_ids" in k) - 16
+    with torch.no_grad():
+        packed = actor(batch["input_ids"], **model_inputs(batch))
+        for i, p in enumerate(pairs):
+            for j, side in ((i, "chosen"), (n + i, "rejected")):
+                ids = p[f"{side}_input_ids"]
+                alone = actor(ids[None])[0]
+                mine = batch["sample_ids"] == j
+                if side == "chosen":
+                    mine |= batch["shared_ids"] == n + i  # the shared prefix is counted as the chosen side's
+                torch.testing.assert_close(packed[mine], alone[-int(mine.sum()):], atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_stops_before_the_rejected_sides_first_label_and_last_token():
+    t = torch.tensor
+    chosen, rejected = t([5, 6, 7, 8, 9]), t([5, 6, 7, 4])
+    assert shared_prefix_len(chosen, rejected) == 3
+    assert shared_prefix_len(chosen, t([5, 6, 7])) == 2  # the rejected side keeps a last token of its own
+    assert shared_prefix_len(t([5, 6]), t([5, 6, 7, 8])) == 2  # the chosen side may be all prefix
+    assert shared_prefix_len(chosen, rejected, t([-100, -100, 7, 4])) == 1  # its first label: token 2
+    assert shared_prefix_len(chosen, rejected, t([-100, 6, 7, 4])) == 0
+    assert shared_prefix_len(t([4, 6]), rejected) == 0
+
+
+def test_eager_attention_gets_the_shared_prefix_mask_as_an_additive_one():
+    torch.manual_seed(0)
+    config = CONFIGS["llama"]()
+    sdpa = Actor.from_config(config).eval()
+    config._attn_implementation = "eager"
+    eager = Actor.from_config(config).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert eager.config._attn_implementation == "eager"
+    batch = PackingPreferenceCollator(0, MAX_LEN)(_prompt_pairs())
+    with torch.no_grad():
+        torch.testing.assert_close(eager(batch["input_ids"], **model_inputs(batch)),
+                                   sdpa(batch["input_ids"], **model_inputs(batch)), atol=1e-5, rtol=0)
+
+
+def test_a_sliding_window_the_mask_would_have_to_add_is_refused():
+    config = CONFIGS["mistral"]()
+    config.sliding_window = 8
+    actor = Actor.from_config(config)
+    batch = PackingPreferenceCollator(0, MAX_LEN)(_prompt_pairs())
+    with pytest.raises(UsageError, match="exceed the sliding window"):
+        actor(batch["input_ids"], **model_inputs(batch))
 
 
 def test_first_fit_fills_rows_up_to_max_len_deterministically():
@@ -163,7 +241,7 @@ def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type):
 
 
 def test_packed_reward_model_gives_the_unpacked_rewards_and_gradient():
-    pairs = _pairs()
+    pairs = _pairs() + _prompt_pairs()
     results = []
     for collate in (RewardCollator(0), PackingRewardCollator(0, MAX_LEN)):
         torch.manual_seed(0)
@@ -171,6 +249,8 @@ def test_packed_reward_model_gives_the_unpacked_rewards_and_gradient():
         model = strategy.prepare_model(RewardModel.from_config(CONFIGS["llama"]()))
         trainer = RewardModelTrainer(model, strategy, _loader(strategy, pairs, collate, len(pairs)), log_interval=100)
         batch = collate(pairs)
+        if "shared_ids" in batch:  # the prompts, 5 + 3 + 8 tokens, once
+            assert int((batch["shared_ids"] >= 0).sum()) == 16
         chosen, rejected = trainer.rewards(batch)
         loss_sum, count, _ = trainer.compute_loss(batch)
         loss_sum.backward()
@@ -184,7 +264,7 @@ def test_packed_reward_model_gives_the_unpacked_rewards_and_gradient():
 
 
 def test_packed_dpo_gives_the_unpacked_logps_loss_and_gradient():
-    pairs = _pairs()
+    pairs = _pairs() + _prompt_pairs()
     results = []
     for collate in (PreferenceCollator(0), PackingPreferenceCollator(0, MAX_LEN)):
         torch.manual_seed(0)
@@ -196,6 +276,8 @@ def test_packed_dpo_gives_the_unpacked_logps_loss_and_gradient():
             for p in model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         batch = collate(pairs)
+        if "shared_ids" in batch:  # the prompts (5, 3, 8 tokens) but their last token, which each side keeps
+            assert int((batch["shared_ids"] >= 0).sum()) == 4 + 2 + 7
         logps, lengths = batch_logps(model, batch)
         loss_sum, count, _ = trainer.compute_loss(batch)
         loss_sum.backward()

@@ -94,6 +94,20 @@ def test_async_group_calls_of_a_batch_run_concurrently():
     assert rewards.call_reward_fn(batch, ["a", "a"], ["x", "y"], 2) == [0.25, 0.25]
 
 
+def test_an_async_reward_is_awaited_where_an_event_loop_already_runs():
+    """A notebook runs its cells inside an event loop, where ``asyncio.run`` refuses to start another."""
+    import asyncio
+
+    async def judged(prompts, responses):
+        await asyncio.sleep(0)
+        return [float(len(r)) for r in responses]
+
+    async def notebook_cell():
+        return rewards.call_reward_fn(judged, ["a", "b"], ["xy", "xyz"], 1)
+
+    assert asyncio.run(notebook_cell()) == [2.0, 3.0]
+
+
 def test_a_wrong_number_of_scores_is_an_error():
     with pytest.raises(ValueError, match="2 scores for 3 responses"):
         rewards.call_reward_fn(rewards.per_group(lambda p, r: [1.0, 1.0]), ["a"] * 6, ["x"] * 6, 3)

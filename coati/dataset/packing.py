@@ -15,6 +15,16 @@ A packed batch carries, per prefix (``""``, ``"kl_"``), ``input_ids``, ``positio
 sample's first label set to -100, since the previous sample's last token must not predict it; unpacked the
 shift drops it anyway), ``sample_ids`` (the batch position of the sample each token belongs to, -1 on pad)
 and ``seq_lens`` ``(N,)``; :func:`sample_sums` and :func:`last_token_flat_index` give per-sample values.
+
+Pairs (reward and preference batches) share their prompt: a pair whose two sides start with the same tokens
+is laid out as one unit, ``[chosen | rejected after the common prefix]`` (:func:`pack_pairs`), the rejected
+part's position ids continuing from the prefix, so the prompt's tokens run through the model once instead of
+twice (on the preference demo set at 256 tokens, 24% fewer tokens a pair). Units fill rows of ``2 * max_len``. Position ids cannot say that the
+rejected part sees the prefix but not the chosen answer between them, so such a batch also carries
+``shared_ids`` (on a shared-prefix token: the batch position of the rejected side that also reads it; -1
+elsewhere) and :func:`model_inputs` adds the explicit mask :func:`pair_attention_mask` builds from it. The
+prefix stops before the first labelled token and leaves the rejected side at least one token, so every
+label is predicted from the same context as unpacked and every sample keeps a last token of its own.
 """
 from __future__ import annotations
 
@@ -44,46 +54,117 @@ def first_fit(lengths: Sequence[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def pack(input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None, max_len: int, pad_token_id: int,
-         prefix: str = "") -> dict[str, torch.Tensor]:
-    """Pack 1-D samples into rows (see the module doc). Pad tails get position ids from 0 (a segment of their
-    own, after every real token, so causal attention never lets a real token see them)."""
-    if not input_ids:
-        raise ValueError("cannot pack an empty batch")
-    lengths = [len(s) for s in input_ids]
-    rows = first_fit(lengths, max_len)
-    width = max(sum(lengths[i] for i in row) for row in rows)
+# one packed unit: (sample, first token, end, tokens shared with this other sample or -1) pieces, laid out in order
+_Unit = list[tuple[int, int, int, int]]
+
+
+def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None,
+                max_len: int, pad_token_id: int, shared: bool) -> dict[str, torch.Tensor]:
+    """Lay units out first-fit into rows. A piece starting a sample's tokens in a row (not continuing the piece
+    before it) loses its first label: the token before it is another sample's. Pad tails get position ids from
+    0 (a segment of their own, after every real token, so causal attention never lets a real token see them)."""
+    sizes = [sum(end - start for _, start, end, _ in unit) for unit in units]
+    rows = first_fit(sizes, max_len)
+    width = max(sum(sizes[u] for u in row) for row in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     sid = torch.full((len(rows), width), -1, dtype=torch.long)
+    shr = torch.full((len(rows), width), -1, dtype=torch.long)
     for r, row in enumerate(rows):
-        start = 0
-        for i in row:
-            n = lengths[i]
-            ids[r, start:start + n] = torch.as_tensor(input_ids[i], dtype=torch.long)
-            pos[r, start:start + n] = torch.arange(n)
-            if labels is not None:
-                lab[r, start + 1:start + n] = torch.as_tensor(labels[i], dtype=torch.long)[1:]
-            sid[r, start:start + n] = i
-            start += n
-        pos[r, start:] = torch.arange(width - start)
-    out = {"input_ids": ids, "position_ids": pos, "sample_ids": sid, "seq_lens": torch.tensor(lengths)}
+        at = 0
+        for u in row:
+            previous = None
+            for i, start, end, with_ in units[u]:
+                n = end - start
+                ids[r, at:at + n] = torch.as_tensor(input_ids[i][start:end], dtype=torch.long)
+                pos[r, at:at + n] = torch.arange(start, end)
+                if labels is not None:
+                    skip = 0 if previous == (i, start) else 1
+                    lab[r, at + skip:at + n] = torch.as_tensor(labels[i][start + skip:end], dtype=torch.long)
+                sid[r, at:at + n] = i
+                shr[r, at:at + n] = with_
+                previous = (i, end)
+                at += n
+        pos[r, at:] = torch.arange(width - at)
+    out = {"input_ids": ids, "position_ids": pos, "sample_ids": sid,
+           "seq_lens": torch.tensor([len(s) for s in input_ids])}
     if labels is not None:
         out["labels"] = lab
+    if shared:
+        out["shared_ids"] = shr
+    return out
+
+
+def pack(input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None, max_len: int, pad_token_id: int,
+         prefix: str = "") -> dict[str, torch.Tensor]:
+    """Pack 1-D samples into rows (see the module doc)."""
+    if not input_ids:
+        raise ValueError("cannot pack an empty batch")
+    units = [[(i, 0, len(s), -1)] for i, s in enumerate(input_ids)]
+    out = _pack_units(units, input_ids, labels, max_len, pad_token_id, shared=False)
     return {prefix + k: v for k, v in out.items()}
+
+
+def shared_prefix_len(chosen: torch.Tensor, rejected: torch.Tensor,
+                      rejected_labels: torch.Tensor | None = None) -> int:
+    """Leading tokens a pair's sides can share (module doc): their common prefix, ending before the rejected
+    side's last token and before the token preceding its first label (where the rejected part starts, its
+    first token carries no label in a packed row, so it must be one no loss reads; the shared tokens count
+    for the chosen side only, so none may be labelled on the rejected side)."""
+    n = min(len(chosen), len(rejected) - 1)
+    if rejected_labels is not None:
+        labelled = torch.nonzero(torch.as_tensor(rejected_labels) != IGNORE_INDEX)
+        if len(labelled):
+            n = min(n, int(labelled[0]) - 1)
+    if n <= 0:
+        return 0
+    differ = torch.nonzero(torch.as_tensor(chosen[:n]) != torch.as_tensor(rejected[:n]))
+    return int(differ[0]) if len(differ) else n
+
+
+def pack_pairs(chosen: Sequence[torch.Tensor], rejected: Sequence[torch.Tensor], max_len: int, pad_token_id: int,
+               chosen_labels: Sequence[torch.Tensor] | None = None,
+               rejected_labels: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Pack ``B`` pairs as ``2B`` samples, chosen sides at batch positions ``0..B-1``, each pair one unit with
+    its common prefix once (module doc), into rows of at most ``2 * max_len`` tokens: a pair's two sides at
+    their longest, so the rows hold what the padded batch's ``2B`` rows of ``max_len`` would."""
+    if not chosen:
+        raise ValueError("cannot pack an empty batch")
+    b = len(chosen)
+    input_ids = list(chosen) + list(rejected)
+    labels = None if chosen_labels is None else list(chosen_labels) + list(rejected_labels)
+    units: list[_Unit] = []
+    for i in range(b):
+        s = shared_prefix_len(chosen[i], rejected[i], rejected_labels[i] if labels else None)
+        units.append([(i, 0, s, b + i)] * bool(s) + [(i, s, len(chosen[i]), -1), (b + i, s, len(rejected[i]), -1)])
+    return _pack_units(units, input_ids, labels, 2 * max_len, pad_token_id, shared=True)
 
 
 def is_packed(batch: dict[str, Any], prefix: str = "") -> bool:
     return f"{prefix}position_ids" in batch
 
 
-def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor | None]:
     """The keyword arguments a model call takes for this batch: ``position_ids`` when packed (the mask is then
-    built from them), else ``attention_mask``."""
+    built from them, or is :func:`pair_attention_mask` where pairs share a prefix), else ``attention_mask``."""
     if is_packed(batch, prefix):
-        return {"position_ids": batch[f"{prefix}position_ids"]}
+        return {"position_ids": batch[f"{prefix}position_ids"],
+                "attention_mask": pair_attention_mask(batch.get(f"{prefix}sample_ids"),
+                                                      batch.get(f"{prefix}shared_ids"))}
     return {"attention_mask": batch[f"{prefix}attention_mask"]}
+
+
+def pair_attention_mask(sample_ids: torch.Tensor | None, shared_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """``(R, 1, W, W)`` bool, True where query ``i`` may attend key ``j``: ``j <= i`` and ``j`` is of the same
+    sample, or a prefix token ``i``'s sample shares. None where nothing is shared (position ids suffice)."""
+    if shared_ids is None or not bool((shared_ids >= 0).any()):
+        return None
+    width = sample_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=sample_ids.device).tril()
+    same = sample_ids[:, :, None] == sample_ids[:, None, :]
+    via_prefix = (shared_ids[:, None, :] == sample_ids[:, :, None]) & (shared_ids[:, None, :] >= 0)
+    return ((same | via_prefix) & causal)[:, None]
 
 
 def sample_sums(values: torch.Tensor, sample_ids: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -131,22 +212,24 @@ class PackingCollator:
 
 
 class PackingRewardCollator(PackingCollator):
-    """Reward pairs -> one packed batch of ``2B`` samples, the chosen sides first (batch positions ``0..B-1``)."""
+    """Reward pairs -> one packed batch of ``2B`` samples, the chosen sides first (batch positions ``0..B-1``),
+    each pair's prompt once (:func:`pack_pairs`)."""
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
-        seqs = [b[f"{side}_input_ids"] for side in ("chosen", "rejected") for b in batch]
-        return pack(seqs, None, self.max_len, self.pad_token_id)
+        return pack_pairs([b["chosen_input_ids"] for b in batch], [b["rejected_input_ids"] for b in batch],
+                          self.max_len, self.pad_token_id)
 
 
 class PackingPreferenceCollator(PackingCollator):
-    """Preference pairs -> one packed batch of ``2B`` samples, the chosen sides first, plus ``ref_logps``
-    when the dataset holds precomputed ones (the layout of :class:`~coati.dataset.PreferenceCollator`)."""
+    """Preference pairs -> one packed batch of ``2B`` samples, the chosen sides first, each pair's prompt once
+    (:func:`pack_pairs`), plus ``ref_logps`` when the dataset holds precomputed ones (the layout of
+    :class:`~coati.dataset.PreferenceCollator`)."""
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         from .preference import PreferenceDataset, _ref
 
-        sides = [(b[f"{side}_input_ids"], b[f"{side}_labels"]) for side in ("chosen", "rejected") for b in batch]
-        out = pack([s[0] for s in sides], [s[1] for s in sides], self.max_len, self.pad_token_id)
+        out = pack_pairs(*([b[k] for b in batch] for k in ("chosen_input_ids", "rejected_input_ids")), self.max_len,
+                         self.pad_token_id, *([b[k] for b in batch] for k in ("chosen_labels", "rejected_labels")))
         ref = _ref(batch, PreferenceDataset.REF_KEYS)
         if ref is not None:
             out["ref_logps"] = ref

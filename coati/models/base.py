@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from ..errors import UsageError
 from .families import check_model_type
 from .lm_head import logit_processing, token_entropy, token_log_probs
 from .loss import IGNORE_INDEX
@@ -266,13 +267,32 @@ def _load_adapter(model: nn.Module, path: Path) -> None:
 def _lm_inputs(module: nn.Module, attention_mask: torch.Tensor | None,
                position_ids: torch.Tensor | None) -> dict[str, Any]:
     """Model-call keywords: padding-independent position ids from the mask, or (a packed batch) the given
-    position ids and no mask, from which transformers builds the block-diagonal causal mask."""
+    position ids and no mask, from which transformers builds the block-diagonal causal mask, or the packed
+    batch's own ``(R, 1, W, W)`` mask (pairs sharing a prompt, :mod:`coati.dataset.packing`)."""
     if position_ids is not None:
-        return {"attention_mask": None, "position_ids": position_ids, "use_cache": False}
+        if attention_mask is not None:
+            attention_mask = _custom_mask(module.config, attention_mask)
+        return {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
     kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
     if attention_mask is not None and _accepts(module, "position_ids"):
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
     return kwargs
+
+
+def _custom_mask(config: Any, mask: torch.Tensor) -> torch.Tensor:
+    """A bool ``(R, 1, W, W)`` mask (True = attend) in the form the attention implementation takes as given:
+    sdpa the bool mask itself, eager an additive float mask. transformers passes a 4D mask through unchanged,
+    so a sliding window it would have added must not be able to matter."""
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    window = getattr(config, "sliding_window", None)
+    if window and mask.shape[-1] > window:
+        raise UsageError(f"packed pairs sharing a prompt: rows of {mask.shape[-1]} tokens exceed the sliding window "
+                         f"({window}) the mask would have to add; use a --max_len of at most {window // 2}")
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    raise UsageError(f"packed pairs sharing a prompt need sdpa or eager attention, not {impl!r}; use --no-packing")
 
 
 class _HFWrapper(nn.Module):
@@ -558,9 +578,9 @@ class RewardModel(_ValueModel):
                 position_ids: torch.Tensor | None = None, last_index: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` rewards; for a packed batch pass ``position_ids`` and ``last_index``, each sample's last
         token as an index into the flattened rows (:func:`coati.dataset.packing.last_token_flat_index`),
-        and get one reward per sample."""
+        and get one reward per sample (``attention_mask`` then is the packed batch's own 4D mask or None)."""
         if position_ids is not None:
-            hidden = self.hidden_states(input_ids, position_ids=position_ids).flatten(0, 1)[last_index]
+            hidden = self.hidden_states(input_ids, attention_mask, position_ids).flatten(0, 1)[last_index]
             return self.value_head(hidden.float()).squeeze(-1)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..dataset.packing import is_packed, sample_sums
+from ..dataset.packing import is_packed, model_inputs, sample_sums
 from ..errors import UsageError
 from ..models import preference_loss as pl
 from ..models.lora import lora_train_bias
@@ -107,7 +107,7 @@ def packed_sequence_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torc
     no sample is scored on a token predicted from the one before it)."""
     ids, labels, sample_ids = batch["input_ids"], batch["labels"], batch["sample_ids"][:, 1:]
     n = batch["seq_lens"].shape[0]
-    logps = model(ids, labels=labels, position_ids=batch["position_ids"])  # 0 where unlabelled
+    logps = model(ids, labels=labels, **model_inputs(batch))  # 0 where unlabelled
     mask = labels[:, 1:].ne(IGNORE_INDEX)
     return (sample_sums(logps, sample_ids, n),
             sample_sums(mask.float(), sample_ids, n))

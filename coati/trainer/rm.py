@@ -6,7 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..dataset.packing import is_packed, last_token_flat_index
+from ..dataset.packing import is_packed, last_token_flat_index, model_inputs
 from ..models.loss import LogExpLoss, LogSigLoss
 from .base import SupervisedTrainer
 
@@ -53,7 +53,7 @@ class RewardModelTrainer(SupervisedTrainer):
         if is_packed(batch):
             n = batch["seq_lens"].shape[0] // 2
             last = last_token_flat_index(batch["sample_ids"], 2 * n)
-            reward = self.model(batch["input_ids"], position_ids=batch["position_ids"], last_index=last).float()
+            reward = self.model(batch["input_ids"], **model_inputs(batch), last_index=last).float()
             return reward[:n], reward[n:]
         n = batch["chosen_input_ids"].shape[0]
         length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])

@@ -269,7 +269,9 @@ def add_batching_args(group: argparse._ArgumentGroup) -> None:
                        help="padding-free packing: each training micro-batch's samples (PPO: the pretraining "
                             "samples) are concatenated into rows of at most --max_len (--ptx_max_len) tokens, with "
                             "per-sample position ids and no attention across samples: the same loss and gradient "
-                            "as padded batches without the pad compute. auto = on where the architecture keeps "
+                            "as padded batches without the pad compute (reward / preference pairs: rows of at "
+                            "most 2 x --max_len, each pair's shared prompt run once). auto = on where the "
+                            "architecture keeps "
                             "packed samples apart (llama, gpt_neox, gpt2, qwen2, mistral; not opt, bloom) and the "
                             "stage packs (not KTO); evaluation batches stay padded")
     group.add_argument("--group_by_length", action=BoolFlag, default=False,

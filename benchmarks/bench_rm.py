@@ -22,6 +22,11 @@ Figures, per framework
   peak_gpu_mem_mb     torch.cuda.max_memory_allocated during training (``--device cuda``)
   first_loss          first-step loss (~0.69 for both: the heads are random and differ, so not equal)
 
+Packing (``--packing``)
+  coati packs each batch's pairs into rows of at most 2 x ``--seq_len`` tokens, each pair's prompt once (the
+  rejected side reads the prompt the chosen side ran, through an explicit attention mask); TRL's
+  RewardTrainer and the plain loop stay padded.
+
 Plain loop
   A third worker, ``plain``, trains the same body on the same pairs in a hand-written PyTorch loop
   (``harness.plain_loop``: coati's AdamW, schedule and clipping), the value head only on each row's last

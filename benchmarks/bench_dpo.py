@@ -119,7 +119,7 @@ def worker_coati(job: dict) -> None:
     harness.finish(job, clock, {"pairs": step_pairs, "tokens": step_tokens}, [h["loss"] for h in history], probe,
             {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": str(strategy.device),
              "reference": trainer.reference,
-             "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)})
+             "trainable_params_m": harness.trainable_params_m(model)})
 
 
 # ----- TRL -------------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def worker_trl(job: dict) -> None:
     trainer.train()
     harness.finish(job, clock, {"pairs": step_pairs, "tokens": step_tokens}, losses, probe,
             {"optimizer": f"AdamW ({config.optim})", "device_used": str(trainer.args.device),
-             "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)})
+             "trainable_params_m": harness.trainable_params_m(model)})
 
 
 # ----- plain PyTorch loop ---------------------------------------------------------------------------------
@@ -215,12 +215,8 @@ def worker_plain(job: dict) -> None:
         n = ratio.shape[0] // 2
         return -F.logsigmoid(job["beta"] * (ratio[:n] - ratio[n:])).mean()
 
-    probe = harness.MemoryProbe(device)
-    probe.start()
-    losses = harness.plain_loop(job, model, harness.cycle_batches(loader), loss_fn, clock, on_batch=count)
-    harness.finish(job, clock, {"pairs": step_pairs, "tokens": step_tokens}, losses, probe,
-            {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": device,
-             "trainable_params_m": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)})
+    harness.run_plain(job, model, loader, loss_fn, clock, count, {"pairs": step_pairs, "tokens": step_tokens},
+                      {"trainable_params_m": harness.trainable_params_m(model)})
 
 
 WORKERS = {"coati": worker_coati, "trl": worker_trl, "plain": worker_plain}

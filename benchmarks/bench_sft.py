@@ -198,12 +198,9 @@ def worker_plain(job: dict) -> None:
         logits = model.lm_head(hidden[:, :-1][picked])
         return F.cross_entropy(logits.float(), targets[picked])
 
-    probe = harness.MemoryProbe(device)
-    probe.start()
-    losses = harness.plain_loop(job, model, harness.cycle_batches(loader), loss_fn, clock, on_batch=count)
-    harness.finish(job, clock, {"tokens": step_tokens, "padded_tokens": step_padded}, losses, probe,
-            {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": device,
-             "attn_implementation": model.config._attn_implementation})
+    harness.run_plain(job, model, loader, loss_fn, clock, count,
+                      {"tokens": step_tokens, "padded_tokens": step_padded},
+                      {"attn_implementation": model.config._attn_implementation})
 
 
 WORKERS = {"coati": worker_coati, "trl": worker_trl, "plain": worker_plain}

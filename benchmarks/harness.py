@@ -254,6 +254,23 @@ def plain_loop(job: dict[str, Any], model: Any, batches: Iterable[dict[str, Any]
     return losses
 
 
+def run_plain(job: dict[str, Any], model: Any, loader: Iterable[dict[str, Any]], loss_fn: Callable[[dict], Any],
+              clock: StepClock, on_batch: Callable[[dict], None], counts: dict[str, list[float]],
+              extra: dict[str, Any] | None = None) -> None:
+    """A ``plain`` worker's measured part: :func:`plain_loop` over the loader's batches, epoch after epoch,
+    under a memory probe, then :func:`finish` (``counts`` are the lists ``on_batch`` fills)."""
+    probe = MemoryProbe(job["device"])
+    probe.start()
+    losses = plain_loop(job, model, cycle_batches(loader), loss_fn, clock, on_batch=on_batch)
+    finish(job, clock, counts, losses, probe, {"optimizer": f"AdamW ({job['coati_optim']})",
+                                               "device_used": job["device"], **(extra or {})})
+
+
+def trainable_params_m(model: Any) -> float:
+    """Trainable parameters in millions, as each worker reports them."""
+    return round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)
+
+
 def cycle_batches(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """The loader's batches in order, epoch after epoch (as coati's trainer goes over it)."""
     while True:

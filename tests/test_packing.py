@@ -405,6 +405,31 @@ def test_train_sft_packs_by_default_where_the_architecture_allows_and_refuses_it
         _sft_script_run(tmp_path, "opt_packed", opt, "--packing")
 
 
+@pytest.mark.parametrize("script", ["train_reward_model", "train_dpo"])
+def test_pair_scripts_pack_shared_prompts_with_the_padded_losses(script, tmp_path):
+    """The scripts' default ``--packing`` lays each pair out with its prompt once: the same losses as padded,
+    the later steps' too (so the updates were the same)."""
+    from tests.scripts import load_script
+
+    llama = tiny.save_tiny_model("llama", tmp_path / "llama")
+    records = [{"prompt": "Tell me about the number " + "one two three " * n, "chosen": "It is " + "fine " * (n % 3 + 1),
+                "rejected": "No" + " no" * (n % 4)} for n in range(1, 9)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    runs = []
+    for name, flags in (("packed", []), ("padded", ["--no-packing"])):
+        out = tmp_path / name
+        load_script(f"examples/{script}.py").main(
+            ["--pretrain", str(llama), "--dataset", str(data), "--batch_size", "4", "--accumulation_steps", "1",
+             "--max_len", "128", "--max_steps", "3", "--max_epochs", "2", "--log_interval", "1", "--lr", "1e-3",
+             "--eval_ratio", "0", "--save_path", str(out), *flags])
+        runs.append([r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"])
+    packed, padded = runs
+    assert len(packed) == len(padded) == 3
+    assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], abs=1e-5)
+    assert max(abs(r["loss"] - packed[0]["loss"]) for r in packed) > 1e-3  # the steps moved the model
+
+
 def test_packed_ptx_batches_give_the_padded_lm_loss():
     """PPO-ptx's pretraining batches go through the same model call (``model_inputs``) and the mean LM loss."""
     from coati.dataset.packing import model_inputs

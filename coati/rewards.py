@@ -36,7 +36,8 @@ def _slice(value: Any, start: int, stop: int) -> Any:
 
 def _run(coroutine: Any) -> Any:
     """``asyncio.run``, also where this thread already runs an event loop (a Jupyter notebook), which
-    ``asyncio.run`` refuses: then the coroutine gets a loop of its own in a worker thread."""
+    ``asyncio.run`` refuses: then the coroutine gets a loop of its own in a worker thread (so a reward should
+    open its clients, sessions and locks inside the call, not bind them to the notebook's loop)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -178,13 +178,36 @@ def test_eager_attention_gets_the_shared_prefix_mask_as_an_additive_one():
                                    sdpa(batch["input_ids"], **model_inputs(batch)), atol=1e-5, rtol=0)
 
 
-def test_a_sliding_window_the_mask_would_have_to_add_is_refused():
-    config = CONFIGS["mistral"]()
-    config.sliding_window = 8
-    actor = Actor.from_config(config)
-    batch = PackingPreferenceCollator(0, MAX_LEN)(_prompt_pairs())
-    with pytest.raises(UsageError, match="exceed the sliding window"):
-        actor(batch["input_ids"], **model_inputs(batch))
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_a_sliding_window_applies_to_pairs_sharing_a_prompt(model_type):
+    """transformers takes the given mask as is, so the window (Mistral: every layer; Qwen2: the layers past
+    ``max_window_layers``) must be in it: each side's logits still equal its logits alone, where the model
+    applies the window itself, and differ from the logits without a window."""
+    torch.manual_seed(0)
+    config = CONFIGS[model_type]()
+    config.sliding_window = 4
+    if model_type == "qwen2":
+        config.use_sliding_window, config.max_window_layers = True, 1
+        config.layer_types = ["full_attention", "sliding_attention"]
+    actor = Actor.from_config(config).eval()
+    pairs = _prompt_pairs()
+    batch = PackingPreferenceCollator(0, MAX_LEN)(pairs)
+    n = len(pairs)
+    with torch.no_grad():
+        packed = actor(batch["input_ids"], **model_inputs(batch))
+        unwindowed = Actor.from_config(CONFIGS[model_type]()).eval()
+        unwindowed.load_state_dict(actor.state_dict())
+        worst = 0.0
+        for i, p in enumerate(pairs):
+            for j, side in ((i, "chosen"), (n + i, "rejected")):
+                ids = p[f"{side}_input_ids"]
+                mine = batch["sample_ids"] == j
+                if side == "chosen" and "shared_ids" in batch:
+                    mine |= batch["shared_ids"] == n + i
+                alone = actor(ids[None])[0][-int(mine.sum()):]
+                torch.testing.assert_close(packed[mine], alone, atol=1e-5, rtol=0)
+                worst = max(worst, float((unwindowed(ids[None])[0][-int(mine.sum()):] - alone).abs().max()))
+    assert worst > 1e-3  # the window really cut attention here
 
 
 def test_first_fit_fills_rows_up_to_max_len_deterministically():

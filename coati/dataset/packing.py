@@ -22,7 +22,7 @@ part's position ids continuing from the prefix, so the prompt's tokens run throu
 twice (on the preference demo set at 256 tokens, 24% fewer tokens a pair). Units fill rows of ``2 * max_len``. Position ids cannot say that the
 rejected part sees the prefix but not the chosen answer between them, so such a batch also carries
 ``shared_ids`` (on a shared-prefix token: the batch position of the rejected side that also reads it; -1
-elsewhere) and :func:`model_inputs` adds the explicit mask :func:`pair_attention_mask` builds from it. The
+elsewhere; absent when no pair of the batch shares a token) and :func:`model_inputs` adds the explicit mask :func:`pair_attention_mask` builds from it. The
 prefix stops before the first labelled token and leaves the rejected side at least one token, so every
 label is predicted from the same context as unpacked and every sample keeps a last token of its own.
 """
@@ -91,7 +91,7 @@ def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: S
            "seq_lens": torch.tensor([len(s) for s in input_ids])}
     if labels is not None:
         out["labels"] = lab
-    if shared:
+    if shared and bool((shr >= 0).any()):  # decided here, on the CPU, not in every forward
         out["shared_ids"] = shr
     return out
 
@@ -158,7 +158,7 @@ def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, torch.Ten
 def pair_attention_mask(sample_ids: torch.Tensor | None, shared_ids: torch.Tensor | None) -> torch.Tensor | None:
     """``(R, 1, W, W)`` bool, True where query ``i`` may attend key ``j``: ``j <= i`` and ``j`` is of the same
     sample, or a prefix token ``i``'s sample shares. None where nothing is shared (position ids suffice)."""
-    if shared_ids is None or not bool((shared_ids >= 0).any()):
+    if shared_ids is None:
         return None
     width = sample_ids.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=sample_ids.device).tril()

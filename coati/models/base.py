@@ -270,29 +270,39 @@ def _lm_inputs(module: nn.Module, attention_mask: torch.Tensor | None,
     position ids and no mask, from which transformers builds the block-diagonal causal mask, or the packed
     batch's own ``(R, 1, W, W)`` mask (pairs sharing a prompt, :mod:`coati.dataset.packing`)."""
     if position_ids is not None:
-        if attention_mask is not None:
-            attention_mask = _custom_mask(module.config, attention_mask)
-        return {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
+        given = attention_mask is not None and attention_mask.ndim == 4 and attention_mask.dtype == torch.bool
+        return {"attention_mask": _custom_mask(module.config, attention_mask, position_ids) if given else None,
+                "position_ids": position_ids, "use_cache": False}
     kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
     if attention_mask is not None and _accepts(module, "position_ids"):
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
     return kwargs
 
 
-def _custom_mask(config: Any, mask: torch.Tensor) -> torch.Tensor:
-    """A bool ``(R, 1, W, W)`` mask (True = attend) in the form the attention implementation takes as given:
-    sdpa the bool mask itself, eager an additive float mask. transformers passes a 4D mask through unchanged,
-    so a sliding window it would have added must not be able to matter."""
+def _custom_mask(config: Any, mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A bool ``(R, 1, W, W)`` mask (True = attend) as the model takes it given: transformers passes a 4D mask
+    through unchanged, so a sliding window it would have added is added here, from the position ids (every
+    pair the mask allows lies within one sample, whose positions run on across a shared prompt); models that
+    mix full and sliding layers (``layer_types``) get one mask per layer type. sdpa takes the bool mask,
+    eager an additive float one."""
     impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    if impl not in ("sdpa", "eager"):
+        raise UsageError(f"packed pairs sharing a prompt need sdpa or eager attention, not {impl!r}; use --no-packing")
+
+    def as_given(m: torch.Tensor) -> torch.Tensor:
+        if impl == "sdpa":
+            return m
+        return torch.zeros(m.shape, device=m.device).masked_fill(~m, torch.finfo(torch.float32).min)
+
     window = getattr(config, "sliding_window", None)
-    if window and mask.shape[-1] > window:
-        raise UsageError(f"packed pairs sharing a prompt: rows of {mask.shape[-1]} tokens exceed the sliding window "
-                         f"({window}) the mask would have to add; use a --max_len of at most {window // 2}")
-    if impl == "sdpa":
-        return mask
-    if impl == "eager":
-        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    raise UsageError(f"packed pairs sharing a prompt need sdpa or eager attention, not {impl!r}; use --no-packing")
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return as_given(mask)
+    windowed = mask & ((position_ids[:, :, None] - position_ids[:, None, :]) < window)[:, None]
+    if types is None:
+        return as_given(windowed)
+    return {"full_attention": as_given(mask), "sliding_attention": as_given(windowed)}
 
 
 class _HFWrapper(nn.Module):

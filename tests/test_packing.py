@@ -246,13 +246,12 @@ def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type):
         loss_sum.backward()
         # per-sample losses: each sample's summed token loss from its own labelled positions
         with torch.no_grad():
-            logits = model(batch["input_ids"], **({"position_ids": batch["position_ids"]} if "position_ids" in batch
-                                                   else {"attention_mask": batch["attention_mask"]}))
+            logits = model(batch["input_ids"], **model_inputs(batch))
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
                                                     reduction="none")
             if "sample_ids" in batch:
-                per_sample = torch.zeros(len(items)).index_add(0, batch["sample_ids"][:, 1:][batch["labels"][:, 1:] != -100],
-                                                               nll[batch["labels"][:, 1:] != -100])
+                picked = batch["labels"][:, 1:] != -100
+                per_sample = torch.zeros(len(items)).index_add(0, batch["sample_ids"][:, 1:][picked], nll[picked])
             else:
                 per_sample = nll.sum(1)
         results.append((float(loss_sum.detach()), int(count), per_sample, _grads(model)))
@@ -435,8 +434,8 @@ def test_pair_scripts_pack_shared_prompts_with_the_padded_losses(script, tmp_pat
     from tests.scripts import load_script
 
     llama = tiny.save_tiny_model("llama", tmp_path / "llama")
-    records = [{"prompt": "Tell me about the number " + "one two three " * n, "chosen": "It is " + "fine " * (n % 3 + 1),
-                "rejected": "No" + " no" * (n % 4)} for n in range(1, 9)]
+    records = [{"prompt": "Tell me about the number " + "one two three " * n,
+                "chosen": "It is " + "fine " * (n % 3 + 1), "rejected": "No" + " no" * (n % 4)} for n in range(1, 9)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     runs = []
@@ -446,7 +445,8 @@ def test_pair_scripts_pack_shared_prompts_with_the_padded_losses(script, tmp_pat
             ["--pretrain", str(llama), "--dataset", str(data), "--batch_size", "4", "--accumulation_steps", "1",
              "--max_len", "128", "--max_steps", "3", "--max_epochs", "2", "--log_interval", "1", "--lr", "1e-3",
              "--eval_ratio", "0", "--save_path", str(out), *flags])
-        runs.append([r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"])
+        logged = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        runs.append([r for r in logged if r["split"] == "train"])
     packed, padded = runs
     assert len(packed) == len(padded) == 3
     assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], abs=1e-5)

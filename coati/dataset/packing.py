@@ -19,12 +19,13 @@ and ``seq_lens`` ``(N,)``; :func:`sample_sums` and :func:`last_token_flat_index`
 Pairs (reward and preference batches) share their prompt: a pair whose two sides start with the same tokens
 is laid out as one unit, ``[chosen | rejected after the common prefix]`` (:func:`pack_pairs`), the rejected
 part's position ids continuing from the prefix, so the prompt's tokens run through the model once instead of
-twice (on the preference demo set at 256 tokens, 24% fewer tokens a pair). Units fill rows of ``2 * max_len``. Position ids cannot say that the
-rejected part sees the prefix but not the chosen answer between them, so such a batch also carries
-``shared_ids`` (on a shared-prefix token: the batch position of the rejected side that also reads it; -1
-elsewhere; absent when no pair of the batch shares a token) and :func:`model_inputs` adds the explicit mask :func:`pair_attention_mask` builds from it. The
-prefix stops before the first labelled token and leaves the rejected side at least one token, so every
-label is predicted from the same context as unpacked and every sample keeps a last token of its own.
+twice (on the preference demo set at 256 tokens, 24% fewer tokens a pair). Units fill rows of
+``2 * max_len``. Position ids cannot say that the rejected part sees the prefix but not the chosen answer
+between them, so such a batch also carries ``shared_ids`` (on a shared-prefix token: the batch position of
+the rejected side that also reads it; -1 elsewhere; absent when no pair of the batch shares a token) and
+:func:`model_inputs` adds the explicit mask :func:`pair_attention_mask` builds from it. The prefix stops
+before the first labelled token and leaves the rejected side at least one token, so every label is
+predicted from the same context as unpacked and every sample keeps a last token of its own.
 """
 from __future__ import annotations
 
@@ -59,10 +60,12 @@ _Unit = list[tuple[int, int, int, int]]
 
 
 def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None,
-                max_len: int, pad_token_id: int, shared: bool) -> dict[str, torch.Tensor]:
+                max_len: int, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Lay units out first-fit into rows. A piece starting a sample's tokens in a row (not continuing the piece
     before it) loses its first label: the token before it is another sample's. Pad tails get position ids from
     0 (a segment of their own, after every real token, so causal attention never lets a real token see them)."""
+    if not units:
+        raise ValueError("cannot pack an empty batch")
     sizes = [sum(end - start for _, start, end, _ in unit) for unit in units]
     rows = first_fit(sizes, max_len)
     width = max(sum(sizes[u] for u in row) for row in rows)
@@ -91,7 +94,7 @@ def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: S
            "seq_lens": torch.tensor([len(s) for s in input_ids])}
     if labels is not None:
         out["labels"] = lab
-    if shared and bool((shr >= 0).any()):  # decided here, on the CPU, not in every forward
+    if bool((shr >= 0).any()):  # decided here, on the CPU, not in every forward
         out["shared_ids"] = shr
     return out
 
@@ -99,10 +102,8 @@ def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: S
 def pack(input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None, max_len: int, pad_token_id: int,
          prefix: str = "") -> dict[str, torch.Tensor]:
     """Pack 1-D samples into rows (see the module doc)."""
-    if not input_ids:
-        raise ValueError("cannot pack an empty batch")
     units = [[(i, 0, len(s), -1)] for i, s in enumerate(input_ids)]
-    out = _pack_units(units, input_ids, labels, max_len, pad_token_id, shared=False)
+    out = _pack_units(units, input_ids, labels, max_len, pad_token_id)
     return {prefix + k: v for k, v in out.items()}
 
 
@@ -129,16 +130,14 @@ def pack_pairs(chosen: Sequence[torch.Tensor], rejected: Sequence[torch.Tensor],
     """Pack ``B`` pairs as ``2B`` samples, chosen sides at batch positions ``0..B-1``, each pair one unit with
     its common prefix once (module doc), into rows of at most ``2 * max_len`` tokens: a pair's two sides at
     their longest, so the rows hold what the padded batch's ``2B`` rows of ``max_len`` would."""
-    if not chosen:
-        raise ValueError("cannot pack an empty batch")
     b = len(chosen)
     input_ids = list(chosen) + list(rejected)
     labels = None if chosen_labels is None else list(chosen_labels) + list(rejected_labels)
     units: list[_Unit] = []
     for i in range(b):
-        s = shared_prefix_len(chosen[i], rejected[i], rejected_labels[i] if labels else None)
+        s = shared_prefix_len(chosen[i], rejected[i], None if labels is None else rejected_labels[i])
         units.append([(i, 0, s, b + i)] * bool(s) + [(i, s, len(chosen[i]), -1), (b + i, s, len(rejected[i]), -1)])
-    return _pack_units(units, input_ids, labels, 2 * max_len, pad_token_id, shared=True)
+    return _pack_units(units, input_ids, labels, 2 * max_len, pad_token_id)
 
 
 def is_packed(batch: dict[str, Any], prefix: str = "") -> bool:
@@ -150,12 +149,12 @@ def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, torch.Ten
     built from them, or is :func:`pair_attention_mask` where pairs share a prefix), else ``attention_mask``."""
     if is_packed(batch, prefix):
         return {"position_ids": batch[f"{prefix}position_ids"],
-                "attention_mask": pair_attention_mask(batch.get(f"{prefix}sample_ids"),
+                "attention_mask": pair_attention_mask(batch[f"{prefix}sample_ids"],
                                                       batch.get(f"{prefix}shared_ids"))}
     return {"attention_mask": batch[f"{prefix}attention_mask"]}
 
 
-def pair_attention_mask(sample_ids: torch.Tensor | None, shared_ids: torch.Tensor | None) -> torch.Tensor | None:
+def pair_attention_mask(sample_ids: torch.Tensor, shared_ids: torch.Tensor | None) -> torch.Tensor | None:
     """``(R, 1, W, W)`` bool, True where query ``i`` may attend key ``j``: ``j <= i`` and ``j`` is of the same
     sample, or a prefix token ``i``'s sample shares. None where nothing is shared (position ids suffice)."""
     if shared_ids is None:

@@ -166,12 +166,12 @@ def test_shared_prefix_stops_before_the_rejected_sides_first_label_and_last_toke
 
 def test_eager_attention_gets_the_shared_prefix_mask_as_an_additive_one():
     torch.manual_seed(0)
-    config = CONFIGS["llama"]()
-    sdpa = Actor.from_config(config).eval()
+    sdpa = Actor.from_config(CONFIGS["llama"]()).eval()
+    config = CONFIGS["llama"]()  # a config of its own: a model keeps the config object it was built from
     config._attn_implementation = "eager"
     eager = Actor.from_config(config).eval()
     eager.load_state_dict(sdpa.state_dict())
-    assert eager.config._attn_implementation == "eager"
+    assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
     batch = PackingPreferenceCollator(0, MAX_LEN)(_prompt_pairs())
     with torch.no_grad():
         torch.testing.assert_close(eager(batch["input_ids"], **model_inputs(batch)),

@@ -22,6 +22,10 @@ Figures, per framework
   peak_rss_mb         the worker process's RSS high-water mark (CPU; includes imports and the model)
   rss_before_train_mb RSS just before training started (so peak - this = what training added)
   peak_gpu_mem_mb     torch.cuda.max_memory_allocated during training (``--device cuda``)
+  model_tflops_per_s  model FLOPs of the timed steps / timed seconds (coati and plain; coati.utils.flops:
+                      every weight matmul on real tokens, the LM head on labelled positions, causal attention
+                      within each sample, backward 2x forward)
+  mfu                 model_tflops_per_s / the accelerator's dense bf16 peak (CUDA, or ``--peak_tflops``)
   first_loss          loss of the first step: both frameworks see the same batch and weights, so they agree
                       to ~1e-4 in fp32 (a check that they train on the same thing)
 
@@ -39,6 +43,7 @@ How to read the ratio
 
 Example
   OMP_NUM_THREADS=1 python benchmarks/bench_sft.py --config small --batch_size 8 --seq_len 256 --steps 10
+  (GPU, the 1B MFU check: benchmarks/gpu_check.sh)
 """
 from __future__ import annotations
 
@@ -80,11 +85,13 @@ def worker_coati(job: dict) -> None:
     from coati.models import Actor
     from coati.trainer import SFTTrainer
     from coati.trainer.strategies import NaiveStrategy
+    from coati.utils.flops import DecoderShape
 
     harness.setup_worker(job)
     device = job["device"]
     strategy = NaiveStrategy(seed=job["seed"], mixed_precision="bf16" if job["precision"] == "bf16" else None)
-    actor = strategy.prepare_model(Actor.from_pretrained(job["model_dir"]))
+    actor = strategy.prepare_model(Actor.from_pretrained(job["model_dir"], **attn_kwargs(job)))
+    shape = DecoderShape.of(actor)
     rows = harness.load_rows(job)
     items = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])} for r in rows]
     loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False,
@@ -94,12 +101,14 @@ def worker_coati(job: dict) -> None:
     clock = harness.StepClock(device)
     step_tokens: list[int] = []
     step_padded: list[int] = []
+    step_flops: list[float] = []
 
     class TimedSFTTrainer(SFTTrainer):
         def _train_step(self, micro_batches):
             counts = [batch_token_counts(b) for b in micro_batches]
             step_tokens.append(sum(real for real, _ in counts))
             step_padded.append(sum(slots for _, slots in counts))
+            step_flops.append(sum(model_flops(shape, b) for b in micro_batches))
             metrics = super()._train_step(micro_batches)
             clock.tick()
             return metrics
@@ -111,7 +120,8 @@ def worker_coati(job: dict) -> None:
     probe.start()
     history = trainer.fit()
     losses = [h["loss"] for h in history]
-    harness.finish(job, clock, {"tokens": step_tokens, "padded_tokens": step_padded}, losses, probe,
+    harness.finish(job, clock, {"tokens": step_tokens, "padded_tokens": step_padded, "model_flops": step_flops},
+                   losses, probe,
             {"optimizer": f"AdamW ({job['coati_optim']})", "device_used": str(strategy.device),
              "attn_implementation": actor.config._attn_implementation})
 
@@ -129,7 +139,7 @@ def worker_trl(job: dict) -> None:
     dataset = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
     tok = AutoTokenizer.from_pretrained(job["model_dir"])
     tok.pad_token = tok.unk_token
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **attn_kwargs(job))
     total = job["warmup_steps"] + job["steps"]
     clock = harness.StepClock(device)
     step_tokens: list[int] = []
@@ -175,10 +185,12 @@ def worker_plain(job: dict) -> None:
     from transformers import AutoModelForCausalLM
 
     from coati.dataset import SFTCollator
+    from coati.utils.flops import DecoderShape
 
     harness.setup_worker(job)
     device = job["device"]
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], **attn_kwargs(job))
+    shape = DecoderShape.of(model)
     items = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])}
              for r in harness.load_rows(job)]
     loader = torch.utils.data.DataLoader(items, batch_size=job["batch_size"], shuffle=False,
@@ -186,10 +198,12 @@ def worker_plain(job: dict) -> None:
     clock = harness.StepClock(device)
     step_tokens: list[int] = []
     step_padded: list[int] = []
+    step_flops: list[float] = []
 
     def count(batch):
         step_tokens.append(int(batch["attention_mask"].sum()))
         step_padded.append(int(batch["input_ids"].numel()))
+        step_flops.append(model_flops(shape, batch))
 
     def loss_fn(batch):
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -199,8 +213,21 @@ def worker_plain(job: dict) -> None:
         return F.cross_entropy(logits.float(), targets[picked])
 
     harness.run_plain(job, model, loader, loss_fn, clock, count,
-                      {"tokens": step_tokens, "padded_tokens": step_padded},
+                      {"tokens": step_tokens, "padded_tokens": step_padded, "model_flops": step_flops},
                       {"attn_implementation": model.config._attn_implementation})
+
+
+def attn_kwargs(job: dict) -> dict:
+    """``from_pretrained`` keywords for ``--attn_implementation`` (none: transformers' default, sdpa)."""
+    return {"attn_implementation": job["attn_implementation"]} if job["attn_implementation"] else {}
+
+
+def model_flops(shape, batch: dict) -> float:
+    """Model FLOPs of one micro-batch (coati.utils.flops: the head on labelled positions, causal attention
+    within each sample), the same whether the batch is padded or packed."""
+    from coati.utils.flops import batch_sample_lengths, head_positions
+
+    return shape.train_flops(batch_sample_lengths(batch), head_positions(batch))
 
 
 WORKERS = {"coati": worker_coati, "trl": worker_trl, "plain": worker_plain}
@@ -211,6 +238,9 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true",
                         help="no padding: coati packs each batch into rows of <= --seq_len tokens, TRL runs "
                              "padding_free on the same batch")
+    parser.add_argument("--attn_implementation", default=None,
+                        choices=["sdpa", "eager", "flex_attention", "flash_attention_2"],
+                        help="every framework loads the model with this attention (default: transformers')")
     args = parser.parse_args()
     if args._worker:
         job = json.loads(Path(args._job).read_text())
@@ -219,7 +249,7 @@ def main() -> None:
     harness.main(args, script=__file__, bench="sft", prepare=prepare,
                  key_metrics=["tokens_per_s", "tokens_per_cpu_s"],
                  ratio_keys=["tokens_per_s", "tokens_per_cpu_s", "padded_tokens_per_s", "peak_rss_mb",
-                             "peak_gpu_mem_mb"],
+                             "peak_gpu_mem_mb", "mfu"],
                  notes="tokens_per_s counts non-pad tokens; ratio > 1 = coati faster; memory ratio < 1 = "
                        "coati smaller. Same weights, token ids, labels, batch order, optimizer settings. "
                        "plain_loop: a hand-written PyTorch loop, LM head on labelled positions only.")

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# the real data beside the repository; COATI_SHARED_DATA points elsewhere (a device machine gets a copy)
+SHARED_DATA = Path(os.environ.get("COATI_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESULT_TAG = "BENCH_RESULT "
 FRAMEWORKS = ("coati", "trl", "plain")
 
@@ -57,6 +58,9 @@ def common_parser(description: str, *, steps: int, batch_size: int, seq_len: int
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="fp32 weights either way; bf16 = autocast in both frameworks")
     p.add_argument("--threads", type=int, default=1, help="torch/OMP threads per worker process")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the accelerator's dense bf16 peak for MFU (default: looked up from the CUDA device "
+                        "name, coati.utils.flops.PEAK_BF16_TFLOPS)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run each framework this many times, alternating, and keep the median run")
     p.add_argument("--seed", type=int, default=0)
@@ -313,8 +317,25 @@ def finish(job: dict[str, Any], clock: StepClock, counts: dict[str, list[float]]
     out.update(first_loss=round(losses[0], 5) if losses else None,
                last_loss=round(losses[w + s - 1], 5) if len(losses) >= w + s else None)
     out.update(probe.report())
+    if "model_flops" in totals:
+        out.update(utilisation(job, out["model_flops_per_s"]))
     out.update(extra)
     emit(out)
+
+
+def utilisation(job: dict[str, Any], flops_per_s: float) -> dict[str, float]:
+    """Achieved model TFLOP/s and, where the peak is known (``--peak_tflops`` or a CUDA device's name), MFU."""
+    out = {"model_tflops_per_s": round(flops_per_s / 1e12, 4)}
+    peak = job.get("peak_tflops")
+    if peak is None and job["device"] == "cuda":
+        import torch
+
+        from coati.utils.flops import peak_bf16_tflops
+
+        peak = peak_bf16_tflops(torch.cuda.get_device_name(0))
+    if peak:
+        out.update(peak_bf16_tflops=peak, mfu=round(flops_per_s / (peak * 1e12), 4))
+    return out
 
 
 # ----- the parent: jobs, workers, the report line -----------------------------------------------------------

@@ -238,3 +238,29 @@ def test_chunked_loss_peak_memory_is_a_fraction_of_full_logits():
     peaks = json.loads(out.strip().splitlines()[-1])
     assert peaks["full"] > 4 * peaks["chunked_sum"], peaks
     assert peaks["full"] > 4 * peaks["chunked_per_token"], peaks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("processing", [LogitProcessing(), LogitProcessing(softcap=0.5)], ids=["plain", "softcap"])
+def test_liger_fused_loss_on_cuda_matches_full_logits(processing, monkeypatch):
+    """The summed log-prob goes through liger-kernel's fused linear cross-entropy on CUDA (where it is
+    installed): the same value and gradients as the full fp32 logits."""
+    pytest.importorskip("liger_kernel")
+    from coati.models import lm_head
+
+    results = []
+    original = lm_head._liger_sum
+    monkeypatch.setattr(lm_head, "_liger_sum", lambda *a: results.append(original(*a)) or results[-1])
+    torch.manual_seed(0)
+    head = nn.Linear(64, 32000, bias=False).cuda()
+    head2 = copy.deepcopy(head)
+    hidden = torch.randn(300, 64, device="cuda")
+    targets = torch.randint(0, 32000, (300,), device="cuda")
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    got = token_log_probs(head, h1, targets, processing=processing, reduction="sum")
+    ref = _reference(h2, head2.weight, None, targets, 1.0, processing).sum()
+    assert len(results) == 1 and results[0] is not None  # liger computed it
+    assert _close(got, ref, tol=1e-5)
+    (-0.7 * got).backward()
+    (-0.7 * ref).backward()
+    assert _close(h1.grad, h2.grad, tol=1e-5) and _close(head.weight.grad, head2.weight.grad, tol=1e-5)

@@ -479,3 +479,21 @@ def test_kto_refuses_an_explicit_packing_and_leaves_auto_off():
         packing_from_args(args, stage_packs=False, stage="KTO")
     args.packing = "auto"
     assert packing_from_args(args, stage_packs=False, stage="KTO") is False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["sdpa", "flex_attention"])
+def test_a_packed_sample_has_its_logits_alone_on_cuda(impl):
+    """The GPU attention kernels a packed batch runs through (sdpa with the block mask transformers builds
+    from the position ids, FlexAttention's document mask) isolate each sample as the CPU path does."""
+    torch.manual_seed(0)
+    config = CONFIGS["llama"]()
+    config._attn_implementation = impl
+    actor = Actor.from_config(config).cuda().eval()
+    seqs = [s.cuda() for s in _ragged(0)]
+    batch = {k: v.cuda() for k, v in pack(seqs, None, MAX_LEN, 0).items()}
+    with torch.no_grad():
+        packed = actor(batch["input_ids"], position_ids=batch["position_ids"])
+        for i, ids in enumerate(seqs):
+            alone = actor(ids[None])[0]
+            torch.testing.assert_close(packed[batch["sample_ids"] == i], alone, atol=1e-4, rtol=0)

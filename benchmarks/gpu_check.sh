@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 13 in one device call: the CUDA-only tests (liger-kernel's fused loss against full
+# logits, packed samples isolated under sdpa and FlexAttention, fp16 resume), then a 1B LLaMA (TinyLlama's
+# shape, random weights) SFT in bf16 with packing, three arms, each reporting MFU (benchmarks/bench_sft.py).
+#
+#   benchmarks/gpu_check.sh prepare   on the CPU machine: the data and the liger-kernel wheel into .gpu/
+#                                     (git-ignored through .git/info/exclude; about 2 MiB)
+#   then the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=590)
+#
+# What it writes under $OUT comes back: copy the JSON files to benchmarks/results/ and commit them. The
+# device machine has torch, transformers and pytest but no liger-kernel, TRL or datasets, so TRL is not run.
+# GPU_CHECK_ARGS / GPU_CHECK_ARMS replace the bench flags and the arms, PYTHON the interpreter (a rehearsal
+# on CPU: GPU_CHECK_ARGS="--config tiny --device cpu --packing --steps 2 --skip_trl --skip_plain").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-run}" = prepare ]; then
+  set -e
+  shared=${COATI_SHARED_DATA:-../shared/data}
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  rm -rf .gpu && mkdir -p .gpu/data/sft .gpu/data/tokenizers .gpu/whl
+  cp "$shared/sft/alpaca_en_demo.json" .gpu/data/sft/
+  cp -r "$shared/tokenizers/llama2" .gpu/data/tokenizers/
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux2014_x86_64 -d .gpu/whl liger-kernel==0.8.5
+  du -sh .gpu
+  exit 0
+fi
+
+out=${OUT:-/tmp/gpu_check}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export COATI_SHARED_DATA=$PWD/.gpu/data PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+$py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .gpu/whl/*.whl
+# 1. the CUDA-only tests, liger-kernel on the path
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  PYTHONPATH=$PWD:/tmp/liger timeout 150 $py -m pytest -q -p no:cacheprovider -m gpu -rs \
+    tests/test_lm_head.py tests/test_packing.py tests/test_resume.py 2>&1 | tail -n 40; } | tee "$out/gpu_tests.log"
+
+# 2. the 1B SFT: sdpa without liger, sdpa with it, FlexAttention with it
+args=${GPU_CHECK_ARGS:---config 1b --device cuda --precision bf16 --packing --seq_len 2048 --batch_size 128 \
+--warmup_steps 3 --steps 10 --skip_trl --skip_plain}
+arms=${GPU_CHECK_ARMS:-sdpa:none sdpa:liger flex_attention:liger}
+for arm in $arms; do
+  attn=${arm%%:*} kernels=${arm##*:}
+  path=$PWD
+  [ "$kernels" = liger ] && path=$PWD:/tmp/liger
+  name=sft_gpu_1b_${attn%%_*}_${kernels}
+  echo "== $name"
+  PYTHONPATH=$path timeout 170 $py benchmarks/bench_sft.py $args --attn_implementation "$attn" \
+    --output "$out/$name.json" 2> "$out/$name.log" | $py -c "
+import json, sys
+r = json.loads(sys.stdin.read())['coati'] or {}
+print({k: r.get(k) for k in ('tokens_per_s', 'model_tflops_per_s', 'mfu', 'peak_gpu_mem_mb', 'error')})"
+  tail -n 3 "$out/$name.log"
+done
+ls -la "$out"

@@ -1,0 +1,88 @@
+"""Model-FLOPs counting for MFU: the weight matmuls against the matmuls a training step actually dispatches,
+attention against the query-key pairs of the packed causal mask, the shape against a 1B parameter count."""
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests import tiny
+from coati.dataset import SFTCollator
+from coati.dataset.packing import model_inputs, pack
+from coati.models import Actor
+from coati.utils.flops import DecoderShape, batch_sample_lengths, head_positions, peak_bf16_tflops
+
+
+class MatmulFlops(TorchDispatchMode):
+    """2 m k n for every (batched) matrix product dispatched, in-place accumulations included."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in ("mm", "addmm", "addmm_", "bmm", "baddbmm"):
+            a, b = (args[1], args[2]) if name.startswith(("addmm", "baddbmm")) else (args[0], args[1])
+            self.flops += 2 * a.numel() * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+def _samples(lens, prompt=3):
+    torch.manual_seed(0)
+    ids = [torch.randint(3, 100, (n,)) for n in lens]
+    labels = [i.clone() for i in ids]
+    for lab in labels:
+        lab[:prompt] = -100
+    return ids, labels
+
+
+def test_matmul_flops_equal_the_matmuls_a_packed_training_step_runs():
+    lens = [7, 12, 5, 9]
+    ids, labels = _samples(lens)
+    batch = pack(ids, labels, sum(lens), 0)  # one row, no pad slot: every slot is a real token
+    assert batch["input_ids"].shape == (1, sum(lens))
+    torch.manual_seed(0)
+    actor = Actor(LlamaForCausalLM(tiny.llama_config(num_key_value_heads=2)).float())
+    counter = MatmulFlops()
+    with counter:
+        log_probs = actor(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch))
+        log_probs.sum().backward()
+    shape = DecoderShape.of(actor)
+    head_tokens = sum(n - 3 for n in lens)
+    assert head_positions(batch) == head_tokens
+    assert batch_sample_lengths(batch) == lens
+    # sdpa's attention products run inside its own kernel, so what was dispatched is the weights' matmuls
+    assert counter.flops == shape.matmul_flops(sum(lens), head_tokens)
+
+
+def test_attention_flops_count_the_query_key_pairs_of_the_packed_causal_mask():
+    lens = [7, 12, 5, 9, 3]
+    ids, labels = _samples(lens, prompt=1)
+    batch = pack(ids, labels, 20, 0)
+    sid = batch["sample_ids"]
+    allowed = ((sid[:, :, None] == sid[:, None, :]) & (sid[:, :, None] >= 0)
+               & torch.ones(sid.shape[1], sid.shape[1], dtype=torch.bool).tril())
+    shape = DecoderShape.of(LlamaForCausalLM(tiny.llama_config()))
+    assert sorted(batch_sample_lengths(batch)) == sorted(lens)
+    per_pair = 3 * 4 * shape.layers * shape.attention_width  # fwd + bwd, q.k and p.v, 2 FLOPs per multiply-add
+    assert shape.attention_flops(batch_sample_lengths(batch)) == per_pair * int(allowed.sum())
+    padded = SFTCollator(0)([{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels)])
+    assert batch_sample_lengths(padded) == lens and head_positions(padded) == head_positions(batch)
+
+
+def test_the_1b_shape_accounts_for_every_parameter():
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    shape = DecoderShape.of(model)
+    norms = (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size
+    embedding = cfg.vocab_size * cfg.hidden_size
+    assert shape.body_weights + shape.head_weights + embedding + norms == sum(p.numel() for p in model.parameters())
+    assert (shape.layers, shape.attention_width) == (22, 2048)
+
+
+def test_peak_lookup_takes_the_variant_before_the_family():
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_bf16_tflops("NVIDIA H200") == 989.4
+    assert peak_bf16_tflops("NVIDIA GeForce RTX 3090") is None

@@ -16,7 +16,7 @@ from coati.dataset import (
 )
 from coati.dataset.packing import first_fit, model_inputs, pack, shared_prefix_len
 from coati.errors import UsageError
-from coati.models import Actor, RewardModel
+from coati.models import Actor, RewardModel, takes_pair_masks
 from coati.models.families import FAMILIES, resolve_packing, supports_packing
 from coati.trainer import DPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
 from coati.trainer.base import epoch_iter
@@ -153,6 +153,23 @@ def test_a_pair_sharing_its_prompt_has_each_sides_logits_alone(model_type):
                 torch.testing.assert_close(packed[mine], alone[-int(mine.sum()):], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
+def test_attention_without_given_masks_gets_the_pair_sides_packed_apart(impl):
+    """Flash / flex attention take no explicit 4D mask: a shared-prompt batch is refused in one line that names
+    the switch, and the collator built with it packs each side whole, position ids alone keeping them apart."""
+    model = RewardModel.from_config(CONFIGS["llama"]())
+    assert takes_pair_masks(model)
+    model.config._attn_implementation = impl
+    assert not takes_pair_masks(model)
+    pairs = [{k: v for k, v in p.items() if "input_ids" in k} for p in _prompt_pairs()]
+    shared = PackingRewardCollator(0, MAX_LEN)(pairs)
+    with pytest.raises(UsageError, match=r"share_prompt=takes_pair_masks\(model\)"):
+        model(shared["input_ids"], **model_inputs(shared))
+    apart = PackingRewardCollator(0, MAX_LEN, share_prompt=takes_pair_masks(model))(pairs)
+    assert "shared_ids" not in apart and model_inputs(apart)["attention_mask"] is None
+    assert int((apart["sample_ids"] >= 0).sum()) == _pair_tokens(pairs)
+
+
 def test_shared_prefix_stops_before_the_rejected_sides_first_label_and_last_token():
     t = torch.tensor
     chosen, rejected = t([5, 6, 7, 8, 9]), t([5, 6, 7, 4])
@@ -218,6 +235,10 @@ def test_first_fit_fills_rows_up_to_max_len_deterministically():
     assert all(sum(lengths[i] for i in r) <= 12 for r in rows)
 
 
+def _pair_tokens(pairs: list[dict]) -> int:
+    return sum(len(p[k]) for p in pairs for k in p if k.endswith("input_ids"))
+
+
 def _grads(model) -> dict[str, torch.Tensor]:
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
@@ -265,30 +286,36 @@ def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type):
 def test_packed_reward_model_gives_the_unpacked_rewards_and_gradient():
     pairs = _pairs() + _prompt_pairs()
     results = []
-    for collate in (RewardCollator(0), PackingRewardCollator(0, MAX_LEN)):
+    for collate in (RewardCollator(0), PackingRewardCollator(0, MAX_LEN),
+                    PackingRewardCollator(0, MAX_LEN, share_prompt=False)):
         torch.manual_seed(0)
         strategy = NaiveStrategy(seed=0)
         model = strategy.prepare_model(RewardModel.from_config(CONFIGS["llama"]()))
         trainer = RewardModelTrainer(model, strategy, _loader(strategy, pairs, collate, len(pairs)), log_interval=100)
         batch = collate(pairs)
-        if "shared_ids" in batch:  # the prompts, 5 + 3 + 8 tokens, once
-            assert int((batch["shared_ids"] >= 0).sum()) == 16
+        if isinstance(collate, PackingRewardCollator):  # the prompts, 5 + 3 + 8 tokens, once when shared
+            assert ("shared_ids" in batch) == collate.share_prompt
+            assert int((batch["sample_ids"] >= 0).sum()) == _pair_tokens(pairs) - 16 * collate.share_prompt
+            if collate.share_prompt:
+                assert int((batch["shared_ids"] >= 0).sum()) == 16
         chosen, rejected = trainer.rewards(batch)
         loss_sum, count, _ = trainer.compute_loss(batch)
         loss_sum.backward()
         results.append((chosen.detach(), rejected.detach(), float(loss_sum), int(count), _grads(model)))
-    plain, packed = results
-    assert packed[3] == plain[3] == len(pairs)
-    torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(packed[1], plain[1], atol=1e-5, rtol=0)
-    assert packed[2] == pytest.approx(plain[2], abs=1e-5)
-    _assert_same_grads(plain[4], packed[4])
+    plain = results[0]
+    for packed in results[1:]:
+        assert packed[3] == plain[3] == len(pairs)
+        torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed[1], plain[1], atol=1e-5, rtol=0)
+        assert packed[2] == pytest.approx(plain[2], abs=1e-5)
+        _assert_same_grads(plain[4], packed[4])
 
 
 def test_packed_dpo_gives_the_unpacked_logps_loss_and_gradient():
     pairs = _pairs() + _prompt_pairs()
     results = []
-    for collate in (PreferenceCollator(0), PackingPreferenceCollator(0, MAX_LEN)):
+    for collate in (PreferenceCollator(0), PackingPreferenceCollator(0, MAX_LEN),
+                    PackingPreferenceCollator(0, MAX_LEN, share_prompt=False)):
         torch.manual_seed(0)
         strategy = NaiveStrategy(seed=0)
         model = strategy.prepare_model(Actor.from_config(CONFIGS["llama"]()))
@@ -298,19 +325,22 @@ def test_packed_dpo_gives_the_unpacked_logps_loss_and_gradient():
             for p in model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         batch = collate(pairs)
-        if "shared_ids" in batch:  # the prompts (5, 3, 8 tokens) but their last token, which each side keeps
-            assert int((batch["shared_ids"] >= 0).sum()) == 4 + 2 + 7
+        if isinstance(collate, PackingPreferenceCollator):
+            assert ("shared_ids" in batch) == collate.share_prompt
+            if collate.share_prompt:  # the prompts (5, 3, 8 tokens) but their last token, which each side keeps
+                assert int((batch["shared_ids"] >= 0).sum()) == 4 + 2 + 7
         logps, lengths = batch_logps(model, batch)
         loss_sum, count, _ = trainer.compute_loss(batch)
         loss_sum.backward()
         results.append((logps.detach(), lengths, float(loss_sum), int(count), _grads(model)))
-    plain, packed = results
-    assert packed[0].shape == (2 * len(pairs),)
-    torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(packed[1], plain[1])
-    assert packed[3] == plain[3] == len(pairs)
-    assert packed[2] == pytest.approx(plain[2], abs=1e-5)
-    _assert_same_grads(plain[4], packed[4])
+    plain = results[0]
+    for packed in results[1:]:
+        assert packed[0].shape == (2 * len(pairs),)
+        torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed[1], plain[1])
+        assert packed[3] == plain[3] == len(pairs)
+        assert packed[2] == pytest.approx(plain[2], abs=1e-5)
+        _assert_same_grads(plain[4], packed[4])
 
 
 # ----- resume, grouping, metrics ----------------------------------------------------------------------

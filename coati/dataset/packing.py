@@ -25,7 +25,9 @@ between them, so such a batch also carries ``shared_ids`` (on a shared-prefix to
 the rejected side that also reads it; -1 elsewhere; absent when no pair of the batch shares a token) and
 :func:`model_inputs` adds the explicit mask :func:`pair_attention_mask` builds from it. The prefix stops
 before the first labelled token and leaves the rejected side at least one token, so every label is
-predicted from the same context as unpacked and every sample keeps a last token of its own.
+predicted from the same context as unpacked and every sample keeps a last token of its own. That mask needs
+sdpa or eager attention; for flash / flex attention the pair collators take ``share_prompt=False`` (the
+example scripts pass :func:`coati.models.takes_pair_masks`) and pack each side whole.
 """
 from __future__ import annotations
 
@@ -126,16 +128,20 @@ def shared_prefix_len(chosen: torch.Tensor, rejected: torch.Tensor,
 
 def pack_pairs(chosen: Sequence[torch.Tensor], rejected: Sequence[torch.Tensor], max_len: int, pad_token_id: int,
                chosen_labels: Sequence[torch.Tensor] | None = None,
-               rejected_labels: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+               rejected_labels: Sequence[torch.Tensor] | None = None,
+               share_prompt: bool = True) -> dict[str, torch.Tensor]:
     """Pack ``B`` pairs as ``2B`` samples, chosen sides at batch positions ``0..B-1``, each pair one unit with
-    its common prefix once (module doc), into rows of at most ``2 * max_len`` tokens: a pair's two sides at
-    their longest, so the rows hold what the padded batch's ``2B`` rows of ``max_len`` would."""
+    its common prefix once (module doc; ``share_prompt=False``: both sides whole, position ids alone keeping
+    them apart, for attention that takes no explicit mask), into rows of at most ``2 * max_len`` tokens: a
+    pair's two sides at their longest, so the rows hold what the padded batch's ``2B`` rows of ``max_len``
+    would."""
     b = len(chosen)
     input_ids = list(chosen) + list(rejected)
     labels = None if chosen_labels is None else list(chosen_labels) + list(rejected_labels)
     units: list[_Unit] = []
     for i in range(b):
-        s = shared_prefix_len(chosen[i], rejected[i], None if labels is None else rejected_labels[i])
+        s = 0 if not share_prompt else shared_prefix_len(chosen[i], rejected[i],
+                                                         None if labels is None else rejected_labels[i])
         units.append([(i, 0, s, b + i)] * bool(s) + [(i, s, len(chosen[i]), -1), (b + i, s, len(rejected[i]), -1)])
     return _pack_units(units, input_ids, labels, 2 * max_len, pad_token_id)
 
@@ -210,16 +216,25 @@ class PackingCollator:
         return pack([b["input_ids"] for b in batch], [b["labels"] for b in batch], self.max_len, self.pad_token_id)
 
 
-class PackingRewardCollator(PackingCollator):
+class _PairCollator(PackingCollator):
+    """``share_prompt``: lay each pair's common prefix out once (see :func:`pack_pairs`); the model's attention
+    must take an explicit mask for that (:func:`coati.models.takes_pair_masks`)."""
+
+    def __init__(self, pad_token_id: int | None, max_len: int, share_prompt: bool = True):
+        super().__init__(pad_token_id, max_len)
+        self.share_prompt = share_prompt
+
+
+class PackingRewardCollator(_PairCollator):
     """Reward pairs -> one packed batch of ``2B`` samples, the chosen sides first (batch positions ``0..B-1``),
     each pair's prompt once (:func:`pack_pairs`)."""
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         return pack_pairs([b["chosen_input_ids"] for b in batch], [b["rejected_input_ids"] for b in batch],
-                          self.max_len, self.pad_token_id)
+                          self.max_len, self.pad_token_id, share_prompt=self.share_prompt)
 
 
-class PackingPreferenceCollator(PackingCollator):
+class PackingPreferenceCollator(_PairCollator):
     """Preference pairs -> one packed batch of ``2B`` samples, the chosen sides first, each pair's prompt once
     (:func:`pack_pairs`), plus ``ref_logps`` when the dataset holds precomputed ones (the layout of
     :class:`~coati.dataset.PreferenceCollator`)."""
@@ -228,7 +243,8 @@ class PackingPreferenceCollator(PackingCollator):
         from .preference import PreferenceDataset, _ref
 
         out = pack_pairs(*([b[k] for b in batch] for k in ("chosen_input_ids", "rejected_input_ids")), self.max_len,
-                         self.pad_token_id, *([b[k] for b in batch] for k in ("chosen_labels", "rejected_labels")))
+                         self.pad_token_id, *([b[k] for b in batch] for k in ("chosen_labels", "rejected_labels")),
+                         share_prompt=self.share_prompt)
         ref = _ref(batch, PreferenceDataset.REF_KEYS)
         if ref is not None:
             out["ref_logps"] = ref

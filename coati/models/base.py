@@ -279,6 +279,20 @@ def _lm_inputs(module: nn.Module, attention_mask: torch.Tensor | None,
     return kwargs
 
 
+_PAIR_MASK_ATTENTION = ("sdpa", "eager")  # the implementations that take a given 4D mask
+
+
+def _attention(config: Any) -> str:
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def takes_pair_masks(model: nn.Module) -> bool:
+    """Whether ``model``'s attention takes the explicit mask of packed pairs that share their prompt (sdpa,
+    eager); flash / flex attention get the pairs' sides packed apart (``share_prompt=False``), which position
+    ids alone keep apart."""
+    return _attention(model.config) in _PAIR_MASK_ATTENTION
+
+
 def _custom_mask(config: Any, mask: torch.Tensor,
                  position_ids: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
     """A bool ``(R, 1, W, W)`` mask (True = attend) as the model takes it given: transformers passes a 4D mask
@@ -286,9 +300,10 @@ def _custom_mask(config: Any, mask: torch.Tensor,
     pair the mask allows lies within one sample, whose positions run on across a shared prompt); models that
     mix full and sliding layers (``layer_types``) get one mask per layer type. sdpa takes the bool mask,
     eager an additive float one."""
-    impl = getattr(config, "_attn_implementation", None) or "sdpa"
-    if impl not in ("sdpa", "eager"):
-        raise UsageError(f"packed pairs sharing a prompt need sdpa or eager attention, not {impl!r}; use --no-packing")
+    impl = _attention(config)
+    if impl not in _PAIR_MASK_ATTENTION:
+        raise UsageError(f"packed pairs sharing a prompt need sdpa or eager attention, not {impl!r}: build the "
+                         "collator with share_prompt=takes_pair_masks(model) (the example scripts do)")
 
     def as_given(m: torch.Tensor) -> torch.Tensor:
         if impl == "sdpa":

@@ -16,7 +16,7 @@ from coati.dataset import (
 )
 from coati.dataset.packing import first_fit, model_inputs, pack, shared_prefix_len
 from coati.errors import UsageError
-from coati.models import Actor, RewardModel, takes_pair_masks
+from coati.models import Actor, RewardModel, attends_densely
 from coati.models.families import FAMILIES, resolve_packing, supports_packing
 from coati.trainer import DPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
 from coati.trainer.base import epoch_iter
@@ -71,10 +71,11 @@ def _pairs(seed: int = 0, n: int = 4) -> list[dict]:
 
 def _prompt_pairs(seed: int = 0) -> list[dict]:
     """Pairs as a preference set holds them: both sides open with the same prompt (labels -100 there), the
-    answers differ from their first token; the last pair shares nothing."""
+    answers differ from their first token; the last two pairs share nothing (the longest, 23 tokens, makes rows
+    long enough to hold several pairs where rows stop at the longest unit)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for p, c, r in ((5, 4, 6), (3, 7, 2), (8, 1, 3), (0, 5, 4)):
+    for p, c, r in ((5, 4, 6), (3, 7, 2), (8, 1, 3), (0, 5, 4), (0, 11, 12)):
         prompt = torch.randint(3, VOCAB, (p,), generator=g)
         answers = [torch.randint(3, VOCAB, (n,), generator=g) for n in (c, r)]
         answers[1][0] = 3 + (int(answers[0][0]) - 2) % (VOCAB - 3)  # differ at the first answer token
@@ -158,16 +159,31 @@ def test_attention_without_given_masks_gets_the_pair_sides_packed_apart(impl):
     """Flash / flex attention take no explicit 4D mask: a shared-prompt batch is refused in one line that names
     the switch, and the collator built with it packs each side whole, position ids alone keeping them apart."""
     model = RewardModel.from_config(CONFIGS["llama"]())
-    assert takes_pair_masks(model)
+    assert attends_densely(model)
     model.config._attn_implementation = impl
-    assert not takes_pair_masks(model)
+    assert not attends_densely(model)
     pairs = [{k: v for k, v in p.items() if "input_ids" in k} for p in _prompt_pairs()]
     shared = PackingRewardCollator(0, MAX_LEN)(pairs)
-    with pytest.raises(UsageError, match=r"share_prompt=takes_pair_masks\(model\)"):
+    with pytest.raises(UsageError, match=r"dense_attention=attends_densely\(model\)"):
         model(shared["input_ids"], **model_inputs(shared))
-    apart = PackingRewardCollator(0, MAX_LEN, share_prompt=takes_pair_masks(model))(pairs)
+    apart = PackingRewardCollator(0, MAX_LEN, dense_attention=attends_densely(model))(pairs)
     assert "shared_ids" not in apart and model_inputs(apart)["attention_mask"] is None
     assert int((apart["sample_ids"] >= 0).sum()) == _pair_tokens(pairs)
+
+
+def test_rows_for_dense_attention_stop_at_the_longest_sample():
+    """sdpa / eager score every query-key pair of a row, so rows are cut to the batch's longest sample: never
+    more rows, slots or attention scores than the padded batch. Flash / flex rows fill max_len."""
+    seqs = [torch.arange(3, 3 + n) for n in (2, 3, 4, 10)]
+    dense = pack(seqs, None, 64, 0)
+    assert dense["input_ids"].shape == (2, 10)  # by hand: [10], [4 3 2 + 1 pad]
+    assert pack(seqs, None, 64, 0, dense_attention=False)["input_ids"].shape == (1, 19)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lens = torch.randint(1, 40, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        rows, width = pack([torch.arange(3, 3 + n) for n in lens], None, 64, 0)["input_ids"].shape
+        assert width == max(lens) and rows <= len(lens)
+        assert rows * width ** 2 <= len(lens) * max(lens) ** 2
 
 
 def test_shared_prefix_stops_before_the_rejected_sides_first_label_and_last_token():
@@ -287,16 +303,16 @@ def test_packed_reward_model_gives_the_unpacked_rewards_and_gradient():
     pairs = _pairs() + _prompt_pairs()
     results = []
     for collate in (RewardCollator(0), PackingRewardCollator(0, MAX_LEN),
-                    PackingRewardCollator(0, MAX_LEN, share_prompt=False)):
+                    PackingRewardCollator(0, MAX_LEN, dense_attention=False)):
         torch.manual_seed(0)
         strategy = NaiveStrategy(seed=0)
         model = strategy.prepare_model(RewardModel.from_config(CONFIGS["llama"]()))
         trainer = RewardModelTrainer(model, strategy, _loader(strategy, pairs, collate, len(pairs)), log_interval=100)
         batch = collate(pairs)
         if isinstance(collate, PackingRewardCollator):  # the prompts, 5 + 3 + 8 tokens, once when shared
-            assert ("shared_ids" in batch) == collate.share_prompt
-            assert int((batch["sample_ids"] >= 0).sum()) == _pair_tokens(pairs) - 16 * collate.share_prompt
-            if collate.share_prompt:
+            assert ("shared_ids" in batch) == collate.dense_attention
+            assert int((batch["sample_ids"] >= 0).sum()) == _pair_tokens(pairs) - 16 * collate.dense_attention
+            if collate.dense_attention:
                 assert int((batch["shared_ids"] >= 0).sum()) == 16
         chosen, rejected = trainer.rewards(batch)
         loss_sum, count, _ = trainer.compute_loss(batch)
@@ -315,7 +331,7 @@ def test_packed_dpo_gives_the_unpacked_logps_loss_and_gradient():
     pairs = _pairs() + _prompt_pairs()
     results = []
     for collate in (PreferenceCollator(0), PackingPreferenceCollator(0, MAX_LEN),
-                    PackingPreferenceCollator(0, MAX_LEN, share_prompt=False)):
+                    PackingPreferenceCollator(0, MAX_LEN, dense_attention=False)):
         torch.manual_seed(0)
         strategy = NaiveStrategy(seed=0)
         model = strategy.prepare_model(Actor.from_config(CONFIGS["llama"]()))
@@ -326,8 +342,8 @@ def test_packed_dpo_gives_the_unpacked_logps_loss_and_gradient():
                 p.add_(0.01 * torch.randn_like(p))
         batch = collate(pairs)
         if isinstance(collate, PackingPreferenceCollator):
-            assert ("shared_ids" in batch) == collate.share_prompt
-            if collate.share_prompt:  # the prompts (5, 3, 8 tokens) but their last token, which each side keeps
+            assert ("shared_ids" in batch) == collate.dense_attention
+            if collate.dense_attention:  # the prompts (5, 3, 8 tokens) but their last token, which each side keeps
                 assert int((batch["shared_ids"] >= 0).sum()) == 4 + 2 + 7
         logps, lengths = batch_logps(model, batch)
         loss_sum, count, _ = trainer.compute_loss(batch)
@@ -431,7 +447,9 @@ def test_a_packed_row_without_padding_has_padding_share_zero():
 def _sft_script_run(tmp_path: pathlib.Path, name: str, model_dir: pathlib.Path, *flags: str) -> list[dict]:
     from tests.scripts import load_script
 
-    records = [{"instruction": "Say " + "hello " * n, "output": "Hello " * (n % 5 + 1)} for n in range(1, 9)]
+    # lengths spread widely, so rows as long as the longest sample hold several of the short ones
+    records = [{"instruction": "Say " + "hello " * (n * n // 2 + 1), "output": "Hello " * (n % 5 + 1)}
+               for n in range(1, 9)]
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / name

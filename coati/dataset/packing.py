@@ -11,6 +11,13 @@ step sees exactly the samples of the unpacked run: loss normalisation (a global 
 data order and resume positions are unchanged, only the padding goes. Rows are filled first-fit by
 decreasing length (ties by batch position), which is deterministic, so a resumed run packs identically.
 
+How long a row may be depends on the attention (``dense_attention``, :func:`coati.models.attends_densely`).
+sdpa and eager attention compute every query-key score of a row, masked or not, so a row of ``max_len``
+short samples would cost ``max_len^2`` per row where padding costs ``longest^2`` per sample: rows are then
+as long as the batch's longest sample (or pair), never more slots and never more attention than the padded
+batch. Flash (varlen) and flex (block-sparse) attention skip what the position ids rule out, so their rows
+fill ``max_len``.
+
 A packed batch carries, per prefix (``""``, ``"kl_"``), ``input_ids``, ``position_ids``, ``labels`` (each
 sample's first label set to -100, since the previous sample's last token must not predict it; unpacked the
 shift drops it anyway), ``sample_ids`` (the batch position of the sample each token belongs to, -1 on pad)
@@ -26,8 +33,7 @@ the rejected side that also reads it; -1 elsewhere; absent when no pair of the b
 :func:`model_inputs` adds the explicit mask :func:`pair_attention_mask` builds from it. The prefix stops
 before the first labelled token and leaves the rejected side at least one token, so every label is
 predicted from the same context as unpacked and every sample keeps a last token of its own. That mask needs
-sdpa or eager attention; for flash / flex attention the pair collators take ``share_prompt=False`` (the
-example scripts pass :func:`coati.models.takes_pair_masks`) and pack each side whole.
+dense (sdpa, eager) attention; with ``dense_attention=False`` each side is packed whole.
 """
 from __future__ import annotations
 
@@ -62,14 +68,15 @@ _Unit = list[tuple[int, int, int, int]]
 
 
 def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None,
-                max_len: int, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Lay units out first-fit into rows. A piece starting a sample's tokens in a row (not continuing the piece
-    before it) loses its first label: the token before it is another sample's. Pad tails get position ids from
-    0 (a segment of their own, after every real token, so causal attention never lets a real token see them)."""
+                max_len: int, pad_token_id: int, dense_attention: bool) -> dict[str, torch.Tensor]:
+    """Lay units out first-fit into rows of ``max_len`` tokens (``dense_attention``: of the longest unit's). A
+    piece starting a sample's tokens in a row (not continuing the piece before it) loses its first label: the
+    token before it is another sample's. Pad tails get position ids from 0 (a segment of their own, after every
+    real token, so causal attention never lets a real token see them)."""
     if not units:
         raise ValueError("cannot pack an empty batch")
     sizes = [sum(end - start for _, start, end, _ in unit) for unit in units]
-    rows = first_fit(sizes, max_len)
+    rows = first_fit(sizes, min(max_len, max(sizes)) if dense_attention else max_len)
     width = max(sum(sizes[u] for u in row) for row in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -102,10 +109,10 @@ def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: S
 
 
 def pack(input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None, max_len: int, pad_token_id: int,
-         prefix: str = "") -> dict[str, torch.Tensor]:
+         prefix: str = "", dense_attention: bool = True) -> dict[str, torch.Tensor]:
     """Pack 1-D samples into rows (see the module doc)."""
     units = [[(i, 0, len(s), -1)] for i, s in enumerate(input_ids)]
-    out = _pack_units(units, input_ids, labels, max_len, pad_token_id)
+    out = _pack_units(units, input_ids, labels, max_len, pad_token_id, dense_attention)
     return {prefix + k: v for k, v in out.items()}
 
 
@@ -129,21 +136,20 @@ def shared_prefix_len(chosen: torch.Tensor, rejected: torch.Tensor,
 def pack_pairs(chosen: Sequence[torch.Tensor], rejected: Sequence[torch.Tensor], max_len: int, pad_token_id: int,
                chosen_labels: Sequence[torch.Tensor] | None = None,
                rejected_labels: Sequence[torch.Tensor] | None = None,
-               share_prompt: bool = True) -> dict[str, torch.Tensor]:
+               dense_attention: bool = True) -> dict[str, torch.Tensor]:
     """Pack ``B`` pairs as ``2B`` samples, chosen sides at batch positions ``0..B-1``, each pair one unit with
-    its common prefix once (module doc; ``share_prompt=False``: both sides whole, position ids alone keeping
-    them apart, for attention that takes no explicit mask), into rows of at most ``2 * max_len`` tokens: a
-    pair's two sides at their longest, so the rows hold what the padded batch's ``2B`` rows of ``max_len``
-    would."""
+    its common prefix once (module doc; ``dense_attention=False``: both sides whole, position ids alone
+    keeping them apart), into rows of at most ``2 * max_len`` tokens: a pair's two sides at their longest,
+    so the rows hold what the padded batch's ``2B`` rows of ``max_len`` would."""
     b = len(chosen)
     input_ids = list(chosen) + list(rejected)
     labels = None if chosen_labels is None else list(chosen_labels) + list(rejected_labels)
     units: list[_Unit] = []
     for i in range(b):
-        s = 0 if not share_prompt else shared_prefix_len(chosen[i], rejected[i],
+        s = 0 if not dense_attention else shared_prefix_len(chosen[i], rejected[i],
                                                          None if labels is None else rejected_labels[i])
         units.append([(i, 0, s, b + i)] * bool(s) + [(i, s, len(chosen[i]), -1), (b + i, s, len(rejected[i]), -1)])
-    return _pack_units(units, input_ids, labels, 2 * max_len, pad_token_id)
+    return _pack_units(units, input_ids, labels, 2 * max_len, pad_token_id, dense_attention)
 
 
 def is_packed(batch: dict[str, Any], prefix: str = "") -> bool:
@@ -206,35 +212,31 @@ def batch_token_counts(batch: dict[str, Any]) -> tuple[int, int]:
 
 
 class PackingCollator:
-    """SFT / pretraining samples (``input_ids``, ``labels``) -> one packed batch (see the module doc)."""
+    """SFT / pretraining samples (``input_ids``, ``labels``) -> one packed batch (see the module doc).
+    ``dense_attention``: the model's attention computes every score of a row (sdpa, eager; see
+    :func:`coati.models.attends_densely`), so rows stop at the batch's longest sample and pairs may share
+    their prompt."""
 
-    def __init__(self, pad_token_id: int | None, max_len: int):
+    def __init__(self, pad_token_id: int | None, max_len: int, dense_attention: bool = True):
         self.pad_token_id = _check_pad(pad_token_id)
         self.max_len = max_len
+        self.dense_attention = dense_attention
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
-        return pack([b["input_ids"] for b in batch], [b["labels"] for b in batch], self.max_len, self.pad_token_id)
+        return pack([b["input_ids"] for b in batch], [b["labels"] for b in batch], self.max_len, self.pad_token_id,
+                    dense_attention=self.dense_attention)
 
 
-class _PairCollator(PackingCollator):
-    """``share_prompt``: lay each pair's common prefix out once (see :func:`pack_pairs`); the model's attention
-    must take an explicit mask for that (:func:`coati.models.takes_pair_masks`)."""
-
-    def __init__(self, pad_token_id: int | None, max_len: int, share_prompt: bool = True):
-        super().__init__(pad_token_id, max_len)
-        self.share_prompt = share_prompt
-
-
-class PackingRewardCollator(_PairCollator):
+class PackingRewardCollator(PackingCollator):
     """Reward pairs -> one packed batch of ``2B`` samples, the chosen sides first (batch positions ``0..B-1``),
     each pair's prompt once (:func:`pack_pairs`)."""
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         return pack_pairs([b["chosen_input_ids"] for b in batch], [b["rejected_input_ids"] for b in batch],
-                          self.max_len, self.pad_token_id, share_prompt=self.share_prompt)
+                          self.max_len, self.pad_token_id, dense_attention=self.dense_attention)
 
 
-class PackingPreferenceCollator(_PairCollator):
+class PackingPreferenceCollator(PackingCollator):
     """Preference pairs -> one packed batch of ``2B`` samples, the chosen sides first, each pair's prompt once
     (:func:`pack_pairs`), plus ``ref_logps`` when the dataset holds precomputed ones (the layout of
     :class:`~coati.dataset.PreferenceCollator`)."""
@@ -244,7 +246,7 @@ class PackingPreferenceCollator(_PairCollator):
 
         out = pack_pairs(*([b[k] for b in batch] for k in ("chosen_input_ids", "rejected_input_ids")), self.max_len,
                          self.pad_token_id, *([b[k] for b in batch] for k in ("chosen_labels", "rejected_labels")),
-                         share_prompt=self.share_prompt)
+                         dense_attention=self.dense_attention)
         ref = _ref(batch, PreferenceDataset.REF_KEYS)
         if ref is not None:
             out["ref_logps"] = ref

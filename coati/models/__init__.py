@@ -1,5 +1,5 @@
 """Model wrappers, model families, LoRA glue, losses and RLHF tensor helpers."""
-from .base import Actor, Critic, RewardModel, load_causal_lm, takes_pair_masks
+from .base import Actor, Critic, RewardModel, load_causal_lm, attends_densely
 from .families import (
     FAMILIES, BLOOMActor, BLOOMCritic, BLOOMRM, Family, GPTActor, GPTCritic, GPTNeoXActor, GPTNeoXCritic,
     GPTNeoXRM, GPTRM, LlamaActor, LlamaCritic, LlamaRM, OPTActor, OPTCritic, OPTRM, PolyglotKoActor,
@@ -14,7 +14,7 @@ from .utils import (
 )
 
 __all__ = [
-    "Actor", "Critic", "RewardModel", "load_causal_lm", "takes_pair_masks",
+    "Actor", "Critic", "RewardModel", "load_causal_lm", "attends_densely",
     "FAMILIES", "Family", "get_family", "lora_targets",
     "LlamaActor", "LlamaCritic", "LlamaRM", "GPTNeoXActor", "GPTNeoXCritic", "GPTNeoXRM",
     "PolyglotKoActor", "PolyglotKoCritic", "PolyglotKoRM", "GPTActor", "GPTCritic", "GPTRM",

@@ -279,18 +279,18 @@ def _lm_inputs(module: nn.Module, attention_mask: torch.Tensor | None,
     return kwargs
 
 
-_PAIR_MASK_ATTENTION = ("sdpa", "eager")  # the implementations that take a given 4D mask
+_DENSE_ATTENTION = ("sdpa", "eager")  # the implementations that take a given 4D mask
 
 
 def _attention(config: Any) -> str:
     return getattr(config, "_attn_implementation", None) or "sdpa"
 
 
-def takes_pair_masks(model: nn.Module) -> bool:
-    """Whether ``model``'s attention takes the explicit mask of packed pairs that share their prompt (sdpa,
-    eager); flash / flex attention get the pairs' sides packed apart (``share_prompt=False``), which position
-    ids alone keep apart."""
-    return _attention(model.config) in _PAIR_MASK_ATTENTION
+def attends_densely(model: nn.Module) -> bool:
+    """Whether ``model``'s attention computes every query-key score of a row (sdpa, eager), which the packing
+    collators' ``dense_attention`` is for: it takes an explicit mask (pairs sharing a prompt) and gains
+    nothing from rows longer than the batch's longest sample. Flash / flex attention do neither."""
+    return _attention(model.config) in _DENSE_ATTENTION
 
 
 def _custom_mask(config: Any, mask: torch.Tensor,
@@ -301,9 +301,9 @@ def _custom_mask(config: Any, mask: torch.Tensor,
     mix full and sliding layers (``layer_types``) get one mask per layer type. sdpa takes the bool mask,
     eager an additive float one."""
     impl = _attention(config)
-    if impl not in _PAIR_MASK_ATTENTION:
+    if impl not in _DENSE_ATTENTION:
         raise UsageError(f"packed pairs sharing a prompt need sdpa or eager attention, not {impl!r}: build the "
-                         "collator with share_prompt=takes_pair_masks(model) (the example scripts do)")
+                         "collator with dense_attention=attends_densely(model) (the example scripts do)")
 
     def as_given(m: torch.Tensor) -> torch.Tensor:
         if impl == "sdpa":

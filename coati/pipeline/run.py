@@ -36,10 +36,14 @@ from typing import Any
 import torch
 
 from .. import algos
-from ..dataset import (PreferenceCollator, PreferenceDataset, PromptCollator, PromptDataset, RewardCollator,
-                       RewardDataset, SFTCollator, SFTDataset, split_dataset)
+from ..dataset import (PackingCollator, PackingPreferenceCollator, PackingRewardCollator, PreferenceCollator,
+                       PreferenceDataset, PromptCollator, PromptDataset, RewardCollator, RewardDataset, SFTCollator,
+                       SFTDataset, split_dataset)
 from ..errors import UsageError
-from ..models import Actor, Critic, RewardModel
+from ..models import Actor, Critic, RewardModel, attends_densely
+from ..models.base import checkpoint_model_type
+from ..models.families import resolve_packing
+from ..utils.cli import BoolFlag
 from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
 from ..trainer.strategies import NaiveStrategy
 from .evaluation import evaluate_policy, standardize_reward_model
@@ -113,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval_ratio", type=float, default=0.1,
                    help="share of your --preference_dataset / --prompt_dataset held out for the table")
     d.add_argument("--max_len", type=int, default=512, help="max tokens of an SFT / reward sample")
+    d.add_argument("--packing", action=BoolFlag, default="auto",
+                   help="SFT, reward and preference batches packed without padding (train_sft.py's --packing); "
+                        "auto = where the architecture keeps packed samples apart (the built-in LLaMA does)")
     d.add_argument("--max_new_tokens", type=int, default=None,
                    help="response tokens generated in PPO and evaluation (default: 4 built-in, 64 otherwise)")
 
@@ -248,7 +255,7 @@ def critic_free_stage(args: argparse.Namespace, strategy: NaiveStrategy, tokeniz
 
 
 def preference_stage(args: argparse.Namespace, strategy: NaiveStrategy, tokenizer: Any, files: dict[str, Path],
-                     template: str, reference: Actor, out: Path) -> DPOTrainer:
+                     template: str, reference: Actor, out: Path, packing: bool) -> DPOTrainer:
     """SFT -> ``--algo`` (DPO, IPO, ORPO, SimPO): train_dpo.py's trainer on the pairs the reward model would
     train on (``--preference_dataset``, else the task's), the SFT model as the reference."""
     strategy.set_seed(args.seed)
@@ -261,8 +268,10 @@ def preference_stage(args: argparse.Namespace, strategy: NaiveStrategy, tokenize
         train = PreferenceDataset(files["preference"], tokenizer, **data_kw)
         held = PreferenceDataset(files["preference_eval"], tokenizer, **data_kw)
     collate = PreferenceCollator(tokenizer.pad_token_id)
+    train_collate = (PackingPreferenceCollator(tokenizer.pad_token_id, args.max_len,
+                                               dense_attention=attends_densely(policy)) if packing else collate)
     train_dl = strategy.setup_dataloader(train, min(args.dpo_batch_size, len(train)), shuffle=True,
-                                         collate_fn=collate, drop_last=True)
+                                         collate_fn=train_collate, drop_last=True)
     held_dl = strategy.setup_dataloader(held, 256, shuffle=False, collate_fn=collate) if held is not None else None
     config = PreferenceConfig(loss_type=args.algo, beta=args.beta, sft_coef=args.sft_coef)
     trainer = DPOTrainer(policy, strategy, train_dl, held_dl, config=config,
@@ -336,6 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # ----- stage 1: SFT ------------------------------------------------------------------------------------
     t0 = time.perf_counter()
+    packing = resolve_packing(args.packing, "auto", "llama" if builtin_model else checkpoint_model_type(args.pretrain))
     strategy.set_seed(args.seed)
     if builtin_model:
         actor = Actor.from_config(tiny_llama(tokenizer, args.hidden_size, args.num_layers))
@@ -344,8 +354,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     actor = strategy.prepare_model(actor)
     sft_data = SFTDataset(args.dataset or files["sft"], tokenizer, max_len=args.max_len,
                           prompt_template=template, seed=args.seed)
+    sft_collate = (PackingCollator(pad_id, args.max_len, dense_attention=attends_densely(actor)) if packing
+                   else SFTCollator(pad_id))
     sft_dl = strategy.setup_dataloader(sft_data, min(args.sft_batch_size, len(sft_data)), shuffle=True,
-                                       collate_fn=SFTCollator(pad_id), drop_last=True)
+                                       collate_fn=sft_collate, drop_last=True)
     sft = SFTTrainer(actor, strategy, sft_dl, lr=args.sft_lr, warmup_ratio=0.03,
                      max_epochs=_steps_to_epochs(args.sft_steps, len(sft_dl)), max_steps=args.sft_steps,
                      save_path=str(out / "sft"), log_interval=args.log_interval, tokenizer=tokenizer)
@@ -373,8 +385,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rm_eval = RewardDataset(files["preference_eval"], tokenizer, max_len=args.max_len,
                                     prompt_template=template, seed=args.seed)
         collate = RewardCollator(pad_id)
+        train_collate = (PackingRewardCollator(pad_id, args.max_len, dense_attention=attends_densely(reward_model))
+                         if packing else collate)
         rm_dl = strategy.setup_dataloader(rm_train, min(args.rm_batch_size, len(rm_train)), shuffle=True,
-                                          collate_fn=collate, drop_last=True)
+                                          collate_fn=train_collate, drop_last=True)
         rm_eval_dl = (strategy.setup_dataloader(rm_eval, 256, shuffle=False, collate_fn=collate)
                       if rm_eval is not None else None)
         rm_trainer = RewardModelTrainer(reward_model, strategy, rm_dl, rm_eval_dl, lr=args.rm_lr, warmup_ratio=0.03,
@@ -429,7 +443,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             trainer = critic_free_stage(args, strategy, tokenizer, train_prompts, reference, max_new_tokens, out)
             final, pair_acc = trainer.actor, None
         else:
-            trainer = preference_stage(args, strategy, tokenizer, files, template, reference, out)
+            trainer = preference_stage(args, strategy, tokenizer, files, template, reference, out, packing)
             final, pair_acc = trainer.model, (trainer.eval_history[-1].get("rewards/accuracies")
                                               if trainer.eval_history else None)
         timings[algo] = time.perf_counter() - t0

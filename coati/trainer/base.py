@@ -160,9 +160,9 @@ class SupervisedTrainer:
     Subclasses define ``compute_loss(batch) -> (loss_sum, count, metrics)`` where ``loss_sum`` is the
     summed loss of the micro-batch and ``count`` the number of units it sums over, and ``evaluate()``.
     Metrics are sums too (see :func:`accumulate_metrics`); they are logged as global means.
-    ``perf/throughput`` counts real (non-pad) tokens per second per process, ``perf/padding_share`` the
-    share of pad slots among all token slots the model ran on since the last log (0 for packed rows
-    without a pad tail).
+    ``perf/throughput`` counts real (non-pad) tokens the model ran on per second per process (a prompt a
+    packed pair shares counts once), ``perf/padding_share`` the share of pad slots among all token slots the
+    model ran on since the last log (0 for packed rows without a pad tail).
     """
 
     stage = "train"

@@ -5,7 +5,8 @@
 #
 #   benchmarks/gpu_check.sh prepare   on the CPU machine: the data and the liger-kernel wheel into .gpu/
 #                                     (git-ignored through .git/info/exclude; about 2 MiB)
-#   then the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=590)
+#   then the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=600)
+#   (the steps' own limits add up to 570 s: tests 120, each bench arm 150, FlexAttention's compiling arm last)
 #
 # What it writes under $OUT comes back: copy the JSON files to benchmarks/results/ and commit them. The
 # device machine has torch, transformers and pytest but no liger-kernel, TRL or datasets, so TRL is not run.
@@ -34,7 +35,7 @@ export COATI_SHARED_DATA=$PWD/.gpu/data PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .gpu/whl/*.whl
 # 1. the CUDA-only tests, liger-kernel on the path
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  PYTHONPATH=$PWD:/tmp/liger timeout 150 $py -m pytest -q -p no:cacheprovider -m gpu -rs \
+  PYTHONPATH=$PWD:/tmp/liger timeout 120 $py -m pytest -q -p no:cacheprovider -m gpu -rs \
     tests/test_lm_head.py tests/test_packing.py tests/test_resume.py 2>&1 | tail -n 40; } | tee "$out/gpu_tests.log"
 
 # 2. the 1B SFT: sdpa without liger, sdpa with it, FlexAttention with it
@@ -47,7 +48,7 @@ for arm in $arms; do
   [ "$kernels" = liger ] && path=$PWD:/tmp/liger
   name=sft_gpu_1b_${attn%%_*}_${kernels}
   echo "== $name"
-  PYTHONPATH=$path timeout 170 $py benchmarks/bench_sft.py $args --attn_implementation "$attn" \
+  PYTHONPATH=$path timeout 150 $py benchmarks/bench_sft.py $args --attn_implementation "$attn" \
     --output "$out/$name.json" 2> "$out/$name.log" | $py -c "
 import json, sys
 r = json.loads(sys.stdin.read())['coati'] or {}

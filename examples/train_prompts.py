@@ -31,7 +31,7 @@ import torch
 from coati.dataset import PackingCollator, PretrainDataset, PromptCollator, PromptDataset, SFTCollator
 from coati.errors import UsageError
 from coati.experience.maker import load_reward_fn
-from coati.models import FAMILIES, Actor, Critic, RewardModel
+from coati.models import FAMILIES, Actor, Critic, RewardModel, attends_densely
 from coati.models.lora import check_ppo_train_bias
 from coati.models.quant import check_strategy_support, quant_mode
 from coati.models.sharing import SharedBaseRewardModel, shared_critic_and_reward
@@ -246,18 +246,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
                             seed=args.seed, empty=args.empty_records)
     prompt_dl = strategy.setup_dataloader(prompts, args.experience_batch_size, shuffle=True,
                                           collate_fn=PromptCollator(tokenizer.pad_token_id))
-    pretrain_dl = None
-    if args.pretrain_dataset:
+    ptx = None
+    if args.pretrain_dataset:  # read, and --packing checked, before any model loads
         ptx_max_len = args.ptx_max_len or args.max_seq_len
         ptx = PretrainDataset(args.pretrain_dataset, tokenizer, max_len=ptx_max_len,
                               max_datasets_size=args.max_datasets_size, prompt_template=args.prompt_template,
                               seed=args.seed, empty=args.empty_records)
-        collate = (PackingCollator(tokenizer.pad_token_id, ptx_max_len) if cli.packing_from_args(args)
-                   else SFTCollator(tokenizer.pad_token_id))
-        pretrain_dl = strategy.setup_dataloader(ptx, args.ptx_batch_size, shuffle=True, drop_last=True,
-                                                collate_fn=collate, lengths=cli.group_lengths(args, ptx))
+        packing = cli.packing_from_args(args)
 
     actor, critic, reward_model = build_models(args)
+    pretrain_dl = None
+    if ptx is not None:
+        collate = (PackingCollator(tokenizer.pad_token_id, ptx_max_len, dense_attention=attends_densely(actor))
+                   if packing else SFTCollator(tokenizer.pad_token_id))
+        pretrain_dl = strategy.setup_dataloader(ptx, args.ptx_batch_size, shuffle=True, drop_last=True,
+                                                collate_fn=collate, lengths=cli.group_lengths(args, ptx))
     trainer = PPOTrainer(strategy, actor, critic, reward_model, initial_model=build_reference(args),
                          tokenizer=tokenizer, reward_fn=reward_fn, run_config=vars(args), **trainer_kwargs(args))
     return trainer.fit(prompt_dl, pretrain_dl, resume_from=resolve_resume(args.resume, args.save_path))

@@ -14,7 +14,7 @@ from coati.dataset import (
     PackingCollator, PackingPreferenceCollator, PackingRewardCollator, PreferenceCollator, RewardCollator,
     SFTCollator, sample_lengths,
 )
-from coati.dataset.packing import first_fit, model_inputs, pack, shared_prefix_len
+from coati.dataset.packing import first_fit, model_inputs, pack, pack_pairs, shared_prefix_len
 from coati.errors import UsageError
 from coati.models import Actor, RewardModel, attends_densely
 from coati.models.families import FAMILIES, resolve_packing, supports_packing
@@ -138,7 +138,7 @@ def test_a_pair_sharing_its_prompt_has_each_sides_logits_alone(model_type):
     pairs = _prompt_pairs()
     batch = PackingRewardCollator(0, MAX_LEN)([{k: v for k, v in p.items() if "input_ids" in k} for p in pairs])
     n = len(pairs)
-    assert batch["input_ids"].shape[0] < n  # rows really hold several pairs
+    assert any(len({int(i) % n for i in row[row >= 0]}) > 1 for row in batch["sample_ids"])  # rows mix pairs
     # by hand: the prompts (5, 3, 8 tokens; the answers differ from their first token) once, the last pair apart
     assert int((batch["shared_ids"] >= 0).sum()) == 5 + 3 + 8
     assert int((batch["sample_ids"] >= 0).sum()) == sum(len(p[k]) for p in pairs for k in p if "input_ids" in k) - 16
@@ -183,7 +183,10 @@ def test_rows_for_dense_attention_stop_at_the_longest_sample():
         lens = torch.randint(1, 40, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
         rows, width = pack([torch.arange(3, 3 + n) for n in lens], None, 64, 0)["input_ids"].shape
         assert width == max(lens) and rows <= len(lens)
-        assert rows * width ** 2 <= len(lens) * max(lens) ** 2
+    # pairs that share nothing are two samples, placed apart: rows as long as the longest side
+    chosen, rejected = [torch.arange(3, 3 + n) for n in (9, 4, 6)], [torch.arange(40, 40 + n) for n in (5, 9, 2)]
+    pairs = pack_pairs(chosen, rejected, 64, 0)
+    assert pairs["input_ids"].shape == (4, 9) and "shared_ids" not in pairs  # by hand: [9] [9] [6 2 + pad] [5 4]
 
 
 def test_shared_prefix_stops_before_the_rejected_sides_first_label_and_last_token():

@@ -14,9 +14,12 @@ decreasing length (ties by batch position), which is deterministic, so a resumed
 How long a row may be depends on the attention (``dense_attention``, :func:`coati.models.attends_densely`).
 sdpa and eager attention compute every query-key score of a row, masked or not, so a row of ``max_len``
 short samples would cost ``max_len^2`` per row where padding costs ``longest^2`` per sample: rows are then
-as long as the batch's longest sample (or pair), never more slots and never more attention than the padded
-batch. Flash (varlen) and flex (block-sparse) attention skip what the position ids rule out, so their rows
-fill ``max_len``.
+as long as the batch's longest unit (a sample, or a pair sharing its prompt), so packed samples never take
+more slots or attention than padded ones. A shared-prompt pair of sides ``c`` and ``r`` sharing ``s`` tokens
+is one unit of ``c + r - s`` tokens: ``s`` fewer slots, and attention over ``(c + r - s)^2`` scores where
+the padded sides score ``c^2 + r^2``, a trade that pays where the prompt is a real share of the pair and
+attention a small share of the model's work. Flash (varlen) and flex (block-sparse) attention skip what
+the position ids rule out, so their rows fill ``max_len``.
 
 A packed batch carries, per prefix (``""``, ``"kl_"``), ``input_ids``, ``position_ids``, ``labels`` (each
 sample's first label set to -100, since the previous sample's last token must not predict it; unpacked the
@@ -137,10 +140,10 @@ def pack_pairs(chosen: Sequence[torch.Tensor], rejected: Sequence[torch.Tensor],
                chosen_labels: Sequence[torch.Tensor] | None = None,
                rejected_labels: Sequence[torch.Tensor] | None = None,
                dense_attention: bool = True) -> dict[str, torch.Tensor]:
-    """Pack ``B`` pairs as ``2B`` samples, chosen sides at batch positions ``0..B-1``, each pair one unit with
-    its common prefix once (module doc; ``dense_attention=False``: both sides whole, position ids alone
-    keeping them apart), into rows of at most ``2 * max_len`` tokens: a pair's two sides at their longest,
-    so the rows hold what the padded batch's ``2B`` rows of ``max_len`` would."""
+    """Pack ``B`` pairs as ``2B`` samples, chosen sides at batch positions ``0..B-1``, a pair whose sides share
+    a prefix one unit with it once (module doc), any other side a unit of its own (``dense_attention=False``:
+    every side, position ids alone keeping them apart), into rows of at most ``2 * max_len`` tokens: a pair's
+    two sides at their longest, so the rows hold what the padded batch's ``2B`` rows of ``max_len`` would."""
     b = len(chosen)
     input_ids = list(chosen) + list(rejected)
     labels = None if chosen_labels is None else list(chosen_labels) + list(rejected_labels)
@@ -148,7 +151,10 @@ def pack_pairs(chosen: Sequence[torch.Tensor], rejected: Sequence[torch.Tensor],
     for i in range(b):
         s = 0 if not dense_attention else shared_prefix_len(chosen[i], rejected[i],
                                                          None if labels is None else rejected_labels[i])
-        units.append([(i, 0, s, b + i)] * bool(s) + [(i, s, len(chosen[i]), -1), (b + i, s, len(rejected[i]), -1)])
+        if s:
+            units.append([(i, 0, s, b + i), (i, s, len(chosen[i]), -1), (b + i, s, len(rejected[i]), -1)])
+        else:  # nothing shared: two samples, each placed on its own
+            units += [[(i, 0, len(chosen[i]), -1)], [(b + i, 0, len(rejected[i]), -1)]]
     return _pack_units(units, input_ids, labels, 2 * max_len, pad_token_id, dense_attention)
 
 

@@ -363,10 +363,12 @@ def test_cli_run_with_reward_fn_file(tmp_path, tiny_llama_dir, shared_data):
                      "--reward_fn", f"{reward_file}:const", "--num_episodes", "1", "--num_collect_steps", "1",
                      "--num_update_steps", "1", "--experience_batch_size", "2", "--train_batch_size", "2",
                      "--max_new_tokens", "3", "--max_input_len", "128", "--prompt_template", "none",
-                     "--save_path", str(out), "--lora_rank", "2"])
+                     "--save_path", str(out), "--lora_rank", "2",
+                     "--pretrain_dataset", str(shared_data / "sft" / "alpaca_en_demo.json"), "--ptx_batch_size", "3"])
     assert hist[-1]["critic/score/mean"] == pytest.approx(1.5)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["critic/score/mean"] == pytest.approx(1.5) and rows[-1]["response_length/mean"] <= 3
+    assert rows[-1]["actor/ptx_loss"] > 0  # PPO-ptx: the packed pretraining batches were trained on
     assert (out / "config.json").is_file() and (out / "critic" / "value_head.safetensors").is_file()
     assert not (out / "adapter_config.json").exists()  # LoRA merged by default (--merge_lora_weights)
 

@@ -1,5 +1,8 @@
 """Model-FLOPs counting for MFU: the weight matmuls against the matmuls a training step actually dispatches,
 attention against the query-key pairs of the packed causal mask, the shape against a 1B parameter count."""
+import json
+
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -86,3 +89,42 @@ def test_peak_lookup_takes_the_variant_before_the_family():
     assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_bf16_tflops("NVIDIA H200") == 989.4
     assert peak_bf16_tflops("NVIDIA GeForce RTX 3090") is None
+
+
+def _hand_flops(cfg, lens, head_tokens) -> float:
+    """A LLaMA step's model FLOPs from its config alone: q, k, v, o and the gated MLP per layer, the head on
+    the labelled positions, causal attention within each sample; backward twice the forward."""
+    d, hd = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    per_layer = d * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 3 * d * cfg.intermediate_size
+    dense = 2 * cfg.num_hidden_layers * per_layer * sum(lens) + 2 * cfg.vocab_size * d * head_tokens
+    attention = 4 * cfg.num_hidden_layers * d * sum(n * (n + 1) // 2 for n in lens)
+    return 3 * (dense + attention)
+
+
+def test_sft_logs_mfu_on_the_clock_of_its_throughput(monkeypatch, tmp_path):
+    from coati.dataset import PackingCollator
+    from coati.trainer import SFTTrainer
+    from coati.trainer.strategies import NaiveStrategy
+
+    lens = [7, 12, 5, 9, 14, 3, 8, 6]
+    ids, labels = _samples(lens, prompt=2)
+    items = [{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels)]
+    cfg = tiny.llama_config()
+
+    def run(name):
+        torch.manual_seed(0)
+        strategy = NaiveStrategy(seed=0)
+        actor = strategy.prepare_model(Actor.from_config(cfg))
+        loader = strategy.setup_dataloader(items, 4, shuffle=False, collate_fn=PackingCollator(0, 64))
+        SFTTrainer(actor, strategy, loader, log_interval=1, max_epochs=1, save_path=str(tmp_path / name)).fit()
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                if "perf/throughput" in json.loads(x)]
+
+    assert all("perf/mfu" not in row for row in run("cpu"))  # a CPU has no peak to measure against
+    monkeypatch.setenv("COATI_PEAK_TFLOPS", "0.5")
+    rows = run("peak")
+    assert len(rows) == 2
+    for row, step in zip(rows, (slice(0, 4), slice(4, 8))):
+        # one clock for both: their ratio is the model FLOPs per real token, counted by hand from the config
+        per_token = _hand_flops(cfg, lens[step], sum(n - 2 for n in lens[step])) / sum(lens[step])
+        assert row["perf/mfu"] * 0.5e12 / row["perf/throughput"] == pytest.approx(per_token, rel=1e-9)

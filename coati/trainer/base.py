@@ -23,6 +23,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..dataset.packing import batch_token_counts
 from ..errors import MissingInputError, UsageError
+from ..utils.flops import device_peak_tflops
 from .callbacks import MetricsLogger, logger
 from .strategies import Strategy
 from .strategies.base import unpadded_samples
@@ -162,7 +163,9 @@ class SupervisedTrainer:
     Metrics are sums too (see :func:`accumulate_metrics`); they are logged as global means.
     ``perf/throughput`` counts real (non-pad) tokens the model ran on per second per process (a prompt a
     packed pair shares counts once), ``perf/padding_share`` the share of pad slots among all token slots the
-    model ran on since the last log (0 for packed rows without a pad tail).
+    model ran on since the last log (0 for packed rows without a pad tail), ``perf/mfu`` (trainers that count
+    :meth:`model_flops`, on a device with a known peak: :func:`coati.utils.flops.device_peak_tflops`) the
+    model FLOPs per second per process over that peak.
     """
 
     stage = "train"
@@ -221,6 +224,10 @@ class SupervisedTrainer:
     def token_counts(batch: dict[str, Any]) -> tuple[int, int]:
         """``(real tokens, token slots the model runs on)`` of a micro-batch, for the perf metrics."""
         return batch_token_counts(batch)
+
+    def model_flops(self, batch: dict[str, Any]) -> float:
+        """Model FLOPs of a micro-batch's training forward + backward, for ``perf/mfu``; 0 = not counted."""
+        return 0.0
 
     # ----- checkpoint / resume ----------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -287,10 +294,12 @@ class SupervisedTrainer:
         loader = self.train_dataloader
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.stage,
                    disable=not self.strategy.is_rank0(), dynamic_ncols=True)
-        t_last, tokens_since = time.perf_counter(), torch.zeros(2, dtype=torch.float64)  # real, slots
+        peak = device_peak_tflops(self.strategy.device)
+        t_last, tokens_since = time.perf_counter(), torch.zeros(3, dtype=torch.float64)  # real, slots, flops
         while self.global_step < self.total_steps:
             for group in _groups(epoch_iter(loader, self.epoch, self.micro_in_epoch), self.accumulation_steps):
-                tokens_since += torch.tensor([self.token_counts(b) for b in group], dtype=torch.float64).sum(0)
+                tokens_since += torch.tensor([(*self.token_counts(b), self.model_flops(b) if peak else 0.0)
+                                              for b in group], dtype=torch.float64).sum(0)
                 metrics = self._train_step(group)
                 self.micro_in_epoch += len(group)
                 self.global_step += 1
@@ -300,11 +309,14 @@ class SupervisedTrainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if self.global_step % self.log_interval == 0 or self.global_step == self.total_steps:
                     now = time.perf_counter()
-                    real, slots = self.strategy.all_reduce(tokens_since.to(self.strategy.device),
-                                                           op="sum").tolist()
-                    metrics["perf/throughput"] = real / max(now - t_last, 1e-9) / self.strategy.world_size
+                    real, slots, flops = self.strategy.all_reduce(tokens_since.to(self.strategy.device),
+                                                                  op="sum").tolist()
+                    per_s = 1.0 / max(now - t_last, 1e-9) / self.strategy.world_size
+                    metrics["perf/throughput"] = real * per_s
                     metrics["perf/padding_share"] = 1.0 - real / max(slots, 1.0)
-                    t_last, tokens_since = now, torch.zeros(2, dtype=torch.float64)
+                    if peak and flops:
+                        metrics["perf/mfu"] = flops * per_s / (peak * 1e12)
+                    t_last, tokens_since = now, torch.zeros(3, dtype=torch.float64)
                     self.metrics.log(self.global_step, metrics)
                 if self.eval_interval and self.global_step % self.eval_interval == 0:
                     self._run_eval()

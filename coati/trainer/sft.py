@@ -7,6 +7,7 @@ import torch
 
 from ..dataset.packing import model_inputs
 from ..models.loss import GPTLMLoss
+from ..utils.flops import DecoderShape, batch_sample_lengths, head_positions
 from .base import SupervisedTrainer
 
 
@@ -22,10 +23,16 @@ class SFTTrainer(SupervisedTrainer):
     def __init__(self, model, strategy, train_dataloader, eval_dataloader=None, **kwargs: Any) -> None:
         super().__init__(model, strategy, train_dataloader, eval_dataloader, **kwargs)
         self.loss_fn = GPTLMLoss()
+        self._shape: DecoderShape | None = None  # read from the model when perf/mfu first needs it
 
     @staticmethod
     def count_units(batch: dict[str, Any]) -> torch.Tensor:
         return (batch["labels"][:, 1:] != -100).sum()
+
+    def model_flops(self, batch: dict[str, Any]) -> float:
+        if self._shape is None:
+            self._shape = DecoderShape.of(self.strategy.unwrap(self.model))
+        return self._shape.train_flops(batch_sample_lengths(batch), head_positions(batch))
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         log_probs = self.model(batch["input_ids"], labels=batch["labels"], reduction="sum",

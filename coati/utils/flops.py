@@ -10,6 +10,7 @@ experts' weights), LoRA's frozen weights too (no weight gradients), sliding wind
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,3 +78,13 @@ def head_positions(batch: dict[str, Any]) -> int:
 def peak_bf16_tflops(device_name: str) -> float | None:
     """The dense bf16 peak of a known accelerator, else None (MFU is then not reported)."""
     return next((tf for name, tf in PEAK_BF16_TFLOPS if name in device_name), None)
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """The peak MFU is measured against on ``device``: ``COATI_PEAK_TFLOPS`` where set (a GPU the table lacks,
+    another precision), else the table's figure for a CUDA device, else None (CPUs have no figure here)."""
+    if os.environ.get("COATI_PEAK_TFLOPS"):
+        return float(os.environ["COATI_PEAK_TFLOPS"])
+    if device.type == "cuda":
+        return peak_bf16_tflops(torch.cuda.get_device_name(device))
+    return None

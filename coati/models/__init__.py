@@ -1,5 +1,5 @@
 """Model wrappers, model families, LoRA glue, losses and RLHF tensor helpers."""
-from .base import Actor, Critic, RewardModel, load_causal_lm, attends_densely
+from .base import Actor, Critic, RewardModel, attends_densely, load_causal_lm
 from .families import (
     FAMILIES, BLOOMActor, BLOOMCritic, BLOOMRM, Family, GPTActor, GPTCritic, GPTNeoXActor, GPTNeoXCritic,
     GPTNeoXRM, GPTRM, LlamaActor, LlamaCritic, LlamaRM, OPTActor, OPTCritic, OPTRM, PolyglotKoActor,

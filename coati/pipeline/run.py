@@ -43,9 +43,9 @@ from ..errors import UsageError
 from ..models import Actor, Critic, RewardModel, attends_densely
 from ..models.base import checkpoint_model_type
 from ..models.families import resolve_packing
-from ..utils.cli import BoolFlag
 from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
 from ..trainer.strategies import NaiveStrategy
+from ..utils.cli import BoolFlag
 from .evaluation import evaluate_policy, standardize_reward_model
 from .task import WRONG_KINDS, ArithmeticTask, exact_match_reward, write_jsonl
 from .tokenizer import build_tokenizer

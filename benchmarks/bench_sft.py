@@ -85,13 +85,11 @@ def worker_coati(job: dict) -> None:
     from coati.models import Actor, attends_densely
     from coati.trainer import SFTTrainer
     from coati.trainer.strategies import NaiveStrategy
-    from coati.utils.flops import DecoderShape
 
     harness.setup_worker(job)
     device = job["device"]
     strategy = NaiveStrategy(seed=job["seed"], mixed_precision="bf16" if job["precision"] == "bf16" else None)
     actor = strategy.prepare_model(Actor.from_pretrained(job["model_dir"], **attn_kwargs(job)))
-    shape = DecoderShape.of(actor)
     rows = harness.load_rows(job)
     items = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])} for r in rows]
     # flex / flash attention: rows fill --seq_len; sdpa: rows stop at the batch's longest sample
@@ -108,7 +106,7 @@ def worker_coati(job: dict) -> None:
             counts = [batch_token_counts(b) for b in micro_batches]
             step_tokens.append(sum(real for real, _ in counts))
             step_padded.append(sum(slots for _, slots in counts))
-            step_flops.append(sum(model_flops(shape, b) for b in micro_batches))
+            step_flops.append(sum(self.model_flops(b) for b in micro_batches))
             metrics = super()._train_step(micro_batches)
             clock.tick()
             return metrics
@@ -203,7 +201,7 @@ def worker_plain(job: dict) -> None:
     def count(batch):
         step_tokens.append(int(batch["attention_mask"].sum()))
         step_padded.append(int(batch["input_ids"].numel()))
-        step_flops.append(model_flops(shape, batch))
+        step_flops.append(shape.batch_flops(batch))
 
     def loss_fn(batch):
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -220,14 +218,6 @@ def worker_plain(job: dict) -> None:
 def attn_kwargs(job: dict) -> dict:
     """``from_pretrained`` keywords for ``--attn_implementation`` (none: transformers' default, sdpa)."""
     return {"attn_implementation": job["attn_implementation"]} if job["attn_implementation"] else {}
-
-
-def model_flops(shape, batch: dict) -> float:
-    """Model FLOPs of one micro-batch (coati.utils.flops: the head on labelled positions, causal attention
-    within each sample), the same whether the batch is padded or packed."""
-    from coati.utils.flops import batch_sample_lengths, head_positions
-
-    return shape.train_flops(batch_sample_lengths(batch), head_positions(batch))
 
 
 WORKERS = {"coati": worker_coati, "trl": worker_trl, "plain": worker_plain}

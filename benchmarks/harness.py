@@ -59,8 +59,8 @@ def common_parser(description: str, *, steps: int, batch_size: int, seq_len: int
                    help="fp32 weights either way; bf16 = autocast in both frameworks")
     p.add_argument("--threads", type=int, default=1, help="torch/OMP threads per worker process")
     p.add_argument("--peak_tflops", type=float, default=None,
-                   help="the accelerator's dense bf16 peak for MFU (default: looked up from the CUDA device "
-                        "name, coati.utils.flops.PEAK_BF16_TFLOPS)")
+                   help="the accelerator's dense bf16 peak for MFU (default: COATI_PEAK_TFLOPS, else looked up "
+                        "from the CUDA device name, coati.utils.flops.PEAK_BF16_TFLOPS)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run each framework this many times, alternating, and keep the median run")
     p.add_argument("--seed", type=int, default=0)
@@ -324,15 +324,14 @@ def finish(job: dict[str, Any], clock: StepClock, counts: dict[str, list[float]]
 
 
 def utilisation(job: dict[str, Any], flops_per_s: float) -> dict[str, float]:
-    """Achieved model TFLOP/s and, where the peak is known (``--peak_tflops`` or a CUDA device's name), MFU."""
+    """Achieved model TFLOP/s and, where the peak is known (``--peak_tflops``, else
+    :func:`coati.utils.flops.device_peak_tflops`), MFU."""
+    import torch
+
+    from coati.utils.flops import device_peak_tflops
+
     out = {"model_tflops_per_s": round(flops_per_s / 1e12, 4)}
-    peak = job.get("peak_tflops")
-    if peak is None and job["device"] == "cuda":
-        import torch
-
-        from coati.utils.flops import peak_bf16_tflops
-
-        peak = peak_bf16_tflops(torch.cuda.get_device_name(0))
+    peak = job.get("peak_tflops") or device_peak_tflops(torch.device(job["device"]))
     if peak:
         out.update(peak_bf16_tflops=peak, mfu=round(flops_per_s / (peak * 1e12), 4))
     return out

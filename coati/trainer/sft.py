@@ -7,7 +7,7 @@ import torch
 
 from ..dataset.packing import model_inputs
 from ..models.loss import GPTLMLoss
-from ..utils.flops import DecoderShape, batch_sample_lengths, head_positions
+from ..utils.flops import DecoderShape
 from .base import SupervisedTrainer
 
 
@@ -32,7 +32,7 @@ class SFTTrainer(SupervisedTrainer):
     def model_flops(self, batch: dict[str, Any]) -> float:
         if self._shape is None:
             self._shape = DecoderShape.of(self.strategy.unwrap(self.model))
-        return self._shape.train_flops(batch_sample_lengths(batch), head_positions(batch))
+        return self._shape.batch_flops(batch)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         log_probs = self.model(batch["input_ids"], labels=batch["labels"], reduction="sum",

@@ -59,6 +59,10 @@ class DecoderShape:
         """Model FLOPs of one training forward + backward over samples of these lengths."""
         return self.matmul_flops(sum(sample_lengths), head_tokens) + self.attention_flops(sample_lengths)
 
+    def batch_flops(self, batch: dict[str, Any]) -> float:
+        """:meth:`train_flops` of a collated SFT batch, padded or packed (the same samples, the same count)."""
+        return self.train_flops(batch_sample_lengths(batch), head_positions(batch))
+
 
 def batch_sample_lengths(batch: dict[str, Any]) -> list[int]:
     """Each sample's token count in a collated SFT batch, padded (``attention_mask``) or packed

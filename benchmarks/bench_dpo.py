@@ -78,7 +78,7 @@ def worker_coati(job: dict) -> None:
     import torch
 
     from coati.dataset import PackingPreferenceCollator, PreferenceCollator
-    from coati.models import Actor
+    from coati.models import Actor, packing_attention
     from coati.trainer import DPOTrainer, PreferenceConfig
     from coati.trainer.strategies import NaiveStrategy
 
@@ -93,7 +93,8 @@ def worker_coati(job: dict) -> None:
             item[f"{side}_input_ids"] = torch.tensor(r["prompt"] + r[side])
             item[f"{side}_labels"] = torch.tensor([-100] * len(r["prompt"]) + r[side])
         items.append(item)
-    collate = PackingPreferenceCollator(0, job["seq_len"]) if job["packing"] else PreferenceCollator(0)
+    collate = (PackingPreferenceCollator(0, job["seq_len"], packing_attention(model)) if job["packing"]
+               else PreferenceCollator(0))
     loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False, collate_fn=collate)
     total = job["warmup_steps"] + job["steps"]
     clock = harness.StepClock(device)

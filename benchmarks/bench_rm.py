@@ -77,7 +77,7 @@ def worker_coati(job: dict) -> None:
 
     from coati.dataset import PackingRewardCollator, RewardCollator
     from coati.dataset.packing import batch_token_counts
-    from coati.models import RewardModel
+    from coati.models import RewardModel, packing_attention
     from coati.trainer import RewardModelTrainer
     from coati.trainer.strategies import NaiveStrategy
 
@@ -87,7 +87,8 @@ def worker_coati(job: dict) -> None:
     model = strategy.prepare_model(RewardModel.from_pretrained(job["model_dir"]))
     items = [{"chosen_input_ids": torch.tensor(r["chosen"]), "rejected_input_ids": torch.tensor(r["rejected"])}
              for r in harness.load_rows(job)]
-    collate = PackingRewardCollator(0, job["seq_len"]) if job["packing"] else RewardCollator(0)
+    collate = (PackingRewardCollator(0, job["seq_len"], packing_attention(model)) if job["packing"]
+               else RewardCollator(0))
     loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False, collate_fn=collate)
     total = job["warmup_steps"] + job["steps"]
     clock = harness.StepClock(device)

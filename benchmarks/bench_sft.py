@@ -82,7 +82,7 @@ def worker_coati(job: dict) -> None:
 
     from coati.dataset import PackingCollator, SFTCollator
     from coati.dataset.packing import batch_token_counts
-    from coati.models import Actor, attends_densely
+    from coati.models import Actor, packing_attention
     from coati.trainer import SFTTrainer
     from coati.trainer.strategies import NaiveStrategy
 
@@ -93,7 +93,7 @@ def worker_coati(job: dict) -> None:
     rows = harness.load_rows(job)
     items = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])} for r in rows]
     # flex / flash attention: rows fill --seq_len; sdpa: rows stop at the batch's longest sample
-    collate = PackingCollator(0, job["seq_len"], attends_densely(actor)) if job["packing"] else SFTCollator(0)
+    collate = PackingCollator(0, job["seq_len"], packing_attention(actor)) if job["packing"] else SFTCollator(0)
     loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False, collate_fn=collate)
     total = job["warmup_steps"] + job["steps"]
     clock = harness.StepClock(device)

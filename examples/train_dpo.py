@@ -20,7 +20,7 @@ from coati.dataset import (
     PackingPreferenceCollator, PreferenceCollator, PreferenceDataset, UnpairedPreferenceCollator,
     UnpairedPreferenceDataset, format_from_name, split_dataset,
 )
-from coati.models import Actor, attends_densely
+from coati.models import Actor, packing_attention
 from coati.trainer import DPOTrainer, PreferenceConfig, resolve_resume
 from coati.utils import cli
 from coati.utils.config import add_config_args, config_from_args
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         # the frozen copy of the starting policy, made before the policy is prepared: a sharded (fsdp) model
         # cannot be copied
         ref_model = strategy.prepare_model(copy.deepcopy(model), trainable=False)
-    dense = attends_densely(model)
+    attention = packing_attention(model)
     model = strategy.prepare_model(model)
-    train_collate = (PackingPreferenceCollator(tokenizer.pad_token_id, args.max_len, dense_attention=dense)
+    train_collate = (PackingPreferenceCollator(tokenizer.pad_token_id, args.max_len, attention=attention)
                      if packing else collate)
     train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=train_collate,
                                          drop_last=True, lengths=cli.group_lengths(args, train_ds))

@@ -31,7 +31,7 @@ import torch
 from coati.dataset import PackingCollator, PretrainDataset, PromptCollator, PromptDataset, SFTCollator
 from coati.errors import UsageError
 from coati.experience.maker import load_reward_fn
-from coati.models import FAMILIES, Actor, Critic, RewardModel, attends_densely
+from coati.models import FAMILIES, Actor, Critic, RewardModel, packing_attention
 from coati.models.lora import check_ppo_train_bias
 from coati.models.quant import check_strategy_support, quant_mode
 from coati.models.sharing import SharedBaseRewardModel, shared_critic_and_reward
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     actor, critic, reward_model = build_models(args)
     pretrain_dl = None
     if ptx is not None:
-        collate = (PackingCollator(tokenizer.pad_token_id, ptx_max_len, dense_attention=attends_densely(actor))
+        collate = (PackingCollator(tokenizer.pad_token_id, ptx_max_len, attention=packing_attention(actor))
                    if packing else SFTCollator(tokenizer.pad_token_id))
         pretrain_dl = strategy.setup_dataloader(ptx, args.ptx_batch_size, shuffle=True, drop_last=True,
                                                 collate_fn=collate, lengths=cli.group_lengths(args, ptx))

@@ -10,7 +10,7 @@ import argparse
 import os
 
 from coati.dataset import PackingRewardCollator, RewardCollator, RewardDataset, format_from_name, split_dataset
-from coati.models import RewardModel, attends_densely
+from coati.models import RewardModel, packing_attention
 from coati.trainer import RewardModelTrainer, resolve_resume
 from coati.utils import cli
 from coati.utils.tokenizer import load_tokenizer
@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     model = RewardModel.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
                                         grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
                                         frozen_dtype=args.frozen_dtype, **quant)
-    dense = attends_densely(model)
+    attention = packing_attention(model)
     model = strategy.prepare_model(model)
     collate = RewardCollator(tokenizer.pad_token_id)
-    train_collate = (PackingRewardCollator(tokenizer.pad_token_id, args.max_len, dense_attention=dense)
+    train_collate = (PackingRewardCollator(tokenizer.pad_token_id, args.max_len, attention=attention)
                      if packing else collate)
     train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=train_collate,
                                          drop_last=True, lengths=cli.group_lengths(args, train_ds))

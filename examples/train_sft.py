@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from coati.dataset import PackingCollator, SFTCollator, SFTDataset, split_dataset
-from coati.models import Actor, attends_densely
+from coati.models import Actor, packing_attention
 from coati.trainer import SFTTrainer, resolve_resume
 from coati.utils import cli
 from coati.utils.tokenizer import load_tokenizer
@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
                                   grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
                                   frozen_dtype=args.frozen_dtype, **quant)
     cli.neftune_from_args(model, args)
-    dense = attends_densely(model)
+    attention = packing_attention(model)
     model = strategy.prepare_model(model)
     collate = SFTCollator(tokenizer.pad_token_id)
-    train_collate = PackingCollator(tokenizer.pad_token_id, args.max_len, dense_attention=dense) if packing else collate
+    train_collate = PackingCollator(tokenizer.pad_token_id, args.max_len, attention=attention) if packing else collate
     train_dl = strategy.setup_dataloader(train_ds, args.batch_size, shuffle=True, collate_fn=train_collate,
                                          drop_last=True, lengths=cli.group_lengths(args, train_ds))
     eval_dl = (strategy.setup_dataloader(eval_ds, args.batch_size, shuffle=False, collate_fn=collate)

@@ -41,7 +41,7 @@ def _samples(lens, prompt=3):
 def test_matmul_flops_equal_the_matmuls_a_packed_training_step_runs():
     lens = [7, 12, 5, 9]
     ids, labels = _samples(lens)
-    batch = pack(ids, labels, sum(lens), 0, dense_attention=False)  # one row, no pad slot: all real tokens
+    batch = pack(ids, labels, sum(lens), 0, attention="varlen")  # one row, no pad slot: all real tokens
     assert batch["input_ids"].shape == (1, sum(lens))
     torch.manual_seed(0)
     actor = Actor(LlamaForCausalLM(tiny.llama_config(num_key_value_heads=2)).float())

@@ -16,7 +16,8 @@ from coati.dataset import (
 )
 from coati.dataset.packing import first_fit, model_inputs, pack, pack_pairs, shared_prefix_len
 from coati.errors import UsageError
-from coati.models import Actor, RewardModel, attends_densely
+from coati.models import Actor, RewardModel, packing_attention
+from coati.models.segment_attention import Segments, segment_sdpa_forward
 from coati.models.families import FAMILIES, resolve_packing, supports_packing
 from coati.trainer import DPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
 from coati.trainer.base import epoch_iter
@@ -94,17 +95,20 @@ def test_the_registry_packs_exactly_the_checked_architectures():
     assert REFUSED == ["bloom", "opt"]
 
 
+@pytest.mark.parametrize("attention", ["segments", "dense"])
 @pytest.mark.parametrize("model_type", PACKING)
-def test_a_packed_sample_has_its_logits_alone(model_type):
+def test_a_packed_sample_has_its_logits_alone(model_type, attention):
     torch.manual_seed(0)
     config = CONFIGS[model_type]()
     assert config.model_type == model_type
     actor = Actor.from_config(config).eval()
+    assert packing_attention(actor) == "segments"  # coati runs sdpa models on segment attention
     seqs = _ragged(0)
-    batch = pack(seqs, None, MAX_LEN, 0)
+    batch = pack(seqs, None, MAX_LEN, 0, attention=attention)
     assert batch["input_ids"].shape[0] < len(seqs)  # rows really hold several samples
+    assert ("segments" in batch) == (attention == "segments")
     with torch.no_grad():
-        packed = actor(batch["input_ids"], position_ids=batch["position_ids"])
+        packed = actor(batch["input_ids"], **model_inputs(batch))
         for i, ids in enumerate(seqs):
             alone = actor(ids[None])[0]
             torch.testing.assert_close(packed[batch["sample_ids"] == i], alone, atol=1e-5, rtol=0)
@@ -129,14 +133,16 @@ def test_architectures_that_cannot_isolate_samples_are_refused(model_type):
     assert worst > 1e-3
 
 
+@pytest.mark.parametrize("attention", ["segments", "dense"])
 @pytest.mark.parametrize("model_type", PACKING)
-def test_a_pair_sharing_its_prompt_has_each_sides_logits_alone(model_type):
+def test_a_pair_sharing_its_prompt_has_each_sides_logits_alone(model_type, attention):
     """The rejected side, laid out after the chosen one and reading the prompt they share, sees exactly its own
     tokens: its logits equal its logits alone, as do the chosen side's."""
     torch.manual_seed(0)
     actor = Actor.from_config(CONFIGS[model_type]()).eval()
     pairs = _prompt_pairs()
-    batch = PackingRewardCollator(0, MAX_LEN)([{k: v for k, v in p.items() if "input_ids" in k} for p in pairs])
+    batch = PackingRewardCollator(0, MAX_LEN, attention)([{k: v for k, v in p.items() if "input_ids" in k}
+                                                          for p in pairs])
     n = len(pairs)
     assert any(len({int(i) % n for i in row[row >= 0]}) > 1 for row in batch["sample_ids"])  # rows mix pairs
     # by hand: the prompts (5, 3, 8 tokens; the answers differ from their first token) once, the last pair apart
@@ -159,14 +165,15 @@ def test_attention_without_given_masks_gets_the_pair_sides_packed_apart(impl):
     """Flash / flex attention take no explicit 4D mask: a shared-prompt batch is refused in one line that names
     the switch, and the collator built with it packs each side whole, position ids alone keeping them apart."""
     model = RewardModel.from_config(CONFIGS["llama"]())
-    assert attends_densely(model)
+    assert packing_attention(model) == "segments"
     model.config._attn_implementation = impl
-    assert not attends_densely(model)
+    assert packing_attention(model) == "varlen"
     pairs = [{k: v for k, v in p.items() if "input_ids" in k} for p in _prompt_pairs()]
-    shared = PackingRewardCollator(0, MAX_LEN)(pairs)
-    with pytest.raises(UsageError, match=r"dense_attention=attends_densely\(model\)"):
-        model(shared["input_ids"], **model_inputs(shared))
-    apart = PackingRewardCollator(0, MAX_LEN, dense_attention=attends_densely(model))(pairs)
+    for attention in ("dense", "segments"):
+        shared = PackingRewardCollator(0, MAX_LEN, attention)(pairs)
+        with pytest.raises(UsageError, match=r"attention=packing_attention\(model\)"):
+            model(shared["input_ids"], **model_inputs(shared))
+    apart = PackingRewardCollator(0, MAX_LEN, attention=packing_attention(model))(pairs)
     assert "shared_ids" not in apart and model_inputs(apart)["attention_mask"] is None
     assert int((apart["sample_ids"] >= 0).sum()) == _pair_tokens(pairs)
 
@@ -177,7 +184,10 @@ def test_rows_for_dense_attention_stop_at_the_longest_sample():
     seqs = [torch.arange(3, 3 + n) for n in (2, 3, 4, 10)]
     dense = pack(seqs, None, 64, 0)
     assert dense["input_ids"].shape == (2, 10)  # by hand: [10], [4 3 2 + 1 pad]
-    assert pack(seqs, None, 64, 0, dense_attention=False)["input_ids"].shape == (1, 19)
+    assert pack(seqs, None, 64, 0, attention="varlen")["input_ids"].shape == (1, 19)
+    one = pack(seqs, None, 8, 0, attention="segments")  # by segments: one row of every token, whatever max_len
+    assert one["input_ids"].shape == (1, 19)
+    assert one["segments"] == (((0, 10, 0, 0), (10, 14, 10, 0), (14, 17, 14, 0), (17, 19, 17, 0)),)
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
         lens = torch.randint(1, 40, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
@@ -187,6 +197,11 @@ def test_rows_for_dense_attention_stop_at_the_longest_sample():
     chosen, rejected = [torch.arange(3, 3 + n) for n in (9, 4, 6)], [torch.arange(40, 40 + n) for n in (5, 9, 2)]
     pairs = pack_pairs(chosen, rejected, 64, 0)
     assert pairs["input_ids"].shape == (4, 9) and "shared_ids" not in pairs  # by hand: [9] [9] [6 2 + pad] [5 4]
+    # a pair sharing 2 prompt tokens, by segments: the chosen side whole, then the rejected side after the prompt,
+    # reading the chosen side's first 2 tokens
+    shared = pack_pairs([torch.tensor([3, 4, 5, 6])], [torch.tensor([3, 4, 9])], 64, 0, attention="segments")
+    assert shared["input_ids"].tolist() == [[3, 4, 5, 6, 9]]
+    assert shared["segments"] == (((0, 4, 0, 0), (4, 5, 0, 2)),)
 
 
 def test_shared_prefix_stops_before_the_rejected_sides_first_label_and_last_token():
@@ -207,15 +222,19 @@ def test_eager_attention_gets_the_shared_prefix_mask_as_an_additive_one():
     config._attn_implementation = "eager"
     eager = Actor.from_config(config).eval()
     eager.load_state_dict(sdpa.state_dict())
-    assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
+    assert (packing_attention(sdpa), packing_attention(eager)) == ("segments", "dense")
     batch = PackingPreferenceCollator(0, MAX_LEN)(_prompt_pairs())
     with torch.no_grad():
         torch.testing.assert_close(eager(batch["input_ids"], **model_inputs(batch)),
                                    sdpa(batch["input_ids"], **model_inputs(batch)), atol=1e-5, rtol=0)
+    by_segments = PackingPreferenceCollator(0, MAX_LEN, "segments")(_prompt_pairs())
+    with pytest.raises(UsageError, match=r"attention=packing_attention\(model\)"):
+        eager(by_segments["input_ids"], **model_inputs(by_segments))
 
 
+@pytest.mark.parametrize("attention", ["segments", "dense"])
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
-def test_a_sliding_window_applies_to_pairs_sharing_a_prompt(model_type):
+def test_a_sliding_window_applies_to_pairs_sharing_a_prompt(model_type, attention):
     """transformers takes the given mask as is, so the window (Mistral: every layer; Qwen2: the layers past
     ``max_window_layers``) must be in it: each side's logits still equal its logits alone, where the model
     applies the window itself, and differ from the logits without a window."""
@@ -227,7 +246,7 @@ def test_a_sliding_window_applies_to_pairs_sharing_a_prompt(model_type):
         config.layer_types = ["full_attention", "sliding_attention"]
     actor = Actor.from_config(config).eval()
     pairs = _prompt_pairs()
-    batch = PackingPreferenceCollator(0, MAX_LEN)(pairs)
+    batch = PackingPreferenceCollator(0, MAX_LEN, attention)(pairs)
     n = len(pairs)
     with torch.no_grad():
         packed = actor(batch["input_ids"], **model_inputs(batch))
@@ -244,6 +263,51 @@ def test_a_sliding_window_applies_to_pairs_sharing_a_prompt(model_type):
                 torch.testing.assert_close(packed[mine], alone, atol=1e-5, rtol=0)
                 worst = max(worst, float((unwindowed(ids[None])[0][-int(mine.sum()):] - alone).abs().max()))
     assert worst > 1e-3  # the window really cut attention here
+
+
+def _masked_attention(q, k, v, allowed):
+    """Attention by hand: softmax over the allowed keys, zero for a query with none (padding)."""
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    return (weights @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_segment_attention_equals_attention_under_the_layouts_mask(window):
+    """Two rows by hand: row 0 a pair sharing a 3-token prompt (chosen 0..6, rejected part 6..9 reading 0..3)
+    then a sample 9..12 and 2 pad slots; row 1 one sample and 9 pad slots. GQA: 4 query heads on 2 kv heads."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 14, 8, generator=g)
+    k, v = torch.randn(2, 2, 14, 8, generator=g), torch.randn(2, 2, 14, 8, generator=g)
+    layout = Segments((((0, 6, 0, 0), (6, 9, 0, 3), (9, 12, 9, 0)), ((0, 5, 0, 0),)))
+    allowed = torch.zeros(2, 14, 14, dtype=torch.bool)
+    position = torch.zeros(2, 14, dtype=torch.long)
+    for r, pieces in enumerate(layout):
+        for start, end, prefix_start, prefix_len in pieces:
+            keys = list(range(prefix_start, prefix_start + prefix_len)) + list(range(start, end))
+            for n, i in enumerate(range(start, end)):
+                position[r, i] = prefix_len + n
+                for j in keys[:prefix_len + n + 1]:
+                    allowed[r, i, j] = True
+    if window is not None:
+        for r in range(2):
+            for i in range(14):
+                for j in range(14):
+                    if allowed[r, i, j] and position[r, i] - position[r, j] >= window:
+                        allowed[r, i, j] = False
+    module = torch.nn.Module()
+    out, _ = segment_sdpa_forward(module, q, k, v, None, coati_segments=layout, sliding_window=window)
+    torch.testing.assert_close(out, _masked_attention(q, k, v, allowed[:, None]), atol=1e-5, rtol=0)
+    assert float(out[0, 12:].abs().max()) == 0.0 and float(out[1, 5:].abs().max()) == 0.0  # padding
+
+
+def test_a_layout_that_never_reaches_the_attention_fails_loudly():
+    """The placeholder mask of a segment call is empty: an attention called without the layout refuses it
+    instead of attending across samples."""
+    q = k = v = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="did not reach the attention"):
+        segment_sdpa_forward(torch.nn.Module(), q, k, v, torch.zeros(1, 1, 0, 0, dtype=torch.bool))
 
 
 def test_first_fit_fills_rows_up_to_max_len_deterministically():
@@ -272,14 +336,16 @@ def _loader(strategy, data, collate, batch_size):
     return strategy.setup_dataloader(data, batch_size, shuffle=False, collate_fn=collate)
 
 
+@pytest.mark.parametrize("attention,grad_checkpoint", [("dense", False), ("segments", False), ("segments", True)])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type):
+def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type, attention, grad_checkpoint):
+    """Activation checkpointing recomputes each layer in backward: the segment layout must reach it again."""
     items = _sft_items()
     results = []
-    for collate in (SFTCollator(0), PackingCollator(0, MAX_LEN)):
+    for collate in (SFTCollator(0), PackingCollator(0, MAX_LEN, attention)):
         torch.manual_seed(0)
         strategy = NaiveStrategy(seed=0)
-        model = strategy.prepare_model(Actor.from_config(CONFIGS[model_type]()))
+        model = strategy.prepare_model(Actor.from_config(CONFIGS[model_type](), grad_checkpoint=grad_checkpoint))
         trainer = SFTTrainer(model, strategy, _loader(strategy, items, collate, len(items)), log_interval=100)
         batch = collate(items)
         loss_sum, count, _ = trainer.compute_loss(batch)
@@ -305,17 +371,17 @@ def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type):
 def test_packed_reward_model_gives_the_unpacked_rewards_and_gradient():
     pairs = _pairs() + _prompt_pairs()
     results = []
-    for collate in (RewardCollator(0), PackingRewardCollator(0, MAX_LEN),
-                    PackingRewardCollator(0, MAX_LEN, dense_attention=False)):
+    for collate in (RewardCollator(0), *(PackingRewardCollator(0, MAX_LEN, a) for a in ("segments", "dense", "varlen"))):
         torch.manual_seed(0)
         strategy = NaiveStrategy(seed=0)
         model = strategy.prepare_model(RewardModel.from_config(CONFIGS["llama"]()))
         trainer = RewardModelTrainer(model, strategy, _loader(strategy, pairs, collate, len(pairs)), log_interval=100)
         batch = collate(pairs)
         if isinstance(collate, PackingRewardCollator):  # the prompts, 5 + 3 + 8 tokens, once when shared
-            assert ("shared_ids" in batch) == collate.dense_attention
-            assert int((batch["sample_ids"] >= 0).sum()) == _pair_tokens(pairs) - 16 * collate.dense_attention
-            if collate.dense_attention:
+            shares = collate.attention != "varlen"
+            assert ("shared_ids" in batch) == shares and ("segments" in batch) == (collate.attention == "segments")
+            assert int((batch["sample_ids"] >= 0).sum()) == _pair_tokens(pairs) - 16 * shares
+            if shares:
                 assert int((batch["shared_ids"] >= 0).sum()) == 16
         chosen, rejected = trainer.rewards(batch)
         loss_sum, count, _ = trainer.compute_loss(batch)
@@ -333,8 +399,8 @@ def test_packed_reward_model_gives_the_unpacked_rewards_and_gradient():
 def test_packed_dpo_gives_the_unpacked_logps_loss_and_gradient():
     pairs = _pairs() + _prompt_pairs()
     results = []
-    for collate in (PreferenceCollator(0), PackingPreferenceCollator(0, MAX_LEN),
-                    PackingPreferenceCollator(0, MAX_LEN, dense_attention=False)):
+    for collate in (PreferenceCollator(0),
+                    *(PackingPreferenceCollator(0, MAX_LEN, a) for a in ("segments", "dense", "varlen"))):
         torch.manual_seed(0)
         strategy = NaiveStrategy(seed=0)
         model = strategy.prepare_model(Actor.from_config(CONFIGS["llama"]()))
@@ -345,8 +411,8 @@ def test_packed_dpo_gives_the_unpacked_logps_loss_and_gradient():
                 p.add_(0.01 * torch.randn_like(p))
         batch = collate(pairs)
         if isinstance(collate, PackingPreferenceCollator):
-            assert ("shared_ids" in batch) == collate.dense_attention
-            if collate.dense_attention:  # the prompts (5, 3, 8 tokens) but their last token, which each side keeps
+            assert ("shared_ids" in batch) == (collate.attention != "varlen")
+            if collate.attention != "varlen":  # the prompts (5, 3, 8 tokens) but their last token, which each side keeps
                 assert int((batch["shared_ids"] >= 0).sum()) == 4 + 2 + 7
         logps, lengths = batch_logps(model, batch)
         loss_sum, count, _ = trainer.compute_loss(batch)

@@ -11,15 +11,19 @@ step sees exactly the samples of the unpacked run: loss normalisation (a global 
 data order and resume positions are unchanged, only the padding goes. Rows are filled first-fit by
 decreasing length (ties by batch position), which is deterministic, so a resumed run packs identically.
 
-How long a row may be depends on the attention (``dense_attention``, :func:`coati.models.attends_densely`).
-sdpa and eager attention compute every query-key score of a row, masked or not, so a row of ``max_len``
-short samples would cost ``max_len^2`` per row where padding costs ``longest^2`` per sample: rows are then
-as long as the batch's longest unit (a sample, or a pair sharing its prompt), so packed samples never take
-more slots or attention than padded ones. A shared-prompt pair of sides ``c`` and ``r`` sharing ``s`` tokens
-is one unit of ``c + r - s`` tokens: ``s`` fewer slots, and attention over ``(c + r - s)^2`` scores where
-the padded sides score ``c^2 + r^2``, a trade that pays where the prompt is a real share of the pair and
-attention a small share of the model's work. Flash (varlen) and flex (block-sparse) attention skip what
-the position ids rule out, so their rows fill ``max_len``.
+How rows are laid out depends on the model's attention (``attention``, :func:`coati.models.packing_attention`):
+
+- ``"segments"`` (coati's sdpa, :mod:`coati.models.segment_attention`): each sample (or rejected side after
+  its shared prompt) attends by itself, so a micro-batch is one row with no padding, carrying its layout as
+  ``segments``; pairs share their prompt.
+- ``"dense"`` (eager; plain sdpa): every query-key score of a row is computed, masked or not, so a row of
+  ``max_len`` short samples would cost ``max_len^2`` where padding costs ``longest^2`` per sample: rows are
+  as long as the batch's longest unit (a sample, or a pair sharing its prompt), so packed samples never take
+  more slots or attention than padded ones. A shared-prompt pair of sides ``c`` and ``r`` sharing ``s``
+  tokens is one unit of ``c + r - s`` tokens: ``s`` fewer slots, and ``(c + r - s)^2`` scores where the
+  padded sides score ``c^2 + r^2``.
+- ``"varlen"`` (flash, flex): the kernels skip what the position ids rule out, so rows fill ``max_len``;
+  pairs are packed with each side whole (position ids cannot express a shared prompt).
 
 A packed batch carries, per prefix (``""``, ``"kl_"``), ``input_ids``, ``position_ids``, ``labels`` (each
 sample's first label set to -100, since the previous sample's last token must not predict it; unpacked the
@@ -31,12 +35,11 @@ is laid out as one unit, ``[chosen | rejected after the common prefix]`` (:func:
 part's position ids continuing from the prefix, so the prompt's tokens run through the model once instead of
 twice (on the preference demo set at 256 tokens, 24% fewer tokens a pair). Units fill rows of
 ``2 * max_len``. Position ids cannot say that the rejected part sees the prefix but not the chosen answer
-between them, so such a batch also carries ``shared_ids`` (on a shared-prefix token: the batch position of
-the rejected side that also reads it; -1 elsewhere; absent when no pair of the batch shares a token) and
-:func:`model_inputs` adds the explicit mask :func:`pair_attention_mask` builds from it. The prefix stops
-before the first labelled token and leaves the rejected side at least one token, so every label is
-predicted from the same context as unpacked and every sample keeps a last token of its own. That mask needs
-dense (sdpa, eager) attention; with ``dense_attention=False`` each side is packed whole.
+between them, so such a batch also carries ``segments`` (``"segments"``) or ``shared_ids`` (on a shared-prefix token: the batch position of
+the rejected side that also reads it; -1 elsewhere; absent when no pair of the batch shares a token), from
+which :func:`model_inputs` builds the explicit mask :func:`pair_attention_mask` (``"dense"``). The prefix
+stops before the first labelled token and leaves the rejected side at least one token, so every label is
+predicted from the same context as unpacked and every sample keeps a last token of its own.
 """
 from __future__ import annotations
 
@@ -44,8 +47,11 @@ from typing import Any, Sequence
 
 import torch
 
+from ..models.segment_attention import Segments
 from .collators import _check_pad
 from .templates import IGNORE_INDEX
+
+ATTENTION_LAYOUTS = ("segments", "dense", "varlen")
 
 
 def first_fit(lengths: Sequence[int], max_len: int) -> list[list[int]]:
@@ -71,27 +77,39 @@ _Unit = list[tuple[int, int, int, int]]
 
 
 def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None,
-                max_len: int, pad_token_id: int, dense_attention: bool) -> dict[str, torch.Tensor]:
-    """Lay units out first-fit into rows of ``max_len`` tokens (``dense_attention``: of the longest unit's). A
+                max_len: int, pad_token_id: int, attention: str) -> dict[str, Any]:
+    """Lay units out first-fit into rows of ``max_len`` tokens (``"dense"``: of the longest unit's;
+    ``"segments"``: all in one row, with its :class:`Segments`). A
     piece starting a sample's tokens in a row (not continuing the piece before it) loses its first label: the
     token before it is another sample's. Pad tails get position ids from 0 (a segment of their own, after every
     real token, so causal attention never lets a real token see them)."""
     if not units:
         raise ValueError("cannot pack an empty batch")
     sizes = [sum(end - start for _, start, end, _ in unit) for unit in units]
-    rows = first_fit(sizes, min(max_len, max(sizes)) if dense_attention else max_len)
+    if attention not in ATTENTION_LAYOUTS:
+        raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, not {attention!r}")
+    rows = first_fit(sizes, {"dense": min(max_len, max(sizes)), "segments": sum(sizes)}.get(attention, max_len))
     width = max(sum(sizes[u] for u in row) for row in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     sid = torch.full((len(rows), width), -1, dtype=torch.long)
     shr = torch.full((len(rows), width), -1, dtype=torch.long)
+    layout: list[list[list[int]]] = []
     for r, row in enumerate(rows):
         at = 0
+        pieces: list[list[int]] = []
         for u in row:
             previous = None
+            shared_at: dict[int, tuple[int, int]] = {}  # sample -> (row offset, length) of the prefix it reads
             for i, start, end, with_ in units[u]:
                 n = end - start
+                if previous is not None and previous[0] == i:
+                    pieces[-1][1] += n  # the same sample running on: one causal piece
+                else:
+                    pieces.append([at, at + n, *shared_at.get(i, (at, 0))])
+                if with_ >= 0:
+                    shared_at[with_] = (at, n)
                 ids[r, at:at + n] = torch.as_tensor(input_ids[i][start:end], dtype=torch.long)
                 pos[r, at:at + n] = torch.arange(start, end)
                 if labels is not None:
@@ -102,20 +120,23 @@ def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: S
                 previous = (i, end)
                 at += n
         pos[r, at:] = torch.arange(width - at)
-    out = {"input_ids": ids, "position_ids": pos, "sample_ids": sid,
+        layout.append(pieces)
+    out: dict[str, Any] = {"input_ids": ids, "position_ids": pos, "sample_ids": sid,
            "seq_lens": torch.tensor([len(s) for s in input_ids])}
     if labels is not None:
         out["labels"] = lab
     if bool((shr >= 0).any()):  # decided here, on the CPU, not in every forward
         out["shared_ids"] = shr
+    if attention == "segments":
+        out["segments"] = Segments(tuple(tuple(p) for p in pieces) for pieces in layout)
     return out
 
 
 def pack(input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None, max_len: int, pad_token_id: int,
-         prefix: str = "", dense_attention: bool = True) -> dict[str, torch.Tensor]:
+         prefix: str = "", attention: str = "dense") -> dict[str, Any]:
     """Pack 1-D samples into rows (see the module doc)."""
     units = [[(i, 0, len(s), -1)] for i, s in enumerate(input_ids)]
-    out = _pack_units(units, input_ids, labels, max_len, pad_token_id, dense_attention)
+    out = _pack_units(units, input_ids, labels, max_len, pad_token_id, attention)
     return {prefix + k: v for k, v in out.items()}
 
 
@@ -139,33 +160,36 @@ def shared_prefix_len(chosen: torch.Tensor, rejected: torch.Tensor,
 def pack_pairs(chosen: Sequence[torch.Tensor], rejected: Sequence[torch.Tensor], max_len: int, pad_token_id: int,
                chosen_labels: Sequence[torch.Tensor] | None = None,
                rejected_labels: Sequence[torch.Tensor] | None = None,
-               dense_attention: bool = True) -> dict[str, torch.Tensor]:
+               attention: str = "dense") -> dict[str, Any]:
     """Pack ``B`` pairs as ``2B`` samples, chosen sides at batch positions ``0..B-1``, a pair whose sides share
-    a prefix one unit with it once (module doc), any other side a unit of its own (``dense_attention=False``:
-    every side, position ids alone keeping them apart), into rows of at most ``2 * max_len`` tokens: a pair's
-    two sides at their longest, so the rows hold what the padded batch's ``2B`` rows of ``max_len`` would."""
+    a prefix one unit with it once (module doc), any other side a unit of its own (``"varlen"``: every side,
+    position ids alone keeping them apart), into rows of at most ``2 * max_len`` tokens: a pair's two sides
+    at their longest, so the rows hold what the padded batch's ``2B`` rows of ``max_len`` would."""
     b = len(chosen)
     input_ids = list(chosen) + list(rejected)
     labels = None if chosen_labels is None else list(chosen_labels) + list(rejected_labels)
     units: list[_Unit] = []
     for i in range(b):
-        s = 0 if not dense_attention else shared_prefix_len(chosen[i], rejected[i],
+        s = 0 if attention == "varlen" else shared_prefix_len(chosen[i], rejected[i],
                                                          None if labels is None else rejected_labels[i])
         if s:
             units.append([(i, 0, s, b + i), (i, s, len(chosen[i]), -1), (b + i, s, len(rejected[i]), -1)])
         else:  # nothing shared: two samples, each placed on its own
             units += [[(i, 0, len(chosen[i]), -1)], [(b + i, 0, len(rejected[i]), -1)]]
-    return _pack_units(units, input_ids, labels, 2 * max_len, pad_token_id, dense_attention)
+    return _pack_units(units, input_ids, labels, 2 * max_len, pad_token_id, attention)
 
 
 def is_packed(batch: dict[str, Any], prefix: str = "") -> bool:
     return f"{prefix}position_ids" in batch
 
 
-def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor | None]:
-    """The keyword arguments a model call takes for this batch: ``position_ids`` when packed (the mask is then
-    built from them, or is :func:`pair_attention_mask` where pairs share a prefix), else ``attention_mask``."""
+def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The keyword arguments a model call takes for this batch: ``position_ids`` when packed, with its
+    :class:`Segments` as the ``attention_mask`` (``"segments"``), or :func:`pair_attention_mask` where pairs
+    share a prefix, or no mask (transformers builds it from the position ids); else ``attention_mask``."""
     if is_packed(batch, prefix):
+        if f"{prefix}segments" in batch:
+            return {"position_ids": batch[f"{prefix}position_ids"], "attention_mask": batch[f"{prefix}segments"]}
         return {"position_ids": batch[f"{prefix}position_ids"],
                 "attention_mask": pair_attention_mask(batch[f"{prefix}sample_ids"],
                                                       batch.get(f"{prefix}shared_ids"))}
@@ -219,18 +243,18 @@ def batch_token_counts(batch: dict[str, Any]) -> tuple[int, int]:
 
 class PackingCollator:
     """SFT / pretraining samples (``input_ids``, ``labels``) -> one packed batch (see the module doc).
-    ``dense_attention``: the model's attention computes every score of a row (sdpa, eager; see
-    :func:`coati.models.attends_densely`), so rows stop at the batch's longest sample and pairs may share
-    their prompt."""
+    ``attention``: the row layout the model's attention takes (module doc; ``packing_attention(model)``)."""
 
-    def __init__(self, pad_token_id: int | None, max_len: int, dense_attention: bool = True):
+    def __init__(self, pad_token_id: int | None, max_len: int, attention: str = "dense"):
+        if attention not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, not {attention!r}")
         self.pad_token_id = _check_pad(pad_token_id)
         self.max_len = max_len
-        self.dense_attention = dense_attention
+        self.attention = attention
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         return pack([b["input_ids"] for b in batch], [b["labels"] for b in batch], self.max_len, self.pad_token_id,
-                    dense_attention=self.dense_attention)
+                    attention=self.attention)
 
 
 class PackingRewardCollator(PackingCollator):
@@ -239,7 +263,7 @@ class PackingRewardCollator(PackingCollator):
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         return pack_pairs([b["chosen_input_ids"] for b in batch], [b["rejected_input_ids"] for b in batch],
-                          self.max_len, self.pad_token_id, dense_attention=self.dense_attention)
+                          self.max_len, self.pad_token_id, attention=self.attention)
 
 
 class PackingPreferenceCollator(PackingCollator):
@@ -252,7 +276,7 @@ class PackingPreferenceCollator(PackingCollator):
 
         out = pack_pairs(*([b[k] for b in batch] for k in ("chosen_input_ids", "rejected_input_ids")), self.max_len,
                          self.pad_token_id, *([b[k] for b in batch] for k in ("chosen_labels", "rejected_labels")),
-                         dense_attention=self.dense_attention)
+                         attention=self.attention)
         ref = _ref(batch, PreferenceDataset.REF_KEYS)
         if ref is not None:
             out["ref_logps"] = ref

@@ -1,5 +1,5 @@
 """Model wrappers, model families, LoRA glue, losses and RLHF tensor helpers."""
-from .base import Actor, Critic, RewardModel, attends_densely, load_causal_lm
+from .base import Actor, Critic, RewardModel, packing_attention, load_causal_lm
 from .families import (
     FAMILIES, BLOOMActor, BLOOMCritic, BLOOMRM, Family, GPTActor, GPTCritic, GPTNeoXActor, GPTNeoXCritic,
     GPTNeoXRM, GPTRM, LlamaActor, LlamaCritic, LlamaRM, OPTActor, OPTCritic, OPTRM, PolyglotKoActor,
@@ -14,7 +14,7 @@ from .utils import (
 )
 
 __all__ = [
-    "Actor", "Critic", "RewardModel", "load_causal_lm", "attends_densely",
+    "Actor", "Critic", "RewardModel", "load_causal_lm", "packing_attention",
     "FAMILIES", "Family", "get_family", "lora_targets",
     "LlamaActor", "LlamaCritic", "LlamaRM", "GPTNeoXActor", "GPTNeoXCritic", "GPTNeoXRM",
     "PolyglotKoActor", "PolyglotKoCritic", "PolyglotKoRM", "GPTActor", "GPTCritic", "GPTRM",

@@ -26,6 +26,7 @@ from .families import check_model_type
 from .lm_head import logit_processing, token_entropy, token_log_probs
 from .loss import IGNORE_INDEX
 from .lora import LoraSettings, apply_lora, is_peft_model
+from .segment_attention import SEGMENT_SDPA, Segments, segment_inputs, use_segment_attention
 from .quant import (
     check_quant, check_quant_lora, config_dtype, full_precision_copy, prepare_kbit_model, quant_mode,
     quantized_load_kwargs,
@@ -142,6 +143,7 @@ def _base_lm(model: nn.Module) -> nn.Module:
 
 def _prepare(model: nn.Module, family: str, lora: LoraSettings | None, grad_checkpoint: bool) -> nn.Module:
     check_model_type(family, model.config.model_type)
+    use_segment_attention(model)
     if quant_mode(model):
         model = prepare_kbit_model(model)
     if grad_checkpoint:
@@ -264,11 +266,19 @@ def _load_adapter(model: nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: adapter does not match the model; unexpected keys {unexpected[:5]}")
 
 
-def _lm_inputs(module: nn.Module, attention_mask: torch.Tensor | None,
+def _lm_inputs(module: nn.Module, attention_mask: torch.Tensor | Segments | None,
                position_ids: torch.Tensor | None) -> dict[str, Any]:
     """Model-call keywords: padding-independent position ids from the mask, or (a packed batch) the given
     position ids and no mask, from which transformers builds the block-diagonal causal mask, or the packed
-    batch's own ``(R, 1, W, W)`` mask (pairs sharing a prompt, :mod:`coati.dataset.packing`)."""
+    batch's own ``(R, 1, W, W)`` mask (pairs sharing a prompt), or its :class:`Segments` layout
+    (:mod:`coati.dataset.packing`)."""
+    if isinstance(attention_mask, Segments):
+        impl = _attention(module.config)
+        if impl != SEGMENT_SDPA:
+            raise UsageError(f"a batch packed for attention='segments' needs coati's sdpa attention, not {impl!r}: "
+                             "build the collator with attention=packing_attention(model)")
+        return {**segment_inputs(attention_mask, position_ids.shape[0], position_ids.device),
+                "position_ids": position_ids, "use_cache": False}
     if position_ids is not None:
         given = attention_mask is not None and attention_mask.ndim == 4 and attention_mask.dtype == torch.bool
         return {"attention_mask": _custom_mask(module.config, attention_mask, position_ids) if given else None,
@@ -279,18 +289,20 @@ def _lm_inputs(module: nn.Module, attention_mask: torch.Tensor | None,
     return kwargs
 
 
-_DENSE_ATTENTION = ("sdpa", "eager")  # the implementations that take a given 4D mask
+_DENSE_ATTENTION = ("sdpa", SEGMENT_SDPA, "eager")  # the implementations that take a given 4D mask
 
 
 def _attention(config: Any) -> str:
     return getattr(config, "_attn_implementation", None) or "sdpa"
 
 
-def attends_densely(model: nn.Module) -> bool:
-    """Whether ``model``'s attention computes every query-key score of a row (sdpa, eager), which the packing
-    collators' ``dense_attention`` is for: it takes an explicit mask (pairs sharing a prompt) and gains
-    nothing from rows longer than the batch's longest sample. Flash / flex attention do neither."""
-    return _attention(model.config) in _DENSE_ATTENTION
+def packing_attention(model: nn.Module) -> str:
+    """The packing collators' ``attention`` for ``model`` (:mod:`coati.dataset.packing`): ``"segments"`` on
+    coati's sdpa (each sample attends by itself), ``"dense"`` where every score of a row is computed (eager,
+    plain sdpa: an explicit mask, rows no longer than the longest sample), ``"varlen"`` for flash / flex
+    attention, which skip what the position ids rule out but take no explicit mask."""
+    impl = _attention(model.config)
+    return "segments" if impl == SEGMENT_SDPA else "dense" if impl in _DENSE_ATTENTION else "varlen"
 
 
 def _custom_mask(config: Any, mask: torch.Tensor,
@@ -303,10 +315,10 @@ def _custom_mask(config: Any, mask: torch.Tensor,
     impl = _attention(config)
     if impl not in _DENSE_ATTENTION:
         raise UsageError(f"packed pairs sharing a prompt need sdpa or eager attention, not {impl!r}: build the "
-                         "collator with dense_attention=attends_densely(model) (the example scripts do)")
+                         "collator with attention=packing_attention(model) (the example scripts do)")
 
     def as_given(m: torch.Tensor) -> torch.Tensor:
-        if impl == "sdpa":
+        if impl != "eager":
             return m
         return torch.zeros(m.shape, device=m.device).masked_fill(~m, torch.finfo(torch.float32).min)
 

@@ -40,7 +40,7 @@ from ..dataset import (PackingCollator, PackingPreferenceCollator, PackingReward
                        PreferenceDataset, PromptCollator, PromptDataset, RewardCollator, RewardDataset, SFTCollator,
                        SFTDataset, split_dataset)
 from ..errors import UsageError
-from ..models import Actor, Critic, RewardModel, attends_densely
+from ..models import Actor, Critic, RewardModel, packing_attention
 from ..models.base import checkpoint_model_type
 from ..models.families import resolve_packing
 from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
@@ -269,7 +269,7 @@ def preference_stage(args: argparse.Namespace, strategy: NaiveStrategy, tokenize
         held = PreferenceDataset(files["preference_eval"], tokenizer, **data_kw)
     collate = PreferenceCollator(tokenizer.pad_token_id)
     train_collate = (PackingPreferenceCollator(tokenizer.pad_token_id, args.max_len,
-                                               dense_attention=attends_densely(policy)) if packing else collate)
+                                               attention=packing_attention(policy)) if packing else collate)
     train_dl = strategy.setup_dataloader(train, min(args.dpo_batch_size, len(train)), shuffle=True,
                                          collate_fn=train_collate, drop_last=True)
     held_dl = strategy.setup_dataloader(held, 256, shuffle=False, collate_fn=collate) if held is not None else None
@@ -354,7 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     actor = strategy.prepare_model(actor)
     sft_data = SFTDataset(args.dataset or files["sft"], tokenizer, max_len=args.max_len,
                           prompt_template=template, seed=args.seed)
-    sft_collate = (PackingCollator(pad_id, args.max_len, dense_attention=attends_densely(actor)) if packing
+    sft_collate = (PackingCollator(pad_id, args.max_len, attention=packing_attention(actor)) if packing
                    else SFTCollator(pad_id))
     sft_dl = strategy.setup_dataloader(sft_data, min(args.sft_batch_size, len(sft_data)), shuffle=True,
                                        collate_fn=sft_collate, drop_last=True)
@@ -385,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rm_eval = RewardDataset(files["preference_eval"], tokenizer, max_len=args.max_len,
                                     prompt_template=template, seed=args.seed)
         collate = RewardCollator(pad_id)
-        train_collate = (PackingRewardCollator(pad_id, args.max_len, dense_attention=attends_densely(reward_model))
+        train_collate = (PackingRewardCollator(pad_id, args.max_len, attention=packing_attention(reward_model))
                          if packing else collate)
         rm_dl = strategy.setup_dataloader(rm_train, min(args.rm_batch_size, len(rm_train)), shuffle=True,
                                           collate_fn=train_collate, drop_last=True)

@@ -187,7 +187,7 @@ def test_rows_for_dense_attention_stop_at_the_longest_sample():
     assert pack(seqs, None, 64, 0, attention="varlen")["input_ids"].shape == (1, 19)
     one = pack(seqs, None, 8, 0, attention="segments")  # by segments: one row of every token, whatever max_len
     assert one["input_ids"].shape == (1, 19)
-    assert one["segments"] == (((0, 10, 0, 0), (10, 14, 10, 0), (14, 17, 14, 0), (17, 19, 17, 0)),)
+    assert one["segments"].rows == (((0, 10, 0, 0), (10, 14, 10, 0), (14, 17, 14, 0), (17, 19, 17, 0)),)
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
         lens = torch.randint(1, 40, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
@@ -201,7 +201,7 @@ def test_rows_for_dense_attention_stop_at_the_longest_sample():
     # reading the chosen side's first 2 tokens
     shared = pack_pairs([torch.tensor([3, 4, 5, 6])], [torch.tensor([3, 4, 9])], 64, 0, attention="segments")
     assert shared["input_ids"].tolist() == [[3, 4, 5, 6, 9]]
-    assert shared["segments"] == (((0, 4, 0, 0), (4, 5, 0, 2)),)
+    assert shared["segments"].rows == (((0, 4, 0, 0), (4, 5, 0, 2)),)
 
 
 def test_shared_prefix_stops_before_the_rejected_sides_first_label_and_last_token():
@@ -283,7 +283,7 @@ def test_segment_attention_equals_attention_under_the_layouts_mask(window):
     layout = Segments((((0, 6, 0, 0), (6, 9, 0, 3), (9, 12, 9, 0)), ((0, 5, 0, 0),)))
     allowed = torch.zeros(2, 14, 14, dtype=torch.bool)
     position = torch.zeros(2, 14, dtype=torch.long)
-    for r, pieces in enumerate(layout):
+    for r, pieces in enumerate(layout.rows):
         for start, end, prefix_start, prefix_len in pieces:
             keys = list(range(prefix_start, prefix_start + prefix_len)) + list(range(start, end))
             for n, i in enumerate(range(start, end)):

@@ -128,7 +128,7 @@ def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: S
     if bool((shr >= 0).any()):  # decided here, on the CPU, not in every forward
         out["shared_ids"] = shr
     if attention == "segments":
-        out["segments"] = Segments(tuple(tuple(p) for p in pieces) for pieces in layout)
+        out["segments"] = Segments(tuple(tuple(tuple(p) for p in pieces) for pieces in layout))
     return out
 
 

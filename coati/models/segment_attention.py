@@ -14,6 +14,7 @@ of every layer (and again when activation checkpointing recomputes one).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,11 +24,14 @@ import torch.nn.functional as F
 SEGMENT_SDPA = "coati_sdpa"
 
 
-class Segments(tuple):
-    """A packed batch's layout: per row, ``(start, end, prefix_start, prefix_len)`` pieces in order. A piece's
-    queries ``[start, end)`` attend causally to its own tokens and to all ``prefix_len`` tokens from
-    ``prefix_start`` (the prompt a rejected side shares with its chosen side; 0: none). Slots no piece covers
-    are padding, whose outputs are zero."""
+@dataclass(frozen=True)
+class Segments:
+    """A packed batch's layout: ``rows[r]``, the ``(start, end, prefix_start, prefix_len)`` pieces of row ``r``
+    in order. A piece's queries ``[start, end)`` attend causally to its own tokens and to all ``prefix_len``
+    tokens from ``prefix_start`` (the prompt a rejected side shares with its chosen side; 0: none). Slots no
+    piece covers are padding, whose outputs are zero. Not a tuple, so DDP / FSDP pass it through unchanged."""
+
+    rows: tuple[tuple[tuple[int, int, int, int], ...], ...]
 
 
 def _placeholder(rows: int, device: torch.device) -> torch.Tensor:
@@ -76,7 +80,7 @@ def segment_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tens
     gqa = query.shape[1] != key.shape[1]
     width = query.shape[2]
     rows = []
-    for r, pieces in enumerate(coati_segments):
+    for r, pieces in enumerate(coati_segments.rows):
         bounds = [0]
         for start, end, _, _ in pieces:
             if start > bounds[-1]:

@@ -371,7 +371,8 @@ def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type, attention, 
 def test_packed_reward_model_gives_the_unpacked_rewards_and_gradient():
     pairs = _pairs() + _prompt_pairs()
     results = []
-    for collate in (RewardCollator(0), *(PackingRewardCollator(0, MAX_LEN, a) for a in ("segments", "dense", "varlen"))):
+    for collate in (RewardCollator(0),
+                    *(PackingRewardCollator(0, MAX_LEN, a) for a in ("segments", "dense", "varlen"))):
         torch.manual_seed(0)
         strategy = NaiveStrategy(seed=0)
         model = strategy.prepare_model(RewardModel.from_config(CONFIGS["llama"]()))
@@ -412,7 +413,7 @@ def test_packed_dpo_gives_the_unpacked_logps_loss_and_gradient():
         batch = collate(pairs)
         if isinstance(collate, PackingPreferenceCollator):
             assert ("shared_ids" in batch) == (collate.attention != "varlen")
-            if collate.attention != "varlen":  # the prompts (5, 3, 8 tokens) but their last token, which each side keeps
+            if collate.attention != "varlen":  # the prompts (5, 3, 8 tokens) but the last token each side keeps
                 assert int((batch["shared_ids"] >= 0).sum()) == 4 + 2 + 7
         logps, lengths = batch_logps(model, batch)
         loss_sum, count, _ = trainer.compute_loss(batch)
@@ -601,16 +602,19 @@ def test_kto_refuses_an_explicit_packing_and_leaves_auto_off():
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["sdpa", "flex_attention"])
 def test_a_packed_sample_has_its_logits_alone_on_cuda(impl):
-    """The GPU attention kernels a packed batch runs through (sdpa with the block mask transformers builds
-    from the position ids, FlexAttention's document mask) isolate each sample as the CPU path does."""
+    """The GPU attention kernels a packed batch runs through (sdpa as coati's segment attention, one row;
+    FlexAttention's document mask over rows of max_len) isolate each sample as the CPU path does."""
     torch.manual_seed(0)
     config = CONFIGS["llama"]()
     config._attn_implementation = impl
     actor = Actor.from_config(config).cuda().eval()
     seqs = [s.cuda() for s in _ragged(0)]
-    batch = {k: v.cuda() for k, v in pack(seqs, None, MAX_LEN, 0).items()}
+    layout = packing_attention(actor)
+    assert layout == ("segments" if impl == "sdpa" else "varlen")
+    batch = {k: v.cuda() if torch.is_tensor(v) else v
+             for k, v in pack(seqs, None, MAX_LEN, 0, attention=layout).items()}
     with torch.no_grad():
-        packed = actor(batch["input_ids"], position_ids=batch["position_ids"])
+        packed = actor(batch["input_ids"], **model_inputs(batch))
         for i, ids in enumerate(seqs):
             alone = actor(ids[None])[0]
             torch.testing.assert_close(packed[batch["sample_ids"] == i], alone, atol=1e-4, rtol=0)

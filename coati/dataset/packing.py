@@ -35,9 +35,10 @@ is laid out as one unit, ``[chosen | rejected after the common prefix]`` (:func:
 part's position ids continuing from the prefix, so the prompt's tokens run through the model once instead of
 twice (on the preference demo set at 256 tokens, 24% fewer tokens a pair). Units fill rows of
 ``2 * max_len``. Position ids cannot say that the rejected part sees the prefix but not the chosen answer
-between them, so such a batch also carries ``segments`` (``"segments"``) or ``shared_ids`` (on a shared-prefix token: the batch position of
-the rejected side that also reads it; -1 elsewhere; absent when no pair of the batch shares a token), from
-which :func:`model_inputs` builds the explicit mask :func:`pair_attention_mask` (``"dense"``). The prefix
+between them, so such a batch also carries its ``segments`` (``"segments"``, where each piece names the
+prefix it reads) and ``shared_ids`` (on a shared-prefix token: the batch position of the rejected side that
+also reads it; -1 elsewhere; absent when no pair of the batch shares a token), from which
+:func:`model_inputs` builds the explicit mask :func:`pair_attention_mask` (``"dense"``). The prefix
 stops before the first labelled token and leaves the rejected side at least one token, so every label is
 predicted from the same context as unpacked and every sample keeps a last token of its own.
 """

@@ -91,7 +91,7 @@ def segment_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tens
         sizes = [b - a for a, b in zip(bounds, bounds[1:])]
         index = {a: i for i, a in enumerate(bounds[:-1])}
         qs, ks, vs = (t[r:r + 1].split(sizes, 2) for t in (query, key, value))
-        outs = [q.new_zeros(q.shape) for q in qs]  # padding, unless a piece covers it
+        outs: list[torch.Tensor | None] = [None] * len(qs)
         for start, end, prefix_start, prefix_len in pieces:
             i = index[start]
             k, v = ks[i], vs[i]
@@ -100,7 +100,7 @@ def segment_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tens
                 k = torch.cat([ks[src][:, :, :prefix_len], k], 2)
                 v = torch.cat([vs[src][:, :, :prefix_len], v], 2)
             outs[i] = _piece_attention(qs[i], k, v, prefix_len, window, dropout, scaling, gqa)
-        rows.append(torch.cat(outs, 2))
+        rows.append(torch.cat([q.new_zeros(q.shape) if o is None else o for q, o in zip(qs, outs)], 2))  # pad: 0
     return torch.cat(rows, 0).transpose(1, 2).contiguous(), None
 
 

@@ -23,9 +23,9 @@ Figures, per framework
   first_loss          first-step loss (~0.69 for both: the heads are random and differ, so not equal)
 
 Packing (``--packing``)
-  coati packs each batch's pairs into rows of at most 2 x ``--seq_len`` tokens, each pair's prompt once (the
-  rejected side reads the prompt the chosen side ran, through an explicit attention mask); TRL's
-  RewardTrainer and the plain loop stay padded.
+  coati packs each batch's pairs into one row, each pair's prompt once (segment attention: the rejected side
+  reads the prompt the chosen side ran, each side attending by itself); TRL's RewardTrainer and the plain
+  loop stay padded.
 
 Plain loop
   A third worker, ``plain``, trains the same body on the same pairs in a hand-written PyTorch loop
@@ -215,8 +215,9 @@ WORKERS = {"coati": worker_coati, "trl": worker_trl, "plain": worker_plain}
 def main() -> None:
     parser = harness.common_parser(__doc__, steps=10, batch_size=4, seq_len=256, plain_loop=True)
     parser.add_argument("--packing", action="store_true",
-                        help="coati packs each batch's pairs into rows of <= 2 x --seq_len tokens, each pair's "
-                             "shared prompt once (TRL's RewardTrainer has no padding-free mode and stays padded)")
+                        help="coati packs each batch's pairs without padding (coati.models.packing_attention), "
+                             "each pair's shared prompt once (TRL's RewardTrainer has no padding-free mode and "
+                             "stays padded)")
     args = parser.parse_args()
     if args._worker:
         job = json.loads(Path(args._job).read_text())

@@ -6,7 +6,7 @@ What it measures
   (``../shared/data/sft/alpaca_en_demo.json``) is tokenized once by coati's ``SFTDataset`` (Alpaca template,
   loss on responses only, truncated to ``--seq_len``), and both frameworks train on exactly those token ids
   and labels, in file order (no shuffling), ``--batch_size`` samples a step, padded to the longest sample of
-  the batch (``--packing``: coati packs each batch's samples into rows of at most ``--seq_len`` tokens,
+  the batch (``--packing``: coati packs each batch's samples as ``packing_attention`` lays them out,
   TRL's SFTConfig ``padding_free=True`` flattens the same batch into one row; the same samples a step either
   way), no accumulation, AdamW, grad-clip 1.0, fp32 (or bf16 autocast in both with
   ``--precision bf16``), no gradient checkpointing (TRL's default of gradient checkpointing and bf16 is
@@ -92,7 +92,7 @@ def worker_coati(job: dict) -> None:
     actor = strategy.prepare_model(Actor.from_pretrained(job["model_dir"], **attn_kwargs(job)))
     rows = harness.load_rows(job)
     items = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])} for r in rows]
-    # flex / flash attention: rows fill --seq_len; sdpa: rows stop at the batch's longest sample
+    # sdpa: one row attended sample by sample; flex / flash attention: rows fill --seq_len
     collate = PackingCollator(0, job["seq_len"], packing_attention(actor)) if job["packing"] else SFTCollator(0)
     loader = strategy.setup_dataloader(items, job["batch_size"], shuffle=False, collate_fn=collate)
     total = job["warmup_steps"] + job["steps"]
@@ -226,7 +226,7 @@ WORKERS = {"coati": worker_coati, "trl": worker_trl, "plain": worker_plain}
 def main() -> None:
     parser = harness.common_parser(__doc__, steps=10, batch_size=8, seq_len=256, plain_loop=True)
     parser.add_argument("--packing", action="store_true",
-                        help="no padding: coati packs each batch into rows of <= --seq_len tokens, TRL runs "
+                        help="no padding: coati packs each batch (coati.models.packing_attention), TRL runs "
                              "padding_free on the same batch")
     parser.add_argument("--attn_implementation", default=None,
                         choices=["sdpa", "eager", "flex_attention", "flash_attention_2"],

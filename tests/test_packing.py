@@ -14,6 +14,7 @@ from coati.dataset import (
     PackingCollator, PackingPreferenceCollator, PackingRewardCollator, PreferenceCollator, RewardCollator,
     SFTCollator, sample_lengths,
 )
+from coati.dataset import packing
 from coati.dataset.packing import first_fit, model_inputs, pack, pack_pairs, shared_prefix_len
 from coati.errors import UsageError
 from coati.models import Actor, RewardModel, packing_attention
@@ -44,6 +45,12 @@ CONFIGS = {
 }
 PACKING = sorted({t for f in FAMILIES.values() for t in f.packing_model_types})
 REFUSED = sorted(set(CONFIGS) - set(PACKING))
+
+
+@pytest.fixture(autouse=True)
+def _segments_for_short_units(monkeypatch):
+    """The samples here are short; lay them out by segments anyway, as long ones are (one test checks the rule)."""
+    monkeypatch.setattr(packing, "SEGMENT_MIN_UNIT", 0)
 
 
 def _ragged(seed: int, lengths=(5, 11, 3, 8, 7, 2, 9)) -> list[torch.Tensor]:
@@ -202,6 +209,17 @@ def test_rows_for_dense_attention_stop_at_the_longest_sample():
     shared = pack_pairs([torch.tensor([3, 4, 5, 6])], [torch.tensor([3, 4, 9])], 64, 0, attention="segments")
     assert shared["input_ids"].tolist() == [[3, 4, 5, 6, 9]]
     assert shared["segments"].rows == (((0, 4, 0, 0), (4, 5, 0, 2)),)
+
+
+def test_batches_of_short_units_are_laid_out_dense(monkeypatch):
+    """Where every unit is short, a call per sample costs more than the masked scores it saves: the batch is
+    laid out dense (rows as long as its longest unit, no segment layout); one long unit makes it segments."""
+    monkeypatch.setattr(packing, "SEGMENT_MIN_UNIT", 9)
+    short = [torch.arange(3, 3 + n) for n in (2, 3, 4, 9)]
+    batch = pack(short, None, 64, 0, attention="segments")
+    assert "segments" not in batch and batch["input_ids"].shape == (2, 9)
+    batch = pack(short + [torch.arange(3, 13)], None, 64, 0, attention="segments")
+    assert batch["input_ids"].shape == (1, 28) and len(batch["segments"].rows[0]) == 5
 
 
 def test_shared_prefix_stops_before_the_rejected_sides_first_label_and_last_token():

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UsageError
-from .families import check_model_type
+from .families import check_model_type, supports_packing
 from .lm_head import logit_processing, token_entropy, token_log_probs
 from .loss import IGNORE_INDEX
 from .lora import LoraSettings, apply_lora, is_peft_model
@@ -143,7 +143,8 @@ def _base_lm(model: nn.Module) -> nn.Module:
 
 def _prepare(model: nn.Module, family: str, lora: LoraSettings | None, grad_checkpoint: bool) -> nn.Module:
     check_model_type(family, model.config.model_type)
-    use_segment_attention(model)
+    if supports_packing(family, model.config.model_type):
+        use_segment_attention(model)
     if quant_mode(model):
         model = prepare_kbit_model(model)
     if grad_checkpoint:

@@ -29,7 +29,7 @@ class Segments:
     """A packed batch's layout: ``rows[r]``, the ``(start, end, prefix_start, prefix_len)`` pieces of row ``r``
     in order. A piece's queries ``[start, end)`` attend causally to its own tokens and to all ``prefix_len``
     tokens from ``prefix_start`` (the prompt a rejected side shares with its chosen side; 0: none). Slots no
-    piece covers are padding, whose outputs are zero. Not a tuple, so DDP / FSDP pass it through unchanged."""
+    piece covers are padding, whose outputs are zero. A type of its own, which the model call recognises."""
 
     rows: tuple[tuple[tuple[int, int, int, int], ...], ...]
 
@@ -45,8 +45,10 @@ def segment_inputs(segments: Segments, rows: int, device: torch.device) -> dict[
 
 
 def _piece_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, window: int | None,
-                     dropout: float, scaling: float | None, gqa: bool) -> torch.Tensor:
-    """Causal attention of ``q``'s tokens over ``k`` / ``v``, whose first ``prefix`` tokens come before them."""
+                     dropout: float, scaling: float | None) -> torch.Tensor:
+    """Causal attention of ``q``'s tokens over ``k`` / ``v``, whose first ``prefix`` tokens come before them.
+    Grouped-query heads are repeated where a mask is given or heads are wide: CUDA's GQA-capable kernel takes
+    neither (transformers' sdpa makes the same choice)."""
     n, m = q.shape[2], k.shape[2]
     mask = None
     if prefix or (window is not None and n > window):
@@ -55,6 +57,10 @@ def _piece_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: 
         mask = j <= i
         if window is not None:
             mask &= (i - j) < window
+    groups = q.shape[1] // k.shape[1]
+    gqa = groups > 1 and mask is None and k.shape[-1] == v.shape[-1] <= 256
+    if groups > 1 and not gqa:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                           is_causal=mask is None, enable_gqa=gqa)
 
@@ -69,15 +75,14 @@ def segment_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tens
     if coati_segments is None:
         if attention_mask is not None and attention_mask.shape[-1] == 0:
             raise RuntimeError("a packed batch's segment layout did not reach the attention function: this "
-                               "architecture does not pass attention keywords through; pack it with "
-                               "attention='dense'")
+                               "architecture does not pass attention keywords through; train it with "
+                               "--no-packing or eager attention")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     for unsupported in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"segment attention does not support {unsupported!r}; use eager attention")
     window = kwargs.get("sliding_window")
-    gqa = query.shape[1] != key.shape[1]
     width = query.shape[2]
     rows = []
     for r, pieces in enumerate(coati_segments.rows):
@@ -99,24 +104,30 @@ def segment_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tens
                 src = index[prefix_start]
                 k = torch.cat([ks[src][:, :, :prefix_len], k], 2)
                 v = torch.cat([vs[src][:, :, :prefix_len], v], 2)
-            outs[i] = _piece_attention(qs[i], k, v, prefix_len, window, dropout, scaling, gqa)
-        rows.append(torch.cat([q.new_zeros(q.shape) if o is None else o for q, o in zip(qs, outs)], 2))  # pad: 0
+            outs[i] = _piece_attention(qs[i], k, v, prefix_len, window, dropout, scaling)
+        pad = [q.new_zeros(*q.shape[:-1], value.shape[-1]) if o is None else o for q, o in zip(qs, outs)]
+        rows.append(torch.cat(pad, 2))
     return torch.cat(rows, 0).transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
+def _register() -> bool:
+    """Register :data:`SEGMENT_SDPA`; False on a transformers without the interfaces (before 4.54)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
     AttentionInterface.register(SEGMENT_SDPA, segment_sdpa_forward)
     AttentionMaskInterface.register(SEGMENT_SDPA, sdpa_mask)
+    return True
 
 
 def use_segment_attention(model: nn.Module) -> None:
     """Switch a model on transformers' sdpa to :data:`SEGMENT_SDPA` (identical for unpacked inputs); others
-    (eager, flash, flex) keep theirs. The name is not saved: checkpoints load in plain transformers."""
+    (eager, flash, flex) keep theirs. Callers switch only architectures packing supports: some others branch
+    on the name "sdpa" itself. The name is not saved: checkpoints load in plain transformers."""
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    if (config is None or getattr(config, "_attn_implementation", None) != "sdpa"
+            or not hasattr(model, "set_attn_implementation") or not _register()):
         return
-    _register()
     model.set_attn_implementation(SEGMENT_SDPA)

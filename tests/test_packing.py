@@ -360,7 +360,11 @@ def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type, attention, 
     """Activation checkpointing recomputes each layer in backward: the segment layout must reach it again."""
     items = _sft_items()
     results = []
-    for collate in (SFTCollator(0), PackingCollator(0, MAX_LEN, attention)):
+    def by_segments(batch):  # the SFT collator lays samples out dense; pack itself takes segments
+        return pack([b["input_ids"] for b in batch], [b["labels"] for b in batch], MAX_LEN, 0, attention="segments")
+
+    packed = by_segments if attention == "segments" else PackingCollator(0, MAX_LEN, attention)
+    for collate in (SFTCollator(0), packed):
         torch.manual_seed(0)
         strategy = NaiveStrategy(seed=0)
         model = strategy.prepare_model(Actor.from_config(CONFIGS[model_type](), grad_checkpoint=grad_checkpoint))

@@ -254,7 +254,13 @@ def batch_token_counts(batch: dict[str, Any]) -> tuple[int, int]:
 
 class PackingCollator:
     """SFT / pretraining samples (``input_ids``, ``labels``) -> one packed batch (see the module doc).
-    ``attention``: the row layout the model's attention takes (module doc; ``packing_attention(model)``)."""
+    ``attention``: the row layout the model's attention takes (module doc; ``packing_attention(model)``).
+    Samples take ``"segments"`` as ``"dense"``: without a shared prompt, dense rows as long as the longest
+    sample already compute little that is masked, and measured faster (SFT bench, Alpaca demo, 8 samples of
+    up to 256 tokens: coati over the plain loop 1.27 dense, 1.07 by segments); pairs gain (RM 1.14x TRL ->
+    1.67x)."""
+
+    _layouts = {"segments": "dense"}
 
     def __init__(self, pad_token_id: int | None, max_len: int, attention: str = "dense"):
         if attention not in ATTENTION_LAYOUTS:
@@ -265,7 +271,7 @@ class PackingCollator:
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         return pack([b["input_ids"] for b in batch], [b["labels"] for b in batch], self.max_len, self.pad_token_id,
-                    attention=self.attention)
+                    attention=self._layouts.get(self.attention, self.attention))
 
 
 class PackingRewardCollator(PackingCollator):

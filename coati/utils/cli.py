@@ -267,9 +267,9 @@ def add_batching_args(group: argparse._ArgumentGroup) -> None:
     """``--packing`` and ``--group_by_length``: how training micro-batches are laid out."""
     group.add_argument("--packing", action=BoolFlag, default="auto",
                        help="padding-free packing: each training micro-batch's samples (PPO: the pretraining "
-                            "samples) are concatenated into rows without padding (sdpa: one row attended "
-                            "sample by sample; eager: rows as long as the longest sample; flash / flex: rows of "
-                            "--max_len (--ptx_max_len)), with per-sample position ids and no attention across "
+                            "samples) are concatenated into rows without padding (rows as long as the longest "
+                            "sample; flash / flex: rows of --max_len (--ptx_max_len); sdpa pairs: one row, each "
+                            "side attending by itself), with per-sample position ids and no attention across "
                             "samples: the same loss and gradient as padded batches without the pad compute "
                             "(reward / preference pairs: each pair's shared prompt run once). auto = on where the "
                             "architecture keeps "

@@ -62,6 +62,11 @@ ATTENTION_LAYOUTS = ("segments", "dense", "varlen")
 SEGMENT_MIN_UNIT = 128
 
 
+def _check_attention(attention: str) -> None:
+    if attention not in ATTENTION_LAYOUTS:
+        raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, not {attention!r}")
+
+
 def first_fit(lengths: Sequence[int], max_len: int) -> list[list[int]]:
     """Rows of sample indices, each row's total length at most ``max_len`` (a longer sample gets a row of its
     own): first-fit over the samples by decreasing length."""
@@ -94,8 +99,7 @@ def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: S
     if not units:
         raise ValueError("cannot pack an empty batch")
     sizes = [sum(end - start for _, start, end, _ in unit) for unit in units]
-    if attention not in ATTENTION_LAYOUTS:
-        raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, not {attention!r}")
+    _check_attention(attention)
     if attention == "segments" and max(sizes) <= SEGMENT_MIN_UNIT:
         attention = "dense"
     rows = first_fit(sizes, {"dense": min(max_len, max(sizes)), "segments": sum(sizes)}.get(attention, max_len))
@@ -260,18 +264,15 @@ class PackingCollator:
     up to 256 tokens: coati over the plain loop 1.27 dense, 1.07 by segments); pairs gain (RM 1.14x TRL ->
     1.67x)."""
 
-    _layouts = {"segments": "dense"}
-
     def __init__(self, pad_token_id: int | None, max_len: int, attention: str = "dense"):
-        if attention not in ATTENTION_LAYOUTS:
-            raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, not {attention!r}")
+        _check_attention(attention)
         self.pad_token_id = _check_pad(pad_token_id)
         self.max_len = max_len
         self.attention = attention
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         return pack([b["input_ids"] for b in batch], [b["labels"] for b in batch], self.max_len, self.pad_token_id,
-                    attention=self._layouts.get(self.attention, self.attention))
+                    attention="dense" if self.attention == "segments" else self.attention)
 
 
 class PackingRewardCollator(PackingCollator):

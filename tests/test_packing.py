@@ -47,10 +47,14 @@ PACKING = sorted({t for f in FAMILIES.values() for t in f.packing_model_types})
 REFUSED = sorted(set(CONFIGS) - set(PACKING))
 
 
+_SEGMENTS_PAY = packing._segments_pay
+
+
 @pytest.fixture(autouse=True)
-def _segments_for_short_units(monkeypatch):
-    """The samples here are short; lay them out by segments anyway, as long ones are (one test checks the rule)."""
-    monkeypatch.setattr(packing, "SEGMENT_MIN_UNIT", 0)
+def _segments_whenever_asked(monkeypatch):
+    """The samples here are short and mostly share no prompt; lay them out by segments anyway, as long pairs
+    are (one test checks the rule)."""
+    monkeypatch.setattr(packing, "_segments_pay", lambda units, sizes: True)
 
 
 def _ragged(seed: int, lengths=(5, 11, 3, 8, 7, 2, 9)) -> list[torch.Tensor]:
@@ -211,15 +215,21 @@ def test_rows_for_dense_attention_stop_at_the_longest_sample():
     assert shared["segments"].rows == (((0, 4, 0, 0), (4, 5, 0, 2)),)
 
 
-def test_batches_of_short_units_are_laid_out_dense(monkeypatch):
-    """Where every unit is short, a call per sample costs more than the masked scores it saves: the batch is
-    laid out dense (rows as long as its longest unit, no segment layout); one long unit makes it segments."""
+def test_segments_only_where_a_long_unit_shares_its_prompt(monkeypatch):
+    """Where every unit is short, or no pair shares its prompt, a call per piece costs more than the masked
+    scores it saves: the batch is laid out dense (rows as long as its longest unit, no segment layout); one
+    long pair sharing its prompt makes it segments."""
+    monkeypatch.setattr(packing, "_segments_pay", _SEGMENTS_PAY)
     monkeypatch.setattr(packing, "SEGMENT_MIN_UNIT", 9)
-    short = [torch.arange(3, 3 + n) for n in (2, 3, 4, 9)]
-    batch = pack(short, None, 64, 0, attention="segments")
-    assert "segments" not in batch and batch["input_ids"].shape == (2, 9)
-    batch = pack(short + [torch.arange(3, 13)], None, 64, 0, attention="segments")
-    assert batch["input_ids"].shape == (1, 28) and len(batch["segments"].rows[0]) == 5
+    samples = [torch.arange(3, 3 + n) for n in (2, 3, 4, 9, 10)]
+    batch = pack(samples, None, 64, 0, attention="segments")  # one unit of 10 > 9 tokens, but nothing shared
+    assert "segments" not in batch and batch["input_ids"].shape == (3, 10)
+    short = [torch.tensor([3, 4, 5]), torch.tensor([3, 4, 6, 7])]
+    batch = pack_pairs(short[:1], short[1:], 64, 0, attention="segments")  # shares [3, 4]; a unit of 5
+    assert "segments" not in batch and batch["input_ids"].shape == (1, 5)
+    long = [torch.arange(3, 13), torch.cat([torch.arange(3, 8), torch.tensor([20, 21])])]  # share 5 of 10 + 7
+    batch = pack_pairs([short[0], long[0]], [short[1], long[1]], 64, 0, attention="segments")
+    assert batch["input_ids"].shape == (1, 17) and len(batch["segments"].rows[0]) == 4
 
 
 def test_shared_prefix_stops_before_the_rejected_sides_first_label_and_last_token():
@@ -360,11 +370,7 @@ def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type, attention, 
     """Activation checkpointing recomputes each layer in backward: the segment layout must reach it again."""
     items = _sft_items()
     results = []
-    def by_segments(batch):  # the SFT collator lays samples out dense; pack itself takes segments
-        return pack([b["input_ids"] for b in batch], [b["labels"] for b in batch], MAX_LEN, 0, attention="segments")
-
-    packed = by_segments if attention == "segments" else PackingCollator(0, MAX_LEN, attention)
-    for collate in (SFTCollator(0), packed):
+    for collate in (SFTCollator(0), PackingCollator(0, MAX_LEN, attention)):
         torch.manual_seed(0)
         strategy = NaiveStrategy(seed=0)
         model = strategy.prepare_model(Actor.from_config(CONFIGS[model_type](), grad_checkpoint=grad_checkpoint))

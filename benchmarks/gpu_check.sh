@@ -38,7 +38,8 @@ $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target 
   PYTHONPATH=$PWD:/tmp/liger timeout 120 $py -m pytest -q -p no:cacheprovider -m gpu -rs \
     tests/test_lm_head.py tests/test_packing.py tests/test_resume.py 2>&1 | tail -n 40; } | tee "$out/gpu_tests.log"
 
-# 2. the 1B SFT: sdpa (coati runs it as segment attention) without liger, sdpa with it, FlexAttention with it
+# 2. the 1B SFT: sdpa (samples share no prompt, so packed rows are laid out dense: as long as the longest
+#    sample, a block-diagonal mask) without liger, sdpa with it, FlexAttention (rows of --max_len) with it
 args=${GPU_CHECK_ARGS:---config 1b --device cuda --precision bf16 --packing --seq_len 2048 --batch_size 128 \
 --warmup_steps 3 --steps 10 --skip_trl --skip_plain}
 arms=${GPU_CHECK_ARMS:-sdpa:none sdpa:liger flex_attention:liger}

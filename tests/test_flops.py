@@ -57,6 +57,38 @@ def test_matmul_flops_equal_the_matmuls_a_packed_training_step_runs():
     assert counter.flops == shape.matmul_flops(sum(lens), head_tokens)
 
 
+def test_lora_counts_no_weight_gradient_for_frozen_weights():
+    """LoRA's frozen base and head cost their forward and input gradient only (4 FLOPs per element and
+    token); its adapters train (6). Exact against what a step dispatches where the embedding trains (every
+    layer then needs its input gradient); with the embedding frozen too, autograd skips exactly the input
+    gradients of the first layer's q / k / v (base and adapter A), which the count leaves in."""
+    from coati.models import LoraSettings
+
+    lens = [7, 12, 5, 9]
+    ids, labels = _samples(lens)
+    batch = pack(ids, labels, sum(lens), 0, attention="varlen")
+    head_tokens = sum(n - 3 for n in lens)
+    torch.manual_seed(0)
+    actor = Actor.from_config(tiny.llama_config(num_key_value_heads=2), lora=LoraSettings(rank=4))
+    shape = DecoderShape.of(actor)
+    assert 0 < shape.body_frozen < shape.body_weights and shape.head_frozen == shape.head_weights
+    embedding = actor.model.get_input_embeddings().weight
+
+    def dispatched() -> int:
+        counter = MatmulFlops()
+        with counter:
+            actor(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch)).sum().backward()
+        return counter.flops
+
+    embedding.requires_grad_(True)
+    assert dispatched() == shape.matmul_flops(sum(lens), head_tokens)
+    embedding.requires_grad_(False)
+    attn = actor.model.base_model.model.model.layers[0].self_attn
+    skipped = sum(p.base_layer.weight.numel() + p.lora_A["default"].weight.numel()
+                  for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert shape.matmul_flops(sum(lens), head_tokens) - dispatched() == 2 * sum(lens) * skipped
+
+
 def test_attention_flops_count_the_query_key_pairs_of_the_packed_causal_mask():
     lens = [7, 12, 5, 9, 3]
     ids, labels = _samples(lens, prompt=1)

@@ -3,10 +3,14 @@
 MFU counts the arithmetic the job needs, not what the kernels spent: every matmul weight once per token
 (``2 x weights`` forward), the LM head only on the positions the loss reads (coati never runs it
 elsewhere), and causal attention over each sample's own tokens (``s (s + 1) / 2`` query-key pairs of a
-sample of ``s`` tokens, none across a packed row's samples). A training step is 3x the forward (backward:
-the input and the weight gradients), as for full fine-tuning. Embedding lookups, norms, activations and
-the optimizer are not counted (they are not matmuls). Mixture-of-experts layers would be over-counted (all
-experts' weights), LoRA's frozen weights too (no weight gradients), sliding windows too (full causal).
+sample of ``s`` tokens, none across a packed row's samples). Backward computes each matmul's input gradient
+(as many FLOPs as its forward) and, for a weight that trains, its weight gradient (as many again): a full
+fine-tune's step is 3x the forward, a frozen weight's (LoRA's base, a frozen head) 2x. Counted from every
+weight's shape (``in x out``), so a quantized base counts what it computes, not its packed storage.
+Embedding lookups, norms, activations and the optimizer are not counted (they are not matmuls). Left
+over-counted: the first layer's frozen projections under LoRA with a frozen embedding (autograd needs no
+input gradient below the first trainable weight: 3 of 7 matrices of one layer), mixture-of-experts layers
+(all experts' weights), sliding windows (full causal).
 """
 from __future__ import annotations
 
@@ -29,26 +33,38 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 class DecoderShape:
     """What a dense decoder's matmul count needs: weights per token, the head, and attention's width."""
 
-    body_weights: int  # elements of every matmul weight except the LM head's
-    head_weights: int
+    body_weights: int  # elements (in x out) of every matmul weight except the LM head's
+    head_weights: int  # the LM head's (with any adapter on it)
     layers: int
     attention_width: int  # query heads x head dim
+    body_frozen: int = 0  # of body_weights, those that do not train (no weight gradient)
+    head_frozen: int = 0
 
     @classmethod
     def of(cls, model: nn.Module) -> "DecoderShape":
         """Read from a Hugging Face causal LM, or a coati wrapper (its ``.model`` is one)."""
         lm = model if hasattr(model, "get_output_embeddings") else model.model
-        head = lm.get_output_embeddings()
-        matmuls = [m for m in lm.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
-        body = sum(m.weight.numel() for m in matmuls if m is not head)
+        in_head = {id(m) for m in lm.get_output_embeddings().modules()}  # a LoRA-wrapped head: base + adapter
+        counts = {(h, f): 0 for h in (True, False) for f in (True, False)}  # (in the head, frozen) -> elements
+        for m in lm.modules():
+            if isinstance(m, nn.Linear):
+                elements = m.in_features * m.out_features
+            elif type(m).__name__ == "Conv1D":  # GPT-2's
+                elements = m.weight.shape[0] * m.weight.shape[1]
+            else:
+                continue
+            counts[id(m) in in_head, not m.weight.requires_grad] += elements
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return cls(body, head.weight.numel(), cfg.num_hidden_layers, heads * head_dim)
+        return cls(counts[False, False] + counts[False, True], counts[True, False] + counts[True, True],
+                   cfg.num_hidden_layers, heads * head_dim, counts[False, True], counts[True, True])
 
     def matmul_flops(self, tokens: int, head_tokens: int) -> float:
-        """Forward + backward FLOPs of the weight matmuls: the body on ``tokens``, the head on ``head_tokens``."""
-        return 3.0 * (2 * self.body_weights * tokens + 2 * self.head_weights * head_tokens)
+        """Forward + backward FLOPs of the weight matmuls: the body on ``tokens``, the head on ``head_tokens``
+        (6 per weight element and token where the weight trains, 4 where it is frozen)."""
+        return (2.0 * tokens * (3 * self.body_weights - self.body_frozen)
+                + 2.0 * head_tokens * (3 * self.head_weights - self.head_frozen))
 
     def attention_flops(self, sample_lengths: list[int]) -> float:
         """Forward + backward FLOPs of causal attention within each sample (q.k and p.v per query-key pair)."""

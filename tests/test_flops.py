@@ -68,7 +68,7 @@ def test_lora_counts_no_weight_gradient_for_frozen_weights():
     ids, labels = _samples(lens)
     batch = pack(ids, labels, sum(lens), 0, attention="varlen")
     head_tokens = sum(n - 3 for n in lens)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the tiny config's head is untied: frozen apart from the embedding
     actor = Actor.from_config(tiny.llama_config(num_key_value_heads=2), lora=LoraSettings(rank=4))
     shape = DecoderShape.of(actor)
     assert 0 < shape.body_frozen < shape.body_weights and shape.head_frozen == shape.head_weights
@@ -87,6 +87,31 @@ def test_lora_counts_no_weight_gradient_for_frozen_weights():
     skipped = sum(p.base_layer.weight.numel() + p.lora_A["default"].weight.numel()
                   for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     assert shape.matmul_flops(sum(lens), head_tokens) - dispatched() == 2 * sum(lens) * skipped
+
+
+def test_a_head_peft_trains_as_a_copy_counts_once():
+    """peft's ``modules_to_save`` keeps the original head beside the copy that trains; only the copy runs.
+    The head then runs as a module, recomputed in backward (checkpointed chunks): one head forward more than
+    the model FLOPs, which count no recomputation."""
+    from peft import LoraConfig, get_peft_model
+
+    lens = [7, 12, 5, 9]
+    ids, labels = _samples(lens)
+    batch = pack(ids, labels, sum(lens), 0, attention="varlen")
+    head_tokens = sum(n - 3 for n in lens)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(tiny.llama_config(num_key_value_heads=2)),  # untied head
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    actor = Actor(model)
+    actor.model.get_input_embeddings().weight.requires_grad_(True)
+    shape = DecoderShape.of(actor)
+    cfg = model.config
+    assert (shape.head_weights, shape.head_frozen) == (cfg.vocab_size * cfg.hidden_size, 0)
+    counter = MatmulFlops()
+    with counter:
+        actor(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch)).sum().backward()
+    recomputed = 2 * shape.head_weights * head_tokens
+    assert counter.flops - shape.matmul_flops(sum(lens), head_tokens) == recomputed
 
 
 def test_attention_flops_count_the_query_key_pairs_of_the_packed_causal_mask():

@@ -230,6 +230,9 @@ def test_segments_only_where_a_long_unit_shares_its_prompt(monkeypatch):
     long = [torch.arange(3, 13), torch.cat([torch.arange(3, 8), torch.tensor([20, 21])])]  # share 5 of 10 + 7
     batch = pack_pairs([short[0], long[0]], [short[1], long[1]], 64, 0, attention="segments")
     assert batch["input_ids"].shape == (1, 17) and len(batch["segments"].rows[0]) == 4
+    apart = [torch.arange(3, 13), torch.arange(20, 30)]  # a long pair sharing nothing: two units of 10
+    batch = pack_pairs([short[0], apart[0]], [short[1], apart[1]], 64, 0, attention="segments")
+    assert "segments" not in batch and batch["input_ids"].shape == (3, 10)
 
 
 def test_shared_prefix_stops_before_the_rejected_sides_first_label_and_last_token():

@@ -8,8 +8,8 @@ sample of ``s`` tokens, none across a packed row's samples). Backward computes e
 fine-tune's step is 3x the forward, a frozen weight's (LoRA's base, a frozen head) 2x. Counted from every
 weight's shape (``in x out``), so a quantized base counts what it computes, not its packed storage.
 Embedding lookups, norms, activations and the optimizer are not counted (they are not matmuls). Left
-over-counted: the first layer's frozen projections under LoRA with a frozen embedding (autograd needs no
-input gradient below the first trainable weight: 3 of 7 matrices of one layer), mixture-of-experts layers
+over-counted: the first layer's frozen q / k / v and their adapters' A under LoRA with a frozen embedding
+(autograd needs no input gradient below the first trainable weight), mixture-of-experts layers
 (all experts' weights), sliding windows (full causal).
 """
 from __future__ import annotations
@@ -45,8 +45,12 @@ class DecoderShape:
         """Read from a Hugging Face causal LM, or a coati wrapper (its ``.model`` is one)."""
         lm = model if hasattr(model, "get_output_embeddings") else model.model
         in_head = {id(m) for m in lm.get_output_embeddings().modules()}  # a LoRA-wrapped head: base + adapter
+        idle = {id(c) for m in lm.modules() if hasattr(m, "modules_to_save") and hasattr(m, "original_module")
+                for c in m.original_module.modules()}  # peft's kept original beside a trained copy: never runs
         counts = {(h, f): 0 for h in (True, False) for f in (True, False)}  # (in the head, frozen) -> elements
         for m in lm.modules():
+            if id(m) in idle:
+                continue
             if isinstance(m, nn.Linear):
                 elements = m.in_features * m.out_features
             elif type(m).__name__ == "Conv1D":  # GPT-2's

@@ -29,6 +29,14 @@ class MatmulFlops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _step_flops(actor, batch) -> int:
+    """The matmul FLOPs one SFT forward + backward of ``actor`` on ``batch`` dispatches."""
+    counter = MatmulFlops()
+    with counter:
+        actor(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch)).sum().backward()
+    return counter.flops
+
+
 def _samples(lens, prompt=3):
     torch.manual_seed(0)
     ids = [torch.randint(3, 100, (n,)) for n in lens]
@@ -38,23 +46,25 @@ def _samples(lens, prompt=3):
     return ids, labels
 
 
+def _one_row(lens):
+    """Samples of these lengths (3 prompt tokens each) packed into one row with no pad slot, and the positions
+    whose next token is a label (the head's), counted by hand."""
+    ids, labels = _samples(lens)
+    return pack(ids, labels, sum(lens), 0, attention="varlen"), sum(n - 3 for n in lens)
+
+
 def test_matmul_flops_equal_the_matmuls_a_packed_training_step_runs():
     lens = [7, 12, 5, 9]
-    ids, labels = _samples(lens)
-    batch = pack(ids, labels, sum(lens), 0, attention="varlen")  # one row, no pad slot: all real tokens
+    batch, head_tokens = _one_row(lens)
     assert batch["input_ids"].shape == (1, sum(lens))
     torch.manual_seed(0)
     actor = Actor(LlamaForCausalLM(tiny.llama_config(num_key_value_heads=2)).float())
-    counter = MatmulFlops()
-    with counter:
-        log_probs = actor(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch))
-        log_probs.sum().backward()
+    flops = _step_flops(actor, batch)
     shape = DecoderShape.of(actor)
-    head_tokens = sum(n - 3 for n in lens)
     assert head_positions(batch) == head_tokens
     assert batch_sample_lengths(batch) == lens
     # sdpa's attention products run inside its own kernel, so what was dispatched is the weights' matmuls
-    assert counter.flops == shape.matmul_flops(sum(lens), head_tokens)
+    assert flops == shape.matmul_flops(sum(lens), head_tokens)
 
 
 def test_lora_counts_no_weight_gradient_for_frozen_weights():
@@ -65,28 +75,19 @@ def test_lora_counts_no_weight_gradient_for_frozen_weights():
     from coati.models import LoraSettings
 
     lens = [7, 12, 5, 9]
-    ids, labels = _samples(lens)
-    batch = pack(ids, labels, sum(lens), 0, attention="varlen")
-    head_tokens = sum(n - 3 for n in lens)
+    batch, head_tokens = _one_row(lens)
     torch.manual_seed(0)  # the tiny config's head is untied: frozen apart from the embedding
     actor = Actor.from_config(tiny.llama_config(num_key_value_heads=2), lora=LoraSettings(rank=4))
     shape = DecoderShape.of(actor)
     assert 0 < shape.body_frozen < shape.body_weights and shape.head_frozen == shape.head_weights
     embedding = actor.model.get_input_embeddings().weight
-
-    def dispatched() -> int:
-        counter = MatmulFlops()
-        with counter:
-            actor(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch)).sum().backward()
-        return counter.flops
-
     embedding.requires_grad_(True)
-    assert dispatched() == shape.matmul_flops(sum(lens), head_tokens)
+    assert _step_flops(actor, batch) == shape.matmul_flops(sum(lens), head_tokens)
     embedding.requires_grad_(False)
     attn = actor.model.base_model.model.model.layers[0].self_attn
     skipped = sum(p.base_layer.weight.numel() + p.lora_A["default"].weight.numel()
                   for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    assert shape.matmul_flops(sum(lens), head_tokens) - dispatched() == 2 * sum(lens) * skipped
+    assert shape.matmul_flops(sum(lens), head_tokens) - _step_flops(actor, batch) == 2 * sum(lens) * skipped
 
 
 def test_a_head_peft_trains_as_a_copy_counts_once():
@@ -96,9 +97,7 @@ def test_a_head_peft_trains_as_a_copy_counts_once():
     from peft import LoraConfig, get_peft_model
 
     lens = [7, 12, 5, 9]
-    ids, labels = _samples(lens)
-    batch = pack(ids, labels, sum(lens), 0, attention="varlen")
-    head_tokens = sum(n - 3 for n in lens)
+    batch, head_tokens = _one_row(lens)
     torch.manual_seed(0)
     model = get_peft_model(LlamaForCausalLM(tiny.llama_config(num_key_value_heads=2)),  # untied head
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
@@ -107,11 +106,8 @@ def test_a_head_peft_trains_as_a_copy_counts_once():
     shape = DecoderShape.of(actor)
     cfg = model.config
     assert (shape.head_weights, shape.head_frozen) == (cfg.vocab_size * cfg.hidden_size, 0)
-    counter = MatmulFlops()
-    with counter:
-        actor(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch)).sum().backward()
     recomputed = 2 * shape.head_weights * head_tokens
-    assert counter.flops - shape.matmul_flops(sum(lens), head_tokens) == recomputed
+    assert _step_flops(actor, batch) - shape.matmul_flops(sum(lens), head_tokens) == recomputed
 
 
 def test_attention_flops_count_the_query_key_pairs_of_the_packed_causal_mask():

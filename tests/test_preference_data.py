@@ -85,7 +85,8 @@ def test_kto_records_match_sft_with_kl_samples(tok, shared_data):
         assert bool(item["desirable"]) == raw[i]["label"]
         prompt = encode_prompt(raw[i]["messages"][:-1], tok)
         assert item["labels"].tolist() == [-100] * len(prompt) + item["input_ids"].tolist()[len(prompt):]
-        # the KL sample: this prompt + the previous record's completion
+        # the KL sample: this prompt + the previous record's completion, written for another prompt
+        assert encode_prompt(raw[i - 1]["messages"][:-1], tok) != prompt
         prev = ds[i - 1]
         prev_completion = _targets(prev["labels"])
         assert item["kl_input_ids"].tolist() == prompt + prev_completion
@@ -113,6 +114,48 @@ def test_prompt_completion_records_and_unpaired_pairs(tok, shared_data):
             assert item["input_ids"].tolist() == pairs[i][f"{side}_input_ids"].tolist()
             assert item["labels"].tolist() == pairs[i][f"{side}_labels"].tolist()
             assert bool(item["desirable"]) == (side == "chosen")
+
+
+def _prompt_and_completion(ids: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], list[int]]:
+    completion = _targets(labels)
+    return ids.tolist()[: len(ids) - len(completion)], completion
+
+
+def test_kto_kl_samples_of_split_pairs_pair_each_prompt_with_another_prompts_completion(tok):
+    """Split pairs lie chosen, rejected, chosen, ...: the KL sample of a rejected item must not take its own
+    pair's chosen answer, or z0 is estimated on matched pairs half the time."""
+    ds = UnpairedPreferenceDataset(FIX / "hh_rlhf.jsonl", tok, prompt_template="alpaca")
+    pairs = PreferenceDataset(FIX / "hh_rlhf.jsonl", tok, prompt_template="alpaca")
+    prompts = [_prompt_and_completion(pairs[k]["chosen_input_ids"], pairs[k]["chosen_labels"])[0]
+               for k in range(len(pairs))]
+    answers = {(k, side): _targets(pairs[k][f"{side}_labels"]) for k in range(len(pairs))
+               for side in ("chosen", "rejected")}
+    assert len(ds) == 6 and len({tuple(p) for p in prompts}) == 3
+    sources = []  # (pair, side) each item's KL completion was written for
+    for i in range(len(ds)):
+        item = ds[i]
+        kl_prompt, kl_completion = _prompt_and_completion(item["kl_input_ids"], item["kl_labels"])
+        assert _prompt_and_completion(item["input_ids"], item["labels"])[0] == kl_prompt == prompts[i // 2]
+        sources.append(next(key for key, answer in answers.items() if answer == kl_completion))
+    # both samples of pair k take the nearest earlier sample of another prompt: pair k-1's rejected answer
+    assert sources == [(2, "rejected"), (2, "rejected"), (0, "rejected"), (0, "rejected"), (1, "rejected"),
+                       (1, "rejected")]
+    assert all(prompts[pair] != prompts[i // 2] for i, (pair, _) in enumerate(sources))
+
+
+def test_kto_kl_samples_search_back_cyclically_and_warn_when_every_prompt_is_the_same(tok, caplog):
+    records = [{"prompt": p, "completion": c, "label": True}
+               for p, c in (("Name a colour.", "Blue."), ("Name a colour.", "Red."), ("Name a colour.", "Green."),
+                            ("Name a fruit.", "A pear."))]
+    ds = UnpairedPreferenceDataset(records, tok, prompt_template="alpaca")
+    completions = [_targets(ds[i]["labels"]) for i in range(4)]
+    # the colour items 0-2 all reach back (cyclically) to the fruit item 3; the fruit item takes item 2
+    assert [completions.index(_targets(ds[i]["kl_labels"])) for i in range(4)] == [3, 3, 3, 2]
+    with caplog.at_level("WARNING", logger="coati"):
+        same = UnpairedPreferenceDataset(records[:3], tok, prompt_template="alpaca")
+    completions = [_targets(same[i]["labels"]) for i in range(3)]
+    assert [completions.index(_targets(same[i]["kl_labels"])) for i in range(3)] == [2, 0, 1]
+    assert len([r for r in caplog.records if "same prompt" in r.getMessage()]) == 1
 
 
 def test_collators_concatenate_chosen_first_and_carry_reference(tok, shared_data):

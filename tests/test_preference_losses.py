@@ -1,5 +1,6 @@
 """DPO-family losses: each equals a hand computation on fixed log-probs, and TRL 1.16's implementation on the
-same tensors where TRL has the loss (TRL's trainer methods are called directly, without building a trainer)."""
+same tensors where TRL has the loss (TRL's trainer methods are called directly, without building a trainer);
+each loss type's default beta / gamma."""
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -7,7 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from coati.errors import UsageError
 from coati.models import preference_loss as pl
+from coati.trainer import DPOTrainer, PreferenceConfig
+from coati.utils.config import config_from_args
+from tests.scripts import load_script
 
 # Four pairs: summed response log-probs of policy and reference, and response lengths.
 PC = torch.tensor([-12.0, -30.5, -8.25, -19.0])
@@ -78,6 +83,34 @@ def test_orpo_and_simpo_by_hand():
     assert pl.orpo_loss(PC / LC, PR / LR, lam).tolist() == pytest.approx(orpo, abs=1e-5)
     assert pl.simpo_loss(PC / LC, PR / LR, beta, gamma).tolist() == pytest.approx(simpo, abs=1e-6)
     assert pl.sft_nll(PC, LC).tolist() == pytest.approx([-c for c in ac])
+
+
+@pytest.mark.parametrize("loss_type, beta", [("dpo", 0.1), ("ipo", 0.1), ("kto", 0.1), ("orpo", 0.1), ("simpo", 2.0)])
+def test_beta_and_gamma_default_per_loss_type(loss_type, beta):
+    """SimPO's paper (Llama-3-Base) trains with beta 2.0 and gamma 1.0; the others keep TRL's beta 0.1."""
+    cfg = PreferenceConfig(loss_type=loss_type)
+    assert (cfg.beta, cfg.gamma) == (beta, 1.0)
+    explicit = PreferenceConfig(loss_type=loss_type, beta=2.5, gamma=0.3)
+    assert (explicit.beta, explicit.gamma) == (2.5, 0.3)
+    with pytest.raises(UsageError, match="beta"):
+        PreferenceConfig(loss_type=loss_type, beta=0.0)
+    parser = load_script("examples/train_dpo.py").build_parser()
+    args = parser.parse_args(f"--pretrain P --dataset F --loss_type {loss_type}".split())
+    assert (args.beta, args.gamma) == (None, None)  # the flags leave them to the config
+    flags = config_from_args(PreferenceConfig, args)
+    assert (flags.beta, flags.gamma) == (beta, 1.0)
+    beta_help = next(a.help for a in parser._actions if "--beta" in a.option_strings)
+    assert f"{loss_type} {beta}" in beta_help
+
+
+def test_simpo_loss_with_the_default_config_is_the_papers():
+    """The trainer's SimPO loss under ``PreferenceConfig(loss_type="simpo")`` is -log s(2 (a_c - a_r) - 1)."""
+    cfg = PreferenceConfig(loss_type="simpo")
+    loss, n, metrics = DPOTrainer._paired_loss(SimpleNamespace(config=cfg), {}, torch.cat([PC, PR]),
+                                               torch.cat([LC, LR]))
+    margins = [pc / lc - pr / lr for pc, pr, _, _, lc, lr in rows()]
+    assert float(loss) == pytest.approx(sum(-logsig(2.0 * m - 1.0) for m in margins), abs=1e-5)
+    assert int(n) == 4 and float(metrics["rewards/margins"]) == pytest.approx(2.0 * sum(margins), abs=1e-5)
 
 
 def test_log1mexp_is_stable_near_zero():

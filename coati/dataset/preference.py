@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .collators import _check_pad, pad_sequences
-from .common import as_tensor, check_choice, convert_all, finish, has_target, select_subset, source_name
+from .common import as_tensor, check_choice, convert_all, finish, has_target, logger, select_subset, source_name
 from .formats import format_from_name, unpaired_converter
 from .io import load_records
 from .reward import encode_pairs, last_response_labels, read_pairs
@@ -67,11 +67,30 @@ class PreferenceDataset(_RefLogps, Dataset):
                                "rejected_input_ids": r_ids, "rejected_labels": r_labels}, idx)
 
 
+def mismatched_indices(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """For each sample, the nearest previous sample (cyclically) whose prompt ids differ: KTO's KL baseline
+    needs completions written for another prompt. When every prompt is the same there is none; then the
+    previous sample, with a warning. O(n) prompt comparisons."""
+    n = len(prompts)
+    start = next((i for i in range(n) if prompts[i - 1] != prompts[i]), None)
+    if start is None:
+        logger.warning("KTO: every sample has the same prompt, so the KL baseline is estimated on completions "
+                       "of that same prompt (the previous sample's)")
+        return [(i - 1) % n for i in range(n)]
+    other = [0] * n
+    for k in range(start, start + n):  # i with i-1's prompt has i-1's nearest other prompt
+        i = k % n
+        other[i] = (i - 1) % n if prompts[i - 1] != prompts[i] else other[i - 1]
+    return other
+
+
 class UnpairedPreferenceDataset(_RefLogps, Dataset):
     """KTO samples: ``{messages, label}`` / ``{prompt, completion, label}`` records, or pairs split into a
     desirable and an undesirable sample. Items: ``input_ids``, ``labels``, ``desirable`` (bool) and the
-    mismatched sample KTO's KL baseline is estimated on, ``kl_input_ids`` / ``kl_labels``: this sample's prompt
-    with the previous sample's completion (the last sample takes the first one's), as TRL rotates them."""
+    mismatched sample KTO's KL baseline z0 is estimated on, ``kl_input_ids`` / ``kl_labels``: this sample's
+    prompt with the completion of the nearest previous sample (cyclically) whose prompt differs
+    (:func:`mismatched_indices`). TRL takes the previous sample's, which for split pairs is half the time the
+    same prompt's chosen answer, so z0 would be measured partly on matched pairs."""
 
     REF_KEYS = ("ref_logps", "ref_kl_logps")
 
@@ -103,7 +122,8 @@ class UnpairedPreferenceDataset(_RefLogps, Dataset):
         finish(self, "KTO", self.source, len(kept), first_empty, max_len)
         self.max_len = max_len
         self.samples = [self._encode(prompt, completion) + (desirable,) for prompt, completion, desirable in kept]
-        self.kl_samples = [self._encode(kept[i][0], kept[i - 1][1]) for i in range(len(kept))]
+        self.kl_samples = [self._encode(kept[i][0], kept[j][1])
+                           for i, j in enumerate(mismatched_indices([prompt for prompt, _, _ in kept]))]
 
     def _encode(self, prompt: list[int], completion: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = (prompt + completion)[: self.max_len]

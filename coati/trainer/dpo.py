@@ -41,20 +41,35 @@ _GROUP = "preference loss"
 IGNORE_INDEX = -100
 
 
+# beta when none is given, per loss type, and where the value comes from
+DEFAULT_BETA: dict[str, tuple[float, str]] = {
+    "dpo": (0.1, "TRL default"),
+    "ipo": (0.1, "TRL default"),
+    "kto": (0.1, "TRL default"),
+    "orpo": (0.1, "unused: --lambda_orpo weighs ORPO"),
+    "simpo": (2.0, "SimPO paper, Llama-3-Base"),
+}
+SIMPO_GAMMA = 1.0  # SimPO paper, Llama-3-Base (gamma / beta = 0.5)
+
+
 @dataclass(frozen=True)
 class PreferenceConfig:
-    """The loss and its hyper-parameters; each field is a ``train_dpo.py`` flag of the same name."""
+    """The loss and its hyper-parameters; each field is a ``train_dpo.py`` flag of the same name. ``beta`` and
+    ``gamma`` left None take the loss type's own (:data:`DEFAULT_BETA`, :data:`SIMPO_GAMMA`): SimPO's reward is
+    a per-token average log-prob, and its paper trains with a far larger beta than DPO's."""
 
     loss_type: str = option(
         "dpo", "dpo: sigmoid DPO (with --label_smoothing: conservative DPO); ipo: squared loss on token-averaged "
                "log-ratios; kto: unpaired desirable / undesirable samples (paired data is split); orpo: NLL + "
                "odds-ratio term; simpo: length-normalised margin. orpo and simpo load no reference model",
         choices=pl.LOSS_TYPES, group=_GROUP)
-    beta: float = option(0.1, "inverse temperature of the implicit reward (IPO: its tau; SimPO papers use 2.0-2.5)",
-                         group=_GROUP)
+    beta: float | None = option(
+        None, "inverse temperature of the implicit reward (IPO: its tau); unset: the loss type's own, "
+              + ", ".join(f"{k} {v} ({source})" for k, (v, source) in DEFAULT_BETA.items()), group=_GROUP)
     label_smoothing: float = option(0.0, "assumed share of flipped labels (conservative DPO / SimPO), in [0, 0.5)",
                                     group=_GROUP)
-    gamma: float = option(0.5, "SimPO target reward margin", group=_GROUP)
+    gamma: float | None = option(None, f"SimPO target reward margin; unset: {SIMPO_GAMMA} (SimPO paper, "
+                                       "Llama-3-Base)", group=_GROUP)
     lambda_orpo: float = option(0.1, "weight of ORPO's odds-ratio term", group=_GROUP)
     sft_coef: float = option(0.0, "weight of an NLL term on chosen (KTO: desirable) responses, mean per token of "
                                   "each sequence (RPO); ORPO has its own NLL", group=_GROUP)
@@ -66,6 +81,10 @@ class PreferenceConfig:
     def __post_init__(self) -> None:
         if self.loss_type not in pl.LOSS_TYPES:
             raise UsageError(f"loss_type={self.loss_type!r}; choose one of {pl.LOSS_TYPES}")
+        if self.beta is None:
+            object.__setattr__(self, "beta", DEFAULT_BETA[self.loss_type][0])
+        if self.gamma is None:
+            object.__setattr__(self, "gamma", SIMPO_GAMMA)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise UsageError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.beta <= 0:

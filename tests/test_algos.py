@@ -186,6 +186,8 @@ def test_aggregation_modes(mode):
         expected = sum(flat) / len(flat)
     elif mode == "seq_mean_token_mean":
         expected = sum(sum(r) / len(r) if r else 0.0 for r in rows) / len(rows)
+    elif mode == "seq_mean_token_sum":
+        expected = sum(sum(r) for r in rows) / len(rows)
     else:
         expected = sum(sum(r) / 16 for r in rows) / len(rows)
     got = algos.agg_loss(loss, _mask(), mode, norm_len=16)
@@ -205,6 +207,29 @@ def test_kl_estimators(kind):
             assert abs(float(out[i, t]) - expected) < 1e-5
     if kind == "k3":
         assert float(out.min()) >= 0.0
+
+
+def test_kl_estimates_and_ratios_are_clamped_and_the_clamped_share_counted():
+    """One token 13 nats below the reference: unclamped k3 would be e^13 - 14 = 4.4e5; it is 10 (veRL / OpenRLHF's
+    bound) with no gradient, and the share of clamped tokens is that token's share of the valid ones."""
+    logp = torch.zeros(len(LENGTHS), A)
+    ref = torch.zeros(len(LENGTHS), A)
+    ref[0, 1] = 13.0  # row 0 has 4 valid tokens
+    ref[6, 3] = 30.0  # a padded position: not counted
+    logp.requires_grad_(True)
+    k3 = algos.kl_estimate(logp, ref, "k3")
+    assert math.exp(13.0) - 14 > 4e5 and float(k3[0, 1].detach()) == algos.KL_CLAMP
+    k3.sum().backward()
+    assert float(logp.grad[0, 1]) == 0.0
+    valid = sum(LENGTHS)
+    assert float(algos.kl_clamped_share(logp, ref, "k3", _mask())) == pytest.approx(1 / valid)
+    assert float(algos.kl_clamped_share(logp, ref, "k1", _mask())) == pytest.approx(1 / valid)  # 13 > 10
+    assert float(algos.kl_clamped_share(logp, ref, "k3", _mask(), dim=-1)[0]) == pytest.approx(1 / 4)
+    # the importance ratio's log is clamped to +-20 before exp: a 50-nat jump is a ratio of e^20, not e^50
+    old = torch.zeros(len(LENGTHS), A)
+    old[0, 0] = -50.0
+    _, metrics = algos.POLICY_LOSSES["ppo"](torch.zeros(len(LENGTHS), A), old, torch.ones(len(LENGTHS), A), _mask())
+    assert float(metrics["ratio_max"]) == pytest.approx(math.exp(algos.LOG_RATIO_CLAMP), rel=1e-5)
 
 
 def _ppo_by_hand(logp, old, adv, lo, hi, dual):
@@ -238,6 +263,17 @@ def test_ppo_clip_variants(lo, hi, dual):
     loss, metrics = algos.POLICY_LOSSES["ppo"](logp, old, adv, _mask(), clip_low=lo, clip_high=hi, dual_clip=dual)
     assert abs(float(loss.detach()) - _seq_token_mean(losses)) < 1e-5
     assert abs(float(metrics["pg_clipfrac"]) - _seq_token_mean(clipped)) < 1e-6
+    hi_ = hi if hi is not None else lo
+    ratios = [[math.exp(float(logp[i, t]) - float(old[i, t])) for t in range(A)] for i in range(len(LENGTHS))]
+    high = [[1.0 if r > 1 + hi_ and float(adv[i, t]) > 0 else 0.0 for t, r in enumerate(row)]
+            for i, row in enumerate(ratios)]
+    low = [[1.0 if r < 1 - lo and float(adv[i, t]) < 0 else 0.0 for t, r in enumerate(row)]
+           for i, row in enumerate(ratios)]
+    assert abs(float(metrics["pg_clipfrac_high"]) - _seq_token_mean(high)) < 1e-6
+    assert abs(float(metrics["pg_clipfrac_low"]) - _seq_token_mean(low)) < 1e-6
+    valid = [r for row, n in zip(ratios, LENGTHS) for r in row[:n]]
+    assert float(metrics["ratio_max"]) == pytest.approx(max(valid), rel=1e-6)
+    assert float(metrics["ratio_min"]) == pytest.approx(min(valid), rel=1e-6)
     loss.backward()
     assert float(logp.grad[_mask() == 0].abs().sum()) == 0.0  # padding gets no gradient
 
@@ -248,6 +284,7 @@ def test_ppo_clip_at_ratio_one_is_minus_advantage_and_unclipped():
     m = _mask()
     assert abs(float(loss) + float((adv * m).sum() / m.sum())) < 1e-6
     assert float(metrics["pg_clipfrac"]) == 0.0 and abs(float(metrics["ppo_kl"])) < 1e-7
+    assert float(metrics["ratio_max"]) == float(metrics["ratio_min"]) == 1.0
 
 
 def test_gspo_uses_one_ratio_per_sequence():
@@ -273,3 +310,48 @@ def test_gspo_uses_one_ratio_per_sequence():
     for i, n, g in grads:
         for t in range(n):
             assert abs(float(logp.grad[i, t]) - g / len(LENGTHS)) < 1e-6
+
+
+def test_gspo_dual_clip_bounds_a_negative_sequence_by_c_times_its_advantage():
+    """Sequence-level dual clip: a negative-advantage sequence whose ratio s exceeds c loses -c A (no gradient)
+    instead of -s A; a positive one, or one with s < c, keeps GSPO's clipped loss."""
+    n = 3
+    mask = torch.ones(2, n)
+    old = torch.zeros(2, n)
+    logp = torch.full((2, n), math.log(5.0))  # s = 5 for both sequences
+    adv = torch.tensor([[-1.0] * n, [2.0] * n])
+    logp.requires_grad_(True)
+    loss, _ = algos.POLICY_LOSSES["gspo"](logp, old, adv, mask, dual_clip=3.0)
+    # row 0: -min(5 * -1, (1 + 4e-4) * -1) = 5, bounded by -3 * -1 = 3; row 1: -min(10, (1 + 4e-4) * 2)
+    assert float(loss) == pytest.approx((3.0 + -(1 + 4e-4) * 2) / 2, rel=1e-6)
+    loss.backward()
+    assert float(logp.grad.abs().sum()) == 0.0  # both branches taken are constants
+    plain, _ = algos.POLICY_LOSSES["gspo"](logp.detach(), old, adv, mask)
+    assert float(plain) == pytest.approx((5.0 + -(1 + 4e-4) * 2) / 2, rel=1e-6)
+
+
+def test_rloo_aggregation_gives_every_token_its_sequences_advantage():
+    """seq_mean_token_sum (RLOO's preset) on the policy: on-policy, d loss / d log pi_t = -A_i / B for every
+    token of sequence i, whatever its length; seq_mean_token_mean gave a token of a 4-token answer a quarter
+    of what a 1-token answer's token got."""
+    adv = torch.tensor(_per_token([1.0] * len(LENGTHS)))
+    for mode, want in (("seq_mean_token_sum", lambda n: -1.0 / len(LENGTHS)),
+                       ("seq_mean_token_mean", lambda n: -1.0 / n / len(LENGTHS))):
+        logp = _rand(15).requires_grad_(True)
+        loss, _ = algos.POLICY_LOSSES["ppo"](logp, logp.detach(), adv, _mask(), agg_mode=mode)
+        loss.backward()
+        for i, n in enumerate(LENGTHS):
+            for t in range(n):
+                assert float(logp.grad[i, t]) == pytest.approx(want(n), rel=1e-6), (mode, i, t)
+    assert algos.PRESETS["rloo"]["loss_agg_mode"] == "seq_mean_token_sum"
+
+
+def test_overlong_penalty_depends_on_length_and_budget_only():
+    """DAPO's penalty of a 60-token answer with a 100-token budget and a 50-token buffer: (50 - 60) / 50 = -0.2,
+    whatever batch it is in; a buffer larger than the budget is an error, not a silent clamp."""
+    lengths = torch.tensor([40.0, 60.0, 100.0, 130.0])
+    got = algos.overlong_penalty(lengths, 100, 50, factor=1.0)
+    assert got.tolist() == pytest.approx([0.0, -0.2, -1.0, -1.0])
+    with pytest.raises(ValueError, match="exceeds the generation budget"):
+        algos.overlong_penalty(lengths, 100, 4096)
+    assert algos.PRESETS["dapo"]["overlong_buffer_len"].tokens(20480) == 4096  # DAPO's own setting

@@ -336,9 +336,9 @@ def test_cli_defaults_aliases_and_critic_from_reward_model(tmp_path, tiny_llama_
     args = mod.build_parser().parse_args(["--pretrain", "x", "--prompt_dataset", "p", "--max_timesteps", "3",
                                           "--update_timesteps", "2", "--no-whiten_advantages"])
     assert (args.num_collect_steps, args.num_update_steps, args.whiten_advantages) == (3, 2, False)
-    cfg = mod.rl_config(args)  # --algo ppo (the default) fills the algorithm flags with Coati's PPO values
+    cfg = mod.rl_config(args)  # --algo ppo (the default) fills the algorithm flags with InstructGPT's PPO values
     assert (cfg.kl_coef, cfg.eps_clip, cfg.eps_clip_high, cfg.adv_estimator, cfg.kl_placement) == (
-        0.1, 0.2, None, "gae", "reward")
+        0.02, 0.2, None, "gae", "reward")
 
     torch.manual_seed(3)
     rm = RewardModel.from_pretrained(tiny_llama_dir)

@@ -72,11 +72,13 @@ def test_ppo_loss_curve_is_the_one_before_the_redesign():
 # ----- presets -------------------------------------------------------------------------------------------
 def test_presets_fill_unset_fields_and_explicit_flags_win():
     mod = load_script("examples/train_prompts.py")
-    base = ["--pretrain", "x", "--prompt_dataset", "p"]
+    base = ["--pretrain", "x", "--prompt_dataset", "p", "--max_new_tokens", "100"]
     for name, preset in algos.PRESETS.items():
         cfg = mod.rl_config(mod.build_parser().parse_args(base + ["--algo", name, "--n_samples_per_prompt", "4"]))
-        assert {k: getattr(cfg, k) for k in preset} == preset
+        want = {**preset, "overlong_buffer_len": 20 if name == "dapo" else 0}  # DAPO's: a fifth of the budget
+        assert {k: getattr(cfg, k) for k in preset} == want
         assert cfg.needs_critic == (name == "ppo")
+        assert cfg.num_update_steps == (5 if name == "ppo" else 1)
     grpo = mod.rl_config(mod.build_parser().parse_args(base + ["--algo", "grpo", "--n_samples_per_prompt", "4"]))
     assert (grpo.kl_placement, grpo.kl_estimator, grpo.kl_coef, grpo.loss_agg_mode) == (
         "loss", "k3", 0.04, "seq_mean_token_mean")
@@ -86,14 +88,45 @@ def test_presets_fill_unset_fields_and_explicit_flags_win():
     dapo = mod.rl_config(args)
     assert (dapo.eps_clip_high, dapo.kl_coef, dapo.dynamic_sampling, dapo.loss_agg_mode) == (
         0.3, 0.01, False, "seq_mean_token_sum_norm")
-    assert (dapo.eps_clip, dapo.adv_estimator, dapo.overlong_buffer_len) == (0.2, "grpo", 4096)  # the rest: DAPO
+    assert (dapo.eps_clip, dapo.adv_estimator, dapo.overlong_buffer_len) == (0.2, "grpo", 20)  # the rest: DAPO
     assert mod.rl_config(mod.build_parser().parse_args(base + ["--adv_estimator", "rloo", "--n_samples_per_prompt",
                                                                "2"])).kl_placement == "reward"  # ppo's, explicit rloo
     with pytest.raises(UsageError, match="--n_samples_per_prompt >= 2"):
         mod.rl_config(mod.build_parser().parse_args(base + ["--algo", "grpo"]))
+    assert "k3: KL(ref || pi)" in mod.build_parser().format_help().replace("\n", " ").replace("  ", " ")
     with pytest.raises(TypeError, match="kl_coeff"):
         PPOTrainer(NaiveStrategy(), None, tokenizer=None, reward_fn=h.target_share, kl_coeff=0.1)
     assert algos.preset_table() in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("argv, match", [
+    # DAPO's buffer was clamped to the budget (a 0-token penalty-free zone): now a share of it, or refused
+    (["--algo", "dapo", "--n_samples_per_prompt", "2"], "set --max_new_tokens"),
+    (["--algo", "dapo", "--n_samples_per_prompt", "2", "--max_new_tokens", "64", "--overlong_buffer_len", "4096"],
+     "exceeds --max_new_tokens 64"),
+    # the adaptive controller multiplies kl_coef: from 0 it stays 0
+    (["--algo", "dapo", "--n_samples_per_prompt", "2", "--max_new_tokens", "64", "--target_kl", "0.1"],
+     "give --kl_coef > 0"),
+    (["--algo", "gspo", "--n_samples_per_prompt", "2", "--target_kl", "0.1"], "give --kl_coef > 0"),
+    # k1 as a loss term has zero expected gradient
+    (["--algo", "grpo", "--n_samples_per_prompt", "2", "--kl_estimator", "k1"], "zero in expectation"),
+])
+def test_combinations_that_cannot_work_are_refused_with_one_line(argv, match):
+    mod = load_script("examples/train_prompts.py")
+    with pytest.raises(UsageError, match=match) as err:
+        mod.rl_config(mod.build_parser().parse_args(["--pretrain", "x", "--prompt_dataset", "p", *argv]))
+    assert "\n" not in str(err.value)
+
+
+def test_no_reference_pass_where_the_kl_is_multiplied_by_zero():
+    """dr_grpo / dapo / gspo (kl_coef 0) build no reference model and never call one; grpo's 0.04 does."""
+    for algo, uses in (("gspo", False), ("dr_grpo", False), ("grpo", True)):
+        trainer, prompts = _critic_free(algo, 4, episodes=1, max_new_tokens=8)
+        calls = []
+        ref = trainer.experience_maker._ref_log_probs
+        trainer.experience_maker._ref_log_probs = lambda *a: calls.append(1) or ref(*a)
+        trainer.fit(prompts)
+        assert (trainer.initial_model is not None) == uses and bool(calls) == uses, algo
 
 
 # ----- critic-free methods -------------------------------------------------------------------------------
@@ -251,6 +284,16 @@ def test_critic_free_run_holds_no_critic_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert res_hist[-1]["critic/score/mean"] == pytest.approx(full_hist[-1]["critic/score/mean"], abs=1e-6)
     assert res_hist[-1]["actor/pg_loss"] == pytest.approx(full_hist[-1]["actor/pg_loss"], abs=1e-6)
+    # resumed where it wrote: the rollout dump keeps episodes 1-2, then continues with 3-4, no duplicates
+    dump = (tmp_path / "full" / "rollouts.jsonl").read_text()
+    assert [json.loads(x)["step"] for x in dump.splitlines()] == [e for e in (1, 2, 3, 4) for _ in range(16)]
+    run(tmp_path / "full", resume=step2)
+    again = (tmp_path / "full" / "rollouts.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in again] == [e for e in (1, 2, 3, 4) for _ in range(16)]
+    for a, b in zip(again, dump.splitlines()):
+        a, b = json.loads(a), json.loads(b)
+        assert (a["response"], a["group"]) == (b["response"], b["group"])
+        assert a["advantage"] == pytest.approx(b["advantage"], abs=1e-5)
 
 
 def test_dynamic_sampling_keeps_only_informative_groups_and_fills_the_episode():
@@ -341,22 +384,124 @@ def test_script_runs_grpo_with_the_gsm8k_reward(tmp_path, tiny_llama_dir, shared
     assert hist[-1]["critic/score/mean"] == 0.0 and hist[-1]["training/optim_steps"] == 1
 
 
+# ----- the correctness harness ---------------------------------------------------------------------------
+def _dump(path):
+    return [json.loads(line) for line in (path / "rollouts.jsonl").read_text().splitlines()]
+
+
+def _groups(records):
+    out = {}
+    for r in records:
+        out.setdefault((r["step"], r["group"]), []).append(r)
+    return list(out.values())
+
+
+def test_rollout_dump_holds_every_sample_with_advantages_equal_to_grpos_formula(tmp_path):
+    """rollouts.jsonl: one line per sample of each episode, advantages equal to the group z-score computed here
+    from the dumped scores, the zero-signal share equal to the share of dumped groups with equal scores."""
+    trainer, prompts = _critic_free("grpo", 4, episodes=3, save_path=str(tmp_path))
+    hist = trainer.fit(prompts)
+    records = _dump(tmp_path)
+    assert len(records) == 3 * 16 and [r["step"] for r in records] == [e for e in (1, 2, 3) for _ in range(16)]
+    assert set(records[0]) == {"step", "prompt", "response", "response_len", "group", "score", "overlong_penalty",
+                               "reward", "advantage", "kl"}
+    for group in _groups(records):
+        scores = [r["score"] for r in group]
+        mean = sum(scores) / 4
+        std = math.sqrt(sum((x - mean) ** 2 for x in scores) / 3)
+        for r in group:
+            assert r["advantage"] == pytest.approx((r["score"] - mean) / (std + 1e-6), abs=1e-4)
+            assert r["reward"] == pytest.approx(r["score"], abs=1e-6)  # GRPO's KL is a loss term
+            assert r["score"] == pytest.approx(h.target_share([], [r["response"]])[0], abs=1e-6)
+    for episode, metrics in enumerate(hist, 1):
+        groups = [g for g in _groups(records) if g[0]["step"] == episode]
+        zero = sum(len({r["score"] for r in g}) == 1 for g in groups) / len(groups)
+        assert metrics["sampling/zero_adv_group_share"] == pytest.approx(zero)
+    assert 0 < hist[0]["sampling/zero_adv_group_share"] < 1
+
+
+def test_rollout_dump_shows_rloos_kl_shaped_reward_and_leave_one_out_advantage(tmp_path):
+    """RLOO from the dump alone: reward = score - 0.05 x the summed KL, advantage = reward minus the mean of the
+    group's other rewards; every 2nd episode only with --rollout_log_interval 2."""
+    trainer, prompts = _critic_free("rloo", 4, episodes=4, save_path=str(tmp_path), rollout_log_interval=2,
+                                    kl_coef=None)
+    trainer.fit(prompts)
+    records = _dump(tmp_path)
+    assert sorted({r["step"] for r in records}) == [2, 4] and len(records) == 2 * 16
+    assert max(abs(r["kl"]) for r in records) > 1e-3  # the policy has moved from the reference
+    for group in _groups(records):
+        for r in group:
+            assert r["reward"] == pytest.approx(r["score"] - 0.05 * r["kl"], abs=1e-5)
+            others = [o["reward"] for o in group if o is not r]
+            assert r["advantage"] == pytest.approx(r["reward"] - sum(others) / 3, abs=1e-5)
+
+
+def test_dapo_overlong_penalty_is_a_function_of_the_length_alone(tmp_path):
+    """Prompts of 2-6 tokens in batches of different padded widths: every dumped penalty is DAPO's formula of the
+    response length against --max_new_tokens 8 and the preset's buffer (a fifth of it, 2 tokens)."""
+    trainer, prompts = _critic_free("dapo", 4, episodes=2, save_path=str(tmp_path), max_new_tokens=8)
+    assert trainer.config.overlong_buffer_len == 2
+    trainer.fit(prompts)
+    records = _dump(tmp_path)
+    assert {r["response_len"] for r in records} >= {8}
+    for r in records:
+        assert r["overlong_penalty"] == pytest.approx(min(0.0, max(-1.0, (6 - r["response_len"]) / 2)), abs=1e-6)
+        assert r["reward"] == pytest.approx(r["score"] + r["overlong_penalty"], abs=1e-6)
+
+
+def test_the_first_update_of_each_batch_is_on_policy_or_a_warning_says_why(caplog):
+    """Two optimizer steps per batch (so the old log-probs are scored while collecting): the first step's ratios
+    are 1 and ppo_kl 0; with the attention dropout switched back on after the trainer turned it off, they are not,
+    and each episode warns naming dropout."""
+    for dropout in (0.0, 0.3):
+        caplog.clear()
+        trainer, prompts = _critic_free("grpo", 4, episodes=2, train_batch_size=8, max_epochs=1)
+        assert not trainer._reuses_update_log_probs(prompts)
+        for module in trainer.actor.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = dropout
+        steps = h.record_steps(trainer)
+        with caplog.at_level("WARNING", logger="coati"):
+            hist = trainer.fit(prompts)
+        first = steps[0::2]  # each episode's first step
+        warnings = [r.getMessage() for r in caplog.records if "off-policy" in r.getMessage()]
+        if dropout == 0.0:
+            assert all(abs(s["actor/ratio_max"] - 1) < 1e-5 and abs(s["actor/ratio_min"] - 1) < 1e-5 for s in first)
+            assert all(abs(s["actor/ppo_kl"]) < 1e-7 for s in first) and not warnings
+            assert hist[-1]["actor/ratio_max"] == max(s["actor/ratio_max"] for s in steps[2:])  # episode 2's max
+        else:
+            assert all(s["actor/ratio_max"] > 1.001 for s in first)
+            assert len(warnings) == 2 and "dropout" in warnings[0]
+
+
 @pytest.mark.dist
-def test_grpo_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path):
+def test_every_algo_gives_one_update_on_one_or_two_processes_and_any_accumulation(tmp_path):
+    """Ragged responses (cut at random lengths), 2 episodes x 2 passes: 2 processes and 1 process with the same
+    global batch, each with the buffer in 1 or 2 micro-batches per optimizer step, end with the same weights (Adam
+    amplifies float-rounding differences of near-zero gradients to ~1e-5) and log the same episode metrics.
+    Before the losses were normalised over the global batch, token_mean (reinforce_pp, dapo) was 5e-3 off on 2
+    processes: each process divided by its own token count."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     script = str(ROOT / "tests" / "dist_rl.py")
     ddp = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
            "--rdzv_endpoint=127.0.0.1:29641", script, str(tmp_path), "ddp"]
     for cmd in (ddp, [sys.executable, script, str(tmp_path), "single"]):
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ddp_hist, single_hist = (json.loads((tmp_path / f"history_{m}.json").read_text()) for m in ("ddp", "single"))
-    for a, b in zip(ddp_hist, single_hist):
-        for key in ("critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/pg_clipfrac", "response_length/mean"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5), key
-    assert ddp_hist[-1]["actor/kl_loss"] > 0 and ddp_hist[-1]["training/optim_steps"] == 4
-    ddp_w, single_w = (torch.load(tmp_path / f"actor_{m}.pt") for m in ("ddp", "single"))
+    hist = {m: json.loads((tmp_path / f"history_{m}.json").read_text()) for m in ("ddp", "single")}
     start = h.models(seed=0)[0].state_dict()
-    assert max((ddp_w[k] - start[k]).abs().max().item() for k in start) > 1e-3  # it trained
-    for k in ddp_w:
-        torch.testing.assert_close(ddp_w[k], single_w[k], atol=2e-5, rtol=0)
+    keys = ("critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/pg_clipfrac", "actor/ppo_kl",
+            "critic/vf_loss", "response_length/mean", "sampling/zero_adv_group_share")
+    for algo in algos.PRESETS:
+        want = torch.load(tmp_path / f"actor_{algo}_single_1.pt")
+        assert max((want[k] - start[k]).abs().max().item() for k in start) > 1e-3, algo  # it trained
+        assert hist["single"][f"{algo}_1"][0]["response_length/std"] > 1.0  # ragged
+        for mode, accumulation in (("ddp", 1), ("ddp", 2), ("single", 2)):
+            got = torch.load(tmp_path / f"actor_{algo}_{mode}_{accumulation}.pt")
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], atol=3e-5, rtol=0, msg=f"{algo} {mode} {accumulation} {k}")
+            for a, b in zip(hist[mode][f"{algo}_{accumulation}"], hist["single"][f"{algo}_1"]):
+                assert a["training/optim_steps"] == b["training/optim_steps"] == 2 * a["step"]
+                for key in keys:
+                    if key in b:
+                        assert a[key] == pytest.approx(b[key], abs=1e-5), (algo, mode, accumulation, key)

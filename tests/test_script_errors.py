@@ -19,7 +19,9 @@ REWARD = ["--reward_fn", "tests/dist_ppo.py:target_share"]
 
 
 def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    """As users on offline clusters run: with the Hub switched off, nothing may print before the one line
+    (bitsandbytes, imported by peft, had `kernels` say it skips a Hub check on every start)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 def _run(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

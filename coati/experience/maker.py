@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from coati.algos import ADV_ESTIMATORS, overlong_penalty
+from coati.algos import ADV_ESTIMATORS, kl_clamped_share, overlong_penalty
 from coati.errors import MissingInputError, UsageError
 from coati.experience.experience import Experience
 from coati.experience.kl import FixedKLController, make_kl_controller
@@ -307,8 +307,8 @@ class ExperienceMaker:
 
         reward = score
         penalty = None
-        if cfg.overlong_buffer_len:
-            penalty = overlong_penalty(lengths, gen_kwargs["max_new_tokens"], cfg.overlong_buffer_len,
+        if cfg.overlong_buffer_len:  # against the configured budget, never this batch's prompt width
+            penalty = overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer_len,
                                        cfg.overlong_penalty_factor)
             reward = reward + penalty
         if cfg.normalize_reward:
@@ -333,6 +333,7 @@ class ExperienceMaker:
             gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages, reduce_sum=self._reduce_sum())
 
         info = {
+            "group": group,
             "score": score,
             "reward": rewards.sum(-1),
             "advantage": masked_mean(advantages, action_mask, dim=-1),
@@ -344,6 +345,8 @@ class ExperienceMaker:
             log_ratio = (log_probs - ref_log_probs) * mask
             info["kl"] = masked_mean(log_ratio, action_mask, dim=-1)
             info["kl_seq"] = log_ratio.sum(-1)
+        if kl_coef:
+            info["kl_clamped"] = kl_clamped_share(log_probs, ref_log_probs, cfg.kl_estimator, action_mask, dim=-1)
         if values is not None:
             info["return"] = masked_mean(returns, action_mask, dim=-1)
             info["value"] = masked_mean(values, action_mask, dim=-1)

@@ -116,21 +116,17 @@ def compute_reward(r: torch.Tensor, kl_coef: float, log_probs: torch.Tensor, ref
                    action_mask: torch.Tensor, reward_clip: float | None = None,
                    kl_estimator: str = "k1") -> torch.Tensor:
     """Per-token PPO rewards ``(B, A)``: ``-kl_coef * (logp - logp_ref)`` (or another estimator of
-    ``coati.algos.kl_estimate``) on each valid action token, and the sequence reward ``r`` (clipped to
-    ``[-reward_clip, reward_clip]`` when given) added on the last valid action token. Positions outside
-    ``action_mask`` are 0; a row without valid actions gets all zeros.
+    ``coati.algos.kl_estimate``, clamped as it clamps) on each valid action token, and the sequence reward
+    ``r`` (clipped to ``[-reward_clip, reward_clip]`` when given) added on the last valid action token. Positions
+    outside ``action_mask`` are 0; a row without valid actions gets all zeros.
     """
+    from ..algos import kl_estimate  # coati.algos imports this module
+
     mask = action_mask.float()
     r = r.float().reshape(-1)
     if reward_clip is not None:
         r = r.clamp(-reward_clip, reward_clip)
-    if kl_estimator == "k1":
-        kl = log_probs.float() - ref_log_probs.float()
-    else:
-        from ..algos import kl_estimate  # coati.algos imports this module
-
-        kl = kl_estimate(log_probs, ref_log_probs, kl_estimator)
-    rewards = -kl_coef * kl * mask
+    rewards = -kl_coef * kl_estimate(log_probs, ref_log_probs, kl_estimator) * mask
     last = last_token_index(action_mask)
     has_action = mask.sum(-1).gt(0).float()
     bonus = F.one_hot(last, num_classes=mask.size(-1)).float() * (r * has_action).unsqueeze(-1)

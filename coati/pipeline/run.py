@@ -72,9 +72,6 @@ CRITIC_FREE = tuple(name for name, preset in algos.PRESETS.items()
                     if not algos.ADV_ESTIMATORS[preset["adv_estimator"]].needs_critic)
 PREFERENCE = ("dpo", "ipo", "orpo", "simpo")
 ALGOS = ("ppo", *CRITIC_FREE, *PREFERENCE)
-# The task's answers are 2-3 tokens of a 4-token budget: DAPO's overlong buffer (4096 tokens, clamped to the
-# budget) would penalise every answer by its length, so only answers that reach the budget are penalised.
-ALGO_OVERRIDES: dict[str, dict[str, Any]] = {"dapo": {"overlong_buffer_len": 1}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dpo_steps", type=int, default=None, help="DPO-family --algo: optimizer steps")
     s.add_argument("--dpo_batch_size", type=int, default=None, help="DPO-family --algo: pairs per batch")
     s.add_argument("--dpo_lr", type=float, default=None, help="DPO-family --algo: peak learning rate")
-    s.add_argument("--beta", type=float, default=PreferenceConfig().beta,
-                   help="DPO-family --algo: inverse temperature of the implicit reward (train_dpo.py's --beta)")
+    s.add_argument("--beta", type=float, default=None,
+                   help="DPO-family --algo: inverse temperature of the implicit reward (train_dpo.py's --beta; "
+                        "unset: the --algo's own)")
     s.add_argument("--sft_coef", type=float, default=1.0,
                    help="DPO-family --algo: weight of an NLL term on the chosen answers (train_dpo.py's --sft_coef, "
                         "RPO): without it DPO lowers the right answers' likelihood too and costs greedy answers")
@@ -248,8 +246,7 @@ def critic_free_stage(args: argparse.Namespace, strategy: NaiveStrategy, tokeniz
                          num_episodes=args.rl_episodes, num_collect_steps=1, num_update_steps=1, max_epochs=1,
                          train_batch_size=prompt_dl.batch_size * args.n_samples_per_prompt, lr=args.rl_lr,
                          max_new_tokens=max_new_tokens, save_path=str(out / args.algo),
-                         log_interval=max(1, args.rl_episodes // 5), log_entropy=False,
-                         **ALGO_OVERRIDES.get(args.algo, {}))
+                         log_interval=max(1, args.rl_episodes // 5), log_entropy=False)
     trainer.fit(prompt_dl)
     return trainer
 

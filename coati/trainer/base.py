@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from torch.optim.lr_scheduler import LambdaLR
 
 from ..dataset.packing import batch_token_counts
 from ..errors import MissingInputError, UsageError
@@ -93,9 +93,29 @@ def make_adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: fl
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fusable or None)
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03):
-    warmup = int(math.ceil(total_steps * warmup_ratio))
-    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=max(1, total_steps))
+class LRSchedule:
+    """LR multiplier of optimizer step ``step`` for LambdaLR: transformers' constant / cosine schedules with a
+    linear warmup over ``ceil(total * warmup_ratio)`` steps, the cosine reaching 0 at ``total`` (the same floats
+    as ``get_cosine_schedule_with_warmup``, without importing ``transformers.optimization``, which pulls in peft
+    and bitsandbytes). ``total`` is an attribute because the RL trainer corrects it when an episode trains fewer
+    steps than planned (dynamic sampling); LambdaLR's state_dict saves an object's attributes, so a resumed run
+    keeps the corrected one."""
+
+    def __init__(self, total: int, warmup_ratio: float, kind: str) -> None:
+        self.total, self.warmup_ratio, self.kind = total, warmup_ratio, kind
+
+    def __call__(self, step: int) -> float:
+        warmup = math.ceil(self.total * self.warmup_ratio)
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        if self.kind == "constant":
+            return 1.0
+        progress = float(step - warmup) / float(max(1, max(1, self.total) - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03) -> LambdaLR:
+    return LambdaLR(optimizer, LRSchedule(total_steps, warmup_ratio, "cosine"))
 
 
 def epoch_iter(loader: DataLoader, epoch: int = 0, start_batch: int = 0) -> Iterator:

@@ -23,8 +23,13 @@ Actor loss (PPO-ptx, InstructGPT's objective, plus a KL term for ``kl_placement=
     loss_critic = vf_coef * value_loss
 
 ``policy_loss`` is ``POLICY_LOSSES[policy_loss]`` (PPO clip ``eps_clip`` / ``eps_clip_high`` / dual clip, or
-GSPO) reduced by ``agg_loss(loss_agg_mode)``; micro-batches of one optimizer step are weighted by their
-sequences (``seq_*`` modes) or valid tokens (``token_mean``), so accumulation equals one big batch.
+GSPO) reduced by ``agg_loss(loss_agg_mode)``; micro-batches of one optimizer step are weighted by their share
+of the global batch's sequences (``seq_*`` modes) or valid tokens (``token_mean``), counted over every process,
+so any number of processes and accumulation steps equals one big batch.
+
+Every run checks itself: the first update of each batch must see importance ratios of 1 (a warning names the
+likely causes otherwise), zero-signal groups and clipped shares are logged, and ``rollouts.jsonl`` records what
+was generated, its score, reward, advantage and KL.
 ``value_loss`` is the clipped value loss (``value_clip``), ``ptx_loss`` the LM loss on a pretraining batch
 of ``ptx_batch_size`` per micro-batch.
 With ``ptx_coef == 0`` no pretraining batch is even drawn, so the run equals plain PPO exactly. (Coati's
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import time
@@ -47,7 +53,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..algos import POLICY_LOSSES, agg_loss, kl_estimate
+from ..algos import POLICY_LOSSES, agg_loss, kl_clamped_share, kl_estimate
 from ..dataset.packing import model_inputs
 from ..experience.buffer import ReplayBuffer
 from ..experience.experience import Experience
@@ -56,7 +62,7 @@ from ..experience.maker import ExperienceMaker
 from ..models.lora import check_ppo_train_bias, lora_train_bias
 from ..models.loss import PtxLoss, ValueLoss
 from ..models.utils import disable_dropout, masked_mean
-from .base import checkpoint_dir, epoch_iter, make_adamw, save_checkpoint, to_device
+from .base import LRSchedule, checkpoint_dir, epoch_iter, make_adamw, save_checkpoint, to_device
 from .callbacks import MetricsLogger, logger
 from .rl_config import RLConfig, make_config
 from .strategies import Strategy
@@ -77,27 +83,16 @@ _EXPERIENCE_METRICS = {
     "prompt_length": "prompt_length/mean",
     "response_clipped": "response_length/clip_ratio",
     "overlong_penalty": "critic/overlong_penalty/mean",
+    "kl_clamped": "actor/kl_clamped_share",
 }
+# Per-step metrics reduced by their extreme (over micro-batches, steps and processes), not averaged.
+_EXTREMES = {"actor/ratio_max": max, "actor/ratio_min": min}
+# The first update of a batch runs the policy that sampled it: its importance ratios are 1 to rounding (fp32;
+# low-precision compute rounds log-probs to about 1e-2).
+_ON_POLICY_TOL = {None: 1e-3, "bf16": 5e-2, "fp16": 5e-2}
+# Rollout dump when --rollout_log_interval is unset: every episode of the first 10, then every 10th.
+_DUMP_FIRST, _DUMP_EVERY = 10, 10
 _WITH_STD = ("score", "reward", "response_length")
-
-
-class _Schedule:
-    """LR multiplier of optimizer step ``step`` for LambdaLR: transformers' constant / cosine schedules with a
-    linear warmup over ``ceil(total * warmup_ratio)`` steps, the cosine reaching 0 at ``total``. ``total`` is an
-    attribute because the trainer corrects it when an episode trains fewer steps than planned (dynamic
-    sampling); LambdaLR's state_dict saves an object's attributes, so a resumed run keeps the corrected one."""
-
-    def __init__(self, total: int, warmup_ratio: float, kind: str) -> None:
-        self.total, self.warmup_ratio, self.kind = total, warmup_ratio, kind
-
-    def __call__(self, step: int) -> float:
-        warmup = math.ceil(self.total * self.warmup_ratio)
-        if step < warmup:
-            return float(step) / float(max(1, warmup))
-        if self.kind == "constant":
-            return 1.0
-        progress = float(step - warmup) / float(max(1, max(1, self.total) - warmup))
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class _Cycle:
@@ -316,7 +311,7 @@ class PPOTrainer:
         self._plan = self._planned_optimizer_steps(prompt_loader)
         for name in ("actor", "critic") if self.critic is not None else ("actor",):
             optim = self.strategy.base_optimizer(getattr(self, f"{name}_optim"))
-            sched = LambdaLR(optim, _Schedule(sum(self._plan), self.warmup_ratio, self.lr_scheduler))
+            sched = LambdaLR(optim, LRSchedule(sum(self._plan), self.warmup_ratio, self.lr_scheduler))
             setattr(self, f"{name}_scheduler", sched)
 
     def _correct_schedule(self) -> None:
@@ -342,6 +337,7 @@ class PPOTrainer:
             "episode": self.episode, "optim_step": self.optim_step, "history": self.history,
             "kl_ctl": self.kl_ctl.state_dict(),
             "reward_stats": self.experience_maker.reward_stats.state_dict(),
+            "groups_made": self.experience_maker.groups_made,  # group ids stay unique across a resume
             "actor_scheduler": self.actor_scheduler.state_dict(),
             "prompts": self._prompts.state_dict() if self._prompts else None,
             "pretrain": self._pretrain.state_dict() if self._pretrain else None,
@@ -382,6 +378,7 @@ class PPOTrainer:
             self.critic_scheduler.load_state_dict(state["critic_scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.experience_maker.reward_stats.load_state_dict(state["reward_stats"])
+        self.experience_maker.groups_made = state.get("groups_made", 0)
         self.episode = state["episode"]
         self.optim_step = state["optim_step"]
         self.history = state.get("history", [])
@@ -416,12 +413,13 @@ class PPOTrainer:
         loss, metrics = self.policy_loss_fn(log_probs, old, exp.advantages, exp.action_mask,
                                             clip_low=cfg.eps_clip, clip_high=cfg.eps_clip_high,
                                             dual_clip=cfg.dual_clip, **agg)
-        out = {"actor/pg_loss": float(loss.detach()), "actor/pg_clipfrac": float(metrics["pg_clipfrac"]),
-               "actor/ppo_kl": float(metrics["ppo_kl"])}
+        out = {"actor/pg_loss": float(loss.detach()), **{f"actor/{k}": float(v) for k, v in metrics.items()}}
         if exp.ref_log_probs is not None:
             kl_loss = agg_loss(kl_estimate(log_probs, exp.ref_log_probs, cfg.kl_estimator), exp.action_mask,
                                cfg.loss_agg_mode, self._norm_len)
             out["actor/kl_loss"] = float(kl_loss.detach())
+            out["actor/kl_clamped_share"] = float(kl_clamped_share(log_probs, exp.ref_log_probs, cfg.kl_estimator,
+                                                                   exp.action_mask))
             loss = loss + self.kl_ctl.value * kl_loss
         return loss, out
 
@@ -430,19 +428,16 @@ class PPOTrainer:
         """Dr. GRPO's constant length normaliser: the generation budget."""
         return self.config.max_new_tokens or self.config.max_seq_len
 
-    def _weights(self, group: list[Experience]) -> list[float]:
-        """Each micro-batch's share of the optimizer step, so the accumulated loss is the aggregation of
-        the whole group: by valid tokens for ``token_mean``, else by sequences."""
-        if self.config.loss_agg_mode == "token_mean":
-            sizes = [float(e.action_mask.sum()) for e in group]
-        else:
-            sizes = [float(e.batch_size) for e in group]
-        total = sum(sizes) or 1.0
-        return [n / total for n in sizes]
+    def _weights(self, group: list[Experience], by_tokens: bool) -> list[float]:
+        """Each micro-batch's share of the optimizer step over every process (by valid tokens, else by
+        sequences), times the number of processes, which DDP / FSDP divide the summed gradients by: the step
+        is the aggregation of the global batch, whatever the processes' and micro-batches' sizes."""
+        sizes = [float(e.action_mask.sum()) if by_tokens else float(e.batch_size) for e in group]
+        total = float(self.strategy.all_reduce(torch.tensor(sum(sizes), dtype=torch.float64), op="sum"))
+        return [n * self.strategy.world_size / (total or 1.0) for n in sizes]
 
     def _actor_step(self, group: list[Experience]) -> dict[str, float]:
         strategy, actor = self.strategy, self.actor
-        total = sum(e.batch_size for e in group)
         use_ptx = self._pretrain is not None and self.ptx_coef != 0
         temperature = self.experience_maker.temperature
         sums: dict[str, float] = {}
@@ -450,9 +445,10 @@ class PPOTrainer:
             sums["actor/entropy"] = 0.0
         if use_ptx:
             sums["actor/ptx_loss"] = 0.0
-        for i, (exp, weight) in enumerate(zip(group, self._weights(group))):
+        weights = self._weights(group, by_tokens=self.config.loss_agg_mode == "token_mean")
+        seq_weights = self._weights(group, by_tokens=False)
+        for i, (exp, weight, seq_weight) in enumerate(zip(group, weights, seq_weights)):
             last = i == len(group) - 1
-            seq_weight = exp.batch_size / total
             num_actions = exp.num_actions
             with self._sync(actor, last and not use_ptx):
                 with strategy.autocast():
@@ -466,7 +462,10 @@ class PPOTrainer:
                 loss, metrics = self._policy_loss(log_probs, exp)
                 strategy.backward(loss * weight, actor, self.actor_optim)
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + weight * v
+                if k in _EXTREMES:
+                    sums[k] = _EXTREMES[k](sums.get(k, v), v)
+                else:
+                    sums[k] = sums.get(k, 0.0) + weight * v
             if use_ptx:
                 batch = to_device(self._pretrain.next(), strategy.device)
                 with self._sync(actor, last):
@@ -482,10 +481,8 @@ class PPOTrainer:
 
     def _critic_step(self, group: list[Experience]) -> dict[str, float]:
         strategy, critic = self.strategy, self.critic
-        total = sum(e.batch_size for e in group)
         sums = {"critic/vf_loss": 0.0, "critic/vf_clipfrac": 0.0}
-        for i, exp in enumerate(group):
-            weight = exp.batch_size / total
+        for i, (exp, weight) in enumerate(zip(group, self._weights(group, by_tokens=False))):
             with self._sync(critic, i == len(group) - 1):
                 with strategy.autocast():
                     values = critic(exp.sequences, attention_mask=exp.attention_mask, num_actions=exp.num_actions)
@@ -514,6 +511,8 @@ class PPOTrainer:
                     continue
                 t0 = time.perf_counter()
                 metrics = self._actor_step(group)
+                if update == 0 and not step_metrics:
+                    self._check_on_policy(metrics)
                 t1 = time.perf_counter()
                 timings["train_actor"] += t1 - t0
                 if self.critic is not None:
@@ -523,6 +522,17 @@ class PPOTrainer:
                 step_metrics.append(metrics)
                 group = []
         return step_metrics
+
+    def _check_on_policy(self, metrics: dict[str, float]) -> None:
+        """Warn when the first update of a batch is off-policy: its ratios should be 1 (see _ON_POLICY_TOL)."""
+        lo = float(self.strategy.all_reduce(torch.tensor(metrics["actor/ratio_min"]), op="min"))
+        hi = float(self.strategy.all_reduce(torch.tensor(metrics["actor/ratio_max"]), op="max"))
+        tol = _ON_POLICY_TOL[self.strategy.compute_precision]
+        if max(hi - 1, 1 - lo) > tol and self.strategy.is_rank0():
+            logger.warning("episode %d: the first update is off-policy: importance ratios in [%.4g, %.4g] where the "
+                           "policy that sampled gives 1 (tolerance %g). Likely causes: dropout still on in the "
+                           "model, sampling settings that change the scored distribution (temperature), or a rollout "
+                           "engine whose log-probs differ from the trainer's", self.episode + 1, lo, hi, tol)
 
     # ----- metrics -----------------------------------------------------------------------------------
     def _episode_metrics(self, infos: list[dict[str, torch.Tensor]], tokens: float,
@@ -535,8 +545,9 @@ class PPOTrainer:
         for k in keys:
             x = torch.cat([info[k].float() for info in infos])
             stats += [float(x.sum()), float((x * x).sum()), float(x.numel())]
-        train_keys = sorted(step_metrics[0]) if step_metrics else []
+        train_keys = sorted(k for k in step_metrics[0] if k not in _EXTREMES) if step_metrics else []
         train = [sum(m[k] for m in step_metrics) / len(step_metrics) for k in train_keys]
+        stats += self._zero_signal_groups(infos)
         reduced_sum = strategy.all_reduce(torch.tensor(stats + [tokens], dtype=torch.float64), op="sum").cpu()
         reduced_mean = strategy.all_reduce(torch.tensor(train, dtype=torch.float64), op="mean").cpu() \
             if train else []
@@ -551,6 +562,13 @@ class PPOTrainer:
         metrics["actor/reward_kl_penalty_coeff"] = self.kl_ctl.value
         for k, v in zip(train_keys, reduced_mean):
             metrics[k] = float(v)
+        for k, pick in _EXTREMES.items():
+            if step_metrics and k in step_metrics[0]:
+                local = torch.tensor(pick(m[k] for m in step_metrics), dtype=torch.float64)
+                metrics[k] = float(strategy.all_reduce(local, op=pick.__name__))
+        if self.config.n_samples_per_prompt > 1:
+            zero, groups = (float(v) for v in reduced_sum[3 * len(keys): 3 * len(keys) + 2])
+            metrics["sampling/zero_adv_group_share"] = zero / max(groups, 1.0)
         total_tokens = float(reduced_sum[-1])
         samples = sum(len(info["score"]) for info in infos) * strategy.world_size
         for k, v in timings.items():
@@ -561,10 +579,67 @@ class PPOTrainer:
         metrics["training/optim_steps"] = self.optim_step
         return metrics
 
+    @staticmethod
+    def _zero_signal_groups(infos: list[dict[str, torch.Tensor]]) -> list[float]:
+        """[groups whose scores are all equal (no advantage: no gradient), groups] on this process."""
+        zero = total = 0
+        for info in infos:
+            for g in info["group"].unique():
+                scores = info["score"][info["group"] == g]
+                total += 1
+                zero += int(bool((scores == scores[0]).all()))
+        return [float(zero), float(total)]
+
     # ----- collection ---------------------------------------------------------------------------------
+    def _dumps_rollouts(self, episode: int) -> bool:
+        """Whether episode ``episode`` (1-based) goes to rollouts.jsonl (--rollout_log_interval)."""
+        every = self.config.rollout_log_interval
+        if not self.save_path or every == 0:
+            return False
+        if every is None:
+            return episode <= _DUMP_FIRST or episode % _DUMP_EVERY == 0
+        return episode % every == 0
+
+    def _trim_rollouts(self) -> None:
+        """At the start of fit: rollouts.jsonl keeps only the episodes this run has already taken (none for a
+        fresh run, those up to the checkpoint for a resumed one), so it continues without duplicates."""
+        path = Path(self.save_path or "", "rollouts.jsonl")
+        if not self.save_path or not self.strategy.is_rank0() or not path.is_file():
+            return
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= self.episode]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+    def _dump_rollouts(self, exp: Experience) -> None:
+        """Append every sample of ``exp`` (all processes') to SAVE_PATH/rollouts.jsonl, one JSON line each:
+        what was generated, its score, its reward after shaping, its advantage and its KL (per-sequence sums)."""
+        maker, info = self.experience_maker, exp.info
+        prompt_ids = exp.sequences[:, : -exp.num_actions]
+        prompt_mask = exp.attention_mask[:, : -exp.num_actions].bool()
+        prompts = [maker.tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
+                   for ids, m in zip(prompt_ids, prompt_mask)]
+        responses = maker.decode_responses(exp.sequences, exp.action_mask)
+        zeros = torch.zeros_like(info["score"])
+        columns = {"response_len": info["response_length"], "group": info["group"], "score": info["score"],
+                   "overlong_penalty": info.get("overlong_penalty", zeros), "reward": info["reward"],
+                   "advantage": info["advantage"], "kl": info.get("kl_seq", zeros)}
+        columns = {k: v.tolist() for k, v in columns.items()}
+        records = [{"step": self.episode + 1, "prompt": p, "response": r,
+                    **{k: (int(v[i]) if k in ("response_len", "group") else v[i]) for k, v in columns.items()}}
+                   for i, (p, r) in enumerate(zip(prompts, responses))]
+        gathered = self.strategy.all_gather_object(records)
+        if self.strategy.is_rank0():
+            with open(Path(self.save_path) / "rollouts.jsonl", "a") as f:
+                for part in gathered:
+                    f.writelines(json.dumps(rec) + "\n" for rec in part)
+
     def _experience(self, global_batch: int) -> tuple[Experience, dict[str, torch.Tensor], float]:
         """One prompt batch made into experience; the adaptive KL controller sees its KL."""
         exp = self.experience_maker.make_experience(self._prompts.next())
+        if self._dumps_rollouts(self.episode + 1):
+            self._dump_rollouts(exp)
         if "kl_seq" in exp.info:
             kl_seq = float(self.strategy.all_reduce(exp.info["kl_seq"].float().mean(), op="mean"))
             self.kl_ctl.update(kl_seq, global_batch)
@@ -636,6 +711,7 @@ class PPOTrainer:
         self.strategy.set_sampling_seed()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        self._trim_rollouts()
 
         strategy = self.strategy
         global_batch = (prompt_dataloader.batch_size or 1) * strategy.world_size * self.config.n_samples_per_prompt
@@ -657,8 +733,9 @@ class PPOTrainer:
             metrics = {**self._episode_metrics(infos, tokens, step_metrics, timings), **sampling}
             self.history.append({"step": self.episode, **metrics})
             bar.update(1)
+            kl = metrics.get("actor/reward_kl_penalty", metrics.get("actor/kl_loss"))  # the KL the run uses
             bar.set_postfix(score=f"{metrics.get('critic/score/mean', float('nan')):.3f}",
-                            kl=f"{metrics.get('actor/reward_kl_penalty', float('nan')):.4f}")
+                            **({"kl": f"{kl:.4f}"} if kl is not None else {}))
             if self.episode % self.log_interval == 0 or self.episode == self.num_episodes:
                 self.metrics.log(self.episode, metrics, prefix="ppo")
             if self.save_path and self.save_interval and self.episode % self.save_interval == 0:

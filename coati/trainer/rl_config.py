@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..algos import ADV_ESTIMATORS, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES, PRESET_FIELDS, PRESETS
+from ..algos import (ADV_ESTIMATORS, AGG_MODES, KL_ESTIMATORS, KL_LOSS_GRADIENT, POLICY_LOSSES, PRESET_FIELDS, PRESETS,
+                     BudgetShare)
 from ..errors import UsageError
 from ..utils.config import option
 
@@ -41,12 +42,14 @@ class RLConfig:
     kl_placement: str | None = option(None, _preset("where the KL to the reference goes: a per-token penalty in "
                                                     "the reward, or a loss term", "kl_placement"),
                                       choices=["reward", "loss"], group=A)
-    kl_estimator: str | None = option(None, _preset("per-token KL estimator (k3 = low-variance KL)",
-                                                    "kl_estimator"), choices=list(KL_ESTIMATORS), group=A)
-    kl_coef: float | None = option(None, _preset("KL coefficient (initial one with --target_kl; 0 = no KL and no "
-                                                 "reference pass)", "kl_coef"), group=A)
-    target_kl: float | None = option(None, "adaptive KL (Ziegler et al.): target KL per response in nats; off = "
-                                           "fixed --kl_coef", group=A)
+    kl_estimator: str | None = option(None, _preset(
+        "per-token KL estimator (k3 = low-variance KL); in the reward each estimates KL(pi||ref), as a loss term "
+        "its gradient is that of " + "; ".join(f"{k}: {v}" for k, v in KL_LOSS_GRADIENT.items()),
+        "kl_estimator"), choices=list(KL_ESTIMATORS), group=A)
+    kl_coef: float | None = option(None, _preset("KL coefficient (initial one with --target_kl, so > 0 there; 0 = no "
+                                                 "KL and no reference pass)", "kl_coef"), group=A)
+    target_kl: float | None = option(None, "adaptive KL (Ziegler et al.): target KL per response in nats, scaling "
+                                           "--kl_coef up or down; off = fixed --kl_coef", group=A)
     kl_horizon: int = option(10000, "adaptive KL horizon in samples", group=A)
     eps_clip: float | None = option(None, _preset("policy ratio clip (the lower one with --eps_clip_high)",
                                                   "eps_clip"), group=A)
@@ -61,10 +64,10 @@ class RLConfig:
                                            group=A)
     max_sampling_rounds: int = option(4, "with --dynamic_sampling: most generation rounds per prompt batch an "
                                          "episode collects", group=A)
-    overlong_buffer_len: int | None = option(None, _preset("DAPO soft overlong penalty: responses longer than the "
-                                                           "generation budget minus this many tokens are "
-                                                           "penalised linearly (0 = off)", "overlong_buffer_len"),
-                                             group=A)
+    overlong_buffer_len: int | None = option(None, _preset("DAPO soft overlong penalty: responses longer than "
+                                                           "--max_new_tokens minus this many tokens are penalised "
+                                                           "linearly (0 = off; needs --max_new_tokens, at most it)",
+                                                           "overlong_buffer_len"), group=A)
     overlong_penalty_factor: float | None = option(None, _preset("largest overlong penalty",
                                                                  "overlong_penalty_factor"), group=A)
     # PPO objective
@@ -80,8 +83,9 @@ class RLConfig:
     num_episodes: int = option(10, "collect + update rounds", group=P)
     num_collect_steps: int = option(10, "prompt batches collected per episode (--max_timesteps: June-2023 name)",
                                     aliases=["--max_timesteps"], group=P)
-    num_update_steps: int = option(5, "passes over the replay buffer per episode (--update_timesteps: June-2023 "
-                                      "name)", aliases=["--update_timesteps"], group=P)
+    num_update_steps: int | None = option(None, _preset("passes over the replay buffer per episode "
+                                                        "(--update_timesteps: June-2023 name)", "num_update_steps"),
+                                          aliases=["--update_timesteps"], group=P)
     max_epochs: int = option(1, "epochs per update step", group=P)
     train_batch_size: int = option(8, "experiences per training micro-batch per process", group=P)
     accumulation_steps: int = option(1, "micro-batches per optimizer step", group=P)
@@ -111,6 +115,10 @@ class RLConfig:
     buffer_limit: int = option(0, "max samples in the replay buffer (0 = no limit)", group=M)
     log_entropy: bool = option(True, "log policy entropy (computes full-vocabulary logits of the response)",
                                group=M)
+    rollout_log_interval: int | None = option(None, "write every sample of every N-th episode to "
+                                                    "SAVE_PATH/rollouts.jsonl (prompt, response, score, reward, "
+                                                    "advantage, KL); unset = every episode of the first 10, then "
+                                                    "every 10th; 0 = off", group=M)
 
     def resolve(self) -> "RLConfig":
         """This config with the ``algo`` preset filling the algorithm fields left None, checked."""
@@ -118,6 +126,17 @@ class RLConfig:
             raise UsageError(f"--algo must be one of {sorted(PRESETS)}, got {self.algo!r}")
         preset = PRESETS[self.algo]
         cfg = dataclasses.replace(self, **{k: preset[k] for k in PRESET_FIELDS if getattr(self, k) is None})
+        if isinstance(cfg.overlong_buffer_len, BudgetShare):
+            if cfg.max_new_tokens is None:
+                raise UsageError(f"--algo {cfg.algo}'s overlong buffer is {cfg.overlong_buffer_len} (a share of the "
+                                 f"generation budget): set --max_new_tokens (or --overlong_buffer_len 0 to turn it off)")
+            cfg = dataclasses.replace(cfg, overlong_buffer_len=cfg.overlong_buffer_len.tokens(cfg.max_new_tokens))
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        """One line per combination that cannot do what it says (UsageError)."""
+        cfg = self
         estimator = ADV_ESTIMATORS[cfg.adv_estimator]
         if estimator.needs_groups and cfg.n_samples_per_prompt < 2:
             raise UsageError(f"--adv_estimator {cfg.adv_estimator} compares the samples of a prompt: set "
@@ -130,7 +149,20 @@ class RLConfig:
             raise UsageError(f"--dual_clip must be > 1, got {cfg.dual_clip}")
         if cfg.lr_scheduler not in ("constant", "cosine"):
             raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {cfg.lr_scheduler!r}")
-        return cfg
+        if cfg.target_kl is not None and cfg.kl_coef <= 0:
+            raise UsageError(f"--target_kl adapts --kl_coef by multiplying it, and --kl_coef is {cfg.kl_coef} "
+                             f"(--algo {cfg.algo}): give --kl_coef > 0 as its start value")
+        if cfg.kl_coef and cfg.kl_placement == "loss" and cfg.kl_estimator == "k1":
+            raise UsageError("--kl_placement loss --kl_estimator k1: k1's gradient is zero in expectation "
+                             "(E_pi[grad log pi] = 0), so the KL term would do nothing; use k2 (KL(pi||ref)) or k3 "
+                             "(KL(ref||pi))")
+        if cfg.overlong_buffer_len:
+            if cfg.max_new_tokens is None:
+                raise UsageError(f"--overlong_buffer_len {cfg.overlong_buffer_len} penalises lengths near the "
+                                 f"generation budget: set --max_new_tokens (the budget it is measured from)")
+            if cfg.overlong_buffer_len > cfg.max_new_tokens:
+                raise UsageError(f"--overlong_buffer_len {cfg.overlong_buffer_len} exceeds --max_new_tokens "
+                                 f"{cfg.max_new_tokens}: the penalty-free zone would be empty")
 
     @property
     def needs_critic(self) -> bool:
@@ -138,8 +170,8 @@ class RLConfig:
 
     @property
     def uses_reference(self) -> bool:
-        """A KL term exists (so reference log-probs are computed)."""
-        return self.kl_coef != 0 or self.target_kl is not None
+        """A KL term exists (so reference log-probs are computed); --target_kl needs kl_coef > 0."""
+        return self.kl_coef != 0
 
 
 def make_config(config: RLConfig | None = None, **overrides: Any) -> RLConfig:

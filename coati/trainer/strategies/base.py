@@ -185,6 +185,11 @@ class Strategy:
         """The torch optimizer a scheduler should drive (unwrapped where ``prepare_optimizer`` wrapped it)."""
         return optimizer
 
+    @property
+    def compute_precision(self) -> str | None:
+        """``bf16`` / ``fp16`` where trained models compute in low precision, None for fp32."""
+        return self.mixed_precision
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.mixed_precision is None:
             return contextlib.nullcontext()

@@ -156,6 +156,10 @@ class ColossalAIStrategy(DistributedStrategy):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.unwrap() if hasattr(model, "unwrap") else model
 
+    @property
+    def compute_precision(self) -> str | None:
+        return None if self.precision == "fp32" else self.precision
+
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 

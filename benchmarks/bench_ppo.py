@@ -120,7 +120,7 @@ def prepare(args, workdir: Path) -> dict:
 def _kl_coef(algo: str) -> float:
     """The KL coefficient both sides use: 0.1 against PPO (as recorded before), the ``--algo grpo`` preset's
     beta for GRPO."""
-    from coati.algos import PRESETS
+    from coati.rl import PRESETS
 
     return 0.1 if algo == "ppo" else float(PRESETS[algo]["kl_coef"])
 

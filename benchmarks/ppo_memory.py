@@ -76,13 +76,13 @@ def write_model(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from coati.models.base import _dtype_kwargs
+    from coati.models.dtypes import dtype_kwargs
 
     cfg = config(args)
     torch.manual_seed(args.seed)
     dtype = torch.float16 if args.llama7b else torch.float32
     with torch.device("cuda" if args.device == "cuda" else "cpu"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), **_dtype_kwargs(dtype))
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), **dtype_kwargs(dtype))
     model.save_pretrained(str(path))
     harness.llama_tokenizer().save_pretrained(str(path))
     return {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

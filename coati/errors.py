@@ -1,7 +1,7 @@
 """Errors that are the user's to fix, not coati's: bad data, a missing input, flags that cannot work together, an
 optional package that is not installed.
 
-Every script's entry point (:func:`coati.utils.cli.run`) turns a :class:`UserError` into one ``error: <message>``
+Every script's entry point (:func:`coati.cli.run`) turns a :class:`UserError` into one ``error: <message>``
 line and exit status 2, without a traceback; any other exception is a bug and keeps its traceback. Each class
 also derives from the built-in error it replaced, so library callers keep catching what they caught before.
 """

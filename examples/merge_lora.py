@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from coati.errors import UsageError
+from coati.models.dtypes import dtype_kwargs, to_dtype
 from coati.models.quant import QUANT_MODES, bnb_config, config_dtype, full_precision_copy
-from coati.utils import cli
+from coati import cli
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base model dir (default: base_model_name_or_path in adapter_config.json)")
     p.add_argument("--quant", default=None, choices=QUANT_MODES,
                    help="the --quant the adapter was trained with: merge into that quantized base, dequantized")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="dtype of the written weights; auto = the base model's")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the base dir")
     return p
@@ -48,8 +48,6 @@ def merge(adapter: str | Path, output: str | Path, *, base: str | None = None, q
     from peft import PeftConfig, PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from coati.models.base import _dtype_kwargs
-
     adapter, output = Path(adapter), Path(output)
     if not (adapter / "adapter_config.json").is_file():
         raise UsageError(f"{adapter}: no adapter_config.json (is it already a merged model dir?)")
@@ -57,8 +55,8 @@ def merge(adapter: str | Path, output: str | Path, *, base: str | None = None, q
     if not base:
         raise UsageError(f"{adapter}: adapter_config.json names no base model; pass --base")
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    out_dtype = DTYPES.get(dtype) or config_dtype(config)
-    kwargs = dict(trust_remote_code=trust_remote_code, **_dtype_kwargs(torch.float32))
+    out_dtype = config_dtype(config) if dtype == "auto" else to_dtype(dtype)
+    kwargs = dict(trust_remote_code=trust_remote_code, **dtype_kwargs(torch.float32))
     if quant is not None:
         # quantized on the CPU exactly as in training; only dequantized here, so no kernel-shape limits apply
         kwargs.update(quantization_config=bnb_config(quant, torch.float32), device_map={"": "cpu"})

@@ -22,7 +22,7 @@ from coati.dataset import (
 )
 from coati.models import Actor, packing_attention
 from coati.trainer import DPOTrainer, PreferenceConfig, resolve_resume
-from coati.utils import cli
+from coati import cli
 from coati.utils.config import add_config_args, config_from_args
 from coati.utils.tokenizer import load_tokenizer
 

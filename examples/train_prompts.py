@@ -37,8 +37,8 @@ from coati.models.quant import check_strategy_support, quant_mode
 from coati.models.sharing import SharedBaseRewardModel, shared_critic_and_reward
 from coati.trainer import resolve_resume
 from coati.trainer.ppo import PPOTrainer
-from coati.trainer.rl_config import RLConfig
-from coati.utils import cli
+from coati.rl import RLConfig
+from coati import cli
 from coati.utils.config import add_config_args, config_from_args
 from coati.utils.tokenizer import load_tokenizer
 

@@ -12,7 +12,7 @@ import os
 from coati.dataset import PackingRewardCollator, RewardCollator, RewardDataset, format_from_name, split_dataset
 from coati.models import RewardModel, packing_attention
 from coati.trainer import RewardModelTrainer, resolve_resume
-from coati.utils import cli
+from coati import cli
 from coati.utils.tokenizer import load_tokenizer
 
 

@@ -11,7 +11,7 @@ import argparse
 from coati.dataset import PackingCollator, SFTCollator, SFTDataset, split_dataset
 from coati.models import Actor, packing_attention
 from coati.trainer import SFTTrainer, resolve_resume
-from coati.utils import cli
+from coati import cli
 from coati.utils.tokenizer import load_tokenizer
 
 

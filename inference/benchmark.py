@@ -192,6 +192,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from coati.utils import cli
+    from coati import cli
 
     cli.run(main)

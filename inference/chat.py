@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from coati.inference.generation import Generator, SamplingParams, encode_chat  # noqa: E402
 from coati.inference.loading import add_model_args, load_from_args  # noqa: E402
-from coati.utils import cli  # noqa: E402
+from coati import cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

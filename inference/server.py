@@ -18,7 +18,7 @@ from coati.inference.engine import BatchingEngine  # noqa: E402
 from coati.inference.generation import Generator  # noqa: E402
 from coati.errors import MissingDependencyError  # noqa: E402
 from coati.inference.loading import add_model_args, load_from_args  # noqa: E402
-from coati.utils import cli  # noqa: E402
+from coati import cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

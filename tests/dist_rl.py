@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coati.algos import PRESETS  # noqa: E402
+from coati.rl import PRESETS  # noqa: E402
 from coati.dataset import PromptCollator  # noqa: E402
 from coati.models.generation import action_mask_from_tokens, generate_with_masks  # noqa: E402
 from coati.rollout import hf as hf_engine  # noqa: E402

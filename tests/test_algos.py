@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from coati import algos
+from coati import rl
 
 LENGTHS = [4, 2, 3, 1, 4, 0, 2]
 GROUP = [0, 0, 0, 1, 1, 2, 3]
@@ -66,7 +66,7 @@ def test_grpo_is_group_zscore_and_zero_without_signal():
         mean = sum(xs) / len(xs)
         std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
         expected.append((SCORES[i] - mean) / (std + 1e-6))
-    adv, ret = algos.ADV_ESTIMATORS["grpo"](**_inputs())
+    adv, ret = rl.ADV_ESTIMATORS["grpo"](**_inputs())
     _close(adv, _per_token(expected))
     _close(ret, _per_token(expected))
     assert not torch.isnan(adv).any()
@@ -77,7 +77,7 @@ def test_dr_grpo_subtracts_the_group_mean_only():
     groups = _groups()
     expected = [0.0 if len(groups[g]) == 1 else SCORES[i] - sum(groups[g]) / len(groups[g])
                 for i, g in enumerate(GROUP)]
-    adv, _ = algos.ADV_ESTIMATORS["dr_grpo"](**_inputs())
+    adv, _ = rl.ADV_ESTIMATORS["dr_grpo"](**_inputs())
     _close(adv, _per_token(expected))
 
 
@@ -86,7 +86,7 @@ def test_rloo_baseline_leaves_the_sample_out():
     for i, g in enumerate(GROUP):
         others = [SCORES[j] for j, h in enumerate(GROUP) if h == g and j != i]
         expected.append(SCORES[i] - sum(others) / len(others) if others else 0.0)
-    adv, _ = algos.ADV_ESTIMATORS["rloo"](**_inputs())
+    adv, _ = rl.ADV_ESTIMATORS["rloo"](**_inputs())
     _close(adv, _per_token(expected))
 
 
@@ -110,7 +110,7 @@ def test_reinforce_pp_whitens_discounted_returns_over_the_batch(gamma):
         for t in range(n):
             out[t] = sum(gamma ** (k - t) * rows[i][k] for k in range(t, n))
         returns.append(out)
-    adv, ret = algos.ADV_ESTIMATORS["reinforce_pp"](token_rewards=torch.tensor(rows), gamma=gamma, **_inputs())
+    adv, ret = rl.ADV_ESTIMATORS["reinforce_pp"](token_rewards=torch.tensor(rows), gamma=gamma, **_inputs())
     _close(ret, returns)
     _close(adv, _whiten_rows(returns), tol=1e-4)
 
@@ -120,7 +120,7 @@ def test_reinforce_pp_global_whitening_uses_the_reduced_statistics():
     batch's statistics, so the halves together equal one process."""
     rows = torch.tensor(_token_rewards(_rand(2)))
     mask = _mask()
-    whole, _ = algos.ADV_ESTIMATORS["reinforce_pp"](token_rewards=rows, mask=mask)
+    whole, _ = rl.ADV_ESTIMATORS["reinforce_pp"](token_rewards=rows, mask=mask)
     halves = [slice(0, 3), slice(3, 7)]
     parts = {}
     # two threads stand for the two processes; reduce_sum is a real all-reduce between them
@@ -137,7 +137,7 @@ def test_reinforce_pp_global_whitening_uses_the_reduced_statistics():
         return total
 
     def run(h):
-        parts[h.start], _ = algos.ADV_ESTIMATORS["reinforce_pp"](token_rewards=rows[h], mask=mask[h],
+        parts[h.start], _ = rl.ADV_ESTIMATORS["reinforce_pp"](token_rewards=rows[h], mask=mask[h],
                                                                  reduce_sum=reduce_sum)
 
     threads = [threading.Thread(target=run, args=(h,)) for h in halves]
@@ -146,13 +146,6 @@ def test_reinforce_pp_global_whitening_uses_the_reduced_statistics():
     for t in threads:
         t.join()
     assert torch.allclose(torch.cat([parts[0], parts[3]]), whole, atol=1e-6)
-
-
-def test_reinforce_baseline_subtracts_group_mean_then_whitens():
-    groups = _groups()
-    centred = [SCORES[i] - sum(groups[g]) / len(groups[g]) for i, g in enumerate(GROUP)]
-    adv, _ = algos.ADV_ESTIMATORS["reinforce_baseline"](**_inputs())
-    _close(adv, _whiten_rows(_per_token(centred)), tol=1e-4)
 
 
 def test_gae_matches_the_recursion():
@@ -168,16 +161,16 @@ def test_gae_matches_the_recursion():
             nxt_v, nxt_a = v, adv[t]
         expected_adv.append(adv)
         expected_ret.append([adv[t] + float(values[i, t]) if t < n else 0.0 for t in range(A)])
-    adv, ret = algos.ADV_ESTIMATORS["gae"](token_rewards=torch.tensor(rewards), values=values, gamma=0.9, lam=0.8,
+    adv, ret = rl.ADV_ESTIMATORS["gae"](token_rewards=torch.tensor(rewards), values=values, gamma=0.9, lam=0.8,
                                            whiten_advantages=False, **_inputs())
     _close(adv, expected_adv)
     _close(ret, expected_ret)
-    white, _ = algos.ADV_ESTIMATORS["gae"](token_rewards=torch.tensor(rewards), values=values, gamma=0.9, lam=0.8,
+    white, _ = rl.ADV_ESTIMATORS["gae"](token_rewards=torch.tensor(rewards), values=values, gamma=0.9, lam=0.8,
                                            **_inputs())
     _close(white, _whiten_rows(expected_adv), tol=1e-4)
 
 
-@pytest.mark.parametrize("mode", algos.AGG_MODES)
+@pytest.mark.parametrize("mode", rl.AGG_MODES)
 def test_aggregation_modes(mode):
     loss = _rand(5)
     rows = [[float(loss[i, t]) for t in range(LENGTHS[i])] for i in range(len(LENGTHS))]
@@ -190,16 +183,16 @@ def test_aggregation_modes(mode):
         expected = sum(sum(r) for r in rows) / len(rows)
     else:
         expected = sum(sum(r) / 16 for r in rows) / len(rows)
-    got = algos.agg_loss(loss, _mask(), mode, norm_len=16)
+    got = rl.agg_loss(loss, _mask(), mode, norm_len=16)
     assert abs(float(got) - expected) < 1e-6
     with pytest.raises(ValueError, match="aggregation"):
-        algos.agg_loss(loss, _mask(), "sum")
+        rl.agg_loss(loss, _mask(), "sum")
 
 
-@pytest.mark.parametrize("kind", algos.KL_ESTIMATORS)
+@pytest.mark.parametrize("kind", rl.KL_ESTIMATORS)
 def test_kl_estimators(kind):
     logp, ref = _rand(6, 0.5), _rand(7, 0.5)
-    out = algos.kl_estimate(logp, ref, kind)
+    out = rl.kl_estimate(logp, ref, kind)
     for i in range(len(LENGTHS)):
         for t in range(A):
             d = float(logp[i, t]) - float(ref[i, t])
@@ -217,19 +210,19 @@ def test_kl_estimates_and_ratios_are_clamped_and_the_clamped_share_counted():
     ref[0, 1] = 13.0  # row 0 has 4 valid tokens
     ref[6, 3] = 30.0  # a padded position: not counted
     logp.requires_grad_(True)
-    k3 = algos.kl_estimate(logp, ref, "k3")
-    assert math.exp(13.0) - 14 > 4e5 and float(k3[0, 1].detach()) == algos.KL_CLAMP
+    k3 = rl.kl_estimate(logp, ref, "k3")
+    assert math.exp(13.0) - 14 > 4e5 and float(k3[0, 1].detach()) == rl.KL_CLAMP
     k3.sum().backward()
     assert float(logp.grad[0, 1]) == 0.0
     valid = sum(LENGTHS)
-    assert float(algos.kl_clamped_share(logp, ref, "k3", _mask())) == pytest.approx(1 / valid)
-    assert float(algos.kl_clamped_share(logp, ref, "k1", _mask())) == pytest.approx(1 / valid)  # 13 > 10
-    assert float(algos.kl_clamped_share(logp, ref, "k3", _mask(), dim=-1)[0]) == pytest.approx(1 / 4)
+    assert float(rl.kl_clamped_share(logp, ref, "k3", _mask())) == pytest.approx(1 / valid)
+    assert float(rl.kl_clamped_share(logp, ref, "k1", _mask())) == pytest.approx(1 / valid)  # 13 > 10
+    assert float(rl.kl_clamped_share(logp, ref, "k3", _mask(), dim=-1)[0]) == pytest.approx(1 / 4)
     # the importance ratio's log is clamped to +-20 before exp: a 50-nat jump is a ratio of e^20, not e^50
     old = torch.zeros(len(LENGTHS), A)
     old[0, 0] = -50.0
-    _, metrics = algos.POLICY_LOSSES["ppo"](torch.zeros(len(LENGTHS), A), old, torch.ones(len(LENGTHS), A), _mask())
-    assert float(metrics["ratio_max"]) == pytest.approx(math.exp(algos.LOG_RATIO_CLAMP), rel=1e-5)
+    _, metrics = rl.POLICY_LOSSES["ppo"](torch.zeros(len(LENGTHS), A), old, torch.ones(len(LENGTHS), A), _mask())
+    assert float(metrics["ratio_max"]) == pytest.approx(math.exp(rl.LOG_RATIO_CLAMP), rel=1e-5)
 
 
 def _ppo_by_hand(logp, old, adv, lo, hi, dual):
@@ -260,7 +253,7 @@ def test_ppo_clip_variants(lo, hi, dual):
     logp, old, adv = _rand(8, 0.4), _rand(9, 0.4), _rand(10)
     logp.requires_grad_(True)
     losses, clipped = _ppo_by_hand(logp.detach(), old, adv, lo, hi if hi is not None else lo, dual)
-    loss, metrics = algos.POLICY_LOSSES["ppo"](logp, old, adv, _mask(), clip_low=lo, clip_high=hi, dual_clip=dual)
+    loss, metrics = rl.POLICY_LOSSES["ppo"](logp, old, adv, _mask(), clip_low=lo, clip_high=hi, dual_clip=dual)
     assert abs(float(loss.detach()) - _seq_token_mean(losses)) < 1e-5
     assert abs(float(metrics["pg_clipfrac"]) - _seq_token_mean(clipped)) < 1e-6
     hi_ = hi if hi is not None else lo
@@ -280,7 +273,7 @@ def test_ppo_clip_variants(lo, hi, dual):
 
 def test_ppo_clip_at_ratio_one_is_minus_advantage_and_unclipped():
     logp, adv = _rand(11), _rand(12)
-    loss, metrics = algos.POLICY_LOSSES["ppo"](logp, logp.clone(), adv, _mask(), agg_mode="token_mean")
+    loss, metrics = rl.POLICY_LOSSES["ppo"](logp, logp.clone(), adv, _mask(), agg_mode="token_mean")
     m = _mask()
     assert abs(float(loss) + float((adv * m).sum() / m.sum())) < 1e-6
     assert float(metrics["pg_clipfrac"]) == 0.0 and abs(float(metrics["ppo_kl"])) < 1e-7
@@ -304,7 +297,7 @@ def test_gspo_uses_one_ratio_per_sequence():
         # d loss_i / d logp_t = -(s a / n) when the unclipped branch is the minimum, else 0
         grads.append((i, n, -(s * a) / n if s1 <= s2 else 0.0))
     logp.requires_grad_(True)
-    loss, _ = algos.POLICY_LOSSES["gspo"](logp, old, adv, _mask())
+    loss, _ = rl.POLICY_LOSSES["gspo"](logp, old, adv, _mask())
     assert abs(float(loss) - sum(expected) / len(LENGTHS)) < 1e-6
     loss.backward()
     for i, n, g in grads:
@@ -321,12 +314,12 @@ def test_gspo_dual_clip_bounds_a_negative_sequence_by_c_times_its_advantage():
     logp = torch.full((2, n), math.log(5.0))  # s = 5 for both sequences
     adv = torch.tensor([[-1.0] * n, [2.0] * n])
     logp.requires_grad_(True)
-    loss, _ = algos.POLICY_LOSSES["gspo"](logp, old, adv, mask, dual_clip=3.0)
+    loss, _ = rl.POLICY_LOSSES["gspo"](logp, old, adv, mask, dual_clip=3.0)
     # row 0: -min(5 * -1, (1 + 4e-4) * -1) = 5, bounded by -3 * -1 = 3; row 1: -min(10, (1 + 4e-4) * 2)
     assert float(loss) == pytest.approx((3.0 + -(1 + 4e-4) * 2) / 2, rel=1e-6)
     loss.backward()
     assert float(logp.grad.abs().sum()) == 0.0  # both branches taken are constants
-    plain, _ = algos.POLICY_LOSSES["gspo"](logp.detach(), old, adv, mask)
+    plain, _ = rl.POLICY_LOSSES["gspo"](logp.detach(), old, adv, mask)
     assert float(plain) == pytest.approx((5.0 + -(1 + 4e-4) * 2) / 2, rel=1e-6)
 
 
@@ -338,20 +331,20 @@ def test_rloo_aggregation_gives_every_token_its_sequences_advantage():
     for mode, want in (("seq_mean_token_sum", lambda n: -1.0 / len(LENGTHS)),
                        ("seq_mean_token_mean", lambda n: -1.0 / n / len(LENGTHS))):
         logp = _rand(15).requires_grad_(True)
-        loss, _ = algos.POLICY_LOSSES["ppo"](logp, logp.detach(), adv, _mask(), agg_mode=mode)
+        loss, _ = rl.POLICY_LOSSES["ppo"](logp, logp.detach(), adv, _mask(), agg_mode=mode)
         loss.backward()
         for i, n in enumerate(LENGTHS):
             for t in range(n):
                 assert float(logp.grad[i, t]) == pytest.approx(want(n), rel=1e-6), (mode, i, t)
-    assert algos.PRESETS["rloo"]["loss_agg_mode"] == "seq_mean_token_sum"
+    assert rl.PRESETS["rloo"]["loss_agg_mode"] == "seq_mean_token_sum"
 
 
 def test_overlong_penalty_depends_on_length_and_budget_only():
     """DAPO's penalty of a 60-token answer with a 100-token budget and a 50-token buffer: (50 - 60) / 50 = -0.2,
     whatever batch it is in; a buffer larger than the budget is an error, not a silent clamp."""
     lengths = torch.tensor([40.0, 60.0, 100.0, 130.0])
-    got = algos.overlong_penalty(lengths, 100, 50, factor=1.0)
+    got = rl.overlong_penalty(lengths, 100, 50, factor=1.0)
     assert got.tolist() == pytest.approx([0.0, -0.2, -1.0, -1.0])
     with pytest.raises(ValueError, match="exceeds the generation budget"):
-        algos.overlong_penalty(lengths, 100, 4096)
-    assert algos.PRESETS["dapo"]["overlong_buffer_len"].tokens(20480) == 4096  # DAPO's own setting
+        rl.overlong_penalty(lengths, 100, 4096)
+    assert rl.PRESETS["dapo"]["overlong_buffer_len"].tokens(20480) == 4096  # DAPO's own setting

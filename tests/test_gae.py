@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from coati.experience import AdaptiveKLController, Experience, FixedKLController, ReplayBuffer, compute_gae
+from coati.experience import Experience, ReplayBuffer
+from coati.rl import AdaptiveKLController, FixedKLController, compute_gae
 
 
 def _ragged():

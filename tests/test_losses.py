@@ -4,10 +4,9 @@ import math
 import pytest
 import torch
 
-from coati.models import (
-    GPTLMLoss, LogExpLoss, LogSigLoss, PolicyLoss, PtxLoss, ValueLoss, compute_approx_kl, compute_reward,
-    last_token_index, log_probs_from_logits, masked_mean, masked_whiten, position_ids_from_mask,
-)
+from coati.compat import PolicyLoss, PtxLoss, compute_approx_kl, log_probs_from_logits, masked_whiten
+from coati.models import GPTLMLoss, LogExpLoss, LogSigLoss, last_token_index, masked_mean, position_ids_from_mask
+from coati.rl import ValueLoss, compute_reward
 
 # ragged action masks: 3 valid, 1 valid, 4 valid, 0 valid tokens
 MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])

@@ -3,9 +3,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
+from coati.compat import GPTActor, GPTCritic, GPTNeoXActor, LlamaActor, LlamaCritic, LlamaRM, PolyglotKoRM
 from coati.models import (
-    FAMILIES, Actor, Critic, GPTActor, GPTCritic, GPTNeoXActor, LlamaActor, LlamaCritic, LlamaRM, LoraSettings,
-    PolyglotKoRM, RewardModel, action_mask_from_tokens, generate_with_masks, get_family, lora_targets,
+    FAMILIES, Actor, Critic, LoraSettings, RewardModel, action_mask_from_tokens, generate_with_masks, get_family,
+    lora_targets,
 )
 from tests import tiny
 
@@ -104,7 +105,7 @@ def test_left_and_right_padding_give_equal_outputs(family):
 def test_opt_and_bloom_value_models(alias):
     from transformers import BloomConfig, OPTConfig
 
-    import coati.models as models
+    import coati.compat as models
 
     cfg = {  # OPT with a projected embedding: the value head must read the projected width
         "OPTCritic": OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,

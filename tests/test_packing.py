@@ -605,7 +605,7 @@ def test_pair_scripts_pack_shared_prompts_with_the_padded_losses(script, tmp_pat
 def test_packed_ptx_batches_give_the_padded_lm_loss():
     """PPO-ptx's pretraining batches go through the same model call (``model_inputs``) and the mean LM loss."""
     from coati.dataset.packing import model_inputs
-    from coati.models.loss import PtxLoss
+    from coati.compat import PtxLoss
 
     torch.manual_seed(0)
     actor = Actor.from_config(CONFIGS["llama"]()).eval()
@@ -621,7 +621,7 @@ def test_packed_ptx_batches_give_the_padded_lm_loss():
 def test_kto_refuses_an_explicit_packing_and_leaves_auto_off():
     import argparse
 
-    from coati.utils.cli import packing_from_args
+    from coati.cli import packing_from_args
 
     args = argparse.Namespace(packing=True, model="auto", pretrain="unused", trust_remote_code=False)
     with pytest.raises(UsageError, match="KTO batches are not packed; use --no-packing"):

@@ -14,7 +14,8 @@ import torch
 
 from coati.errors import UsageError
 from coati.experience.maker import ExperienceMaker
-from coati.models import Actor, Critic, LogSigLoss, LoraSettings, RewardModel, compute_reward
+from coati.models import Actor, Critic, LogSigLoss, LoraSettings, RewardModel
+from coati.rl import compute_reward
 from coati.models.sharing import shared_critic_and_reward
 from coati.trainer.ppo import PPOTrainer
 from coati.trainer.strategies import NaiveStrategy

@@ -142,7 +142,7 @@ def test_quant_refusals(tiny_llama_dir):
     with pytest.raises(UsageError, match="naive or ddp, not fsdp"):
         sft.main(argv + ["--lora_rank", "4", "--strategy", "fsdp"])
     args = sft.build_parser().parse_args(argv + ["--lora_target_modules", "q_proj,v_proj", "o_proj"])
-    from coati.utils.cli import lora_settings
+    from coati.cli import lora_settings
 
     assert lora_settings(args).target_modules == ["q_proj", "v_proj", "o_proj"]
 

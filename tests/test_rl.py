@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coati import algos
+from coati import rl
 from coati.errors import UsageError
 from coati.models import Critic
 from coati.trainer.ppo import PPOTrainer
@@ -73,7 +73,7 @@ def test_ppo_loss_curve_is_the_one_before_the_redesign():
 def test_presets_fill_unset_fields_and_explicit_flags_win():
     mod = load_script("examples/train_prompts.py")
     base = ["--pretrain", "x", "--prompt_dataset", "p", "--max_new_tokens", "100"]
-    for name, preset in algos.PRESETS.items():
+    for name, preset in rl.PRESETS.items():
         cfg = mod.rl_config(mod.build_parser().parse_args(base + ["--algo", name, "--n_samples_per_prompt", "4"]))
         want = {**preset, "overlong_buffer_len": 20 if name == "dapo" else 0}  # DAPO's: a fifth of the budget
         assert {k: getattr(cfg, k) for k in preset} == want
@@ -96,7 +96,7 @@ def test_presets_fill_unset_fields_and_explicit_flags_win():
     assert "k3: KL(ref || pi)" in mod.build_parser().format_help().replace("\n", " ").replace("  ", " ")
     with pytest.raises(TypeError, match="kl_coeff"):
         PPOTrainer(NaiveStrategy(), None, tokenizer=None, reward_fn=h.target_share, kl_coeff=0.1)
-    assert algos.preset_table() in (ROOT / "README.md").read_text()
+    assert rl.preset_table() in (ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -248,7 +248,7 @@ def test_rloo_advantages_carry_the_kl_penalty_of_the_reward():
     prompts = h.loaders(NaiveStrategy(seed=0), experience_batch_size=2)[0]
     exp = maker.make_experience(next(iter(prompts)))
     ref = maker._ref_log_probs(exp.sequences, exp.attention_mask, exp.num_actions)
-    n, beta = 4, algos.PRESETS["rloo"]["kl_coef"]
+    n, beta = 4, rl.PRESETS["rloo"]["kl_coef"]
     rewards = []
     for i in range(exp.batch_size):
         k = int(exp.action_mask[i].sum())
@@ -492,7 +492,7 @@ def test_every_algo_gives_one_update_on_one_or_two_processes_and_any_accumulatio
     start = h.models(seed=0)[0].state_dict()
     keys = ("critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/pg_clipfrac", "actor/ppo_kl",
             "critic/vf_loss", "response_length/mean", "sampling/zero_adv_group_share")
-    for algo in algos.PRESETS:
+    for algo in rl.PRESETS:
         want = torch.load(tmp_path / f"actor_{algo}_single_1.pt")
         assert max((want[k] - start[k]).abs().max().item() for k in start) > 1e-3, algo  # it trained
         assert hist["single"][f"{algo}_1"][0]["response_length/std"] > 1.0  # ragged

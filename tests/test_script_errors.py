@@ -115,7 +115,7 @@ def test_a_bug_inside_main_keeps_its_traceback(tmp_path, tok_dir):
 def test_other_rank_reports_its_error_when_rank_0_does_not_stop_it(tmp_path, tok_dir):
     """Without a failing rank 0 (nobody stops this rank), rank 1 prints its own error after the wait."""
     data = _jsonl(tmp_path / "data.jsonl", [GOOD_SFT, {"instruction": "Yo", "output": 5}])
-    proc = _run_patched("import coati.utils.cli as c\nc.RANK0_GRACE_S = 0.0",
+    proc = _run_patched("import coati.cli as c\nc.RANK0_GRACE_S = 0.0",
                         _base_argv("train_sft", tmp_path, tok_dir) + ["--dataset", str(data)], RANK="1")
     assert (proc.returncode, proc.stderr.splitlines()) == (
         2, [f"error: rank 1: {data}: line 2: field 'output': expected a string, got int"])

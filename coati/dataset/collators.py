@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .templates import IGNORE_INDEX
+from ..utils import IGNORE_INDEX
 
 
 def pad_sequences(seqs: Sequence[torch.Tensor], value: int, side: str = "right",

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .io import DatasetFormatError, EmptyFieldError, Record
-from .templates import IGNORE_INDEX
+from ..utils import IGNORE_INDEX
 
 logger = logging.getLogger("coati")
 T = TypeVar("T")

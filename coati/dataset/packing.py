@@ -54,7 +54,7 @@ import torch
 
 from ..models.segment_attention import Segments
 from .collators import _check_pad
-from .templates import IGNORE_INDEX
+from ..utils import IGNORE_INDEX
 
 ATTENTION_LAYOUTS = ("segments", "dense", "varlen")
 # a "segments" batch whose units are all this short is laid out "dense": one masked call over short rows

@@ -20,7 +20,8 @@ from .common import as_tensor, check_choice, convert_all, finish, has_target, lo
 from .formats import format_from_name, unpaired_converter
 from .io import load_records
 from .reward import encode_pairs, last_response_labels, read_pairs
-from .templates import IGNORE_INDEX, SegmentEncoder, render_segments, resolve_template
+from ..utils import IGNORE_INDEX
+from .templates import SegmentEncoder, render_segments, resolve_template
 
 
 class _RefLogps:

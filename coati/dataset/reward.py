@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 from .common import as_tensor, check_choice, convert_all, finish, has_target, select_subset, source_name
 from .formats import Pair, format_from_name, reward_converter
 from .io import EmptyFieldError, load_records
-from .templates import IGNORE_INDEX, SegmentEncoder, render_segments, resolve_template
+from ..utils import IGNORE_INDEX
+from .templates import SegmentEncoder, render_segments, resolve_template
 
 
 class RewardDataset(Dataset):

@@ -49,9 +49,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..errors import UserError
+from ..utils import IGNORE_INDEX
 
 TEMPLATES = ("auto", "alpaca", "chatml", "none")
-IGNORE_INDEX = -100
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")

@@ -1,25 +1,6 @@
-"""PPO experience: rollouts (Experience), GAE, replay buffer, KL controllers and the experience maker."""
+"""Experience making: rollouts (Experience), the replay buffer and the experience maker."""
 from coati.experience.buffer import ReplayBuffer
 from coati.experience.experience import Experience
-from coati.experience.gae import compute_gae
-from coati.experience.kl import AdaptiveKLController, FixedKLController, make_kl_controller
+from coati.experience.maker import ExperienceMaker, load_reward_fn
 
-__all__ = [
-    "AdaptiveKLController",
-    "Experience",
-    "ExperienceMaker",
-    "FixedKLController",
-    "ReplayBuffer",
-    "compute_gae",
-    "load_reward_fn",
-    "make_kl_controller",
-]
-
-
-def __getattr__(name):
-    # The maker imports coati.models; load it lazily so GAE/buffer work without the models stack.
-    if name in ("ExperienceMaker", "load_reward_fn"):
-        from coati.experience import maker
-
-        return getattr(maker, name)
-    raise AttributeError(name)
+__all__ = ["Experience", "ExperienceMaker", "ReplayBuffer", "load_reward_fn"]

@@ -6,7 +6,7 @@ under the actor; log-probs under the reference policy when there is a KL term;
 critic values (only for an estimator that needs them); a sequence score from a
 :class:`~coati.models.RewardModel` or a Python function, plus DAPO's overlong penalty when on; per-token
 rewards: the sequence reward on the last response token and, with ``kl_placement="reward"``,
-``-kl_coef * KL`` on every token; then advantages from ``coati.algos.ADV_ESTIMATORS[adv_estimator]``. With
+``-kl_coef * KL`` on every token; then advantages from ``coati.rl.ADV_ESTIMATORS[adv_estimator]``. With
 ``kl_placement="loss"`` the reference log-probs are stored for the update's KL term instead. With LoRA and
 no separate reference model, the reference is the actor with its adapter disabled (no second copy).
 
@@ -26,14 +26,13 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from coati.algos import ADV_ESTIMATORS, kl_clamped_share, overlong_penalty
 from coati.errors import MissingInputError, UsageError
 from coati.experience.experience import Experience
-from coati.experience.kl import FixedKLController, make_kl_controller
-from coati.models.utils import compute_reward, masked_mean
+from coati.models.utils import masked_mean
 from coati.rewards import RewardFn, call_reward_fn
+from coati.rl import (ADV_ESTIMATORS, FixedKLController, RLConfig, compute_reward, kl_clamped_share, make_config,
+                      make_kl_controller, overlong_penalty)
 from coati.rollout import HFRolloutEngine, RolloutEngine, sampling_temperature
-from coati.trainer.rl_config import RLConfig, make_config
 
 logger = logging.getLogger("coati")
 
@@ -102,7 +101,7 @@ class ExperienceMaker:
     no KL term no reference is needed). Give ``reward_model`` or ``reward_fn`` (``f(prompts, responses,
     **extras) -> list[float]``, extras being the prompt dataset's other fields; per batch or per group, sync or
     async: see :mod:`coati.rewards`). ``config`` (an
-    :class:`~coati.trainer.rl_config.RLConfig`) holds the settings; keyword arguments override its fields.
+    :class:`~coati.rl.RLConfig`) holds the settings; keyword arguments override its fields.
     ``kl_ctl`` holds the KL coefficient (default: made from the config; a float makes a fixed controller).
     ``engine`` generates (a :class:`~coati.rollout.RolloutEngine`; default :class:`~coati.rollout.HFRolloutEngine`
     on the unwrapped actor); ``timings["generate"]`` is its time, scoring the old log-probs included.

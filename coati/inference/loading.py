@@ -17,10 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from coati.errors import MissingInputError, UsageError
 # QuantizationUnavailable and cpu_4bit_skip_modules live with the training-side quantization; re-exported here
+from coati.models.dtypes import to_dtype
 from coati.models.quant import QuantizationUnavailable, bnb_config, cpu_4bit_skip_modules  # noqa: F401
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 QUANT_MODES = ("8bit", "4bit", "gptq")
 logger = logging.getLogger(__name__)
 
@@ -42,9 +41,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(DTYPES))}")
-    return DTYPES[dtype]
+    return to_dtype(dtype)
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:

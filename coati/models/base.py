@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import UsageError
+from ..utils import IGNORE_INDEX
+from .dtypes import dtype_kwargs, to_dtype
 from .families import check_model_type, supports_packing
 from .lm_head import logit_processing, token_entropy, token_log_probs
-from .loss import IGNORE_INDEX
 from .lora import LoraSettings, apply_lora, is_peft_model
 from .segment_attention import SEGMENT_SDPA, Segments, segment_inputs, use_segment_attention
 from .quant import (
@@ -35,25 +36,6 @@ from .utils import last_token_index, position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
-
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-    "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
-
-
-def _dtype_kwargs(torch_dtype: Any) -> dict[str, Any]:
-    """``from_pretrained`` dtype keyword: ``dtype`` on transformers >= 4.56, ``torch_dtype`` before."""
-    if torch_dtype is None:
-        return {}
-    if isinstance(torch_dtype, str) and torch_dtype != "auto":
-        torch_dtype = _DTYPES[torch_dtype.lower()]
-    import transformers
-    from packaging.version import Version
-
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: torch_dtype}
-
 
 FROZEN_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -68,7 +50,7 @@ def resolve_frozen_dtype(choice: str | torch.dtype, source: torch.dtype,
     if choice not in FROZEN_DTYPES:
         raise ValueError(f"unknown frozen dtype {choice!r}; choose one of {', '.join(FROZEN_DTYPES)}")
     if choice != "auto":
-        return _DTYPES[choice]
+        return to_dtype(choice)
     on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     return source if on_gpu else torch.float32
 
@@ -192,7 +174,7 @@ def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings
         hf_kwargs.pop("dtype", None)
     elif torch_dtype is None:
         torch_dtype = _load_dtype(path, lora, frozen, frozen_dtype, hf_kwargs.get("trust_remote_code", False))
-    kwargs = {**_dtype_kwargs(torch_dtype), **hf_kwargs}
+    kwargs = {**dtype_kwargs(torch_dtype), **hf_kwargs}
     if (path / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
 
@@ -457,7 +439,7 @@ class Actor(_HFWrapper):
                     grad_checkpoint: bool = False) -> "Actor":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))  # fp32 masters
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))  # fp32 masters
         return cls(_prepare(model, family, lora, grad_checkpoint))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -575,7 +557,7 @@ class _ValueModel(_HFWrapper):
                     grad_checkpoint: bool = False):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))  # fp32 masters
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))  # fp32 masters
         return cls(_prepare(model, family, lora, grad_checkpoint))
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

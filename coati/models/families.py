@@ -1,12 +1,12 @@
 """Model families as data: which HF ``model_type`` a family covers and where LoRA goes.
 
 One :class:`~coati.models.base.Actor` / ``Critic`` / ``RewardModel`` works for every causal LM; a family only
-picks LoRA target modules (and lets Coati users keep writing ``LlamaActor(pretrained=...)``).
+picks LoRA target modules (Coati's ``LlamaActor(pretrained=...)`` constructors are in :mod:`coati.compat`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import UsageError
 
@@ -105,61 +105,5 @@ def resolve_packing(choice: bool | str, family: str | Family, model_type: str) -
     return bool(choice)
 
 
-# --- Coati-style constructors -------------------------------------------------------------------------
-
-def _coati_constructor(kind: str, family: str) -> Callable[..., Any]:
-    def build(pretrained: str | None = None, config: Any = None, checkpoint: bool = False,
-              lora_rank: int = 0, lora_train_bias: str = "none", **kwargs: Any):
-        from . import base
-        from .lora import LoraSettings
-
-        cls = getattr(base, kind)
-        lora = LoraSettings(rank=lora_rank, train_bias=lora_train_bias)
-        if pretrained is not None:
-            model = cls.from_pretrained(pretrained, family=family, lora=lora, grad_checkpoint=checkpoint, **kwargs)
-        elif config is not None:
-            model = cls.from_config(config, family=family, lora=lora, grad_checkpoint=checkpoint)
-        else:
-            raise ValueError(f"{build.__name__} needs `pretrained` (a path) or `config` (a transformers config)")
-        return model
-
-    prefix = {"llama": "Llama", "gpt_neox": "GPTNeoX", "polyglot_ko": "PolyglotKo", "gpt2": "GPT",
-              "opt": "OPT", "bloom": "BLOOM"}[family]
-    suffix = {"Actor": "Actor", "Critic": "Critic", "RewardModel": "RM"}[kind]
-    build.__name__ = build.__qualname__ = prefix + suffix
-    build.__doc__ = (f"Coati-compatible constructor: a :class:`coati.models.{kind}` of family {family!r} from "
-                     f"``pretrained`` (path) or ``config``; ``checkpoint`` enables gradient checkpointing; "
-                     f"``lora_rank`` > 0 adds LoRA (alpha = rank) with peft ``bias=lora_train_bias``.")
-    return build
-
-
-LlamaActor = _coati_constructor("Actor", "llama")
-LlamaCritic = _coati_constructor("Critic", "llama")
-LlamaRM = _coati_constructor("RewardModel", "llama")
-GPTNeoXActor = _coati_constructor("Actor", "gpt_neox")
-GPTNeoXCritic = _coati_constructor("Critic", "gpt_neox")
-GPTNeoXRM = _coati_constructor("RewardModel", "gpt_neox")
-PolyglotKoActor = _coati_constructor("Actor", "polyglot_ko")
-PolyglotKoCritic = _coati_constructor("Critic", "polyglot_ko")
-PolyglotKoRM = _coati_constructor("RewardModel", "polyglot_ko")
-GPTActor = _coati_constructor("Actor", "gpt2")
-GPTCritic = _coati_constructor("Critic", "gpt2")
-GPTRM = _coati_constructor("RewardModel", "gpt2")
-OPTActor = _coati_constructor("Actor", "opt")
-OPTCritic = _coati_constructor("Critic", "opt")
-OPTRM = _coati_constructor("RewardModel", "opt")
-BLOOMActor = _coati_constructor("Actor", "bloom")
-BLOOMCritic = _coati_constructor("Critic", "bloom")
-BLOOMRM = _coati_constructor("RewardModel", "bloom")
-
-COATI_CONSTRUCTORS: dict[str, Callable[..., Any]] = {
-    f.__name__: f for f in [
-        LlamaActor, LlamaCritic, LlamaRM, GPTNeoXActor, GPTNeoXCritic, GPTNeoXRM,
-        PolyglotKoActor, PolyglotKoCritic, PolyglotKoRM, GPTActor, GPTCritic, GPTRM,
-        OPTActor, OPTCritic, OPTRM, BLOOMActor, BLOOMCritic, BLOOMRM,
-    ]
-}
-
 __all__ = ["ALL_LINEAR", "FAMILIES", "Family", "check_model_type", "get_family", "lora_targets",
-           "resolve_packing", "supports_packing",
-           *COATI_CONSTRUCTORS]
+           "resolve_packing", "supports_packing"]

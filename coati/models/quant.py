@@ -18,9 +18,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from .dtypes import dtype_kwargs, to_dtype
+from .lora import is_peft_model
 
 QUANT_MODES = ("8bit", "4bit")
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Strategies that hold a quantized base and a shared critic / reward base as they are (replicas per process).
 QUANT_STRATEGIES = ("naive", "ddp")
 
@@ -82,10 +83,7 @@ def resolve_compute_dtype(dtype: str | torch.dtype | None = "auto",
         if on_gpu:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    key = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(dtype), str(dtype))
-    if key not in COMPUTE_DTYPES:
-        raise ValueError(f"unknown compute dtype {dtype!r}; choose auto, {', '.join(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[key]
+    return to_dtype(str(dtype).removeprefix("torch."), "compute dtype")
 
 
 def cpu_4bit_skip_modules(path_or_config: Any, trust_remote_code: bool = False) -> list[str] | None:
@@ -195,8 +193,6 @@ def _is_adapter_param(name: str) -> bool:
 def dequantized_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The base weights of a HF model (or the base under a PeftModel) in ``dtype``, quantized layers
     dequantized, keyed as the plain (non-peft, non-quantized) model names them."""
-    from .lora import is_peft_model
-
     base = model.get_base_model() if is_peft_model(model) else model
     state: dict[str, torch.Tensor] = {}
     quantized = set()
@@ -218,15 +214,12 @@ def full_precision_copy(model: nn.Module, dtype: torch.dtype | None = None, adap
     from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from .base import _dtype_kwargs
-    from .lora import is_peft_model
-
     base = model.get_base_model() if is_peft_model(model) else model
     config = copy.deepcopy(base.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
-    plain = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))
+    plain = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
     result = plain.load_state_dict(dequantized_state_dict(model), strict=False)
     tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
     if set(result.missing_keys) - tied or result.unexpected_keys:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .. import algos
+from .. import rl
 from ..dataset import (PackingCollator, PackingPreferenceCollator, PackingRewardCollator, PreferenceCollator,
                        PreferenceDataset, PromptCollator, PromptDataset, RewardCollator, RewardDataset, SFTCollator,
                        SFTDataset, split_dataset)
@@ -45,7 +45,7 @@ from ..models.base import checkpoint_model_type
 from ..models.families import resolve_packing
 from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
 from ..trainer.strategies import NaiveStrategy
-from ..utils.cli import BoolFlag
+from ..utils.config import BoolFlag
 from .evaluation import evaluate_policy, standardize_reward_model
 from .task import WRONG_KINDS, ArithmeticTask, exact_match_reward, write_jsonl
 from .tokenizer import build_tokenizer
@@ -66,10 +66,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                   critic_lr=1e-4, eval_samples=2, rl_episodes=120, rl_batch_size=16, n_samples_per_prompt=8,
                   rl_lr=1e-4, dpo_steps=200, dpo_batch_size=32, dpo_lr=1e-4),
 }
-# --algo: PPO against the reward model, a critic-free method of coati.algos rewarded by the task's checker, or a
+# --algo: PPO against the reward model, a critic-free method of coati.rl rewarded by the task's checker, or a
 # DPO-family loss on the preference pairs.
-CRITIC_FREE = tuple(name for name, preset in algos.PRESETS.items()
-                    if not algos.ADV_ESTIMATORS[preset["adv_estimator"]].needs_critic)
+CRITIC_FREE = tuple(name for name, preset in rl.PRESETS.items()
+                    if not rl.ADV_ESTIMATORS[preset["adv_estimator"]].needs_critic)
 PREFERENCE = ("dpo", "ipo", "orpo", "simpo")
 ALGOS = ("ppo", *CRITIC_FREE, *PREFERENCE)
 

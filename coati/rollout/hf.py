@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..models.generation import generate_with_masks
-from . import Rollout, sampling_temperature
+from .base import Rollout, sampling_temperature
 
 
 class HFRolloutEngine:

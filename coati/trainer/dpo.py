@@ -32,13 +32,12 @@ from ..errors import UsageError
 from ..models import preference_loss as pl
 from ..models.lora import lora_train_bias
 from ..models.utils import disable_dropout
-from .base import SupervisedTrainer, accumulate_metrics, reduce_metrics, to_device
+from ..utils import IGNORE_INDEX
 from ..utils.config import option
+from .base import SupervisedTrainer, accumulate_metrics, reduce_metrics, to_device
 from .strategies import Strategy
 
 _GROUP = "preference loss"
-
-IGNORE_INDEX = -100
 
 
 # beta when none is given, per loss type, and where the value comes from

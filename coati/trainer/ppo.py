@@ -1,8 +1,8 @@
 """Stage 3: PPO (and PPO-ptx), GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO and GSPO on prompts, through a Strategy.
 
-The algorithm is data (:class:`~coati.trainer.rl_config.RLConfig`, ``--algo`` presets in
-``coati.algos.PRESETS``): an advantage estimator, a policy loss, a loss aggregation and where the KL goes,
-each a registered function of ``coati.algos``. The critic exists only for an estimator that needs values
+The algorithm is data (:class:`~coati.rl.RLConfig`, ``--algo`` presets in ``coati.rl.PRESETS``): an advantage
+estimator, a policy loss, a loss aggregation and where the KL goes, each a registered function of
+:mod:`coati.rl`. The critic exists only for an estimator that needs values
 (gae): otherwise none is built, stepped or saved.
 
 One *episode* (= one logged step, like a veRL iteration) is:
@@ -53,18 +53,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..algos import POLICY_LOSSES, agg_loss, kl_clamped_share, kl_estimate
 from ..dataset.packing import model_inputs
 from ..experience.buffer import ReplayBuffer
 from ..experience.experience import Experience
-from ..experience.kl import make_kl_controller
 from ..experience.maker import ExperienceMaker
 from ..models.lora import check_ppo_train_bias, lora_train_bias
-from ..models.loss import PtxLoss, ValueLoss
+from ..models.loss import GPTLMLoss
 from ..models.utils import disable_dropout, masked_mean
+from ..rl import (POLICY_LOSSES, RLConfig, ValueLoss, agg_loss, kl_clamped_share, kl_estimate, make_config,
+                  make_kl_controller)
 from .base import LRSchedule, checkpoint_dir, epoch_iter, make_adamw, save_checkpoint, to_device
 from .callbacks import MetricsLogger, logger
-from .rl_config import RLConfig, make_config
 from .strategies import Strategy
 
 # Experience info fields -> logged names (veRL's where it has one).
@@ -140,7 +139,7 @@ def _check_frozen_bases(actor: nn.Module, critic: nn.Module | None, initial_mode
 
 class PPOTrainer:
     """The stage-3 trainer (PPO / PPO-ptx and the critic-free methods). ``config`` holds the hyper-parameters
-    (:class:`~coati.trainer.rl_config.RLConfig`, the fields of ``examples/train_prompts.py``'s flags);
+    (:class:`~coati.rl.RLConfig`, the fields of ``examples/train_prompts.py``'s flags);
     keyword arguments of the same names override its fields.
 
     Models may be plain or already prepared by ``strategy``; unprepared ones are prepared here. ``critic`` is
@@ -228,7 +227,7 @@ class PPOTrainer:
 
         self.policy_loss_fn = POLICY_LOSSES[cfg.policy_loss]
         self.value_loss_fn = ValueLoss(cfg.value_clip)
-        self.ptx_loss_fn = PtxLoss()
+        self.ptx_loss_fn = GPTLMLoss()
         self.ptx_coef = cfg.ptx_coef
         self.vf_coef = cfg.vf_coef
         self.num_episodes = cfg.num_episodes

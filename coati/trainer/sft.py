@@ -7,6 +7,7 @@ import torch
 
 from ..dataset.packing import model_inputs
 from ..models.loss import GPTLMLoss
+from ..utils import IGNORE_INDEX
 from ..utils.flops import DecoderShape
 from .base import SupervisedTrainer
 
@@ -27,7 +28,7 @@ class SFTTrainer(SupervisedTrainer):
 
     @staticmethod
     def count_units(batch: dict[str, Any]) -> torch.Tensor:
-        return (batch["labels"][:, 1:] != -100).sum()
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def model_flops(self, batch: dict[str, Any]) -> float:
         if self._shape is None:
@@ -45,7 +46,7 @@ class SFTTrainer(SupervisedTrainer):
         total = torch.zeros((), device=self.strategy.device)
         count = torch.zeros((), device=self.strategy.device)
         for batch, keep in self.eval_batches():
-            batch["labels"] = batch["labels"].masked_fill(~keep[:, None], -100)  # repeats count no tokens
+            batch["labels"] = batch["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)  # repeats count no tokens
             with self.strategy.autocast():
                 loss_sum, n, _ = self.compute_loss(batch)
             total += loss_sum.float()

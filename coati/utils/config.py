@@ -3,7 +3,7 @@
 A config is a dataclass whose fields are declared with :func:`option` (default, help text, choices, Coati
 aliases, flag group). :func:`add_config_args` turns it into argparse flags, so the default and the help
 live in one place; the trainer takes the same dataclass; README's flag tables are generated from the
-parser (``coati.utils.flag_table``).
+parser (``tools/flag_table.py``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,40 @@ import types
 import typing
 from typing import Any, Sequence
 
-from .cli import BoolFlag
+
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off"}
+
+
+def str2bool(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+class BoolFlag(argparse.Action):
+    """``--x`` / ``--x true`` / ``--x false`` / ``--no-x``."""
+
+    def __init__(self, option_strings, dest, default=False, help=None, **kwargs):
+        opts = list(option_strings)
+        for opt in option_strings:
+            if opt.startswith("--"):
+                opts.append("--no-" + opt[2:])
+        super().__init__(opts, dest, nargs="?", const=None, default=default, help=help, metavar="BOOL")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+        else:
+            try:
+                setattr(namespace, self.dest, True if values is None else str2bool(values))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"{option_string}: {e}")
 
 
 def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, aliases: Sequence[str] = (),

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from . import IGNORE_INDEX
+
 # dense bf16 tensor-core peak, TFLOP/s, by the marketing name torch.cuda.get_device_name() contains
 # (the SXM parts; the first match wins, so the PCIe / NVL variants come first)
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -96,7 +98,7 @@ def batch_sample_lengths(batch: dict[str, Any]) -> list[int]:
 
 def head_positions(batch: dict[str, Any]) -> int:
     """Positions whose next token is a label: where coati runs the LM head."""
-    return int(batch["labels"][:, 1:].ne(-100).sum())
+    return int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:

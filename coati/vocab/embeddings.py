@@ -64,12 +64,13 @@ def save_extended_model(source_model_dir: str | Path, target_tokenizer_dir: str 
     checkpoint's own dtype) and the target tokenizer to ``target_model_dir``; returns (old, new) vocab sizes."""
     from transformers import AutoModelForCausalLM
 
-    from ..models.base import _dtype_kwargs, checkpoint_dtype
+    from ..models.base import checkpoint_dtype
+    from ..models.dtypes import dtype_kwargs
     from .tokenizer import load_source_tokenizer
 
     source = load_source_tokenizer(source_model_dir)
     target = load_source_tokenizer(target_tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(source_model_dir), **_dtype_kwargs(torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(str(source_model_dir), **dtype_kwargs(torch.float32))
     init_new_embeddings(model, source, target)
     model.to(checkpoint_dtype(source_model_dir))
     model.save_pretrained(str(target_model_dir))

@@ -14,7 +14,7 @@ import torch
 
 from coati.eval import evaluate_mc, format_table, load_mc_items
 from coati.models import Actor
-from coati.utils import cli
+from coati import cli
 from coati.utils.tokenizer import load_tokenizer
 
 

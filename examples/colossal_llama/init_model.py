@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from coati.utils import cli
+from coati import cli
 from coati.vocab import save_extended_model
 
 logger = logging.getLogger("coati")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from coati.utils import cli
+from coati import cli
 from coati.vocab import extend_tokenizer, load_source_tokenizer, read_pieces
 
 logger = logging.getLogger("coati")

@@ -11,7 +11,7 @@ import argparse
 import logging
 
 from coati.dataset import load_records
-from coati.utils import cli
+from coati import cli
 from coati.vocab import corpus_texts, load_source_tokenizer, pieces_from_corpus, write_pieces
 
 logger = logging.getLogger("coati")

@@ -14,7 +14,7 @@ import argparse
 import logging
 
 from coati.dataset.spliced import encode_by_category, load_dirs, write_bins
-from coati.utils import cli
+from coati import cli
 from coati.vocab import load_source_tokenizer
 
 logger = logging.getLogger("coati")

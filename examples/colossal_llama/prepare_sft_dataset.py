@@ -17,7 +17,7 @@ from prepare_pretrain_dataset import add_prepare_args  # noqa: E402
 
 from coati.dataset import SFTDataset  # noqa: E402
 from coati.dataset.spliced import record_category, load_dirs, write_bins  # noqa: E402
-from coati.utils import cli  # noqa: E402
+from coati import cli  # noqa: E402
 from coati.vocab import load_source_tokenizer  # noqa: E402
 
 logger = logging.getLogger("coati")

@@ -31,7 +31,7 @@ from coati.trainer import SFTTrainer
 from coati.trainer.base import latest_checkpoint, resolve_resume
 from coati.trainer.strategies import make_strategy
 from coati.trainer.strategies.base import StrategyUnavailableError
-from coati.utils import cli
+from coati import cli
 from coati.utils.tokenizer import load_tokenizer
 
 logger = logging.getLogger("coati")

@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ...models.dtypes import to_dtype
 from .base import StrategyUnavailableError, atomic_dir
 from .ddp import DistributedStrategy
 
 PLUGIN_NAMES = ("colossalai_zero2", "colossalai_zero2_cpu", "colossalai_gemini")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def check_available(name: str) -> None:
@@ -105,7 +105,7 @@ class ColossalAIStrategy(DistributedStrategy):
 
     @property
     def _compute_dtype(self) -> torch.dtype:
-        return _DTYPES[self.precision]
+        return to_dtype(self.precision)
 
     # ----- models and optimisation --------------------------------------------------------------------
     def prepare_model(self, model: nn.Module, trainable: bool = True) -> nn.Module:

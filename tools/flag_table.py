@@ -1,6 +1,6 @@
 """README flag tables generated from the scripts' parsers, so ``--help`` and README.md cannot drift apart.
 
-``python -m coati.utils.flag_table`` prints the "Script flags" tables; ``--check README.md`` exits 1 when
+``python tools/flag_table.py`` prints the "Script flags" tables; ``--check README.md`` exits 1 when
 README.md differs from them (the test suite runs that check); ``--write README.md`` rewrites them in place.
 """
 from __future__ import annotations
@@ -10,14 +10,14 @@ import importlib.util
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("examples/train_sft.py", "examples/train_reward_model.py", "examples/train_dpo.py",
            "examples/train_prompts.py")
 
 
 def _parser(script: str) -> argparse.ArgumentParser:
     if script == "python -m coati.pipeline":
-        from ..pipeline.run import build_parser
+        from coati.pipeline.run import build_parser
 
         return build_parser()
     path = ROOT / script

@@ -3,7 +3,7 @@
 ``examples/train_prompts.py`` makes its flags from :class:`RLConfig` (``add_config_args``), PPOTrainer and
 ExperienceMaker take it (their keyword arguments of the same names override its fields), and README's flag
 table is generated from the parser. Algorithm fields default to None: :meth:`RLConfig.resolve` fills them
-from the ``--algo`` preset (``coati.algos.PRESETS``), so an explicit flag always wins over the preset.
+from the ``--algo`` preset (:data:`coati.rl.presets.PRESETS`), so an explicit flag always wins over the preset.
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..algos import (ADV_ESTIMATORS, AGG_MODES, KL_ESTIMATORS, KL_LOSS_GRADIENT, POLICY_LOSSES, PRESET_FIELDS, PRESETS,
-                     BudgetShare)
+from .advantages import ADV_ESTIMATORS
+from .kl import KL_ESTIMATORS, KL_LOSS_GRADIENT
+from .losses import AGG_MODES, POLICY_LOSSES
+from .presets import PRESET_FIELDS, PRESETS, BudgetShare
 from ..errors import UsageError
 from ..utils.config import option
 

@@ -14,48 +14,14 @@ import sys
 import time
 from typing import Any, Callable
 
-from ..errors import UsageError, UserError
-from ..models.base import FROZEN_DTYPES
-from ..models.families import FAMILIES
+from .errors import UsageError, UserError
+from .models.base import FROZEN_DTYPES
+from .models.families import FAMILIES
+from .utils.config import BoolFlag  # noqa: F401  (scripts use cli.BoolFlag)
 
 # How long a rank other than 0 waits, after a user error, for torchrun to stop it once rank 0 has reported the
 # same error and exited; past it, rank 0 did not fail and this rank reports its own error.
 RANK0_GRACE_S = 10.0
-
-_TRUE = {"1", "true", "yes", "y", "on"}
-_FALSE = {"0", "false", "no", "n", "off"}
-
-
-def str2bool(value: str) -> bool:
-    v = str(value).strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
-class BoolFlag(argparse.Action):
-    """``--x`` / ``--x true`` / ``--x false`` / ``--no-x``."""
-
-    def __init__(self, option_strings, dest, default=False, help=None, **kwargs):
-        opts = list(option_strings)
-        for opt in option_strings:
-            if opt.startswith("--"):
-                opts.append("--no-" + opt[2:])
-        super().__init__(opts, dest, nargs="?", const=None, default=default, help=help, metavar="BOOL")
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if option_string.startswith("--no-"):
-            if values is not None:
-                parser.error(f"{option_string} takes no value")
-            setattr(namespace, self.dest, False)
-        else:
-            try:
-                setattr(namespace, self.dest, True if values is None else str2bool(values))
-            except argparse.ArgumentTypeError as e:
-                parser.error(f"{option_string}: {e}")
-
 
 def make_parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -144,7 +110,7 @@ def strategy_names() -> list[str]:
 
 
 def lora_settings(args: argparse.Namespace):
-    from ..models.lora import LoraSettings
+    from .models.lora import LoraSettings
 
     targets = args.lora_target_modules
     if targets is not None:  # "q_proj v_proj" and "q_proj,v_proj" both work
@@ -158,7 +124,7 @@ def lora_settings(args: argparse.Namespace):
 def quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``from_pretrained`` keywords for --quant, after refusing combinations that cannot work (no LoRA, a
     sharding strategy) before any weights load."""
-    from ..models.quant import check_quant_lora, check_strategy_support
+    from .models.quant import check_quant_lora, check_strategy_support
 
     quant = getattr(args, "quant", None)
     if quant is None:
@@ -178,7 +144,7 @@ def add_empty_records_arg(group: argparse._ArgumentGroup) -> None:
 
 
 def strategy_from_args(args: argparse.Namespace, **extra: Any):
-    from ..trainer.strategies import make_strategy
+    from .trainer.strategies import make_strategy
 
     kwargs = dict(seed=args.seed, mixed_precision=args.mixed_precision, grad_clip=args.grad_clip)
     for name in ("zero_stage", "cpu_offload", "placement_policy"):
@@ -227,7 +193,7 @@ def positive_float(value: str) -> float:
 
 
 def add_neftune_args(group: argparse._ArgumentGroup) -> None:
-    from ..models.neftune import DEFAULT_NEFTUNE_ALPHA
+    from .models.neftune import DEFAULT_NEFTUNE_ALPHA
 
     group.add_argument("--use_neft", action=BoolFlag, default=False,
                        help="NEFTune: uniform noise of scale alpha / sqrt(seq_len * hidden) on the input "
@@ -239,7 +205,7 @@ def add_neftune_args(group: argparse._ArgumentGroup) -> None:
 def neftune_from_args(model: Any, args: argparse.Namespace) -> None:
     """Attach NEFTune to ``model`` when ``--use_neft`` is on (before the strategy wraps it)."""
     if args.use_neft:
-        from ..models.neftune import enable_neftune
+        from .models.neftune import enable_neftune
 
         enable_neftune(model, args.neftune_noise_alpha)
 
@@ -283,8 +249,8 @@ def add_batching_args(group: argparse._ArgumentGroup) -> None:
 def packing_from_args(args: argparse.Namespace, stage_packs: bool = True, stage: str = "") -> bool:
     """Resolve ``--packing`` for ``--pretrain``'s architecture before any model loads (``stage_packs=False``:
     the stage's batches cannot be packed, e.g. KTO)."""
-    from ..models.base import checkpoint_model_type
-    from ..models.families import resolve_packing
+    from .models.base import checkpoint_model_type
+    from .models.families import resolve_packing
 
     if not stage_packs:
         if args.packing is True:
@@ -295,6 +261,6 @@ def packing_from_args(args: argparse.Namespace, stage_packs: bool = True, stage:
 
 def group_lengths(args: argparse.Namespace, dataset: Any) -> list[int] | None:
     """Per-sample lengths for ``setup_dataloader(lengths=...)`` under ``--group_by_length``, else None."""
-    from ..dataset.packing import sample_lengths
+    from .dataset.packing import sample_lengths
 
     return sample_lengths(dataset) if args.group_by_length else None

@@ -7,12 +7,13 @@ Flag names follow Coati's so its documented commands run unchanged. Boolean flag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import UsageError, UserError
 from .models.base import FROZEN_DTYPES
@@ -106,7 +107,9 @@ def add_logging_args(p: argparse.ArgumentParser, *, default_log_interval: int = 
 
 
 def strategy_names() -> list[str]:
-    return ["naive", "ddp", "fsdp", "colossalai_zero2", "colossalai_zero2_cpu", "colossalai_gemini"]
+    from .trainer.strategies import STRATEGIES
+
+    return list(STRATEGIES)
 
 
 def lora_settings(args: argparse.Namespace):
@@ -129,11 +132,9 @@ def quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     quant = getattr(args, "quant", None)
     if quant is None:
         return {}
-    try:
+    with flag_errors():
         check_quant_lora(quant, lora_settings(args))
         check_strategy_support(args.strategy, quant=quant)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
     return {"quant": quant, "quant_compute_dtype": args.quant_compute_dtype}
 
 
@@ -151,9 +152,17 @@ def strategy_from_args(args: argparse.Namespace, **extra: Any):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     kwargs.update(extra)
-    try:
+    with flag_errors():  # the strategy refuses a flag value or combination
         return make_strategy(args.strategy, **kwargs)
-    except ValueError as err:  # the strategy refuses a flag value or combination
+
+
+@contextlib.contextmanager
+def flag_errors() -> Iterator[None]:
+    """Library code says ``ValueError`` when given values that cannot work together; at the script edge those
+    values are the user's flags: one ``error:`` line (UsageError), no traceback."""
+    try:
+        yield
+    except ValueError as err:
         raise UsageError(str(err)) from None
 
 

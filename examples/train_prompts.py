@@ -176,10 +176,8 @@ def build_models(args: argparse.Namespace) -> tuple[Actor, Critic | None, Reward
     lora = cli.lora_settings(args)
     quant = cli.quant_kwargs(args)
     if args.share_critic_reward_base:
-        try:
+        with cli.flag_errors():
             check_strategy_support(args.strategy, share_base=True)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
     hf = dict(trust_remote_code=args.trust_remote_code, frozen_dtype=args.frozen_dtype)
     actor = Actor.from_pretrained(args.pretrain, family=args.model, lora=lora,
                                   grad_checkpoint=args.grad_checkpoint, **hf, **quant)
@@ -232,12 +230,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     rl_config(args)  # and a bad --algo combination
     strategy = cli.strategy_from_args(args)
     cli.setup_logging(strategy.is_rank0())
-    try:
+    with cli.flag_errors():
         strategy.check_ppo(args.offload_ref_reward)
         if args.lora_rank > 0:  # the reference policy is the actor's base with its adapter off
             check_ppo_train_bias(args.lora_train_bias)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
 

@@ -24,7 +24,8 @@ SAMPLE_FIELDS = ("group",)
 
 @dataclass
 class Experience:
-    """A batch of rollouts. ``info`` holds per-sample scalars (shape (batch,)) for logging only."""
+    """A batch of rollouts. ``info`` holds per-sample scalars (shape (batch,)) for logging only, ``timings`` the
+    seconds the experience maker's stages took (kept by select / to, not by split / collate)."""
 
     sequences: torch.Tensor  # (B, T) prompt (left padded) + response (right padded)
     attention_mask: torch.Tensor  # (B, T) 1 on prompt tokens and valid response tokens
@@ -36,6 +37,7 @@ class Experience:
     ref_log_probs: torch.Tensor | None = None  # (B, A) log pi_ref, for a KL loss term
     group: torch.Tensor | None = None  # (B,) id of the prompt each sample answers
     info: dict[str, torch.Tensor] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds each stage of making it took
 
     @property
     def num_actions(self) -> int:
@@ -46,8 +48,9 @@ class Experience:
         return self.sequences.size(0)
 
     def _map(self, fn) -> "Experience":
-        kw = {f.name: _opt(fn, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "info"}
-        return Experience(**kw, info={k: fn(v) for k, v in self.info.items()})
+        kw = {f.name: _opt(fn, getattr(self, f.name)) for f in dataclasses.fields(self)
+              if f.name not in ("info", "timings")}
+        return Experience(**kw, info={k: fn(v) for k, v in self.info.items()}, timings=dict(self.timings))
 
     def select(self, index: torch.Tensor) -> "Experience":
         """The samples at ``index`` (a 1-d index or boolean tensor)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -32,12 +33,14 @@ from coati.models.utils import masked_mean
 from coati.rewards import RewardFn, call_reward_fn
 from coati.rl import (ADV_ESTIMATORS, FixedKLController, RLConfig, compute_reward, kl_clamped_share, make_config,
                       make_kl_controller, overlong_penalty)
-from coati.rollout import HFRolloutEngine, RolloutEngine, sampling_temperature
+from coati.rollout import HFRolloutEngine, Rollout, RolloutEngine
 
 logger = logging.getLogger("coati")
 
 # PromptCollator fields that are not per-sample extras for a reward function.
 _BATCH_KEYS = ("input_ids", "attention_mask", "prompts")
+# Generation settings that are RLConfig fields: the log-probs depend on them, so generate_kwargs cannot set them.
+_SAMPLING_FIELDS = {"do_sample", "temperature", "top_k", "top_p", "max_new_tokens"}
 
 
 class RunningMoments:
@@ -92,6 +95,28 @@ def _repeat_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class Scored:
+    """What :meth:`ExperienceMaker.score` returns: ``score`` (B,) from the reward model or function, the critic's
+    ``values`` (B, A) and the reference's ``ref_log_probs`` (B, A), each None where the algorithm has no use."""
+
+    score: torch.Tensor
+    values: torch.Tensor | None
+    ref_log_probs: torch.Tensor | None
+
+
+@dataclass
+class Shaped:
+    """What :meth:`ExperienceMaker.shape` returns: the per-token ``token_rewards`` (B, A), the sequence-level
+    ``seq_reward`` (B,) the group estimators read, DAPO's ``overlong_penalty`` (B,) when on, and the KL
+    coefficient applied in the reward (0 when the KL is not there)."""
+
+    token_rewards: torch.Tensor
+    seq_reward: torch.Tensor
+    overlong_penalty: torch.Tensor | None
+    kl_coef: float
+
+
 class ExperienceMaker:
     """Builds experiences for PPO and the critic-free methods.
 
@@ -104,7 +129,7 @@ class ExperienceMaker:
     :class:`~coati.rl.RLConfig`) holds the settings; keyword arguments override its fields.
     ``kl_ctl`` holds the KL coefficient (default: made from the config; a float makes a fixed controller).
     ``engine`` generates (a :class:`~coati.rollout.RolloutEngine`; default :class:`~coati.rollout.HFRolloutEngine`
-    on the unwrapped actor); ``timings["generate"]`` is its time, scoring the old log-probs included.
+    on the unwrapped actor).
     ``old_log_probs=False`` skips the no-grad actor forward that scores the sampled tokens (experiences carry
     ``action_log_probs=None``): exact only when the update's forward runs the very weights that sampled, which
     PPOTrainer decides; refused when the KL is in the reward or adaptive (both need those log-probs here).
@@ -144,29 +169,33 @@ class ExperienceMaker:
             kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.kl_ctl = kl_ctl if isinstance(kl_ctl, FixedKLController) else FixedKLController(kl_ctl)
         self.reward_stats = RunningMoments(strategy)
-        self.offload_ref_reward = cfg.offload_ref_reward
         self.strategy = strategy
-        self.max_new_tokens = cfg.max_new_tokens
-        self.max_seq_len = cfg.max_seq_len
+        clash = sorted(set(generate_kwargs or {}) & _SAMPLING_FIELDS)
+        if clash:
+            raise ValueError(f"generate_kwargs {clash}: sampling settings are config fields (RLConfig), so every "
+                             f"log-prob is taken under the distribution sampled")
         self.sampling = {"do_sample": cfg.do_sample, **(generate_kwargs or {})}
         if cfg.do_sample:
             self.sampling.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-        # log-probs are those of the sampled distribution (greedy decoding has none; score at 1)
-        self.temperature = sampling_temperature(self.sampling)
+        self.temperature = cfg.scoring_temperature  # log-probs are those of the sampled distribution
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.engine = engine if engine is not None else HFRolloutEngine(
             self._unwrap(actor), eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
             autocast=self._autocast)
-        self.timings: dict[str, float] = {"generate": 0.0, "make_experience": 0.0}
-        self.groups_made = 0  # prompts seen by this process: the next group id
+        self.groups_made = 0  # prompts made into experience by this process: the next group id
         self._warned_len = False
         if cfg.uses_reference:
             self._check_reference()
-        self.old_log_probs = old_log_probs
-        if not old_log_probs and cfg.uses_reference and (cfg.kl_placement == "reward" or cfg.target_kl is not None):
+        self.score_old_log_probs(old_log_probs)
+
+    def score_old_log_probs(self, enabled: bool) -> None:
+        """Whether :meth:`generate` scores the sampled tokens' log-probs (see ``old_log_probs``)."""
+        cfg = self.config
+        if not enabled and cfg.uses_reference and (cfg.kl_placement == "reward" or cfg.target_kl is not None):
             raise ValueError("old_log_probs=False: a KL penalty in the reward or an adaptive KL needs the old "
                              "log-probs while making experience")
+        self.old_log_probs = enabled
 
     # ----- helpers ------------------------------------------------------------------------------------
     def _unwrap(self, model: nn.Module | None) -> nn.Module | None:
@@ -188,7 +217,7 @@ class ExperienceMaker:
     @contextlib.contextmanager
     def _on_device(self, model: nn.Module | None) -> Iterator[None]:
         """With ``offload_ref_reward``, bring a CPU-resident frozen model to the device for one use."""
-        if model is None or not self.offload_ref_reward or self.device.type == "cpu":
+        if model is None or not self.config.offload_ref_reward or self.device.type == "cpu":
             yield
             return
         model.to(self.device)
@@ -206,12 +235,12 @@ class ExperienceMaker:
         return self.strategy.autocast() if self.strategy is not None else contextlib.nullcontext()
 
     def _generation_kwargs(self, prompt_width: int) -> dict[str, Any]:
-        new_tokens = self.max_new_tokens
+        new_tokens, max_seq_len = self.config.max_new_tokens, self.config.max_seq_len
         if new_tokens is None:
-            new_tokens = self.max_seq_len - prompt_width
+            new_tokens = max_seq_len - prompt_width
             if new_tokens < 1 and not self._warned_len:
                 logger.warning("max_seq_len %d leaves no room after a %d-token prompt batch; generating 1 token "
-                               "(raise --max_seq_len or set --max_new_tokens)", self.max_seq_len, prompt_width)
+                               "(raise --max_seq_len or set --max_new_tokens)", max_seq_len, prompt_width)
                 self._warned_len = True
             new_tokens = max(1, new_tokens)
         return {**self.sampling, "max_new_tokens": new_tokens}
@@ -256,9 +285,10 @@ class ExperienceMaker:
         with actor.disable_adapter(), self._autocast():
             return actor(sequences, attention_mask, num_actions=num_actions, temperature=self.temperature)
 
-    # ----- the experience -------------------------------------------------------------------------------
+    # ----- the stages: generate -> score -> shape -> advantages ----------------------------------------------
     def _group_ids(self, num_prompts: int, device: torch.device) -> torch.Tensor:
-        """One id per prompt, unique over the run and over processes, repeated for its samples."""
+        """One id per prompt, unique over the run and over processes (``groups_made``, saved in
+        :meth:`state_dict`, counts this process's prompts), repeated for its samples."""
         rank, world = (self.strategy.rank, self.strategy.world_size) if self.strategy is not None else (0, 1)
         ids = (torch.arange(num_prompts, device=device) + self.groups_made) * world + rank
         self.groups_made += num_prompts
@@ -269,106 +299,150 @@ class ExperienceMaker:
             return None
         return lambda t: self.strategy.all_reduce(t, op="sum")
 
-    @torch.no_grad()
-    def make_experience(self, batch: dict[str, Any]) -> Experience:
-        """``batch`` is a PromptCollator batch (left-padded ``input_ids``, ``attention_mask``, ``prompts``,
-        extras) on any device; each prompt yields ``n_samples_per_prompt`` samples of one group."""
-        cfg = self.config
-        actor, critic = self._unwrap(self.actor), self._unwrap(self.critic)
-        was_training = actor.training, critic.training if critic is not None else False
-        actor.eval()
-        if critic is not None:
-            critic.eval()
-        device = self.device
-        group = self._group_ids(batch["input_ids"].size(0), device)
-        batch = _repeat_batch(batch, cfg.n_samples_per_prompt)
-        input_ids = batch["input_ids"].to(device)
-        prompt_mask = batch["attention_mask"].to(device)
-
-        t0 = time.perf_counter()
+    def generate(self, batch: dict[str, Any]) -> Rollout:
+        """Sample the responses of a (repeated) prompt batch and, unless the update scores them itself, their
+        log-probs under the actor."""
+        input_ids = batch["input_ids"].to(self.device)
+        prompt_mask = batch["attention_mask"].to(self.device)
         with self._inference(self.actor):  # one gather of the actor for generating and scoring
-            gen_kwargs = self._generation_kwargs(input_ids.size(1))
-            rollout = self.engine.generate(input_ids, prompt_mask, gen_kwargs, return_log_probs=self.old_log_probs)
-        t1 = time.perf_counter()
-        sequences, attention_mask, action_mask = rollout.sequences, rollout.attention_mask, rollout.action_mask
-        log_probs = rollout.log_probs
-        num_actions = action_mask.size(1)
-        values = None
-        if critic is not None:
-            with self._inference(self.critic), self._autocast():
-                values = critic(sequences, attention_mask, num_actions=num_actions).float()
-        ref_log_probs = None
-        if cfg.uses_reference:
-            ref_log_probs = self._ref_log_probs(sequences, attention_mask, num_actions).float()
-        score = self._sequence_reward(batch, sequences, attention_mask, action_mask)
-        mask = action_mask.float()
-        lengths = mask.sum(-1)
+            return self.engine.generate(input_ids, prompt_mask, self._generation_kwargs(input_ids.size(1)),
+                                        return_log_probs=self.old_log_probs)
 
-        reward = score
-        penalty = None
-        if cfg.overlong_buffer_len:  # against the configured budget, never this batch's prompt width
-            penalty = overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer_len,
+    @torch.no_grad()
+    def score(self, batch: dict[str, Any], rollout: Rollout) -> Scored:
+        """What the frozen models say about a rollout: each sequence's score (reward model or function), the
+        critic's values and the reference log-probs, where the algorithm uses them."""
+        sequences, attention_mask, num_actions = rollout.sequences, rollout.attention_mask, rollout.num_actions
+        values = ref_log_probs = None
+        if self.critic is not None:
+            with self._inference(self.critic), self._autocast():
+                values = self._unwrap(self.critic)(sequences, attention_mask, num_actions=num_actions).float()
+            values = values * rollout.action_mask.float()
+        if self.config.uses_reference:
+            ref_log_probs = self._ref_log_probs(sequences, attention_mask, num_actions).float()
+        score = self._sequence_reward(batch, sequences, attention_mask, rollout.action_mask)
+        return Scored(score, values, ref_log_probs)
+
+    @torch.no_grad()
+    def shape(self, rollout: Rollout, scored: Scored) -> Shaped:
+        """From scores to rewards: DAPO's overlong penalty (against the configured budget, never a batch's
+        width), reward normalisation, the KL penalty in the reward, the sequence reward on the last token."""
+        cfg, action_mask = self.config, rollout.action_mask
+        reward, penalty = scored.score, None
+        if cfg.overlong_buffer_len:
+            penalty = overlong_penalty(action_mask.float().sum(-1), cfg.max_new_tokens, cfg.overlong_buffer_len,
                                        cfg.overlong_penalty_factor)
             reward = reward + penalty
         if cfg.normalize_reward:
             self.reward_stats.update(reward)
             reward = (reward - self.reward_stats.mean) / (self.reward_stats.std + 1e-8)
-        kl_coef = self.kl_ctl.value if cfg.kl_placement == "reward" and ref_log_probs is not None else 0.0
+        kl_coef = self.kl_ctl.value if cfg.kl_placement == "reward" and scored.ref_log_probs is not None else 0.0
         if kl_coef:
-            rewards = compute_reward(reward, kl_coef, log_probs, ref_log_probs, action_mask,
-                                     reward_clip=cfg.reward_clip, kl_estimator=cfg.kl_estimator)
-        else:  # the same numbers without a KL term: the sequence reward on the last valid token
-            no_kl = torch.zeros_like(mask)
-            rewards = compute_reward(reward, 0.0, no_kl, no_kl, action_mask, reward_clip=cfg.reward_clip)
-        seq_reward = reward if cfg.reward_clip is None else reward.clamp(-cfg.reward_clip, cfg.reward_clip)
-        if kl_coef:
+            token_rewards = compute_reward(reward, kl_coef, rollout.log_probs, scored.ref_log_probs, action_mask,
+                                           reward_clip=cfg.reward_clip, kl_estimator=cfg.kl_estimator)
             # a KL penalty in the reward reaches the sequence-level estimators too (RLOO's r - beta * KL, as
             # TRL's RLOOTrainer does): the score minus kl_coef x the response's summed KL
-            seq_reward = rewards.sum(-1)
-        if values is not None:
-            values = values * mask
-        advantages, returns = ADV_ESTIMATORS[cfg.adv_estimator](
-            token_rewards=rewards, values=values, mask=action_mask, scores=seq_reward, group=group,
-            gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages, reduce_sum=self._reduce_sum())
+            seq_reward = token_rewards.sum(-1)
+        else:  # the same numbers without a KL term: the sequence reward on the last valid token
+            no_kl = torch.zeros_like(action_mask, dtype=torch.float32)
+            token_rewards = compute_reward(reward, 0.0, no_kl, no_kl, action_mask, reward_clip=cfg.reward_clip)
+            seq_reward = reward if cfg.reward_clip is None else reward.clamp(-cfg.reward_clip, cfg.reward_clip)
+        return Shaped(token_rewards, seq_reward, penalty, kl_coef)
 
+    @torch.no_grad()
+    def advantages(self, rollout: Rollout, scored: Scored, shaped: Shaped,
+                   group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(advantages, returns)`` of the configured estimator (:data:`coati.rl.ADV_ESTIMATORS`)."""
+        cfg = self.config
+        return ADV_ESTIMATORS[cfg.adv_estimator](
+            token_rewards=shaped.token_rewards, values=scored.values, mask=rollout.action_mask,
+            scores=shaped.seq_reward, group=group, gamma=cfg.gamma, lam=cfg.lam,
+            whiten_advantages=cfg.whiten_advantages, reduce_sum=self._reduce_sum())
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Actor and critic in eval mode while making experience, back to what they were after."""
+        models = [m for m in (self._unwrap(self.actor), self._unwrap(self.critic)) if m is not None]
+        was_training = [m.training for m in models]
+        for m in models:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, mode in zip(models, was_training):
+                m.train(mode)
+
+    @torch.no_grad()
+    def make_experience(self, batch: dict[str, Any]) -> Experience:
+        """``batch`` is a PromptCollator batch (left-padded ``input_ids``, ``attention_mask``, ``prompts``,
+        extras) on any device; each prompt yields ``n_samples_per_prompt`` samples of one group. The stages'
+        seconds come back in ``Experience.timings`` (``generate``: sampling and the old log-probs;
+        ``make_experience``: scoring, shaping and advantages)."""
+        group = self._group_ids(batch["input_ids"].size(0), self.device)
+        batch = _repeat_batch(batch, self.config.n_samples_per_prompt)
+        with self._eval_mode():
+            t0 = time.perf_counter()
+            rollout = self.generate(batch)
+            t1 = time.perf_counter()
+            scored = self.score(batch, rollout)
+            shaped = self.shape(rollout, scored)
+            advantages, returns = self.advantages(rollout, scored, shaped, group)
+        return self._experience(rollout, scored, shaped, advantages, returns, group,
+                                timings={"generate": t1 - t0, "make_experience": time.perf_counter() - t1})
+
+    def _experience(self, rollout: Rollout, scored: Scored, shaped: Shaped, advantages: torch.Tensor,
+                    returns: torch.Tensor, group: torch.Tensor, timings: dict[str, float]) -> Experience:
+        """The experience and its per-sample logging ``info`` (see PPOTrainer's metric names)."""
+        cfg, action_mask, log_probs, ref = self.config, rollout.action_mask, rollout.log_probs, scored.ref_log_probs
+        mask = action_mask.float()
+        prompt_width = rollout.sequences.size(1) - rollout.num_actions
         info = {
             "group": group,
-            "score": score,
-            "reward": rewards.sum(-1),
+            "score": scored.score,
+            "reward": shaped.token_rewards.sum(-1),
             "advantage": masked_mean(advantages, action_mask, dim=-1),
-            "response_length": lengths,
-            "prompt_length": prompt_mask.float().sum(-1),
-            "response_clipped": self._no_eos(sequences[:, -num_actions:], action_mask),
+            "response_length": mask.sum(-1),
+            "prompt_length": rollout.attention_mask[:, :prompt_width].float().sum(-1),
+            "response_clipped": self._no_eos(rollout.sequences[:, prompt_width:], action_mask),
         }
-        if ref_log_probs is not None and log_probs is not None:
-            log_ratio = (log_probs - ref_log_probs) * mask
+        if ref is not None and log_probs is not None:
+            log_ratio = (log_probs - ref) * mask
             info["kl"] = masked_mean(log_ratio, action_mask, dim=-1)
             info["kl_seq"] = log_ratio.sum(-1)
-        if kl_coef:
-            info["kl_clamped"] = kl_clamped_share(log_probs, ref_log_probs, cfg.kl_estimator, action_mask, dim=-1)
-        if values is not None:
+        if shaped.kl_coef:
+            info["kl_clamped"] = kl_clamped_share(log_probs, ref, cfg.kl_estimator, action_mask, dim=-1)
+        if scored.values is not None:
             info["return"] = masked_mean(returns, action_mask, dim=-1)
-            info["value"] = masked_mean(values, action_mask, dim=-1)
-        if penalty is not None:
-            info["overlong_penalty"] = penalty
-        actor.train(was_training[0])
-        if critic is not None:
-            critic.train(was_training[1])
-        self.timings["generate"] += t1 - t0
-        self.timings["make_experience"] += time.perf_counter() - t1
-        keep_ref = ref_log_probs is not None and cfg.kl_placement == "loss"
+            info["value"] = masked_mean(scored.values, action_mask, dim=-1)
+        if shaped.overlong_penalty is not None:
+            info["overlong_penalty"] = shaped.overlong_penalty
+        keep_ref = ref is not None and cfg.kl_placement == "loss"
         return Experience(
-            sequences=sequences,
-            attention_mask=attention_mask,
+            sequences=rollout.sequences,
+            attention_mask=rollout.attention_mask,
             action_mask=action_mask,
             action_log_probs=log_probs * mask if log_probs is not None else None,
-            values=values,
-            returns=returns if values is not None else None,
+            values=scored.values,
+            returns=returns if scored.values is not None else None,
             advantages=advantages,
-            ref_log_probs=ref_log_probs * mask if keep_ref else None,
+            ref_log_probs=ref * mask if keep_ref else None,
             group=group,
             info=info,
+            timings=timings,
         )
+
+    # ----- state ------------------------------------------------------------------------------------------
+    def update_weights(self, actor: nn.Module) -> None:
+        """The next rollouts' policy: hand the trained actor to the rollout engine."""
+        self.engine.update_weights(self._unwrap(actor))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly: the running reward statistics and the group count."""
+        return {"reward_stats": self.reward_stats.state_dict(), "groups_made": self.groups_made}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reward_stats.load_state_dict(state["reward_stats"])
+        self.groups_made = state["groups_made"]
 
 
 def load_reward_fn(spec: str) -> RewardFn:

@@ -43,6 +43,7 @@ from ..errors import UsageError
 from ..models import Actor, Critic, RewardModel, packing_attention
 from ..models.base import checkpoint_model_type
 from ..models.families import resolve_packing
+from ..plot import plot_run_if_possible
 from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
 from ..trainer.strategies import NaiveStrategy
 from ..utils.config import BoolFlag
@@ -457,6 +458,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["total"] = time.perf_counter() - t_start
     summary.update(timings_s=timings, models=models, data={k: str(v) for k, v in files.items()},
                    threads=torch.get_num_threads(), args={k: v for k, v in vars(args).items()})
+    summary["curves"] = plot_run_if_possible(out, summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"summary: {out / 'summary.json'} (total {timings['total']:.0f} s on {torch.get_num_threads()} "
           f"thread(s))", flush=True)

@@ -27,9 +27,10 @@ def _preset(help: str, name: str) -> str:
 A, P, S, M, D = "algorithm", "PPO", "sampling", "memory", "data"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RLConfig:
-    """Stage-3 hyper-parameters; field names are the script's flag names."""
+    """Stage-3 hyper-parameters; field names are the script's flag names. Frozen: :meth:`resolve` makes the one
+    resolved config a run reads (``resolved`` is True on it; replacing a field gives an unresolved copy)."""
 
     # algorithm: --algo fills the fields left None
     algo: str = option("ppo", "algorithm preset: fills the algorithm flags left unset (README: Algorithms)",
@@ -134,7 +135,19 @@ class RLConfig:
                                  f"generation budget): set --max_new_tokens (or --overlong_buffer_len 0 to turn it off)")
             cfg = dataclasses.replace(cfg, overlong_buffer_len=cfg.overlong_buffer_len.tokens(cfg.max_new_tokens))
         cfg._check()
+        object.__setattr__(cfg, "_resolved", True)
         return cfg
+
+    @property
+    def resolved(self) -> bool:
+        """Made by :meth:`resolve`: presets applied, combinations checked."""
+        return getattr(self, "_resolved", False)
+
+    @property
+    def scoring_temperature(self) -> float:
+        """The temperature of the distribution rollouts sample from, under which every log-prob PPO uses is
+        taken: ``temperature`` when sampling, 1 for greedy decoding (which has none)."""
+        return self.temperature if self.do_sample else 1.0
 
     def _check(self) -> None:
         """One line per combination that cannot do what it says (UsageError)."""
@@ -177,8 +190,11 @@ class RLConfig:
 
 
 def make_config(config: RLConfig | None = None, **overrides: Any) -> RLConfig:
-    """``config`` (default: the dataclass defaults) with keyword overrides, resolved. Unknown names raise
-    TypeError, as a wrong keyword argument would."""
+    """``config`` (default: the dataclass defaults) with keyword overrides, resolved; a resolved config without
+    overrides is returned as it is, so a run resolves once. Unknown names raise TypeError, as a wrong keyword
+    argument would."""
+    if config is not None and config.resolved and not overrides:
+        return config
     names = {f.name for f in dataclasses.fields(RLConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:

@@ -17,6 +17,10 @@ class Rollout:
     action_mask: torch.Tensor  # 1 on response tokens up to and including the first EOS
     log_probs: torch.Tensor | None = None  # (B, A) float32 log-probs of the sampled tokens; None unless asked
 
+    @property
+    def num_actions(self) -> int:
+        return self.action_mask.size(1)
+
 
 @runtime_checkable
 class RolloutEngine(Protocol):

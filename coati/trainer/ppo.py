@@ -44,6 +44,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -92,6 +93,22 @@ _ON_POLICY_TOL = {None: 1e-3, "bf16": 5e-2, "fp16": 5e-2}
 # Rollout dump when --rollout_log_interval is unset: every episode of the first 10, then every 10th.
 _DUMP_FIRST, _DUMP_EVERY = 10, 10
 _WITH_STD = ("score", "reward", "response_length")
+
+
+@dataclass
+class _Collected:
+    """What one episode's collection generated: every sample's info (on CPU), the token count and the experience
+    maker's stage timings, summed."""
+
+    infos: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    tokens: float = 0.0
+    timings: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "make_experience": 0.0})
+
+    def add(self, exp: Experience) -> None:
+        self.infos.append({k: v.detach().cpu() for k, v in exp.info.items()})
+        self.tokens += float(exp.attention_mask.sum())
+        for k, v in exp.timings.items():
+            self.timings[k] = self.timings.get(k, 0.0) + v
 
 
 class _Cycle:
@@ -174,35 +191,11 @@ class PPOTrainer:
         run_config: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> None:
-        cfg = self.config = make_config(config, **overrides)
+        cfg = self.config = make_config(config, **overrides)  # the one resolution of this run's config
         strategy.check_ppo(cfg.offload_ref_reward)
-        if cfg.needs_critic and critic is None:
-            raise ValueError(f"adv_estimator {cfg.adv_estimator!r} learns from a critic's values: pass a critic")
-        if not cfg.needs_critic and critic is not None:
-            raise ValueError(f"adv_estimator {cfg.adv_estimator!r} uses no critic: pass critic=None")
         self.strategy = strategy
         self.tokenizer = tokenizer
-        plain_actor = strategy.unwrap(actor)
-        _check_frozen_bases(plain_actor, strategy.unwrap(critic) if critic is not None else None, initial_model,
-                            reward_model, cfg.uses_reference)
-        for model in (actor, critic, initial_model, reward_model):
-            if model is not None:
-                # old log-probs and values are scored without gradients, the update runs in train mode:
-                # with dropout they would be two different functions (TRL and OpenRLHF do the same)
-                disable_dropout(strategy.unwrap(model))
-        if not cfg.uses_reference:
-            initial_model = None  # no KL term: no reference pass
-        elif initial_model is None and not getattr(plain_actor, "lora_enabled", False):
-            # Full fine-tuning needs a frozen copy of the starting policy as the KL reference.
-            initial_model = copy.deepcopy(plain_actor)
-        self.actor = self._prepare(actor, trainable=True)
-        self.critic = self._prepare(critic, trainable=True)
-        self.initial_model = self._prepare(initial_model, trainable=False)
-        self.reward_model = self._prepare(reward_model, trainable=False)
-        if cfg.offload_ref_reward:
-            for m in (self.initial_model, self.reward_model):
-                if m is not None:
-                    m.to("cpu")
+        self._prepare_models(actor, critic, reward_model, initial_model)
         actor_optim = actor_optim or make_adamw(
             (p for p in self.actor.parameters() if p.requires_grad), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # Strategies that wrap a model together with its optimizer (ColossalAI's Booster) do it here; the
@@ -222,21 +215,9 @@ class PPOTrainer:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.buffer = ReplayBuffer(pad_token_id=pad_id, cpu_offload=cfg.buffer_cpu_offload, limit=cfg.buffer_limit)
         self.actor_scheduler = self.critic_scheduler = None
-        self.lr_scheduler = cfg.lr_scheduler
-        self.warmup_ratio = cfg.warmup_ratio
-
         self.policy_loss_fn = POLICY_LOSSES[cfg.policy_loss]
         self.value_loss_fn = ValueLoss(cfg.value_clip)
         self.ptx_loss_fn = GPTLMLoss()
-        self.ptx_coef = cfg.ptx_coef
-        self.vf_coef = cfg.vf_coef
-        self.num_episodes = cfg.num_episodes
-        self.num_collect_steps = cfg.num_collect_steps
-        self.num_update_steps = cfg.num_update_steps
-        self.max_epochs = cfg.max_epochs
-        self.train_batch_size = cfg.train_batch_size
-        self.accumulation_steps = max(1, cfg.accumulation_steps)
-        self.log_entropy = cfg.log_entropy
 
         self.save_path = save_path
         self.save_interval = save_interval
@@ -253,6 +234,36 @@ class PPOTrainer:
         self._prompts: _Cycle | None = None
         self._pretrain: _Cycle | None = None
 
+    def _prepare_models(self, actor: nn.Module, critic: nn.Module | None, reward_model: nn.Module | None,
+                        initial_model: nn.Module | None) -> None:
+        """Check, de-dropout and prepare the four models; make the reference a frozen copy of the actor where the
+        KL needs one and LoRA's disabled adapter cannot be it."""
+        cfg, strategy = self.config, self.strategy
+        if cfg.needs_critic and critic is None:
+            raise ValueError(f"adv_estimator {cfg.adv_estimator!r} learns from a critic's values: pass a critic")
+        if not cfg.needs_critic and critic is not None:
+            raise ValueError(f"adv_estimator {cfg.adv_estimator!r} uses no critic: pass critic=None")
+        plain_actor = strategy.unwrap(actor)
+        _check_frozen_bases(plain_actor, strategy.unwrap(critic) if critic is not None else None, initial_model,
+                            reward_model, cfg.uses_reference)
+        for model in (actor, critic, initial_model, reward_model):
+            if model is not None:
+                # old log-probs and values are scored without gradients, the update runs in train mode:
+                # with dropout they would be two different functions (TRL and OpenRLHF do the same)
+                disable_dropout(strategy.unwrap(model))
+        if not cfg.uses_reference:
+            initial_model = None  # no KL term: no reference pass
+        elif initial_model is None and not getattr(plain_actor, "lora_enabled", False):
+            initial_model = copy.deepcopy(plain_actor)  # full fine-tuning: a frozen copy of the starting policy
+        self.actor = self._prepare(actor, trainable=True)
+        self.critic = self._prepare(critic, trainable=True)
+        self.initial_model = self._prepare(initial_model, trainable=False)
+        self.reward_model = self._prepare(reward_model, trainable=False)
+        if cfg.offload_ref_reward:
+            for m in (self.initial_model, self.reward_model):
+                if m is not None:
+                    m.to("cpu")
+
     def _prepare(self, model: nn.Module | None, trainable: bool) -> nn.Module | None:
         if model is None:
             return None
@@ -260,12 +271,16 @@ class PPOTrainer:
             return model  # already wrapped by the strategy
         return self.strategy.prepare_model(model, trainable=trainable)
 
+    @property
+    def _accumulation(self) -> int:
+        return max(1, self.config.accumulation_steps)
+
     # ----- schedules ---------------------------------------------------------------------------------
     def _steps_for(self, samples: int) -> int:
         """Optimizer steps of an update phase over ``samples`` buffered samples: each of the ``num_update_steps
         x max_epochs`` passes steps once per ``accumulation_steps`` micro-batches (the last group may be short)."""
-        micro = math.ceil(samples / self.train_batch_size)
-        return math.ceil(micro / self.accumulation_steps) * self.num_update_steps * self.max_epochs
+        micro = math.ceil(samples / self.config.train_batch_size)
+        return math.ceil(micro / self._accumulation) * self.config.num_update_steps * self.config.max_epochs
 
     def _planned_optimizer_steps(self, prompt_loader: DataLoader) -> list[int]:
         """The optimizer steps each episode is planned to take, which the LR schedules span. Each episode
@@ -277,13 +292,13 @@ class PPOTrainer:
         batches = [size] * (n // size) + ([n % size] if n % size and not prompt_loader.drop_last else [])
         per_prompt = self.config.n_samples_per_prompt
         plan = []
-        for episode in range(self.num_episodes):
-            first = episode * self.num_collect_steps
+        for episode in range(self.config.num_episodes):
+            first = episode * self.config.num_collect_steps
             if self.config.dynamic_sampling:
-                samples = self.num_collect_steps * size * per_prompt
+                samples = self.config.num_collect_steps * size * per_prompt
             else:
                 samples = per_prompt * sum(batches[i % len(batches)]
-                                           for i in range(first, first + self.num_collect_steps))
+                                           for i in range(first, first + self.config.num_collect_steps))
             if self.buffer.limit > 0:
                 samples = min(samples, self.buffer.limit)
             plan.append(self._steps_for(samples))
@@ -297,26 +312,27 @@ class PPOTrainer:
         model, see __init__). The experience maker still needs them for a KL penalty in the reward or an
         adaptive KL."""
         cfg = self.config
-        if self.num_update_steps * self.max_epochs != 1:
+        if self.config.num_update_steps * self.config.max_epochs != 1:
             return False
         if cfg.uses_reference and (cfg.kl_placement == "reward" or cfg.target_kl is not None):
             return False
-        samples = self.num_collect_steps * (prompt_loader.batch_size or 1) * cfg.n_samples_per_prompt  # the most
+        samples = self.config.num_collect_steps * (prompt_loader.batch_size or 1) * cfg.n_samples_per_prompt  # the most
         if self.buffer.limit > 0:
             samples = min(samples, self.buffer.limit)
-        return math.ceil(samples / self.train_batch_size) <= self.accumulation_steps
+        return math.ceil(samples / self.config.train_batch_size) <= self._accumulation
 
     def _build_schedulers(self, prompt_loader: DataLoader) -> None:
         self._plan = self._planned_optimizer_steps(prompt_loader)
         for name in ("actor", "critic") if self.critic is not None else ("actor",):
             optim = self.strategy.base_optimizer(getattr(self, f"{name}_optim"))
-            sched = LambdaLR(optim, LRSchedule(sum(self._plan), self.warmup_ratio, self.lr_scheduler))
+            sched = LambdaLR(optim, LRSchedule(sum(self._plan), self.config.warmup_ratio, self.config.lr_scheduler))
             setattr(self, f"{name}_scheduler", sched)
 
     def _correct_schedule(self) -> None:
         """After collecting: when the buffer gives this episode fewer (or more) optimizer steps than planned
         (dynamic sampling stopped at its round cap), the schedules' length changes by the difference, so they
-        end with the run's last step; the next step's learning rate follows at once."""
+        end with the run's last step; the learning rate of the step about to be taken follows at once. The
+        rate stays a function of the steps taken: ``LRSchedule(total)`` at ``last_epoch``."""
         diff = self._steps_for(len(self.buffer)) - self._plan[self.episode]
         if diff == 0:
             return
@@ -325,18 +341,15 @@ class PPOTrainer:
                 continue
             plan = sched.lr_lambdas[0]
             plan.total += diff
-            sched._last_lr = []
             for group, base_lr in zip(sched.optimizer.param_groups, sched.base_lrs):
                 group["lr"] = base_lr * plan(sched.last_epoch)
-                sched._last_lr.append(group["lr"])
 
     # ----- checkpoint / resume -----------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         state = {
             "episode": self.episode, "optim_step": self.optim_step, "history": self.history,
             "kl_ctl": self.kl_ctl.state_dict(),
-            "reward_stats": self.experience_maker.reward_stats.state_dict(),
-            "groups_made": self.experience_maker.groups_made,  # group ids stay unique across a resume
+            "experience_maker": self.experience_maker.state_dict(),
             "actor_scheduler": self.actor_scheduler.state_dict(),
             "prompts": self._prompts.state_dict() if self._prompts else None,
             "pretrain": self._pretrain.state_dict() if self._pretrain else None,
@@ -376,8 +389,8 @@ class PPOTrainer:
         if self.critic is not None:
             self.critic_scheduler.load_state_dict(state["critic_scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.experience_maker.reward_stats.load_state_dict(state["reward_stats"])
-        self.experience_maker.groups_made = state.get("groups_made", 0)
+        self.experience_maker.load_state_dict(state.get("experience_maker") or  # checkpoints before it had one
+                                              {"reward_stats": state["reward_stats"], "groups_made": 0})
         self.episode = state["episode"]
         self.optim_step = state["optim_step"]
         self.history = state.get("history", [])
@@ -437,10 +450,10 @@ class PPOTrainer:
 
     def _actor_step(self, group: list[Experience]) -> dict[str, float]:
         strategy, actor = self.strategy, self.actor
-        use_ptx = self._pretrain is not None and self.ptx_coef != 0
-        temperature = self.experience_maker.temperature
+        use_ptx = self._pretrain is not None and self.config.ptx_coef != 0
+        temperature = self.config.scoring_temperature  # the distribution sampled, as the experience maker scored it
         sums: dict[str, float] = {}
-        if self.log_entropy:
+        if self.config.log_entropy:
             sums["actor/entropy"] = 0.0
         if use_ptx:
             sums["actor/ptx_loss"] = 0.0
@@ -453,8 +466,8 @@ class PPOTrainer:
                 with strategy.autocast():
                     # the sampled distribution, as the experience maker scored it (entropy is of it too)
                     log_probs = actor(exp.sequences, attention_mask=exp.attention_mask, num_actions=num_actions,
-                                      temperature=temperature, entropy=self.log_entropy)
-                    if self.log_entropy:
+                                      temperature=temperature, entropy=self.config.log_entropy)
+                    if self.config.log_entropy:
                         log_probs, entropy = log_probs
                         sums["actor/entropy"] += seq_weight * float(
                             masked_mean(entropy, exp.action_mask, dim=-1).mean())
@@ -472,7 +485,7 @@ class PPOTrainer:
                         ptx_log_probs = actor(batch["input_ids"], labels=batch["labels"], reduction="sum",
                                               **model_inputs(batch))
                     ptx_loss = self.ptx_loss_fn.from_log_probs(ptx_log_probs, batch["labels"])
-                    strategy.backward(ptx_loss * (self.ptx_coef / len(group)), actor, self.actor_optim)
+                    strategy.backward(ptx_loss * (self.config.ptx_coef / len(group)), actor, self.actor_optim)
                 sums["actor/ptx_loss"] += float(ptx_loss.detach()) / len(group)
         sums["actor/grad_norm"] = strategy.optimizer_step(self.actor_optim, actor, self.actor_scheduler)
         sums["actor/lr"] = self.actor_scheduler.get_last_lr()[0]
@@ -486,7 +499,7 @@ class PPOTrainer:
                 with strategy.autocast():
                     values = critic(exp.sequences, attention_mask=exp.attention_mask, num_actions=exp.num_actions)
                 vf_loss, vf_metrics = self.value_loss_fn(values, exp.values, exp.returns, exp.action_mask)
-                strategy.backward(vf_loss * (self.vf_coef * weight), critic, self.critic_optim)
+                strategy.backward(vf_loss * (self.config.vf_coef * weight), critic, self.critic_optim)
             sums["critic/vf_loss"] += weight * float(vf_loss.detach())
             sums["critic/vf_clipfrac"] += weight * float(vf_metrics["clip_frac"])
         sums["critic/grad_norm"] = strategy.optimizer_step(self.critic_optim, critic, self.critic_scheduler)
@@ -494,19 +507,23 @@ class PPOTrainer:
         return sums
 
     def _update_phase(self, timings: dict[str, float]) -> list[dict[str, float]]:
+        """``num_update_steps x max_epochs`` shuffled passes over the buffer; returns each optimizer step's
+        metrics and adds the seconds spent training to ``timings``."""
+        timings["train_actor"] = 0.0
         self.actor.train()
         if self.critic is not None:
+            timings["train_critic"] = 0.0
             self.critic.train()
         step_metrics = []
         device = self.strategy.device
-        for update in range(self.num_update_steps * self.max_epochs):
+        for update in range(self.config.num_update_steps * self.config.max_epochs):
             gen = torch.Generator().manual_seed(self.strategy.seed * 100003 + self.episode * 1009 + update)
-            batches = self.buffer.micro_batches(self.train_batch_size, shuffle=True, generator=gen)
+            batches = self.buffer.micro_batches(self.config.train_batch_size, shuffle=True, generator=gen)
             group: list[Experience] = []
             pending = list(batches)
             for j, exp in enumerate(pending):
                 group.append(exp.to(device))
-                if len(group) < self.accumulation_steps and j < len(pending) - 1:
+                if len(group) < self._accumulation and j < len(pending) - 1:
                     continue
                 t0 = time.perf_counter()
                 metrics = self._actor_step(group)
@@ -634,42 +651,45 @@ class PPOTrainer:
                 for part in gathered:
                     f.writelines(json.dumps(rec) + "\n" for rec in part)
 
-    def _experience(self, global_batch: int) -> tuple[Experience, dict[str, torch.Tensor], float]:
-        """One prompt batch made into experience; the adaptive KL controller sees its KL."""
+    def _experience(self, prompts_per_batch: int, collected: _Collected) -> Experience:
+        """One prompt batch made into experience and counted in ``collected``; the rollout dump and the adaptive KL
+        controller see it."""
         exp = self.experience_maker.make_experience(self._prompts.next())
         if self._dumps_rollouts(self.episode + 1):
             self._dump_rollouts(exp)
         if "kl_seq" in exp.info:
             kl_seq = float(self.strategy.all_reduce(exp.info["kl_seq"].float().mean(), op="mean"))
-            self.kl_ctl.update(kl_seq, global_batch)
-        return exp, {k: v.detach().cpu() for k, v in exp.info.items()}, float(exp.attention_mask.sum())
+            self.kl_ctl.update(kl_seq, prompts_per_batch * self.strategy.world_size * self.config.n_samples_per_prompt)
+        collected.add(exp)
+        return exp
 
-    def _collect(self, prompts_per_batch: int, global_batch: int) -> tuple[list[dict[str, torch.Tensor]], float,
-                                                                           dict[str, float]]:
+    def _collect(self, prompts_per_batch: int) -> tuple[list[dict[str, torch.Tensor]], float, dict[str, float],
+                                                        dict[str, float]]:
         """Fill the buffer for one episode. Returns the experiences' info (every generated sample), their token
-        count and, with dynamic sampling, its metrics."""
-        infos, tokens = [], 0.0
+        count, the stages' timings and, with dynamic sampling, its metrics; the LR schedules then follow the
+        optimizer steps the buffer gives."""
+        collected = _Collected()
+        sampling = {}
         if not self.config.dynamic_sampling:
-            for _ in range(self.num_collect_steps):
-                exp, info, n_tokens = self._experience(global_batch)
-                infos.append(info)
-                tokens += n_tokens
-                self.buffer.append(exp)
-                del exp
-            return infos, tokens, {}
-        # DAPO dynamic sampling: keep groups whose rewards differ until the episode holds its number of groups.
-        # Every process runs the same number of generation rounds (sharded models generate collectively): go on
-        # while any process still needs groups, up to max_sampling_rounds per prompt batch.
+            for _ in range(self.config.num_collect_steps):
+                self.buffer.append(self._experience(prompts_per_batch, collected))
+        else:
+            sampling = self._collect_dynamic(prompts_per_batch, collected)
+        self._correct_schedule()
+        return collected.infos, collected.tokens, collected.timings, sampling
+
+    def _collect_dynamic(self, prompts_per_batch: int, collected: _Collected) -> dict[str, float]:
+        """DAPO dynamic sampling: keep groups whose rewards differ until the episode holds its number of groups.
+        Every process runs the same number of generation rounds (sharded models generate collectively): go on
+        while any process still needs groups, up to max_sampling_rounds per prompt batch."""
         strategy, n = self.strategy, self.config.n_samples_per_prompt
-        target = self.num_collect_steps * prompts_per_batch
+        target = self.config.num_collect_steps * prompts_per_batch
         kept = generated = rounds = 0
-        while rounds < self.num_collect_steps * self.config.max_sampling_rounds:
+        while rounds < self.config.num_collect_steps * self.config.max_sampling_rounds:
             if float(strategy.all_reduce(torch.tensor(float(kept < target)), op="max")) == 0:
                 break
-            exp, info, n_tokens = self._experience(global_batch)
+            exp = self._experience(prompts_per_batch, collected)
             rounds += 1
-            infos.append(info)
-            tokens += n_tokens
             scores = exp.info["score"].reshape(-1, n)
             informative = (scores != scores[:, :1]).any(-1)
             generated += informative.numel()
@@ -678,65 +698,38 @@ class PPOTrainer:
                 rows = (groups.unsqueeze(-1) * n + torch.arange(n, device=groups.device)).flatten()
                 self.buffer.append(exp.select(rows))
                 kept += len(groups)
-            del exp
         # the same number of samples on every process, so every process takes the same optimizer steps
         least = int(strategy.all_reduce(torch.tensor(float(kept)), op="min"))
         del self.buffer.items[least * n:]
         totals = strategy.all_reduce(torch.tensor([float(generated), float(least), float(rounds)],
                                                   dtype=torch.float64), op="sum").cpu()
         dropped = 1.0 - float(totals[1]) / max(float(totals[0]), 1.0)
-        return infos, tokens, {"sampling/dropped_group_share": dropped,
-                               "sampling/generation_rounds": float(totals[2]) / strategy.world_size}
+        return {"sampling/dropped_group_share": dropped,
+                "sampling/generation_rounds": float(totals[2]) / strategy.world_size}
 
     # ----- main loop ----------------------------------------------------------------------------------
     def fit(self, prompt_dataloader: DataLoader, pretrain_dataloader: DataLoader | None = None, *,
             num_episodes: int | None = None, num_collect_steps: int | None = None,
             num_update_steps: int | None = None, resume_from: str | os.PathLike | None = None,
             ) -> list[dict[str, float]]:
-        """Run PPO; returns one metrics dict per episode. Loop sizes given here override the constructor's
-        (Coati's ``fit`` signature)."""
-        if num_episodes is not None:
-            self.num_episodes = num_episodes
-        if num_collect_steps is not None:
-            self.num_collect_steps = num_collect_steps
-        if num_update_steps is not None:
-            self.num_update_steps = num_update_steps
-        self._prompts = _Cycle(prompt_dataloader)
-        self._pretrain = _Cycle(pretrain_dataloader) if pretrain_dataloader is not None else None
-        self._build_schedulers(prompt_dataloader)
-        self.experience_maker.old_log_probs = not self._reuses_update_log_probs(prompt_dataloader)
-        # models are built (identically on every rank): from here each rank samples its own rollouts; a
-        # resumed run restores every rank's stream from its checkpoint
-        self.strategy.set_sampling_seed()
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-        self._trim_rollouts()
-
-        strategy = self.strategy
-        global_batch = (prompt_dataloader.batch_size or 1) * strategy.world_size * self.config.n_samples_per_prompt
-        bar = tqdm(total=self.num_episodes, initial=self.episode, desc="ppo", disable=not strategy.is_rank0(),
-                   dynamic_ncols=True)
-        while self.episode < self.num_episodes:
+        """Run the loop; returns one metrics dict per episode. Each episode: collect -> update -> log ->
+        checkpoint. Loop sizes given here are inputs to the config (Coati's ``fit`` signature)."""
+        sizes = {k: v for k, v in (("num_episodes", num_episodes), ("num_collect_steps", num_collect_steps),
+                                   ("num_update_steps", num_update_steps)) if v is not None}
+        if sizes:
+            self.config = self.experience_maker.config = make_config(self.config, **sizes)
+        self._start(prompt_dataloader, pretrain_dataloader, resume_from)
+        bar = tqdm(total=self.config.num_episodes, initial=self.episode, desc="ppo",
+                   disable=not self.strategy.is_rank0(), dynamic_ncols=True)
+        while self.episode < self.config.num_episodes:
             t_start = time.perf_counter()
-            self.experience_maker.timings = {"generate": 0.0, "make_experience": 0.0}
-            infos, tokens, sampling = self._collect(prompt_dataloader.batch_size or 1, global_batch)
-            self._correct_schedule()
-            timings = {**self.experience_maker.timings, "train_actor": 0.0}
-            if self.critic is not None:
-                timings["train_critic"] = 0.0
+            infos, tokens, timings, sampling = self._collect(prompt_dataloader.batch_size or 1)
             step_metrics = self._update_phase(timings)
-            self.experience_maker.engine.update_weights(strategy.unwrap(self.actor))  # the next rollouts' policy
+            self.experience_maker.update_weights(self.actor)  # the next rollouts' policy
             self.buffer.clear()
             self.episode += 1
             timings["step"] = time.perf_counter() - t_start
-            metrics = {**self._episode_metrics(infos, tokens, step_metrics, timings), **sampling}
-            self.history.append({"step": self.episode, **metrics})
-            bar.update(1)
-            kl = metrics.get("actor/reward_kl_penalty", metrics.get("actor/kl_loss"))  # the KL the run uses
-            bar.set_postfix(score=f"{metrics.get('critic/score/mean', float('nan')):.3f}",
-                            **({"kl": f"{kl:.4f}"} if kl is not None else {}))
-            if self.episode % self.log_interval == 0 or self.episode == self.num_episodes:
-                self.metrics.log(self.episode, metrics, prefix="ppo")
+            self._log(bar, {**self._episode_metrics(infos, tokens, step_metrics, timings), **sampling})
             if self.save_path and self.save_interval and self.episode % self.save_interval == 0:
                 self.save_checkpoint()
         bar.close()
@@ -744,3 +737,26 @@ class PPOTrainer:
             self.save_model(self.save_path)
         self.metrics.close()
         return self.history
+
+    def _start(self, prompt_loader: DataLoader, pretrain_loader: DataLoader | None,
+               resume_from: str | os.PathLike | None) -> None:
+        """Data cycles, LR schedules, whether collection scores old log-probs, sampling seeds, a resumed state."""
+        self._prompts = _Cycle(prompt_loader)
+        self._pretrain = _Cycle(pretrain_loader) if pretrain_loader is not None else None
+        self._build_schedulers(prompt_loader)
+        self.experience_maker.score_old_log_probs(not self._reuses_update_log_probs(prompt_loader))
+        # models are built (identically on every rank): from here each rank samples its own rollouts; a
+        # resumed run restores every rank's stream from its checkpoint
+        self.strategy.set_sampling_seed()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self._trim_rollouts()
+
+    def _log(self, bar: tqdm, metrics: dict[str, float]) -> None:
+        self.history.append({"step": self.episode, **metrics})
+        bar.update(1)
+        kl = metrics.get("actor/reward_kl_penalty", metrics.get("actor/kl_loss"))  # the KL the run uses
+        bar.set_postfix(score=f"{metrics.get('critic/score/mean', float('nan')):.3f}",
+                        **({"kl": f"{kl:.4f}"} if kl is not None else {}))
+        if self.episode % self.log_interval == 0 or self.episode == self.config.num_episodes:
+            self.metrics.log(self.episode, metrics, prefix="ppo")

@@ -156,11 +156,9 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     cli.setup_logging()
     kind = checkpoint_kind(args.load_checkpoint)
     name, strategy_kwargs = resolve_strategy(args)
-    try:
+    with cli.flag_errors():
         strategy = make_strategy(name, seed=args.seed, mixed_precision=args.mixed_precision,
                                  grad_clip=args.gradient_clipping, **strategy_kwargs)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
     cli.setup_logging(strategy.is_rank0())
     if strategy.is_rank0():
         logger.info("arguments recorded in %s", write_config(args, name, strategy_kwargs))

@@ -1,9 +1,8 @@
 """Pluggable strategies: naive, ddp, fsdp (torch FSDP2), colossalai_* (optional extra)."""
 from __future__ import annotations
 
-from .base import Strategy
+from .base import NaiveStrategy, Strategy
 from .ddp import DDPStrategy
-from .naive import NaiveStrategy
 
 STRATEGIES = ("naive", "ddp", "fsdp", "colossalai_zero2", "colossalai_zero2_cpu", "colossalai_gemini")
 

@@ -348,3 +348,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(dest)
         os.replace(entry, dest)
     tmp.rmdir()
+
+
+class NaiveStrategy(Strategy):
+    """One process on CPU or one GPU: the base Strategy as it is."""

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from .errors import UsageError, UserError
-from .models.base import FROZEN_DTYPES
+from .models.loading import FROZEN_DTYPES
 from .models.families import FAMILIES
 from .utils.config import BoolFlag  # noqa: F401  (scripts use cli.BoolFlag)
 
@@ -258,7 +258,7 @@ def add_batching_args(group: argparse._ArgumentGroup) -> None:
 def packing_from_args(args: argparse.Namespace, stage_packs: bool = True, stage: str = "") -> bool:
     """Resolve ``--packing`` for ``--pretrain``'s architecture before any model loads (``stage_packs=False``:
     the stage's batches cannot be packed, e.g. KTO)."""
-    from .models.base import checkpoint_model_type
+    from .models.loading import checkpoint_model_type
     from .models.families import resolve_packing
 
     if not stage_packs:

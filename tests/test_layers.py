@@ -69,3 +69,15 @@ def test_a_cycle_and_an_upward_import_are_caught(tmp_path, monkeypatch):
     proc = subprocess.run([lint], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(tmp_path), "PATH": str(Path(sys.executable).parent)})
     assert proc.returncode == 1 and "layered.low -> layered.high" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_no_function_in_coati_is_longer_than_80_lines():
+    """A function that long does several things: name them as functions of their own."""
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "coati").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == []

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from coati.models import Actor, Critic, LoraSettings, RewardModel
-from coati.models.base import resolve_frozen_dtype
+from coati.models.loading import resolve_frozen_dtype
 from coati.trainer import SFTTrainer
 from coati.trainer.strategies import NaiveStrategy
 from tests import tiny

@@ -115,42 +115,27 @@ class _SlotStreamingResponse(StreamingResponse):
                 self._release()
 
 
-def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
-    """The FastAPI app; its lifespan starts and stops the engine thread."""
-    from contextlib import asynccontextmanager
+class _API:
+    """The OpenAI-compatible endpoints over one :class:`BatchingEngine`: key check, request parsing, sampling
+    limits, admission (``max_concurrent`` requests in flight, else 429) and the response shapes."""
 
-    tokenizer = engine.generator.tokenizer
-    max_model_len = engine.generator.max_model_len
-    state = {"in_flight": 0}
-    names = {config.model_name, *config.aliases}
+    def __init__(self, engine: BatchingEngine, config: ServerConfig) -> None:
+        self.engine, self.config = engine, config
+        self.tokenizer = engine.generator.tokenizer
+        self.max_model_len = engine.generator.max_model_len
+        self.in_flight = 0
+        self.names = {config.model_name, *config.aliases}
 
-    @asynccontextmanager
-    async def lifespan(app):
-        engine.start()
-        yield
-        engine.stop()
-
-    app = FastAPI(title="coati inference server", lifespan=lifespan)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), kind).response()
-
-    def check_key(request: Request) -> None:
-        if config.api_key is None:
+    def check_key(self, request: Request) -> None:
+        if self.config.api_key is None:
             return
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+        if not hmac.compare_digest(given.encode(), self.config.api_key.encode()):
             raise APIError(401, "Incorrect API key provided.", "authentication_error", code="invalid_api_key")
 
-    async def parse(request: Request, shape: type[BaseModel]):
-        check_key(request)
+    async def parse(self, request: Request, shape: type[BaseModel]):
+        self.check_key(request)
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -162,16 +147,17 @@ def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
         except ValidationError as err:
             msg, param = _validation_message(err)
             raise APIError(400, msg, param=param, code="invalid_value") from None
-        if req.model is not None and req.model not in names:
+        if req.model is not None and req.model not in self.names:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves "
-                                f"`{config.model_name}`.", "not_found_error", "model", "model_not_found")
+                                f"`{self.config.model_name}`.", "not_found_error", "model", "model_not_found")
         if req.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
         if getattr(req, "logprobs", None):
             raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
         return req
 
-    def sampling(req: _Sampling, prompt_len: int, max_tokens: int | None, default: int) -> SamplingParams:
+    def sampling(self, req: _Sampling, prompt_len: int, max_tokens: int | None, default: int) -> SamplingParams:
+        config, max_model_len = self.config, self.max_model_len
         room = config.max_tokens_limit
         if max_model_len:
             room = min(room, max_model_len - prompt_len)
@@ -192,61 +178,57 @@ def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
                               top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
                               stop=tuple(s for s in stop if s), seed=req.seed, ignore_eos=req.ignore_eos)
 
-    def admit() -> None:
-        if state["in_flight"] >= config.max_concurrent:
-            raise APIError(429, f"server busy: {config.max_concurrent} requests already in flight; retry "
+    def admit(self) -> None:
+        if self.in_flight >= self.config.max_concurrent:
+            raise APIError(429, f"server busy: {self.config.max_concurrent} requests already in flight; retry "
                                 "later", "rate_limit_error", code="too_many_requests")
-        state["in_flight"] += 1
+        self.in_flight += 1
 
-    def usage(outs: list[Completion]) -> dict[str, int]:
-        p, c = sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    def release(self) -> None:
+        self.in_flight -= 1
 
-    def sse(obj: Any) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    async def run_stream(prompt, params, make_chunk, include_usage: bool) -> AsyncIterator[str]:
+    async def run_stream(self, prompt, params, make_chunk, include_usage: bool) -> AsyncIterator[str]:
         try:
             head = make_chunk(None, None, first=True)
             if head is not None:
-                yield sse(head)
-            async for item in engine.stream(prompt, params):
+                yield _sse(head)
+            async for item in self.engine.stream(prompt, params):
                 if isinstance(item, Completion):
-                    yield sse(make_chunk(None, item.finish_reason))
+                    yield _sse(make_chunk(None, item.finish_reason))
                     if include_usage:
-                        yield sse(make_chunk(None, None, usage=usage([item])))
+                        yield _sse(make_chunk(None, None, usage=_usage([item])))
                 elif item:
-                    yield sse(make_chunk(item, None))
+                    yield _sse(make_chunk(item, None))
             yield "data: [DONE]\n\n"
         except Exception as err:  # headers are sent already: report in-band, as OpenAI does
-            yield sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
+            yield _sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
 
-    def release() -> None:
-        state["in_flight"] -= 1
+    def stream_response(self, prompt, params, chunk, req) -> StreamingResponse:
+        include = bool((req.stream_options or {}).get("include_usage"))
+        return _SlotStreamingResponse(self.run_stream(prompt, params, chunk, include), self.release,
+                                      media_type="text/event-stream")
 
-    @app.get("/health")
-    async def health():
-        s = engine.stats
-        return {"status": "ok", "model": config.model_name, "in_flight": state["in_flight"],
+    # ----- endpoints ----------------------------------------------------------------------------------
+    async def health(self):
+        s = self.engine.stats
+        return {"status": "ok", "model": self.config.model_name, "in_flight": self.in_flight,
                 "queued": s.queued, "requests": s.requests, "batches": s.batches, "max_batch": s.max_batch}
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request)
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model",
-                                             "created": config.created, "owned_by": "coati"}]}
+    async def models(self, request: Request):
+        self.check_key(request)
+        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model",
+                                             "created": self.config.created, "owned_by": "coati"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        req: ChatRequest = await parse(request, ChatRequest)
+    async def chat(self, request: Request):
+        req: ChatRequest = await self.parse(request, ChatRequest)
         try:
-            prompt = encode_chat([m.plain() for m in req.messages], tokenizer, config.prompt_template)
+            prompt = encode_chat([m.plain() for m in req.messages], self.tokenizer, self.config.prompt_template)
         except ValueError as err:
             raise APIError(400, f"cannot render messages: {err}", param="messages") from None
-        params = sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens,
-                          config.max_tokens_limit)
-        rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model or config.model_name
-        admit()
+        params = self.sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens,
+                               self.config.max_tokens_limit)
+        rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model or self.config.model_name
+        self.admit()
         if req.stream:
             def chunk(text, finish, first=False, usage=None):
                 base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name}
@@ -256,40 +238,26 @@ def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
                 return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                              "finish_reason": finish}]}
 
-            include = bool((req.stream_options or {}).get("include_usage"))
-            return _SlotStreamingResponse(run_stream(prompt, params, chunk, include), release,
-                                          media_type="text/event-stream")
+            return self.stream_response(prompt, params, chunk, req)
         try:
-            out = await engine.complete(prompt, params)
+            out = await self.engine.complete(prompt, params)
         finally:
-            release()
+            self.release()
         return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                              "logprobs": None, "finish_reason": out.finish_reason}],
-                "usage": usage([out])}
+                "usage": _usage([out])}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req: CompletionRequest = await parse(request, CompletionRequest)
+    async def completions(self, request: Request):
+        req: CompletionRequest = await self.parse(request, CompletionRequest)
         if req.echo:
             raise APIError(400, "echo is not supported", param="echo", code="unsupported_value")
-        raw = req.prompt
-        if isinstance(raw, str) or (raw and all(isinstance(t, int) for t in raw)):
-            raw = [raw]
-        if not raw:
-            raise APIError(400, "prompt is empty", param="prompt")
-        prompts = [encode_text(tokenizer, p) if isinstance(p, str) else list(p) for p in raw]
-        vocab = len(tokenizer)
-        for p in prompts:
-            if not p:
-                raise APIError(400, "prompt is empty", param="prompt")
-            if any(t < 0 or t >= vocab for t in p):
-                raise APIError(400, "prompt token id out of the vocabulary", param="prompt")
-        params = [sampling(req, len(p), req.max_tokens, config.default_completion_tokens) for p in prompts]
+        prompts = self._completion_prompts(req.prompt)
+        params = [self.sampling(req, len(p), req.max_tokens, self.config.default_completion_tokens) for p in prompts]
         if req.stream and len(prompts) > 1:
             raise APIError(400, "streaming supports one prompt per request", param="prompt")
-        rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model or config.model_name
-        admit()
+        rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model or self.config.model_name
+        self.admit()
         if req.stream:
             def chunk(text, finish, first=False, usage=None):
                 base = {"id": rid, "object": "text_completion", "created": created, "model": name}
@@ -300,16 +268,66 @@ def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
                 return {**base, "choices": [{"index": 0, "text": text or "", "logprobs": None,
                                              "finish_reason": finish}]}
 
-            include = bool((req.stream_options or {}).get("include_usage"))
-            return _SlotStreamingResponse(run_stream(prompts[0], params[0], chunk, include), release,
-                                          media_type="text/event-stream")
+            return self.stream_response(prompts[0], params[0], chunk, req)
         try:
-            outs = await asyncio.gather(*(engine.complete(p, sp) for p, sp in zip(prompts, params)))
+            outs = await asyncio.gather(*(self.engine.complete(p, sp) for p, sp in zip(prompts, params)))
         finally:
-            release()
+            self.release()
         return {"id": rid, "object": "text_completion", "created": created, "model": name,
                 "choices": [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
                             for i, o in enumerate(outs)],
-                "usage": usage(outs)}
+                "usage": _usage(outs)}
 
+    def _completion_prompts(self, raw: Any) -> list[list[int]]:
+        """The request's prompts as token ids: a string, a list of ids, or a list of either."""
+        if isinstance(raw, str) or (raw and all(isinstance(t, int) for t in raw)):
+            raw = [raw]
+        if not raw:
+            raise APIError(400, "prompt is empty", param="prompt")
+        prompts = [encode_text(self.tokenizer, p) if isinstance(p, str) else list(p) for p in raw]
+        vocab = len(self.tokenizer)
+        for p in prompts:
+            if not p:
+                raise APIError(400, "prompt is empty", param="prompt")
+            if any(t < 0 or t >= vocab for t in p):
+                raise APIError(400, "prompt token id out of the vocabulary", param="prompt")
+        return prompts
+
+
+def _usage(outs: list[Completion]) -> dict[str, int]:
+    p, c = sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the engine thread."""
+    from contextlib import asynccontextmanager
+
+    api = _API(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="coati inference server", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), kind).response()
+
+    app.get("/health")(api.health)
+    app.get("/v1/models")(api.models)
+    app.post("/v1/chat/completions")(api.chat)
+    app.post("/v1/completions")(api.completions)
     return app

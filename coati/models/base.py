@@ -11,9 +11,7 @@ write the checkpoint's own dtype again (see :func:`load_causal_lm` and :meth:`_H
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,86 +21,14 @@ import torch.nn as nn
 
 from ..errors import UsageError
 from ..utils import IGNORE_INDEX
-from .dtypes import dtype_kwargs, to_dtype
-from .families import check_model_type, supports_packing
+from .dtypes import dtype_kwargs
 from .lm_head import logit_processing, token_entropy, token_log_probs
-from .lora import LoraSettings, apply_lora, is_peft_model
-from .segment_attention import SEGMENT_SDPA, Segments, segment_inputs, use_segment_attention
-from .quant import (
-    check_quant, check_quant_lora, config_dtype, full_precision_copy, prepare_kbit_model, quant_mode,
-    quantized_load_kwargs,
-)
+from .loading import (ADAPTER_CONFIG_FILE, VALUE_HEAD_FILE, base_lm, cast_copy, checkpoint_dtype, full_state_dict,
+                      load_adapter, load_causal_lm, load_full, prepare_lm)
+from .lora import LoraSettings, is_peft_model
+from .quant import full_precision_copy, quant_mode
+from .segment_attention import SEGMENT_SDPA, Segments, segment_inputs
 from .utils import last_token_index, position_ids_from_mask
-
-VALUE_HEAD_FILE = "value_head.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-
-FROZEN_DTYPES = ("auto", "fp32", "bf16", "fp16")
-
-
-def resolve_frozen_dtype(choice: str | torch.dtype, source: torch.dtype,
-                         device: torch.device | str | None = None) -> torch.dtype:
-    """The dtype frozen weights load in. ``auto``: the checkpoint's own dtype (``source``) on a GPU, where a
-    bf16 copy halves their memory, and fp32 on CPU, where bf16 / fp16 matmuls are many times slower.
-    ``device`` is where the model will run (default: the GPU when there is one)."""
-    if isinstance(choice, torch.dtype):
-        return choice
-    if choice not in FROZEN_DTYPES:
-        raise ValueError(f"unknown frozen dtype {choice!r}; choose one of {', '.join(FROZEN_DTYPES)}")
-    if choice != "auto":
-        return to_dtype(choice)
-    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    return source if on_gpu else torch.float32
-
-
-def _adapter_base(path: Path) -> str:
-    from peft import PeftConfig
-
-    base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-    if not base:
-        raise ValueError(f"{path}: adapter_config.json names no base model; save with merge_lora=True instead")
-    return base
-
-
-def checkpoint_dtype(path: str | Path, trust_remote_code: bool = False) -> torch.dtype:
-    """The dtype a checkpoint's ``config.json`` records for its weights (an adapter dir: its base model's),
-    fp32 when it records none: what a model loaded from ``path`` saves as again."""
-    from transformers import AutoConfig
-
-    path = Path(path)
-    source = _adapter_base(path) if (path / ADAPTER_CONFIG_FILE).is_file() else str(path)
-    return config_dtype(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
-
-
-def checkpoint_model_type(path: str | Path, trust_remote_code: bool = False) -> str:
-    """``config.model_type`` of a checkpoint (an adapter dir: its base model's), read without loading weights."""
-    from transformers import AutoConfig
-
-    path = Path(path)
-    source = _adapter_base(path) if (path / ADAPTER_CONFIG_FILE).is_file() else str(path)
-    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
-
-
-def _load_dtype(path: Path, lora: LoraSettings | None, frozen: bool, frozen_dtype: str | torch.dtype,
-                trust_remote_code: bool) -> torch.dtype:
-    """fp32 when any weight of the loaded model trains (full fine-tuning; LoRA with ``train_bias``, whose
-    trained biases live in the base layers), else (``frozen``, or a LoRA base) ``frozen_dtype``."""
-    base_frozen = frozen or (lora is not None and lora.enabled and lora.train_bias == "none")
-    if not base_frozen:
-        return torch.float32
-    return resolve_frozen_dtype(frozen_dtype, checkpoint_dtype(path, trust_remote_code))
-
-
-def _cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A CPU copy of ``module`` with its floating parameters and buffers in ``dtype`` (tied weights stay
-    tied), built tensor by tensor, so saving in another dtype never holds a second fp32 copy on the GPU."""
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
-
-    memo: dict[int, Any] = {id(p): nn.Parameter(cast(p), requires_grad=False) for p in module.parameters()}
-    memo.update({id(b): cast(b) for b in module.buffers()})
-    return copy.deepcopy(module, memo)
-
 
 _SIGNATURES: dict[type, frozenset[str]] = {}
 
@@ -116,137 +42,6 @@ def _accepts(module: nn.Module, name: str) -> bool:
         except (TypeError, ValueError):
             _SIGNATURES[cls] = frozenset()
     return name in _SIGNATURES[cls]
-
-
-def _base_lm(model: nn.Module) -> nn.Module:
-    """The HF causal LM under a PeftModel (LoRA layers live inside it), or the model itself."""
-    return model.get_base_model() if is_peft_model(model) else model
-
-
-def _prepare(model: nn.Module, family: str, lora: LoraSettings | None, grad_checkpoint: bool) -> nn.Module:
-    check_model_type(family, model.config.model_type)
-    if supports_packing(family, model.config.model_type):
-        use_segment_attention(model)
-    if quant_mode(model):
-        model = prepare_kbit_model(model)
-    if grad_checkpoint:
-        # non-reentrant checkpointing works with frozen (LoRA) bases without forcing input grads
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    return apply_lora(model, lora, family)
-
-
-def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
-                   grad_checkpoint: bool = False, torch_dtype: Any = None, quant: str | None = None,
-                   quant_compute_dtype: Any = "auto", frozen: bool = False, frozen_dtype: str | torch.dtype = "auto",
-                   **hf_kwargs: Any) -> nn.Module:
-    """Load a HF causal LM dir, or a peft adapter dir (its base + adapter, merged), then add new LoRA if asked.
-
-    Merging a saved adapter makes it the starting point of the next stage (e.g. SFT adapter -> PPO actor and
-    its reference); to continue training the same adapter, build the model and call ``load_weights``.
-    ``quant`` ("8bit" / "4bit") loads the base quantized with bitsandbytes (see ``quant.py``); it needs LoRA
-    unless the model is ``frozen`` (inference only, e.g. PPO's reward model).
-
-    Weights that train load in fp32 whatever the checkpoint's dtype, so optimizer updates below bf16's
-    resolution are kept (peft keeps LoRA adapters fp32 itself). Frozen weights (a ``frozen`` model, or the
-    base under LoRA) load in ``frozen_dtype`` (see :func:`resolve_frozen_dtype`). A quantized base follows
-    ``quant_compute_dtype`` instead; ``torch_dtype`` forces one dtype for every weight.
-    """
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if frozen:
-        check_quant(quant)
-    else:
-        check_quant_lora(quant, lora)
-    if quant is not None:
-        if (path / ADAPTER_CONFIG_FILE).is_file():
-            return _load_adapter_quantized(path, family, lora, grad_checkpoint, torch_dtype, quant,
-                                           quant_compute_dtype, frozen, hf_kwargs)
-        hf_kwargs = {**quantized_load_kwargs(path, quant, quant_compute_dtype,
-                                             trust_remote_code=hf_kwargs.get("trust_remote_code", False)),
-                     **hf_kwargs}
-        if torch_dtype is None:
-            torch_dtype = hf_kwargs.pop("dtype")
-        hf_kwargs.pop("dtype", None)
-    elif torch_dtype is None:
-        torch_dtype = _load_dtype(path, lora, frozen, frozen_dtype, hf_kwargs.get("trust_remote_code", False))
-    kwargs = {**dtype_kwargs(torch_dtype), **hf_kwargs}
-    if (path / ADAPTER_CONFIG_FILE).is_file():
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(_adapter_base(path), **kwargs)
-        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    return _prepare(model, family, lora, grad_checkpoint)
-
-
-def _load_adapter_quantized(path: Path, family: str, lora: LoraSettings | None, grad_checkpoint: bool,
-                            torch_dtype: Any, quant: str, quant_compute_dtype: Any, frozen: bool,
-                            hf_kwargs: dict[str, Any]) -> nn.Module:
-    """An adapter dir under ``quant``: merge it into its base in full precision, then quantize the merged
-    weights (bitsandbytes quantizes while loading, so they pass through a temporary dir)."""
-    import tempfile
-
-    plain_kwargs = {k: v for k, v in hf_kwargs.items() if k == "trust_remote_code"}
-    merged = load_causal_lm(path, family=family, torch_dtype=torch_dtype, **plain_kwargs)
-    with tempfile.TemporaryDirectory(prefix="coati_merged_") as tmp:
-        merged.save_pretrained(tmp)
-        del merged
-        return load_causal_lm(tmp, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
-                              torch_dtype=torch_dtype, quant=quant, quant_compute_dtype=quant_compute_dtype,
-                              frozen=frozen, **hf_kwargs)
-
-
-def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu",
-                                                                                      weights_only=True))
-    return state
-
-
-def _full_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All weights of a ``save_pretrained`` dir: single file or sharded (``*.index.json``)."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (path / single).is_file():
-            return _read_safetensors([path / single])
-        if (path / index).is_file():
-            weight_map = json.loads((path / index).read_text())["weight_map"]
-            return _read_safetensors([path / f for f in sorted(set(weight_map.values()))])
-    raise FileNotFoundError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
-
-
-def _load_full(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"{path}: weights do not match the model; unexpected keys {result.unexpected_keys[:5]}")
-    own = model.state_dict()
-    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
-    # tied weights (e.g. GPT-2 lm_head) are not written by save_pretrained; they are filled through the tie
-    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
-    if missing:
-        raise ValueError(f"{path}: weights missing for {missing[:5]}")
-
-
-def _load_adapter(model: nn.Module, path: Path) -> None:
-    from peft import set_peft_model_state_dict
-
-    files = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
-    found = [f for f in files if f.is_file()]
-    if not found:
-        raise FileNotFoundError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
-    result = set_peft_model_state_dict(model, _read_safetensors(found[:1]))
-    unexpected = getattr(result, "unexpected_keys", None) or []
-    if unexpected:
-        raise ValueError(f"{path}: adapter does not match the model; unexpected keys {unexpected[:5]}")
 
 
 def _lm_inputs(module: nn.Module, attention_mask: torch.Tensor | Segments | None,
@@ -328,7 +123,7 @@ class _HFWrapper(nn.Module):
 
     @property
     def base_lm(self) -> nn.Module:
-        return _base_lm(self.model)
+        return base_lm(self.model)
 
     @property
     def config(self) -> Any:
@@ -377,7 +172,7 @@ class _HFWrapper(nn.Module):
                 merged = full_precision_copy(self.model, dtype)
             else:
                 # merged in fp32 on a copy, rounded once to the saved dtype
-                merged = _cast_copy(self.model, torch.float32).merge_and_unload()
+                merged = cast_copy(self.model, torch.float32).merge_and_unload()
                 merged.to(dtype or self.base_lm.dtype)
             merged.save_pretrained(str(path))
             del merged
@@ -387,7 +182,7 @@ class _HFWrapper(nn.Module):
         elif dtype is None or dtype == self.model.dtype:
             self.model.save_pretrained(str(path))
         else:
-            _cast_copy(self.model, dtype).save_pretrained(str(path))
+            cast_copy(self.model, dtype).save_pretrained(str(path))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
         self._save_extra(path)
@@ -399,11 +194,11 @@ class _HFWrapper(nn.Module):
         if self.lora_enabled:
             if not is_adapter_dir:
                 raise ValueError(f"{path}: no LoRA adapter to load into a LoRA model (was it saved merged?)")
-            _load_adapter(self.model, path)
+            load_adapter(self.model, path)
         else:
             if is_adapter_dir:
                 raise ValueError(f"{path} holds a LoRA adapter but this model has no LoRA")
-            _load_full(self.model, _full_state_dict(path), path)
+            load_full(self.model, full_state_dict(path), path)
         self._load_extra(path)
 
     def _save_extra(self, path: Path) -> None:
@@ -440,7 +235,7 @@ class Actor(_HFWrapper):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))  # fp32 masters
-        return cls(_prepare(model, family, lora, grad_checkpoint))
+        return cls(prepare_lm(model, family, lora, grad_checkpoint))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 num_actions: int | None = None, temperature: float = 1.0, labels: torch.Tensor | None = None,
@@ -558,7 +353,7 @@ class _ValueModel(_HFWrapper):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))  # fp32 masters
-        return cls(_prepare(model, family, lora, grad_checkpoint))
+        return cls(prepare_lm(model, family, lora, grad_checkpoint))
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:

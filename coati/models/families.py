@@ -6,7 +6,6 @@ picks LoRA target modules (Coati's ``LlamaActor(pretrained=...)`` constructors a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import UsageError
 

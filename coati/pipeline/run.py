@@ -41,7 +41,7 @@ from ..dataset import (PackingCollator, PackingPreferenceCollator, PackingReward
                        SFTDataset, split_dataset)
 from ..errors import UsageError
 from ..models import Actor, Critic, RewardModel, packing_attention
-from ..models.base import checkpoint_model_type
+from ..models.loading import checkpoint_model_type
 from ..models.families import resolve_packing
 from ..plot import plot_run_if_possible
 from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
@@ -55,7 +55,7 @@ logger = logging.getLogger("coati")
 
 # Sizes. "default" is the README run (about 10 minutes on one CPU core); "quick" is the test-suite run. The rl_*
 # sizes are those of the critic-free methods (--algo grpo ...), the dpo_* ones those of the DPO family.
-PRESETS: dict[str, dict[str, Any]] = {
+SIZES: dict[str, dict[str, Any]] = {
     "default": dict(hidden_size=64, num_layers=4, num_eval=300, sft_per_question=16, sft_steps=1500,
                     sft_batch_size=64, sft_lr=3e-3, rm_per_question=9, rm_steps=4800, rm_batch_size=32,
                     rm_lr=7e-4, ppo_episodes=250, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
@@ -93,15 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "checker, no reward model or critic; dpo / ipo / orpo / simpo = that loss of train_dpo.py on "
                         "the reward model's preference pairs, no reward model")
     g.add_argument("--seed", type=int, default=42, help="seed for data generation, initialisation and sampling")
-    g.add_argument("--preset", default="default", choices=sorted(PRESETS),
+    g.add_argument("--preset", default="default", choices=sorted(SIZES),
                    help="size preset; the flags below override single values (None = from the preset)")
     g.add_argument("--quick", dest="preset", action="store_const", const="quick",
                    help="same as --preset quick: the reduced run of the test suite (a few minutes)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; the tiny default model runs fastest on 1 (more threads only contend)")
     g.add_argument("--log_interval", type=int, default=100, help="print trainer metrics every N steps")
+    _add_data_args(p.add_argument_group("your own model and data (each optional; the built-in task fills the rest)"))
+    t = p.add_argument_group("built-in task")
+    t.add_argument("--low", type=int, default=10, help="smallest number in a question")
+    t.add_argument("--high", type=int, default=49, help="largest number in a question")
+    t.add_argument("--slip_rate", type=float, default=0.3,
+                   help="share of SFT demonstrations whose last digit is off by 1 or 2")
+    t.add_argument("--num_eval", type=int, default=None, help="held-out questions (never trained on)")
+    t.add_argument("--hidden_size", type=int, default=None, help="tiny LLaMA hidden size")
+    t.add_argument("--num_layers", type=int, default=None, help="tiny LLaMA layers")
+    _add_stage_args(p.add_argument_group("stage sizes and learning rates"))
+    return p
 
-    d = p.add_argument_group("your own model and data (each optional; the built-in task fills the rest)")
+
+def _add_data_args(d: argparse._ArgumentGroup) -> None:
     d.add_argument("--pretrain", default=None,
                    help="HF causal-LM dir to fine-tune instead of a tiny LLaMA trained from scratch")
     d.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --pretrain's, else the built-in one)")
@@ -121,16 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max_new_tokens", type=int, default=None,
                    help="response tokens generated in PPO and evaluation (default: 4 built-in, 64 otherwise)")
 
-    t = p.add_argument_group("built-in task")
-    t.add_argument("--low", type=int, default=10, help="smallest number in a question")
-    t.add_argument("--high", type=int, default=49, help="largest number in a question")
-    t.add_argument("--slip_rate", type=float, default=0.3,
-                   help="share of SFT demonstrations whose last digit is off by 1 or 2")
-    t.add_argument("--num_eval", type=int, default=None, help="held-out questions (never trained on)")
-    t.add_argument("--hidden_size", type=int, default=None, help="tiny LLaMA hidden size")
-    t.add_argument("--num_layers", type=int, default=None, help="tiny LLaMA layers")
 
-    s = p.add_argument_group("stage sizes and learning rates")
+def _add_stage_args(s: argparse._ArgumentGroup) -> None:
     s.add_argument("--sft_per_question", type=int, default=None, help="SFT demonstrations per training question")
     s.add_argument("--sft_steps", type=int, default=None, help="SFT optimizer steps")
     s.add_argument("--sft_batch_size", type=int, default=None, help="SFT batch size")
@@ -167,12 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "RPO): without it DPO lowers the right answers' likelihood too and costs greedy answers")
     s.add_argument("--eval_samples", type=int, default=None,
                    help="sampled answers per held-out prompt for the accuracy / reward / KL columns")
-    return p
 
 
 def resolve_sizes(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags left at None from the preset."""
-    for key, value in PRESETS[args.preset].items():
+    for key, value in SIZES[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
@@ -233,236 +236,256 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 # ----- the stages after SFT without a reward model -----------------------------------------------------------
 
-def critic_free_stage(args: argparse.Namespace, strategy: NaiveStrategy, tokenizer: Any, prompts: PromptDataset,
-                      reference: Actor, max_new_tokens: int, out: Path) -> PPOTrainer:
-    """SFT -> ``--algo`` (GRPO, RLOO, ...): train_prompts.py's preset on the training prompts, every answer
-    rewarded 1 / 0 by the task's checker; one optimizer step per episode over all its samples (on-policy)."""
-    strategy.set_seed(args.seed)
-    policy = Actor.from_pretrained(out / "sft")
-    prompt_dl = strategy.setup_dataloader(prompts, min(args.rl_batch_size, len(prompts)), shuffle=True,
-                                          collate_fn=PromptCollator(tokenizer.pad_token_id), drop_last=True)
-    trainer = PPOTrainer(strategy, policy, None, None, reference, tokenizer=tokenizer, reward_fn=exact_match_reward,
-                         algo=args.algo, n_samples_per_prompt=args.n_samples_per_prompt, kl_coef=args.kl_coef,
-                         ptx_coef=0.0,
-                         num_episodes=args.rl_episodes, num_collect_steps=1, num_update_steps=1, max_epochs=1,
-                         train_batch_size=prompt_dl.batch_size * args.n_samples_per_prompt, lr=args.rl_lr,
-                         max_new_tokens=max_new_tokens, save_path=str(out / args.algo),
-                         log_interval=max(1, args.rl_episodes // 5), log_entropy=False)
-    trainer.fit(prompt_dl)
-    return trainer
+class _Run:
+    """One pipeline run: its data, tokenizer and held-out prompts, then the stages in order, each adding a row to
+    the table and its numbers to ``summary``."""
 
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.algo = args, args.algo
+        self.out = Path(args.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stage in ("sft", "rm", "ppo") if self.algo == "ppo" else ("sft", self.algo):
+            (self.out / stage / "metrics.jsonl").unlink(missing_ok=True)  # trainers append: start afresh
+        self.strategy = NaiveStrategy(seed=args.seed)
+        self.builtin_model = args.pretrain is None
+        if args.tokenizer or args.pretrain:
+            from ..utils.tokenizer import load_tokenizer
 
-def preference_stage(args: argparse.Namespace, strategy: NaiveStrategy, tokenizer: Any, files: dict[str, Path],
-                     template: str, reference: Actor, out: Path, packing: bool) -> DPOTrainer:
-    """SFT -> ``--algo`` (DPO, IPO, ORPO, SimPO): train_dpo.py's trainer on the pairs the reward model would
-    train on (``--preference_dataset``, else the task's), the SFT model as the reference."""
-    strategy.set_seed(args.seed)
-    policy = strategy.prepare_model(Actor.from_pretrained(out / "sft"))
-    data_kw = dict(max_len=args.max_len, prompt_template=template, seed=args.seed)
-    if args.preference_dataset:
-        train, held = split_dataset(PreferenceDataset(args.preference_dataset, tokenizer, **data_kw),
-                                    args.eval_ratio, args.seed)
-    else:
-        train = PreferenceDataset(files["preference"], tokenizer, **data_kw)
-        held = PreferenceDataset(files["preference_eval"], tokenizer, **data_kw)
-    collate = PreferenceCollator(tokenizer.pad_token_id)
-    train_collate = (PackingPreferenceCollator(tokenizer.pad_token_id, args.max_len,
-                                               attention=packing_attention(policy)) if packing else collate)
-    train_dl = strategy.setup_dataloader(train, min(args.dpo_batch_size, len(train)), shuffle=True,
-                                         collate_fn=train_collate, drop_last=True)
-    held_dl = strategy.setup_dataloader(held, 256, shuffle=False, collate_fn=collate) if held is not None else None
-    config = PreferenceConfig(loss_type=args.algo, beta=args.beta, sft_coef=args.sft_coef)
-    trainer = DPOTrainer(policy, strategy, train_dl, held_dl, config=config,
-                         ref_model=reference if config.uses_reference else None, lr=args.dpo_lr, warmup_ratio=0.03,
-                         max_epochs=_steps_to_epochs(args.dpo_steps, len(train_dl)), max_steps=args.dpo_steps,
-                         save_path=str(out / args.algo), log_interval=args.log_interval, tokenizer=tokenizer)
-    trainer.fit()
-    return trainer
+            self.tokenizer = load_tokenizer(args.tokenizer or args.pretrain)
+        else:
+            self.tokenizer = build_tokenizer()
+        task = ArithmeticTask(low=args.low, high=args.high, slip_rate=args.slip_rate)
+        self.files = write_builtin_data(task, args, self.out / "data")
+        builtin_prompts = args.prompt_dataset is None
+        self.template = args.prompt_template or ("none" if args.dataset is None and args.preference_dataset is None
+                                                 and builtin_prompts else "auto")
+        self.max_new_tokens = args.max_new_tokens or (4 if builtin_prompts else 64)
+        self.checker = _check_answer if builtin_prompts else None
+        self.timings: dict[str, float] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] = {"seed": args.seed, "preset": args.preset, "algo": self.algo,
+                                        "prompt_template": self.template}
+        # held-out prompts, through the same dataset class the RL stage uses
+        prompt_kw = dict(prompt_template=self.template, seed=args.seed)
+        if builtin_prompts:
+            self.train_prompts = PromptDataset(self.files["prompts"], self.tokenizer, **prompt_kw)
+            held = PromptDataset(self.files["prompts_eval"], self.tokenizer, **prompt_kw)
+            self.eval_items = [held[i] for i in range(len(held))]
+        else:
+            prompts_all = PromptDataset(args.prompt_dataset, self.tokenizer, **prompt_kw)
+            self.train_prompts, held = split_dataset(prompts_all, args.eval_ratio, args.seed)
+            held = held if held is not None else self.train_prompts
+            self.eval_items = [held[i] for i in range(min(len(held), args.num_eval))]
+        model_type = "llama" if self.builtin_model else checkpoint_model_type(args.pretrain)
+        self.packing = resolve_packing(args.packing, "auto", model_type)
 
+    def table(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        print("\n" + format_table(self.rows) + "\n", flush=True)
 
-# ----- the run -----------------------------------------------------------------------------------------
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    args = resolve_sizes(args)
-    algo = args.algo
-    if algo in CRITIC_FREE and args.prompt_dataset is not None:
-        raise UsageError(f"--algo {algo} is rewarded by the built-in task's checker, which cannot check answers to "
-                         f"--prompt_dataset; run examples/train_prompts.py --algo {algo} --reward_fn ... instead")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stages = ("sft", "rm", "ppo") if algo == "ppo" else ("sft", algo)
-    for stage in stages:  # trainers append to metrics.jsonl; start this run's logs afresh
-        (out / stage / "metrics.jsonl").unlink(missing_ok=True)
-    t_start = time.perf_counter()
-    strategy = NaiveStrategy(seed=args.seed)
-
-    builtin_model = args.pretrain is None
-    if args.tokenizer or args.pretrain:
-        from ..utils.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer or args.pretrain)
-    else:
-        tokenizer = build_tokenizer()
-    pad_id = tokenizer.pad_token_id
-    task = ArithmeticTask(low=args.low, high=args.high, slip_rate=args.slip_rate)
-    files = write_builtin_data(task, args, out / "data")
-    builtin_prompts = args.prompt_dataset is None
-    template = args.prompt_template or ("none" if args.dataset is None and args.preference_dataset is None
-                                        and builtin_prompts else "auto")
-    max_new_tokens = args.max_new_tokens or (4 if builtin_prompts else 64)
-    checker = _check_answer if builtin_prompts else None
-    timings: dict[str, float] = {}
-    rows: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {"seed": args.seed, "preset": args.preset, "algo": algo, "prompt_template": template}
-
-    def table(row: dict[str, Any]) -> None:
-        rows.append(row)
-        print("\n" + format_table(rows) + "\n", flush=True)
-
-    # held-out prompts, through the same dataset class PPO uses
-    if builtin_prompts:
-        train_prompts = PromptDataset(files["prompts"], tokenizer, prompt_template=template, seed=args.seed)
-        eval_prompts = PromptDataset(files["prompts_eval"], tokenizer, prompt_template=template, seed=args.seed)
-        eval_items = [eval_prompts[i] for i in range(len(eval_prompts))]
-    else:
-        prompts_all = PromptDataset(args.prompt_dataset, tokenizer, prompt_template=template, seed=args.seed)
-        train_prompts, held = split_dataset(prompts_all, args.eval_ratio, args.seed)
-        held = held if held is not None else train_prompts
-        eval_items = [held[i] for i in range(min(len(held), args.num_eval))]
-
-    def evaluate(actor: Actor, reward_model: RewardModel | None = None, reference: Actor | None = None,
+    def evaluate(self, actor: Actor, reward_model: RewardModel | None = None, reference: Actor | None = None,
                  tag: str = "") -> dict[str, float]:
         t0 = time.perf_counter()
-        res = evaluate_policy(actor, tokenizer, eval_items, max_new_tokens=max_new_tokens, checker=checker,
-                              reward_model=reward_model, reference=reference,
-                              samples_per_prompt=args.eval_samples, seed=args.seed + 1)
-        timings[f"eval_{tag}"] = time.perf_counter() - t0
+        res = evaluate_policy(actor, self.tokenizer, self.eval_items, max_new_tokens=self.max_new_tokens,
+                              checker=self.checker, reward_model=reward_model, reference=reference,
+                              samples_per_prompt=self.args.eval_samples, seed=self.args.seed + 1)
+        self.timings[f"eval_{tag}"] = time.perf_counter() - t0
         return res
 
-    # ----- stage 1: SFT ------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    packing = resolve_packing(args.packing, "auto", "llama" if builtin_model else checkpoint_model_type(args.pretrain))
-    strategy.set_seed(args.seed)
-    if builtin_model:
-        actor = Actor.from_config(tiny_llama(tokenizer, args.hidden_size, args.num_layers))
-    else:
-        actor = Actor.from_pretrained(args.pretrain)
-    actor = strategy.prepare_model(actor)
-    sft_data = SFTDataset(args.dataset or files["sft"], tokenizer, max_len=args.max_len,
-                          prompt_template=template, seed=args.seed)
-    sft_collate = (PackingCollator(pad_id, args.max_len, attention=packing_attention(actor)) if packing
-                   else SFTCollator(pad_id))
-    sft_dl = strategy.setup_dataloader(sft_data, min(args.sft_batch_size, len(sft_data)), shuffle=True,
-                                       collate_fn=sft_collate, drop_last=True)
-    sft = SFTTrainer(actor, strategy, sft_dl, lr=args.sft_lr, warmup_ratio=0.03,
-                     max_epochs=_steps_to_epochs(args.sft_steps, len(sft_dl)), max_steps=args.sft_steps,
-                     save_path=str(out / "sft"), log_interval=args.log_interval, tokenizer=tokenizer)
-    sft.fit()
-    timings["sft"] = time.perf_counter() - t0
-    sft_eval = evaluate(actor, tag="sft")
-    summary.update(sft_accuracy=sft_eval.get("accuracy"), sft_accuracy_greedy=sft_eval.get("accuracy_greedy"),
-                   sft_loss_start=sft.history[0]["loss"], sft_loss_end=sft.history[-1]["loss"])
-    # without a reward model the reward column is the checker's mean reward, i.e. the sampled accuracy
-    table({"stage": "sft", "acc(sampled)": sft_eval.get("accuracy"), "acc(greedy)": sft_eval.get("accuracy_greedy"),
-           "reward": None if algo == "ppo" else sft_eval.get("accuracy"), "kl": 0.0, "time_s": timings["sft"]})
+    def _data_kw(self) -> dict[str, Any]:
+        return dict(max_len=self.args.max_len, prompt_template=self.template, seed=self.args.seed)
 
-    if algo == "ppo":
-        # ----- stage 2: reward model ---------------------------------------------------------------------------
+    def _pair_loaders(self, dataset_cls: type, collator_cls: type, packing_cls: type, model: Any,
+                      batch_size: int) -> tuple[Any, Any]:
+        """Training and held-out loaders of preference pairs: ``--preference_dataset`` split by ``--eval_ratio``,
+        else the task's pairs and held-out pairs; training batches packed where ``--packing`` is on."""
+        args, tokenizer, strategy = self.args, self.tokenizer, self.strategy
+        if args.preference_dataset:
+            train, held = split_dataset(dataset_cls(args.preference_dataset, tokenizer, **self._data_kw()),
+                                        args.eval_ratio, args.seed)
+        else:
+            train = dataset_cls(self.files["preference"], tokenizer, **self._data_kw())
+            held = dataset_cls(self.files["preference_eval"], tokenizer, **self._data_kw())
+        collate = collator_cls(tokenizer.pad_token_id)
+        train_collate = (packing_cls(tokenizer.pad_token_id, args.max_len, attention=packing_attention(model))
+                         if self.packing else collate)
+        train_dl = strategy.setup_dataloader(train, min(batch_size, len(train)), shuffle=True,
+                                             collate_fn=train_collate, drop_last=True)
+        held_dl = strategy.setup_dataloader(held, 256, shuffle=False, collate_fn=collate) if held is not None else None
+        return train_dl, held_dl
+
+    # ----- stage 1: SFT ------------------------------------------------------------------------------------
+    def sft(self) -> Actor:
+        args, strategy, tokenizer = self.args, self.strategy, self.tokenizer
+        t0 = time.perf_counter()
+        strategy.set_seed(args.seed)
+        actor = (Actor.from_config(tiny_llama(tokenizer, args.hidden_size, args.num_layers)) if self.builtin_model
+                 else Actor.from_pretrained(args.pretrain))
+        actor = strategy.prepare_model(actor)
+        data = SFTDataset(args.dataset or self.files["sft"], tokenizer, **self._data_kw())
+        pad_id = tokenizer.pad_token_id
+        collate = (PackingCollator(pad_id, args.max_len, attention=packing_attention(actor)) if self.packing
+                   else SFTCollator(pad_id))
+        loader = strategy.setup_dataloader(data, min(args.sft_batch_size, len(data)), shuffle=True,
+                                           collate_fn=collate, drop_last=True)
+        sft = SFTTrainer(actor, strategy, loader, lr=args.sft_lr, warmup_ratio=0.03,
+                         max_epochs=_steps_to_epochs(args.sft_steps, len(loader)), max_steps=args.sft_steps,
+                         save_path=str(self.out / "sft"), log_interval=args.log_interval, tokenizer=tokenizer)
+        sft.fit()
+        self.timings["sft"] = time.perf_counter() - t0
+        res = self.sft_eval = self.evaluate(actor, tag="sft")
+        self.summary.update(sft_accuracy=res.get("accuracy"), sft_accuracy_greedy=res.get("accuracy_greedy"),
+                            sft_loss_start=sft.history[0]["loss"], sft_loss_end=sft.history[-1]["loss"])
+        # without a reward model the reward column is the checker's mean reward, i.e. the sampled accuracy
+        self.table({"stage": "sft", "acc(sampled)": res.get("accuracy"), "acc(greedy)": res.get("accuracy_greedy"),
+                    "reward": None if self.algo == "ppo" else res.get("accuracy"), "kl": 0.0,
+                    "time_s": self.timings["sft"]})
+        return actor
+
+    # ----- stage 2: reward model ----------------------------------------------------------------------------
+    def reward_model(self, actor: Actor) -> RewardModel:
+        args, strategy, tokenizer, out = self.args, self.strategy, self.tokenizer, self.out
         t0 = time.perf_counter()
         strategy.set_seed(args.seed)
         reward_model = strategy.prepare_model(RewardModel.from_pretrained(out / "sft"))
-        if args.preference_dataset:
-            pairs = RewardDataset(args.preference_dataset, tokenizer, max_len=args.max_len, prompt_template=template,
-                                  seed=args.seed)
-            rm_train, rm_eval = split_dataset(pairs, args.eval_ratio, args.seed)
-        else:
-            rm_train = RewardDataset(files["preference"], tokenizer, max_len=args.max_len, prompt_template=template,
-                                     seed=args.seed)
-            rm_eval = RewardDataset(files["preference_eval"], tokenizer, max_len=args.max_len,
-                                    prompt_template=template, seed=args.seed)
-        collate = RewardCollator(pad_id)
-        train_collate = (PackingRewardCollator(pad_id, args.max_len, attention=packing_attention(reward_model))
-                         if packing else collate)
-        rm_dl = strategy.setup_dataloader(rm_train, min(args.rm_batch_size, len(rm_train)), shuffle=True,
-                                          collate_fn=train_collate, drop_last=True)
-        rm_eval_dl = (strategy.setup_dataloader(rm_eval, 256, shuffle=False, collate_fn=collate)
-                      if rm_eval is not None else None)
-        rm_trainer = RewardModelTrainer(reward_model, strategy, rm_dl, rm_eval_dl, lr=args.rm_lr, warmup_ratio=0.03,
-                                        max_epochs=_steps_to_epochs(args.rm_steps, len(rm_dl)), max_steps=args.rm_steps,
-                                        save_path=str(out / "rm"), log_interval=args.log_interval, tokenizer=tokenizer)
-        rm_trainer.fit()
-        timings["rm"] = time.perf_counter() - t0
-        rm_eval_metrics = rm_trainer.eval_history[-1] if rm_trainer.eval_history else {}
+        rm_dl, rm_eval_dl = self._pair_loaders(RewardDataset, RewardCollator, PackingRewardCollator, reward_model,
+                                               args.rm_batch_size)
+        trainer = RewardModelTrainer(reward_model, strategy, rm_dl, rm_eval_dl, lr=args.rm_lr, warmup_ratio=0.03,
+                                     max_epochs=_steps_to_epochs(args.rm_steps, len(rm_dl)), max_steps=args.rm_steps,
+                                     save_path=str(out / "rm"), log_interval=args.log_interval, tokenizer=tokenizer)
+        trainer.fit()
+        self.timings["rm"] = time.perf_counter() - t0
+        self.rm_metrics = trainer.eval_history[-1] if trainer.eval_history else {}
         # Scores on the scale --kl_coef is measured in: mean 0, std 1 over the SFT policy's training answers.
-        n_scale = min(len(train_prompts), 1024)
+        n_scale = min(len(self.train_prompts), 1024)
         rm_scale = standardize_reward_model(strategy.unwrap(reward_model), actor, tokenizer,
-                                            [train_prompts[i]["input_ids"] for i in range(n_scale)],
-                                            max_new_tokens=max_new_tokens, seed=args.seed + 2)
+                                            [self.train_prompts[i]["input_ids"] for i in range(n_scale)],
+                                            max_new_tokens=self.max_new_tokens, seed=args.seed + 2)
         strategy.save_model(reward_model, out / "rm", tokenizer=tokenizer)
-        sft_scored = evaluate(actor, reward_model=reward_model, tag="rm")
-        summary.update(rm_accuracy=rm_eval_metrics.get("acc"), rm_margin=rm_eval_metrics.get("margin"),
-                       rm_raw_score_mean=rm_scale["mean"], rm_raw_score_std=rm_scale["std"],
-                       sft_reward=sft_scored["reward"])
-        table({"stage": "rm", "acc(sampled)": sft_scored.get("accuracy"),
-               "acc(greedy)": sft_scored.get("accuracy_greedy"), "rm_pair_acc": rm_eval_metrics.get("acc"),
-               "reward": sft_scored["reward"], "kl": 0.0, "time_s": timings["rm"]})
+        scored = self.sft_scored = self.evaluate(actor, reward_model=reward_model, tag="rm")
+        self.summary.update(rm_accuracy=self.rm_metrics.get("acc"), rm_margin=self.rm_metrics.get("margin"),
+                            rm_raw_score_mean=rm_scale["mean"], rm_raw_score_std=rm_scale["std"],
+                            sft_reward=scored["reward"])
+        self.table({"stage": "rm", "acc(sampled)": scored.get("accuracy"), "acc(greedy)": scored.get("accuracy_greedy"),
+                    "rm_pair_acc": self.rm_metrics.get("acc"), "reward": scored["reward"], "kl": 0.0,
+                    "time_s": self.timings["rm"]})
+        return reward_model
 
-        # ----- stage 3: PPO ------------------------------------------------------------------------------------
+    # ----- stage 3: PPO against the reward model --------------------------------------------------------------
+    def ppo(self, reward_model: RewardModel) -> None:
+        args, strategy, tokenizer, out = self.args, self.strategy, self.tokenizer, self.out
         t0 = time.perf_counter()
         strategy.set_seed(args.seed)
         policy = Actor.from_pretrained(out / "sft")
         reference = Actor.from_pretrained(out / "sft")
         critic = Critic.from_pretrained(out / "rm")
-        prompt_dl = strategy.setup_dataloader(train_prompts, min(args.ppo_batch_size, len(train_prompts)),
-                                              shuffle=True, collate_fn=PromptCollator(pad_id), drop_last=True)
+        prompt_dl = strategy.setup_dataloader(self.train_prompts, min(args.ppo_batch_size, len(self.train_prompts)),
+                                              shuffle=True, collate_fn=PromptCollator(tokenizer.pad_token_id),
+                                              drop_last=True)
         ppo = PPOTrainer(strategy, policy, critic, reward_model, reference, tokenizer=tokenizer,
                          kl_coef=args.kl_coef, ptx_coef=0.0, num_episodes=args.ppo_episodes, num_collect_steps=1,
                          num_update_steps=1, max_epochs=1, train_batch_size=args.ppo_train_batch_size,
-                         lr=args.ppo_lr, critic_lr=args.critic_lr, max_new_tokens=max_new_tokens,
+                         lr=args.ppo_lr, critic_lr=args.critic_lr, max_new_tokens=self.max_new_tokens,
                          save_path=str(out / "ppo"), log_interval=max(1, args.ppo_episodes // 5), log_entropy=False)
         history = ppo.fit(prompt_dl)
-        timings["ppo"] = time.perf_counter() - t0
-        ppo_eval = evaluate(ppo.actor, reward_model=reward_model, reference=reference, tag="ppo")
+        self.timings["ppo"] = time.perf_counter() - t0
+        res = self.evaluate(ppo.actor, reward_model=reward_model, reference=reference, tag="ppo")
         scores = [h.get("critic/score/mean") for h in history]
-        summary.update(ppo_accuracy=ppo_eval.get("accuracy"), ppo_accuracy_greedy=ppo_eval.get("accuracy_greedy"),
-                       ppo_reward_start=sft_scored["reward"], ppo_reward_end=ppo_eval["reward"],
-                       ppo_kl=ppo_eval["kl"], ppo_train_score_first=scores[0] if scores else None,
-                       ppo_train_score_last=scores[-1] if scores else None)
-        table({"stage": "ppo", "acc(sampled)": ppo_eval.get("accuracy"), "acc(greedy)": ppo_eval.get("accuracy_greedy"),
-               "rm_pair_acc": rm_eval_metrics.get("acc"), "reward": ppo_eval["reward"], "kl": ppo_eval["kl"],
-               "time_s": timings["ppo"]})
-        models = {"sft": str(out / "sft"), "reward_model": str(out / "rm"), "ppo": str(out / "ppo")}
-    else:
+        self.summary.update(ppo_accuracy=res.get("accuracy"), ppo_accuracy_greedy=res.get("accuracy_greedy"),
+                            ppo_reward_start=self.sft_scored["reward"], ppo_reward_end=res["reward"],
+                            ppo_kl=res["kl"], ppo_train_score_first=scores[0] if scores else None,
+                            ppo_train_score_last=scores[-1] if scores else None)
+        self.table({"stage": "ppo", "acc(sampled)": res.get("accuracy"), "acc(greedy)": res.get("accuracy_greedy"),
+                    "rm_pair_acc": self.rm_metrics.get("acc"), "reward": res["reward"], "kl": res["kl"],
+                    "time_s": self.timings["ppo"]})
+
+    # ----- stage 2': a critic-free method or a DPO-family loss -------------------------------------------------
+    def algorithm(self) -> None:
+        algo, out = self.algo, self.out
         reference = Actor.from_pretrained(out / "sft")  # the KL column's reference (and the trainers')
         t0 = time.perf_counter()
         if algo in CRITIC_FREE:
-            trainer = critic_free_stage(args, strategy, tokenizer, train_prompts, reference, max_new_tokens, out)
-            final, pair_acc = trainer.actor, None
+            final, pair_acc = self.critic_free(reference).actor, None
         else:
-            trainer = preference_stage(args, strategy, tokenizer, files, template, reference, out, packing)
+            trainer = self.preference(reference)
             final, pair_acc = trainer.model, (trainer.eval_history[-1].get("rewards/accuracies")
                                               if trainer.eval_history else None)
-        timings[algo] = time.perf_counter() - t0
-        result = evaluate(final, reference=reference, tag=algo)
-        summary.update({"sft_reward": sft_eval.get("accuracy"), f"{algo}_accuracy": result.get("accuracy"),
-                        f"{algo}_accuracy_greedy": result.get("accuracy_greedy"),
-                        f"{algo}_reward": result.get("accuracy"), f"{algo}_kl": result["kl"],
-                        f"{algo}_pair_accuracy": pair_acc})
-        table({"stage": algo, "acc(sampled)": result.get("accuracy"), "acc(greedy)": result.get("accuracy_greedy"),
-               "rm_pair_acc": pair_acc, "reward": result.get("accuracy"), "kl": result["kl"],
-               "time_s": timings[algo]})
-        models = {"sft": str(out / "sft"), algo: str(out / algo)}
+        self.timings[algo] = time.perf_counter() - t0
+        res = self.evaluate(final, reference=reference, tag=algo)
+        self.summary.update({"sft_reward": self.sft_eval.get("accuracy"), f"{algo}_accuracy": res.get("accuracy"),
+                             f"{algo}_accuracy_greedy": res.get("accuracy_greedy"),
+                             f"{algo}_reward": res.get("accuracy"), f"{algo}_kl": res["kl"],
+                             f"{algo}_pair_accuracy": pair_acc})
+        self.table({"stage": algo, "acc(sampled)": res.get("accuracy"), "acc(greedy)": res.get("accuracy_greedy"),
+                    "rm_pair_acc": pair_acc, "reward": res.get("accuracy"), "kl": res["kl"],
+                    "time_s": self.timings[algo]})
 
-    timings["total"] = time.perf_counter() - t_start
-    summary.update(timings_s=timings, models=models, data={k: str(v) for k, v in files.items()},
-                   threads=torch.get_num_threads(), args={k: v for k, v in vars(args).items()})
-    summary["curves"] = plot_run_if_possible(out, summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"summary: {out / 'summary.json'} (total {timings['total']:.0f} s on {torch.get_num_threads()} "
-          f"thread(s))", flush=True)
-    return summary
+    def critic_free(self, reference: Actor) -> PPOTrainer:
+        """SFT -> ``--algo`` (GRPO, RLOO, ...): train_prompts.py's preset on the training prompts, every answer
+        rewarded 1 / 0 by the task's checker; one optimizer step per episode over all its samples (on-policy)."""
+        args, strategy, tokenizer, prompts = self.args, self.strategy, self.tokenizer, self.train_prompts
+        strategy.set_seed(args.seed)
+        policy = Actor.from_pretrained(self.out / "sft")
+        prompt_dl = strategy.setup_dataloader(prompts, min(args.rl_batch_size, len(prompts)), shuffle=True,
+                                              collate_fn=PromptCollator(tokenizer.pad_token_id), drop_last=True)
+        trainer = PPOTrainer(strategy, policy, None, None, reference, tokenizer=tokenizer,
+                             reward_fn=exact_match_reward, algo=args.algo, n_samples_per_prompt=args.n_samples_per_prompt,
+                             kl_coef=args.kl_coef, ptx_coef=0.0, num_episodes=args.rl_episodes, num_collect_steps=1,
+                             num_update_steps=1, max_epochs=1,
+                             train_batch_size=prompt_dl.batch_size * args.n_samples_per_prompt, lr=args.rl_lr,
+                             max_new_tokens=self.max_new_tokens, save_path=str(self.out / args.algo),
+                             log_interval=max(1, args.rl_episodes // 5), log_entropy=False)
+        trainer.fit(prompt_dl)
+        return trainer
+
+    def preference(self, reference: Actor) -> DPOTrainer:
+        """SFT -> ``--algo`` (DPO, IPO, ORPO, SimPO): train_dpo.py's trainer on the pairs the reward model would
+        train on (``--preference_dataset``, else the task's), the SFT model as the reference."""
+        args, strategy, tokenizer = self.args, self.strategy, self.tokenizer
+        strategy.set_seed(args.seed)
+        policy = strategy.prepare_model(Actor.from_pretrained(self.out / "sft"))
+        train_dl, held_dl = self._pair_loaders(PreferenceDataset, PreferenceCollator, PackingPreferenceCollator,
+                                               policy, args.dpo_batch_size)
+        config = PreferenceConfig(loss_type=args.algo, beta=args.beta, sft_coef=args.sft_coef)
+        trainer = DPOTrainer(policy, strategy, train_dl, held_dl, config=config,
+                             ref_model=reference if config.uses_reference else None, lr=args.dpo_lr,
+                             warmup_ratio=0.03, max_epochs=_steps_to_epochs(args.dpo_steps, len(train_dl)),
+                             max_steps=args.dpo_steps, save_path=str(self.out / args.algo),
+                             log_interval=args.log_interval, tokenizer=tokenizer)
+        trainer.fit()
+        return trainer
+
+    def finish(self, t_start: float) -> dict[str, Any]:
+        out, timings = self.out, self.timings
+        models = ({"sft": str(out / "sft"), "reward_model": str(out / "rm"), "ppo": str(out / "ppo")}
+                  if self.algo == "ppo" else {"sft": str(out / "sft"), self.algo: str(out / self.algo)})
+        timings["total"] = time.perf_counter() - t_start
+        self.summary.update(timings_s=timings, models=models, data={k: str(v) for k, v in self.files.items()},
+                            threads=torch.get_num_threads(), args={k: v for k, v in vars(self.args).items()})
+        self.summary["curves"] = plot_run_if_possible(out, self.summary)
+        (out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        print(f"summary: {out / 'summary.json'} (total {timings['total']:.0f} s on {torch.get_num_threads()} "
+              f"thread(s))", flush=True)
+        return self.summary
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """SFT, then the reward model and PPO (``--algo ppo``) or the one stage of ``--algo``; the table after each."""
+    args = resolve_sizes(args)
+    if args.algo in CRITIC_FREE and args.prompt_dataset is not None:
+        raise UsageError(f"--algo {args.algo} is rewarded by the built-in task's checker, which cannot check answers "
+                         f"to --prompt_dataset; run examples/train_prompts.py --algo {args.algo} --reward_fn ... "
+                         f"instead")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    stages = _Run(args)
+    actor = stages.sft()
+    if args.algo == "ppo":
+        stages.ppo(stages.reward_model(actor))
+    else:
+        stages.algorithm()
+    return stages.finish(t_start)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def save_extended_model(source_model_dir: str | Path, target_tokenizer_dir: str 
     checkpoint's own dtype) and the target tokenizer to ``target_model_dir``; returns (old, new) vocab sizes."""
     from transformers import AutoModelForCausalLM
 
-    from ..models.base import checkpoint_dtype
+    from ..models.loading import checkpoint_dtype
     from ..models.dtypes import dtype_kwargs
     from .tokenizer import load_source_tokenizer
 

@@ -21,3 +21,7 @@ class MissingInputError(UserError, FileNotFoundError):
 
 class MissingDependencyError(UserError, ImportError):
     """An optional package a requested feature needs; the message names what to install."""
+
+
+class CheckpointError(UserError, OSError):
+    """A checkpoint that cannot be read (damaged on disk) or written (disk full, no permission)."""

@@ -127,3 +127,82 @@ def test_a_state_file_holding_a_pickled_object_is_refused(name, tmp_path):
         again.fit(resume_from=ckpt)
     assert str(info.value).startswith(f"{state_file}: refused")
     assert not marker.exists()
+
+
+def _run_with_checkpoints(tmp_path, every: int = 1):
+    trainer = _trainer("sft", tmp_path / "run")
+    trainer.save_interval = every
+    trainer.fit()
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header", "zip bytes"])
+def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning_and_a_named_one_is_refused(damage, tmp_path,
+                                                                                            caplog):
+    """A copy cut short, a header overwritten, flipped bytes in the state zip: ``--resume`` (latest) falls back to
+    the newest intact checkpoint, saying which it skipped and why; ``--resume PATH`` to the damaged one is one
+    error naming the file and the newest intact checkpoint. Before, the first two died in safetensors."""
+    from coati.errors import CheckpointError
+    from coati.trainer import resolve_resume
+
+    run = _run_with_checkpoints(tmp_path)
+    newest = run / "checkpoints" / f"step_{2 * STEPS_PER_EPOCH}"
+    before = run / "checkpoints" / f"step_{2 * STEPS_PER_EPOCH - 1}"
+    assert resolve_resume(True, run) == newest
+    target = newest / "model" / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    if damage == "truncated":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage header":
+        target.write_bytes(b"\xff" * 16 + data[16:])
+    else:
+        target = newest / "trainer_state" / "state.pt"
+        data = bytearray(target.read_bytes())
+        middle = len(data) // 2
+        data[middle: middle + 8] = bytes(255 - b for b in data[middle: middle + 8])
+        target.write_bytes(data)
+    with caplog.at_level("WARNING", logger="coati"):
+        assert resolve_resume(True, run) == before
+    assert any(str(target) in r.getMessage() and "skipping damaged checkpoint" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(CheckpointError) as info:
+        resolve_resume(newest, run)
+    message = str(info.value)
+    assert "\n" not in message and str(target) in message and message.endswith(f"is {before}")
+    # the fallback resumes: the run from it ends with the uninterrupted run's weights
+    resumed = _trainer("sft", tmp_path / "resumed")
+    resumed.fit(resume_from=before)
+    full = _trainer("sft", tmp_path / "full")
+    full.fit()
+    for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_and_no_half_written_one(tmp_path, monkeypatch):
+    """ENOSPC while writing the state of step 2: one CheckpointError line saying what failed, no step_2 or
+    step_2.tmp directory, and step_1 still what ``--resume`` picks, whole."""
+    import errno
+
+    from coati.errors import CheckpointError
+    from coati.trainer import resolve_resume
+    from coati.trainer.base import damaged_file
+
+    trainer = _trainer("sft", tmp_path / "run")
+    trainer.save_interval = 1
+    real = trainer.strategy.save_state
+    calls = []
+
+    def full_disk(path, state):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, state)
+
+    monkeypatch.setattr(trainer.strategy, "save_state", full_disk)
+    with pytest.raises(CheckpointError) as info:
+        trainer.fit()
+    assert "No space left on device" in str(info.value) and "step_2" in str(info.value)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_1"]
+    assert resolve_resume(True, tmp_path / "run") == checkpoints / "step_1"
+    assert damaged_file(checkpoints / "step_1") is None

@@ -8,10 +8,12 @@ short samples.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..dataset.packing import batch_token_counts
-from ..errors import MissingInputError, UsageError
+from ..errors import CheckpointError, MissingInputError, UsageError
 from ..utils.flops import device_peak_tflops
 from .callbacks import MetricsLogger, logger
 from .strategies import Strategy
@@ -37,31 +39,74 @@ def checkpoint_dir(save_path: str | os.PathLike, step: int) -> Path:
     return Path(save_path) / CHECKPOINTS / f"step_{step}"
 
 
-def latest_checkpoint(save_path: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step (temp dirs of interrupted saves are ignored)."""
+def damaged_file(checkpoint: Path) -> str | None:
+    """The first file of ``checkpoint`` that cannot be read whole, with what is wrong, or None. Checks what is
+    cheap to check without loading: a safetensors file's header and that its data ends where the file does, a
+    torch zip file's CRCs, a JSON file's syntax. Coati writes checkpoints atomically; this catches what happens
+    to them afterwards (a copy cut short, a full disk, another tool)."""
+    for file in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                with open(file, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    if size > file.stat().st_size - 8:
+                        return f"{file}: its header claims {size} bytes, more than the file holds"
+                    header = json.loads(f.read(size))
+                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+                if 8 + size + max(ends, default=0) != file.stat().st_size:
+                    return f"{file}: {file.stat().st_size} bytes where its header describes {8 + size + max(ends)}"
+            elif file.suffix in (".pt", ".bin") and zipfile.is_zipfile(file):
+                with zipfile.ZipFile(file) as z:
+                    bad = z.testzip()
+                if bad is not None:
+                    return f"{file}: member {bad} fails its CRC"
+            elif file.suffix == ".pt":
+                return f"{file}: not a torch zip file"
+            elif file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, zipfile.BadZipFile) as err:
+            return f"{file}: {err}"
+    return None
+
+
+def latest_checkpoint(save_path: str | os.PathLike, *, intact: bool = False) -> Path | None:
+    """The complete checkpoint with the highest step (temp dirs of interrupted saves are ignored); with
+    ``intact``, the highest one :func:`damaged_file` finds nothing wrong with, warning about each it skips."""
     root = Path(save_path) / CHECKPOINTS
     steps = [(int(p.name.split("_")[1]), p) for p in root.glob("step_*")
              if p.is_dir() and p.name.split("_")[1].isdigit() and (p / "trainer_state" / "state.pt").exists()]
-    return max(steps)[1] if steps else None
+    for _, path in sorted(steps, reverse=True):
+        problem = damaged_file(path) if intact else None
+        if problem is None:
+            return path
+        logger.warning("skipping damaged checkpoint %s (%s); trying the one before it", path, problem)
+    return None
 
 
 def resolve_resume(resume: str | os.PathLike | None, save_path: str | os.PathLike | None) -> Path | None:
-    """``--resume`` alone means the latest checkpoint under save_path; a path names one checkpoint."""
+    """``--resume`` alone means the newest intact checkpoint under save_path (a damaged newer one is skipped
+    with a warning); a path names one checkpoint, and a damaged one is an error naming the damaged file and the
+    newest intact checkpoint beside it."""
     if resume in (None, False, ""):
         return None
     if resume in (True, "latest"):
         if save_path is None:
             raise UsageError("--resume without a path needs --save_path")
-        found = latest_checkpoint(save_path)
+        found = latest_checkpoint(save_path, intact=True)
         if found is None:
-            raise MissingInputError(f"--resume: no checkpoint under {Path(save_path) / CHECKPOINTS}")
+            raise MissingInputError(f"--resume: no intact checkpoint under {Path(save_path) / CHECKPOINTS}")
         return found
     path = Path(resume)
     if not (path / "trainer_state" / "state.pt").exists():
-        found = latest_checkpoint(path)
+        found = latest_checkpoint(path, intact=True)
         if found is None:
-            raise MissingInputError(f"--resume: {path} holds no trainer_state/state.pt")
-        path = found
+            raise MissingInputError(f"--resume: {path} holds no intact trainer_state/state.pt")
+        return found
+    problem = damaged_file(path)
+    if problem is not None:
+        other = latest_checkpoint(path.parent.parent, intact=True) if path.parent.name == CHECKPOINTS else None
+        hint = f"; the newest intact checkpoint is {other}" if other is not None else ""
+        raise CheckpointError(f"--resume {path}: damaged, {problem}{hint}")
     return path
 
 
@@ -73,9 +118,14 @@ def save_checkpoint(strategy: Strategy, path: Path, models: dict[str, nn.Module]
     if strategy.is_rank0() and tmp.exists():
         shutil.rmtree(tmp)
     strategy.barrier()
-    for name, model in models.items():
-        strategy.save_model(model, tmp / name, tokenizer=tokenizer, exact=True)
-    strategy.save_state(tmp / "trainer_state", state)
+    try:
+        for name, model in models.items():
+            strategy.save_model(model, tmp / name, tokenizer=tokenizer, exact=True)
+        strategy.save_state(tmp / "trainer_state", state)
+    except OSError as err:  # a full disk, a lost mount: the previous checkpoints stay as they are
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {path} ({err.strerror or err}); the checkpoints "
+                              f"before it are intact") from None
     strategy.barrier()
     if strategy.is_rank0():
         if path.exists():

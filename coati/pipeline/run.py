@@ -73,6 +73,7 @@ CRITIC_FREE = tuple(name for name, preset in rl.PRESETS.items()
                     if not rl.ADV_ESTIMATORS[preset["adv_estimator"]].needs_critic)
 PREFERENCE = ("dpo", "ipo", "orpo", "simpo")
 ALGOS = ("ppo", *CRITIC_FREE, *PREFERENCE)
+CURVE_POINTS = 25  # RL stages log (and curves.png draws) this many points
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,7 +387,7 @@ class _Run:
                          kl_coef=args.kl_coef, ptx_coef=0.0, num_episodes=args.ppo_episodes, num_collect_steps=1,
                          num_update_steps=1, max_epochs=1, train_batch_size=args.ppo_train_batch_size,
                          lr=args.ppo_lr, critic_lr=args.critic_lr, max_new_tokens=self.max_new_tokens,
-                         save_path=str(out / "ppo"), log_interval=max(1, args.ppo_episodes // 5), log_entropy=False)
+                         save_path=str(out / "ppo"), log_interval=max(1, args.ppo_episodes // CURVE_POINTS), log_entropy=False)
         history = ppo.fit(prompt_dl)
         self.timings["ppo"] = time.perf_counter() - t0
         res = self.evaluate(ppo.actor, reward_model=reward_model, reference=reference, tag="ppo")
@@ -434,7 +435,7 @@ class _Run:
                              num_update_steps=1, max_epochs=1,
                              train_batch_size=prompt_dl.batch_size * args.n_samples_per_prompt, lr=args.rl_lr,
                              max_new_tokens=self.max_new_tokens, save_path=str(self.out / args.algo),
-                             log_interval=max(1, args.rl_episodes // 5), log_entropy=False)
+                             log_interval=max(1, args.rl_episodes // CURVE_POINTS), log_entropy=False)
         trainer.fit(prompt_dl)
         return trainer
 

@@ -287,6 +287,8 @@ def test_critic_free_run_holds_no_critic_and_resumes_exactly(tmp_path):
     # resumed where it wrote: the rollout dump keeps episodes 1-2, then continues with 3-4, no duplicates
     dump = (tmp_path / "full" / "rollouts.jsonl").read_text()
     assert [json.loads(x)["step"] for x in dump.splitlines()] == [e for e in (1, 2, 3, 4) for _ in range(16)]
+    with open(tmp_path / "full" / "rollouts.jsonl", "a") as f:
+        f.write('{"step": 5, "prompt": "a line cut sh')  # a run killed while writing
     run(tmp_path / "full", resume=step2)
     again = (tmp_path / "full" / "rollouts.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in again] == [e for e in (1, 2, 3, 4) for _ in range(16)]
@@ -418,6 +420,14 @@ def test_rollout_dump_holds_every_sample_with_advantages_equal_to_grpos_formula(
         zero = sum(len({r["score"] for r in g}) == 1 for g in groups) / len(groups)
         assert metrics["sampling/zero_adv_group_share"] == pytest.approx(zero)
     assert 0 < hist[0]["sampling/zero_adv_group_share"] < 1
+
+
+def test_rollout_dump_goes_to_a_save_path_nothing_else_created(tmp_path):
+    """Metrics logged elsewhere (--log_dir): the dump still finds its directory."""
+    trainer, prompts = _critic_free("grpo", 4, episodes=1, save_path=str(tmp_path / "new" / "run"),
+                                    log_dir=str(tmp_path / "logs"))
+    trainer.fit(prompts)
+    assert len(_dump(tmp_path / "new" / "run")) == 16
 
 
 def test_rollout_dump_shows_rloos_kl_shaped_reward_and_leave_one_out_advantage(tmp_path):

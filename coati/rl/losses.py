@@ -65,7 +65,9 @@ def _clipped_surrogate(ratio: torch.Tensor, log_ratio: torch.Tensor, adv: torch.
     with torch.no_grad():
         r, lr = ratio.detach(), log_ratio.detach()
         valid = mask.bool()
-        metrics = {name: agg_loss(x.float(), mask, agg_mode, norm_len) for name, x in (
+        # shares and means stay shares and means whatever the loss sums: per token, or per sequence first
+        share_mode = "token_mean" if agg_mode == "token_mean" else "seq_mean_token_mean"
+        metrics = {name: agg_loss(x.float(), mask, share_mode) for name, x in (
             ("pg_clipfrac", surr2.detach().lt(surr1.detach())), ("pg_clipfrac_high", (r > 1 + clip_high) & (adv > 0)),
             ("pg_clipfrac_low", (r < 1 - clip_low) & (adv < 0)), ("ppo_kl", r - 1 - lr))}
         metrics["ratio_max"] = r[valid].max() if valid.any() else r.new_tensor(1.0)

@@ -539,11 +539,20 @@ class PPOTrainer:
                 group = []
         return step_metrics
 
+    @property
+    def _compute_precision(self) -> str | None:
+        """The actor's compute precision for the on-policy tolerance: the strategy's, or bf16 / fp16 where the
+        actor holds low-precision weights (a frozen bf16 or quantized base under LoRA)."""
+        if self.strategy.compute_precision is None:
+            low = {p.dtype for p in self.strategy.unwrap(self.actor).parameters()} & {torch.bfloat16, torch.float16}
+            return "bf16" if low else None
+        return self.strategy.compute_precision
+
     def _check_on_policy(self, metrics: dict[str, float]) -> None:
         """Warn when the first update of a batch is off-policy: its ratios should be 1 (see _ON_POLICY_TOL)."""
         lo = float(self.strategy.all_reduce(torch.tensor(metrics["actor/ratio_min"]), op="min"))
         hi = float(self.strategy.all_reduce(torch.tensor(metrics["actor/ratio_max"]), op="max"))
-        tol = _ON_POLICY_TOL[self.strategy.compute_precision]
+        tol = _ON_POLICY_TOL[self._compute_precision]
         if max(hi - 1, 1 - lo) > tol and self.strategy.is_rank0():
             logger.warning("episode %d: the first update is off-policy: importance ratios in [%.4g, %.4g] where the "
                            "policy that sampled gives 1 (tolerance %g). Likely causes: dropout still on in the "
@@ -620,10 +629,19 @@ class PPOTrainer:
         """At the start of fit: rollouts.jsonl keeps only the episodes this run has already taken (none for a
         fresh run, those up to the checkpoint for a resumed one), so it continues without duplicates."""
         path = Path(self.save_path or "", "rollouts.jsonl")
-        if not self.save_path or not self.strategy.is_rank0() or not path.is_file():
+        if not self.save_path or not self.strategy.is_rank0():
             return
+        path.parent.mkdir(parents=True, exist_ok=True)  # the dump may come before any other file there
+        if not path.is_file():
+            return
+        kept = []
         with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= self.episode]
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= self.episode:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):  # a line cut short by a killed run
+                    logger.warning("%s: dropping an unreadable line (a run killed while writing it)", path)
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, path)

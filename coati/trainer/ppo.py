@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -109,6 +110,13 @@ class _Collected:
         self.tokens += float(exp.attention_mask.sum())
         for k, v in exp.timings.items():
             self.timings[k] = self.timings.get(k, 0.0) + v
+
+
+def _informative_groups(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Per group of ``n`` consecutive samples (one prompt's), whether their scores differ: a group whose scores
+    are all equal gives the task no signal (DAPO's dynamic sampling drops it)."""
+    scores = scores.reshape(-1, n)
+    return (scores != scores[:, :1]).any(-1)
 
 
 class _Cycle:
@@ -440,13 +448,14 @@ class PPOTrainer:
         """Dr. GRPO's constant length normaliser: the generation budget."""
         return self.config.max_new_tokens or self.config.max_seq_len
 
-    def _weights(self, group: list[Experience], by_tokens: bool) -> list[float]:
-        """Each micro-batch's share of the optimizer step over every process (by valid tokens, else by
-        sequences), times the number of processes, which DDP / FSDP divide the summed gradients by: the step
-        is the aggregation of the global batch, whatever the processes' and micro-batches' sizes."""
-        sizes = [float(e.action_mask.sum()) if by_tokens else float(e.batch_size) for e in group]
-        total = float(self.strategy.all_reduce(torch.tensor(sum(sizes), dtype=torch.float64), op="sum"))
-        return [n * self.strategy.world_size / (total or 1.0) for n in sizes]
+    def _weights(self, group: list[Experience]) -> tuple[list[float], list[float]]:
+        """Each micro-batch's share of the optimizer step over every process, by valid tokens and by sequences
+        (one all-reduce for both), times the number of processes, which DDP / FSDP divide the summed gradients
+        by: the step is the aggregation of the global batch, whatever the processes' and micro-batches' sizes."""
+        sizes = torch.tensor([[float(e.action_mask.sum()), float(e.batch_size)] for e in group], dtype=torch.float64)
+        totals = self.strategy.all_reduce(sizes.sum(0), op="sum").cpu().clamp(min=1.0)
+        shares = sizes * self.strategy.world_size / totals
+        return shares[:, 0].tolist(), shares[:, 1].tolist()
 
     def _actor_step(self, group: list[Experience]) -> dict[str, float]:
         strategy, actor = self.strategy, self.actor
@@ -457,8 +466,8 @@ class PPOTrainer:
             sums["actor/entropy"] = 0.0
         if use_ptx:
             sums["actor/ptx_loss"] = 0.0
-        weights = self._weights(group, by_tokens=self.config.loss_agg_mode == "token_mean")
-        seq_weights = self._weights(group, by_tokens=False)
+        token_weights, seq_weights = self._weights(group)
+        weights = token_weights if self.config.loss_agg_mode == "token_mean" else seq_weights
         for i, (exp, weight, seq_weight) in enumerate(zip(group, weights, seq_weights)):
             last = i == len(group) - 1
             num_actions = exp.num_actions
@@ -494,7 +503,7 @@ class PPOTrainer:
     def _critic_step(self, group: list[Experience]) -> dict[str, float]:
         strategy, critic = self.strategy, self.critic
         sums = {"critic/vf_loss": 0.0, "critic/vf_clipfrac": 0.0}
-        for i, (exp, weight) in enumerate(zip(group, self._weights(group, by_tokens=False))):
+        for i, (exp, weight) in enumerate(zip(group, self._weights(group)[1])):
             with self._sync(critic, i == len(group) - 1):
                 with strategy.autocast():
                     values = critic(exp.sequences, attention_mask=exp.attention_mask, num_actions=exp.num_actions)
@@ -539,7 +548,7 @@ class PPOTrainer:
                 group = []
         return step_metrics
 
-    @property
+    @functools.cached_property
     def _compute_precision(self) -> str | None:
         """The actor's compute precision for the on-policy tolerance: the strategy's, or bf16 / fp16 where the
         actor holds low-precision weights (a frozen bf16 or quantized base under LoRA)."""
@@ -604,16 +613,11 @@ class PPOTrainer:
         metrics["training/optim_steps"] = self.optim_step
         return metrics
 
-    @staticmethod
-    def _zero_signal_groups(infos: list[dict[str, torch.Tensor]]) -> list[float]:
-        """[groups whose scores are all equal (no advantage: no gradient), groups] on this process."""
-        zero = total = 0
-        for info in infos:
-            for g in info["group"].unique():
-                scores = info["score"][info["group"] == g]
-                total += 1
-                zero += int(bool((scores == scores[0]).all()))
-        return [float(zero), float(total)]
+    def _zero_signal_groups(self, infos: list[dict[str, torch.Tensor]]) -> list[float]:
+        """[groups whose scores are all equal (the task gives them no signal), groups] on this process."""
+        informative = torch.cat([_informative_groups(info["score"], self.config.n_samples_per_prompt)
+                                 for info in infos])
+        return [float((~informative).sum()), float(informative.numel())]
 
     # ----- collection ---------------------------------------------------------------------------------
     def _dumps_rollouts(self, episode: int) -> bool:
@@ -708,8 +712,7 @@ class PPOTrainer:
                 break
             exp = self._experience(prompts_per_batch, collected)
             rounds += 1
-            scores = exp.info["score"].reshape(-1, n)
-            informative = (scores != scores[:, :1]).any(-1)
+            informative = _informative_groups(exp.info["score"], n)
             generated += informative.numel()
             groups = informative.nonzero().flatten()[: max(target - kept, 0)]
             if len(groups):

@@ -225,7 +225,7 @@ WORKERS = {"coati": worker_coati, "trl": worker_trl, "plain": worker_plain}
 
 def main() -> None:
     parser = harness.common_parser(__doc__, steps=10, batch_size=4, seq_len=256, plain_loop=True)
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta in all workers")
+    parser.add_argument("--beta", type=harness.Bounded(float, "> 0"), default=0.1, help="DPO beta in all workers")
     parser.add_argument("--packing", action="store_true",
                         help="coati packs each batch's pairs into rows, each pair's shared prompt once (TRL's "
                              "DPOTrainer and the plain loop stay padded)")

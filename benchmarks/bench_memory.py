@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
+from harness import Bounded  # noqa: E402
 import ppo_memory  # noqa: E402
 
 # spec -> (strategy name, extra make_strategy kwargs)
@@ -79,20 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", default="naive,ddp,fsdp_z2,fsdp_z3",
                    help=f"comma-separated, from: {', '.join(SPECS)}")
     p.add_argument("--config", choices=sorted(harness.PRESETS), default="small", help="LLaMA shape preset")
-    p.add_argument("--hidden", type=int, default=None, help="override the preset's hidden size")
-    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    p.add_argument("--nproc", type=int, default=2, help="processes for every strategy but naive")
-    p.add_argument("--batch_size", type=int, default=4, help="global sequences per step (divisible by --nproc)")
-    p.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
-    p.add_argument("--warmup_steps", type=int, default=1, help="untimed optimizer steps before timing")
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--hidden", type=Bounded(int, ">= 4"), default=None, help="override the preset's hidden size")
+    p.add_argument("--layers", type=Bounded(int, ">= 1"), default=None, help="override the preset's layer count")
+    p.add_argument("--nproc", type=Bounded(int, ">= 1"), default=2, help="processes for every strategy but naive")
+    p.add_argument("--batch_size", type=Bounded(int, ">= 1"), default=4, help="global sequences per step (divisible by --nproc)")
+    p.add_argument("--seq_len", type=Bounded(int, ">= 2"), default=128, help="tokens per sequence")
+    p.add_argument("--steps", type=Bounded(int, ">= 1"), default=3, help="timed optimizer steps")
+    p.add_argument("--warmup_steps", type=Bounded(int, ">= 0"), default=1, help="untimed optimizer steps before timing")
+    p.add_argument("--lr", type=Bounded(float, "> 0"), default=1e-5)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the strategy's mixed precision")
     p.add_argument("--grad_checkpoint", action="store_true", help="gradient checkpointing in every strategy")
-    p.add_argument("--threads", type=int, default=1, help="torch/OMP threads per process")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=29671, help="rendezvous port for the torchrun jobs")
+    p.add_argument("--threads", type=Bounded(int, ">= 1"), default=1, help="torch/OMP threads per process")
+    p.add_argument("--seed", type=Bounded(int, ">= 0"), default=0)
+    p.add_argument("--port", type=Bounded(int, "[1, 65535]"), default=29671, help="rendezvous port for the torchrun jobs")
     p.add_argument("--output", default=None, help="also write the JSON line to this file")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     ppo_memory.add_args(p)  # --ppo full,lora,lora_8bit,lora_4bit,...: PPO memory per variant instead

@@ -62,6 +62,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from harness import Bounded  # noqa: E402
 
 PROMPTS = harness.SHARED_DATA / "prompts" / "vicuna_question_80.jsonl"
 
@@ -76,8 +77,8 @@ def distinct_word_reward(prompts, completions, **kwargs):
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--gen_len", type=int, default=64, help="new tokens generated per row (exactly)")
-    parser.add_argument("--num_generations", type=int, default=2,
+    parser.add_argument("--gen_len", type=Bounded(int, ">= 1"), default=64, help="new tokens generated per row (exactly)")
+    parser.add_argument("--num_generations", type=Bounded(int, ">= 1"), default=2,
                         help="GRPO group size G; each prompt is repeated G times for both frameworks")
     parser.add_argument("--reward", choices=["fn", "model"], default="fn",
                         help="fn: a Python reward function; model: a (random) reward model on the same body")

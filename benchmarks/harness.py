@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout
+from coati.utils.config import Bounded  # noqa: E402  (light: argparse and coati.errors only)
+
 # the real data beside the repository; COATI_SHARED_DATA points elsewhere (a device machine gets a copy)
 SHARED_DATA = Path(os.environ.get("COATI_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESULT_TAG = "BENCH_RESULT "
@@ -47,23 +50,23 @@ def common_parser(description: str, *, steps: int, batch_size: int, seq_len: int
     """The flags every benchmark shares; ``plain_loop``: the script has a ``plain`` worker too."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(PRESETS), default="small", help="LLaMA shape preset")
-    p.add_argument("--hidden", type=int, default=None, help="override the preset's hidden size")
-    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    p.add_argument("--steps", type=int, default=steps, help="timed optimizer steps")
-    p.add_argument("--warmup_steps", type=int, default=2, help="untimed optimizer steps before timing")
-    p.add_argument("--batch_size", type=int, default=batch_size)
-    p.add_argument("--seq_len", type=int, default=seq_len, help="max tokens per sequence (truncation length)")
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--hidden", type=Bounded(int, ">= 4"), default=None, help="override the preset's hidden size")
+    p.add_argument("--layers", type=Bounded(int, ">= 1"), default=None, help="override the preset's layer count")
+    p.add_argument("--steps", type=Bounded(int, ">= 1"), default=steps, help="timed optimizer steps")
+    p.add_argument("--warmup_steps", type=Bounded(int, ">= 0"), default=2, help="untimed optimizer steps before timing")
+    p.add_argument("--batch_size", type=Bounded(int, ">= 1"), default=batch_size)
+    p.add_argument("--seq_len", type=Bounded(int, ">= 2"), default=seq_len, help="max tokens per sequence (truncation length)")
+    p.add_argument("--lr", type=Bounded(float, "> 0"), default=1e-5)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="fp32 weights either way; bf16 = autocast in both frameworks")
-    p.add_argument("--threads", type=int, default=1, help="torch/OMP threads per worker process")
-    p.add_argument("--peak_tflops", type=float, default=None,
+    p.add_argument("--threads", type=Bounded(int, ">= 1"), default=1, help="torch/OMP threads per worker process")
+    p.add_argument("--peak_tflops", type=Bounded(float, "> 0"), default=None,
                    help="the accelerator's dense bf16 peak for MFU (default: COATI_PEAK_TFLOPS, else looked up "
                         "from the CUDA device name, coati.utils.flops.PEAK_BF16_TFLOPS)")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=Bounded(int, ">= 1"), default=1,
                    help="run each framework this many times, alternating, and keep the median run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=Bounded(int, ">= 0"), default=0)
     p.add_argument("--coati_optim", choices=["default", "fused", "foreach"], default="default",
                    help="default: the optimizer coati's trainer builds itself; fused/foreach: hand it "
                         "torch.optim.AdamW(fused=True / foreach=True) instead (TRL's default is fused)")

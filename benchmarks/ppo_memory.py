@@ -55,11 +55,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("PPO memory (--ppo)")
     g.add_argument("--ppo", default=None, help=f"run PPO variants instead of --strategies, from: {', '.join(VARIANTS)} "
                                                f"(e.g. {DEFAULT})")
-    g.add_argument("--intermediate", type=int, default=None,
+    g.add_argument("--intermediate", type=harness.Bounded(int, ">= 1"), default=None,
                    help="override the MLP width (4-bit on CPU needs multiples of 64 to quantize every layer)")
-    g.add_argument("--vocab_size", type=int, default=32000, help="vocabulary size of the random model")
+    g.add_argument("--vocab_size", type=harness.Bounded(int, ">= 2"), default=32000, help="vocabulary size of the random model")
     g.add_argument("--llama7b", action="store_true", help="LLaMA-7B's shape (GPU; writes a 13 GB fp16 model dir)")
-    g.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of the LoRA variants")
+    g.add_argument("--lora_rank", type=harness.Bounded(int, ">= 1"), default=16, help="LoRA rank of the LoRA variants")
     g.add_argument("--_model_dir", default=None, help=argparse.SUPPRESS)
 
 

@@ -18,14 +18,14 @@ from typing import Any, Callable, Iterator
 from .errors import UsageError, UserError
 from .models.loading import FROZEN_DTYPES
 from .models.families import FAMILIES
-from .utils.config import BoolFlag  # noqa: F401  (scripts use cli.BoolFlag)
+from .utils.config import BoolFlag, Bounded, Parser, add_config_args, config_from_args
 
 # How long a rank other than 0 waits, after a user error, for torchrun to stop it once rank 0 has reported the
 # same error and exited; past it, rank 0 did not fail and this rank reports its own error.
 RANK0_GRACE_S = 10.0
 
 def make_parser(description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return Parser(description=description)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -47,9 +47,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora_rank", type=int, default=0, help="LoRA rank; 0 trains all weights")
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch")
+    g.add_argument("--lora_rank", type=Bounded(int, ">= 0"), default=0, help="LoRA rank; 0 trains all weights")
+    g.add_argument("--lora_alpha", type=Bounded(float, "> 0"), default=None, help="LoRA alpha (default: equal to the rank)")
+    g.add_argument("--lora_dropout", type=Bounded(float, "[0, 1)"), default=0.0, help="dropout on the LoRA branch")
     g.add_argument("--lora_train_bias", default="none", choices=["none", "all", "lora_only"],
                    help="which biases train alongside LoRA")
     g.add_argument("--lora_target_modules", nargs="+", default=None,
@@ -77,8 +77,8 @@ def add_strategy_args(p: argparse.ArgumentParser) -> None:
                    help="compute precision: matmuls run in bf16 / fp16 under autocast (fsdp: FSDP2's mixed "
                         "precision policy, gradients reduced in fp32) while the weights that train stay fp32 "
                         "masters the optimizer updates; fp16 uses a grad scaler and needs a GPU")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    g.add_argument("--seed", type=int, default=42, help="seed for init, shuffling and sampling")
+    g.add_argument("--grad_clip", type=Bounded(float, ">= 0"), default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--seed", type=Bounded(int, ">= 0"), default=42, help="seed for init, shuffling and sampling")
     g.add_argument("--zero_stage", type=int, default=None, choices=[2, 3],
                    help="fsdp only: 2 = parameters stay gathered between forward and backward (ZeRO-2), "
                         "3 = re-shard them after forward (ZeRO-3, least memory); default 3")
@@ -89,21 +89,36 @@ def add_strategy_args(p: argparse.ArgumentParser) -> None:
                    help="colossalai_gemini only: static placement or auto (memory-tracer driven); default static")
 
 
-def add_logging_args(p: argparse.ArgumentParser, *, default_log_interval: int = 10,
-                     save_unit: str = "optimizer steps") -> None:
-    """``save_unit``: what ``--save_interval`` counts (PPO checkpoints between episodes)."""
-    g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--save_path", default="output", help="where the final model (and checkpoints/) go")
-    g.add_argument("--save_interval", type=int, default=0,
-                   help=f"checkpoint every N {save_unit} (0 = only the final model)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from the latest checkpoint under --save_path, or from the given checkpoint dir")
-    g.add_argument("--need_optim_ckpt", action=BoolFlag, default=True,
-                   help="store optimizer state in checkpoints (needed for exact resume)")
-    g.add_argument("--log_interval", type=int, default=default_log_interval, help="log metrics every N steps")
-    g.add_argument("--log_dir", default=None, help="metrics.jsonl / tensorboard dir (default: --save_path)")
-    g.add_argument("--use_tensorboard", action=BoolFlag, default=False, help="also log to tensorboard")
-    g.add_argument("--use_wandb", action=BoolFlag, default=False, help="also log to Weights & Biases")
+def add_logging_args(p: argparse.ArgumentParser, save_unit: str = "", **defaults: Any) -> None:
+    """The "logging and checkpoints" flags of :class:`~coati.trainer.TrainConfig`, the scripts' ``--save_path
+    output`` default and ``--resume``; ``defaults`` are a script's own (train_prompts logs every episode), and
+    ``save_unit`` what its ``--save_interval`` counts when not optimizer steps."""
+    from .trainer.config import L, SAVE_INTERVAL_HELP, TrainConfig
+
+    groups = add_config_args(p, TrainConfig, only_groups=[L], defaults={"save_path": "output", **defaults})
+    if save_unit:
+        p._option_string_actions["--save_interval"].help = SAVE_INTERVAL_HELP.format(save_unit)
+    groups[L].add_argument("--resume", nargs="?", const="latest", default=None,
+                           help="resume from the latest intact checkpoint under --save_path, or from the given "
+                                "checkpoint dir")
+
+
+def add_training_args(p: argparse.ArgumentParser, **defaults: Any) -> argparse._ArgumentGroup:
+    """The supervised loop's flags (:class:`~coati.trainer.TrainConfig`; ``defaults``: the script's own, e.g.
+    SFT's ``accumulation_steps=8``), logging and checkpoints included; returns the "training" group for a
+    script's own additions."""
+    from .trainer.config import T, TrainConfig
+
+    groups = add_config_args(p, TrainConfig, only_groups=[T], defaults=defaults)
+    add_logging_args(p)
+    return groups[T]
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The :class:`~coati.trainer.TrainConfig` the flags describe."""
+    from .trainer.config import TrainConfig
+
+    return config_from_args(TrainConfig, args)
 
 
 def strategy_names() -> list[str]:
@@ -194,20 +209,13 @@ def run(main: Callable[[], Any]) -> None:
         raise SystemExit(2) from None
 
 
-def positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return number
-
-
 def add_neftune_args(group: argparse._ArgumentGroup) -> None:
     from .models.neftune import DEFAULT_NEFTUNE_ALPHA
 
     group.add_argument("--use_neft", action=BoolFlag, default=False,
                        help="NEFTune: uniform noise of scale alpha / sqrt(seq_len * hidden) on the input "
                             "embeddings while training (none in eval)")
-    group.add_argument("--neftune_noise_alpha", type=positive_float, default=DEFAULT_NEFTUNE_ALPHA,
+    group.add_argument("--neftune_noise_alpha", type=Bounded(float, "> 0"), default=DEFAULT_NEFTUNE_ALPHA,
                        help="NEFTune's alpha (with --use_neft)")
 
 
@@ -217,25 +225,6 @@ def neftune_from_args(model: Any, args: argparse.Namespace) -> None:
         from .models.neftune import enable_neftune
 
         enable_neftune(model, args.neftune_noise_alpha)
-
-
-def add_training_args(parser: argparse.ArgumentParser, *, batch_help: str, epochs_help: str, lr: float,
-                      accumulation_steps: int = 1, warmup_ratio: float = 0.03,
-                      max_epochs: int = 1) -> argparse._ArgumentGroup:
-    """The supervised loop's flags (one declaration for train_sft, train_reward_model and train_dpo, whose
-    defaults differ); returns the "training" group for a script's own additions."""
-    t = parser.add_argument_group("training")
-    t.add_argument("--batch_size", type=int, default=4, help=batch_help)
-    t.add_argument("--accumulation_steps", "--accimulation_steps", dest="accumulation_steps", type=int,
-                   default=accumulation_steps,
-                   help="micro-batches per optimizer step (--accimulation_steps: Coati's spelling)")
-    t.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW, warmup then cosine)")
-    t.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    t.add_argument("--warmup_ratio", type=float, default=warmup_ratio, help="share of steps spent warming up")
-    t.add_argument("--max_epochs", type=int, default=max_epochs, help=epochs_help)
-    t.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    t.add_argument("--eval_interval", type=int, default=0, help="evaluate every N steps (0 = each epoch end)")
-    return t
 
 
 def add_batching_args(group: argparse._ArgumentGroup) -> None:

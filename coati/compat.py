@@ -6,6 +6,7 @@ thing, and these are the old spellings of it.
 """
 from __future__ import annotations
 
+import argparse
 from typing import Any, Callable
 
 import torch
@@ -126,3 +127,18 @@ def compute_approx_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
     if action_mask is None:
         return kl
     return masked_mean(kl, action_mask, dim=-1)
+
+
+# Coati's flag spellings: a misspelling its README used and the June-2023 names of two PPO loop sizes.
+FLAG_ALIASES = {"--accimulation_steps": "--accumulation_steps", "--max_timesteps": "--num_collect_steps",
+                "--update_timesteps": "--num_update_steps"}
+
+
+def add_flag_aliases(parser: argparse.ArgumentParser) -> None:
+    """Accept :data:`FLAG_ALIASES` as hidden spellings of the flags ``parser`` has: the same type and
+    bounds, no default of their own, not in ``--help``."""
+    for alias, name in FLAG_ALIASES.items():
+        action = parser._option_string_actions.get(name)
+        if action is not None:
+            parser.add_argument(alias, dest=action.dest, type=action.type, choices=action.choices,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)

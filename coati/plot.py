@@ -4,7 +4,6 @@ not: every ``metrics.jsonl`` in RUN_DIR and its stage subdirectories, and each s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import MissingDependencyError, MissingInputError
+from .utils.config import Parser
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -122,7 +122,7 @@ def plot_run_if_possible(run_dir: Path, summary: dict[str, Any] | None = None) -
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m coati.plot", description="Draw a run's metrics.jsonl curves (and "
+    p = Parser(prog="python -m coati.plot", description="Draw a run's metrics.jsonl curves (and "
                                 "summary.json accuracies) into one PNG.")
     p.add_argument("run_dir", type=Path, help="a run's --save_path / --output_dir (holding metrics.jsonl files)")
     p.add_argument("--out", type=Path, default=None, help="PNG to write (default: RUN_DIR/curves.png)")

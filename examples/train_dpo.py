@@ -22,7 +22,7 @@ from coati.dataset import (
 )
 from coati.models import Actor, packing_attention
 from coati.trainer import DPOTrainer, PreferenceConfig, resolve_resume
-from coati import cli
+from coati import cli, compat
 from coati.utils.config import add_config_args, config_from_args
 from coati.utils.tokenizer import load_tokenizer
 
@@ -41,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", default=None, choices=["hh-rlhf", "rm-static", "sharegpt", "ranked", "chat"],
                    help="force a pair format (default: detected from the records)")
     d.add_argument("--eval_dataset", default=None, help="held-out preference file (default: --eval_ratio of --dataset)")
-    d.add_argument("--eval_ratio", type=float, default=0.05,
+    d.add_argument("--eval_ratio", type=cli.Bounded(float, "[0, 1)"), default=0.05,
                    help="share of --dataset held out for preference accuracy / margin")
-    d.add_argument("--max_datasets_size", type=int, default=None, help="use at most this many pairs (KTO: samples)")
-    d.add_argument("--max_len", type=int, default=512, help="max tokens per chosen / rejected sequence")
+    d.add_argument("--max_datasets_size", type=cli.Bounded(int, ">= 1"), default=None, help="use at most this many pairs (KTO: samples)")
+    d.add_argument("--max_len", type=cli.Bounded(int, ">= 1"), default=512, help="max tokens per chosen / rejected sequence")
     d.add_argument("--overlong", default="truncate", choices=["truncate", "skip"],
                    help="what to do with samples over --max_len")
     cli.add_empty_records_arg(d)
@@ -52,9 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how prompts are rendered; must match the SFT stage")
     cli.add_batching_args(d)
     add_config_args(p, PreferenceConfig)
-    cli.add_training_args(p, batch_help="pairs (KTO: samples) per micro-batch per process",
-                          epochs_help="passes over the data", lr=5e-7, warmup_ratio=0.1)
-    cli.add_logging_args(p)
+    cli.add_training_args(p, lr=5e-7, warmup_ratio=0.1)
+    compat.add_flag_aliases(p)
     return p
 
 
@@ -96,16 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     eval_dl = (strategy.setup_dataloader(eval_ds, args.batch_size, shuffle=False, collate_fn=collate)
                if eval_ds is not None else None)
 
-    trainer = DPOTrainer(
-        model, strategy, train_dl, eval_dl, ref_model=ref_model, config=config, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_epochs=args.max_epochs,
-        max_steps=args.max_steps, accumulation_steps=args.accumulation_steps, save_path=args.save_path,
-        save_interval=args.save_interval, log_interval=args.log_interval, eval_interval=args.eval_interval,
-        log_dir=args.log_dir, use_tensorboard=args.use_tensorboard, use_wandb=args.use_wandb, tokenizer=tokenizer,
-        merge_lora=args.merge_lora_weights, need_optim_ckpt=args.need_optim_ckpt, run_config=vars(args),
-    )
+    trainer = DPOTrainer(model, strategy, train_dl, eval_dl, ref_model=ref_model, config=config,
+                         train_config=cli.train_config(args), tokenizer=tokenizer,
+                         merge_lora=args.merge_lora_weights, run_config=vars(args))
     trainer.fit(resume_from=resolve_resume(args.resume, args.save_path))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -38,7 +38,7 @@ from coati.models.sharing import SharedBaseRewardModel, shared_critic_and_reward
 from coati.trainer import resolve_resume
 from coati.trainer.ppo import PPOTrainer
 from coati.rl import RLConfig
-from coati import cli
+from coati import cli, compat
 from coati.utils.config import add_config_args, config_from_args
 from coati.utils.tokenizer import load_tokenizer
 
@@ -78,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data for the PPO-ptx LM loss (off when absent): any SFT format (Alpaca, messages, ShareGPT, "
                         "source/target ...; loss on the responses, prompts rendered with --prompt_template) or "
                         "{text} lines / .txt (loss on every token)")
-    d.add_argument("--max_datasets_size", type=int, default=None,
+    d.add_argument("--max_datasets_size", type=cli.Bounded(int, ">= 1"), default=None,
                    help="use at most this many prompt / pretrain records")
-    d.add_argument("--max_input_len", type=int, default=96, help="max prompt tokens (longer prompts are skipped)")
-    d.add_argument("--ptx_max_len", type=int, default=None,
+    d.add_argument("--max_input_len", type=cli.Bounded(int, ">= 1"), default=96, help="max prompt tokens (longer prompts are skipped)")
+    d.add_argument("--ptx_max_len", type=cli.Bounded(int, ">= 1"), default=None,
                    help="max tokens per pretraining sample (default: --max_seq_len)")
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="prompt format; must match the SFT stage")
@@ -89,13 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_batching_args(d)
     groups = add_config_args(p, RLConfig, {"data": d})
     t, m = groups["PPO"], groups["memory"]
-    t.add_argument("--experience_batch_size", type=int, default=8, help="prompts per generation batch per process")
-    t.add_argument("--ptx_batch_size", type=int, default=1, help="pretraining samples per micro-batch (PPO-ptx)")
+    t.add_argument("--experience_batch_size", type=cli.Bounded(int, ">= 1"), default=8, help="prompts per generation batch per process")
+    t.add_argument("--ptx_batch_size", type=cli.Bounded(int, ">= 1"), default=1, help="pretraining samples per micro-batch (PPO-ptx)")
     m.add_argument("--share_critic_reward_base", action=cli.BoolFlag, default=False,
                    help="critic and reward model share one frozen base (quantized with --quant): the critic trains "
                         "a LoRA adapter on the reward model's weights, which the reward model runs with that adapter "
                         "off (or with its own frozen adapter when --rm_path is a LoRA dir); needs --lora_rank > 0")
-    cli.add_logging_args(p, default_log_interval=1, save_unit="episodes")
+    cli.add_logging_args(p, save_unit="episodes", log_interval=1)
+    compat.add_flag_aliases(p)
     return p
 
 

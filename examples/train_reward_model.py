@@ -12,7 +12,7 @@ import os
 from coati.dataset import PackingRewardCollator, RewardCollator, RewardDataset, format_from_name, split_dataset
 from coati.models import RewardModel, packing_attention
 from coati.trainer import RewardModelTrainer, resolve_resume
-from coati import cli
+from coati import cli, compat
 from coati.utils.tokenizer import load_tokenizer
 
 
@@ -30,22 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", default=None, choices=["hh-rlhf", "rm-static", "sharegpt", "ranked"],
                    help="force a data format (default: detected from the records)")
     d.add_argument("--eval_dataset", default=None, help="held-out preference file (default: --eval_ratio of --dataset)")
-    d.add_argument("--eval_ratio", type=float, default=0.05, help="share of --dataset held out for accuracy / margin")
-    d.add_argument("--max_datasets_size", type=int, default=None, help="use at most this many pairs' records")
-    d.add_argument("--max_len", type=int, default=512, help="max tokens per chosen / rejected sequence")
+    d.add_argument("--eval_ratio", type=cli.Bounded(float, "[0, 1)"), default=0.05, help="share of --dataset held out for accuracy / margin")
+    d.add_argument("--max_datasets_size", type=cli.Bounded(int, ">= 1"), default=None, help="use at most this many pairs' records")
+    d.add_argument("--max_len", type=cli.Bounded(int, ">= 1"), default=512, help="max tokens per chosen / rejected sequence")
     d.add_argument("--overlong", default="truncate", choices=["truncate", "skip"], help="what to do with pairs over --max_len")
     cli.add_empty_records_arg(d)
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="how prompts are rendered; must match the SFT stage")
     cli.add_batching_args(d)
-    t = cli.add_training_args(p, batch_help="pairs per micro-batch per process", epochs_help="passes over the pairs",
-                              lr=5e-6)
+    t = cli.add_training_args(p)
     t.add_argument("--loss_fn", default="log_sig", choices=["log_sig", "log_exp"],
                    help="log_sig: -log sigmoid(r_c - r_r); log_exp: log(1 + exp(r_r - r_c))")
-    t.add_argument("--margin", type=float, default=0.0, help="required reward margin inside the loss")
+    t.add_argument("--margin", type=cli.Bounded(float, ">= 0"), default=0.0, help="required reward margin inside the loss")
     t.add_argument("--test", action=cli.BoolFlag, default=False,
                    help="quick smoke run: at most 256 records, one epoch (Coati's --test)")
-    cli.add_logging_args(p)
+    compat.add_flag_aliases(p)
     return p
 
 
@@ -84,14 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     eval_dl = (strategy.setup_dataloader(eval_ds, args.batch_size, shuffle=False, collate_fn=collate)
                if eval_ds is not None else None)
 
-    trainer = RewardModelTrainer(
-        model, strategy, train_dl, eval_dl, loss_fn=args.loss_fn, margin=args.margin, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_epochs=args.max_epochs,
-        max_steps=args.max_steps, accumulation_steps=args.accumulation_steps, save_path=args.save_path,
-        save_interval=args.save_interval, log_interval=args.log_interval, eval_interval=args.eval_interval,
-        log_dir=args.log_dir, use_tensorboard=args.use_tensorboard, use_wandb=args.use_wandb, tokenizer=tokenizer,
-        merge_lora=args.merge_lora_weights, need_optim_ckpt=args.need_optim_ckpt, run_config=vars(args),
-    )
+    trainer = RewardModelTrainer(model, strategy, train_dl, eval_dl, loss_fn=args.loss_fn, margin=args.margin,
+                                 train_config=cli.train_config(args), tokenizer=tokenizer,
+                                 merge_lora=args.merge_lora_weights, run_config=vars(args))
     trainer.fit(resume_from=resolve_resume(args.resume, args.save_path))
 
 

@@ -11,7 +11,7 @@ import argparse
 from coati.dataset import PackingCollator, SFTCollator, SFTDataset, split_dataset
 from coati.models import Actor, packing_attention
 from coati.trainer import SFTTrainer, resolve_resume
-from coati import cli
+from coati import cli, compat
 from coati.utils.tokenizer import load_tokenizer
 
 
@@ -24,18 +24,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--dataset", required=True, help="SFT data file or dir (Alpaca, messages, ShareGPT, text, KoChatGPT ...)")
     d.add_argument("--eval_dataset", default=None, help="held-out data file (default: --eval_ratio of --dataset)")
-    d.add_argument("--eval_ratio", type=float, default=0.0, help="share of --dataset held out for eval when no --eval_dataset")
-    d.add_argument("--max_datasets_size", type=int, default=None, help="use at most this many records (after seeded shuffle)")
-    d.add_argument("--max_len", type=int, default=512, help="max tokens per sample")
+    d.add_argument("--eval_ratio", type=cli.Bounded(float, "[0, 1)"), default=0.0, help="share of --dataset held out for eval when no --eval_dataset")
+    d.add_argument("--max_datasets_size", type=cli.Bounded(int, ">= 1"), default=None, help="use at most this many records (after seeded shuffle)")
+    d.add_argument("--max_len", type=cli.Bounded(int, ">= 1"), default=512, help="max tokens per sample")
     d.add_argument("--overlong", default="truncate", choices=["truncate", "skip"], help="what to do with samples over --max_len")
     cli.add_empty_records_arg(d)
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                    help="auto = the tokenizer's chat template if it has one, else alpaca")
     cli.add_batching_args(d)
-    t = cli.add_training_args(p, batch_help="micro-batch size per process", epochs_help="passes over the training data",
-                              lr=5e-6, accumulation_steps=8, max_epochs=3)
+    t = cli.add_training_args(p, accumulation_steps=8, max_epochs=3)
     cli.add_neftune_args(t)
-    cli.add_logging_args(p)
+    compat.add_flag_aliases(p)
     return p
 
 
@@ -69,14 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     eval_dl = (strategy.setup_dataloader(eval_ds, args.batch_size, shuffle=False, collate_fn=collate)
                if eval_ds is not None else None)
 
-    trainer = SFTTrainer(
-        model, strategy, train_dl, eval_dl, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio, max_epochs=args.max_epochs, max_steps=args.max_steps,
-        accumulation_steps=args.accumulation_steps, save_path=args.save_path, save_interval=args.save_interval,
-        log_interval=args.log_interval, eval_interval=args.eval_interval, log_dir=args.log_dir,
-        use_tensorboard=args.use_tensorboard, use_wandb=args.use_wandb, tokenizer=tokenizer,
-        merge_lora=args.merge_lora_weights, need_optim_ckpt=args.need_optim_ckpt, run_config=vars(args),
-    )
+    trainer = SFTTrainer(model, strategy, train_dl, eval_dl, train_config=cli.train_config(args), tokenizer=tokenizer,
+                         merge_lora=args.merge_lora_weights, run_config=vars(args))
     trainer.fit(resume_from=resolve_resume(args.resume, args.save_path))
 
 

@@ -1,4 +1,7 @@
-"""The example scripts' command lines: Coati's flags verbatim, real boolean switches, documented flags."""
+"""The example scripts' command lines: Coati's flags verbatim, real boolean switches, documented flags, numeric
+flags refused outside their range in one line."""
+
+import re
 
 import pytest
 
@@ -90,5 +93,97 @@ def test_dpo_flags_build_the_loss_config():
     cfg = config_from_args(PreferenceConfig, args)
     assert (cfg.loss_type, cfg.beta, cfg.gamma, cfg.precompute_ref_logps, cfg.lambda_orpo) == ("simpo", 2.5, 1.0,
                                                                                               True, 0.1)
-    with pytest.raises(UsageError, match="label_smoothing"):
-        config_from_args(PreferenceConfig, parser.parse_args("--pretrain P --dataset F --label_smoothing 0.7".split()))
+    with pytest.raises(SystemExit):  # refused by the parser, before any work
+        parser.parse_args("--pretrain P --dataset F --label_smoothing 0.7".split())
+    with pytest.raises(UsageError, match="label_smoothing"):  # and by the config, for code that builds one
+        PreferenceConfig(label_smoothing=0.7)
+
+
+# Every command line of the project: its numeric flags name their range where they are declared.
+PARSERS = {
+    **{f"examples/{name}.py": "build_parser" for name in ("train_sft", "train_reward_model", "train_dpo",
+                                                          "train_prompts")},
+    **{f"examples/colossal_llama/{name}.py": "build_parser" for name in (
+        "eval_mc", "make_expand_tokens", "prepare_pretrain_dataset", "prepare_sft_dataset", "train")},
+}
+
+
+def _parsers():
+    from coati.pipeline.run import build_parser
+
+    yield "python -m coati.pipeline", build_parser()
+    for path, name in PARSERS.items():
+        yield path, getattr(load_script(path), name)()
+
+
+def test_every_numeric_flag_of_every_script_has_bounds():
+    from coati.utils.config import Bounded
+
+    unbounded = [(where, a.option_strings) for where, parser in _parsers() for a in parser._actions
+                 if a.type in (int, float) and a.choices is None]
+    assert unbounded == []
+    assert sum(isinstance(a.type, Bounded) for _, parser in _parsers() for a in parser._actions) > 100
+
+
+@pytest.mark.parametrize("spec, inside, outside", [
+    (">= 1", ["1", "7"], ["0", "-3"]),
+    ("> 0", ["1e-9", "3"], ["0", "-1", "nan"]),
+    ("[0, 1)", ["0", "0.5"], ["1", "-0.1"]),
+    ("(0, 1]", ["1", "0.2"], ["0", "1.5"]),
+])
+def test_bounded_accepts_its_range_and_refuses_the_rest_naming_it(spec, inside, outside):
+    import argparse
+
+    from coati.utils.config import Bounded
+
+    check = Bounded(float, spec)
+    assert [check(v) for v in inside] == [float(v) for v in inside]
+    for value in outside:
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"must be (in )?{re.escape(spec)}, got {value}"):
+            check(value)
+
+
+@pytest.mark.parametrize("script, flag, value, message", [
+    ("train_sft", "--lr", "-1", "argument --lr: must be > 0, got -1"),
+    ("train_sft", "--batch_size", "0", "argument --batch_size: must be >= 1, got 0"),
+    ("train_reward_model", "--warmup_ratio", "2", "argument --warmup_ratio: must be in [0, 1], got 2"),
+    ("train_dpo", "--beta", "0", "argument --beta: must be > 0, got 0"),
+    ("train_prompts", "--top_p", "0", "argument --top_p: must be in (0, 1], got 0"),
+    ("train_prompts", "--accimulation_steps", "0", "argument --accimulation_steps: must be >= 1, got 0"),
+])
+def test_a_numeric_flag_out_of_range_is_one_line_naming_flag_and_range(script, flag, value, message, tmp_path):
+    """As a user runs it: a subprocess, offline, nothing loaded (the model dir does not exist)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, f"examples/{script}.py", "--pretrain", str(tmp_path / "none"), "--dataset", "d",
+            "--prompt_dataset", "p", flag, value]
+    if script != "train_prompts":
+        argv = [a for a in argv if a not in ("--prompt_dataset", "p")]
+    proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=root, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: {message} (see {script}.py --help)"]
+
+
+def test_configs_built_in_code_meet_the_flags_ranges():
+    from coati.errors import UsageError
+    from coati.rl import make_config
+    from coati.trainer import TrainConfig
+
+    with pytest.raises(UsageError, match="--lr must be > 0, got -1"):
+        TrainConfig(lr=-1)
+    with pytest.raises(UsageError, match="--temperature must be > 0, got 0"):
+        make_config(temperature=0)
+    assert TrainConfig(lr=1e-3, max_steps=5).max_steps == 5
+
+
+def test_coati_aliases_are_hidden_spellings_of_the_flags_they_stand_for():
+    sft, prompts = _script("train_sft").build_parser(), _script("train_prompts").build_parser()
+    base = ["--pretrain", "P", "--prompt_dataset", "F"]
+    args = prompts.parse_args(base + ["--max_timesteps", "3", "--update_timesteps", "2", "--accimulation_steps", "4"])
+    assert (args.num_collect_steps, args.num_update_steps, args.accumulation_steps) == (3, 2, 4)
+    assert prompts.parse_args(base).num_collect_steps == 10  # the alias brings no default of its own
+    assert "accimulation" not in sft.format_help() and "timesteps" not in prompts.format_help()

@@ -319,7 +319,7 @@ def test_lr_schedule_spans_the_steps_the_run_takes_and_save_interval_counts_epis
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2"]  # episode 2 of 3
     help_text = next(a.help for a in _load_example().build_parser()._actions if a.dest == "save_interval")
     assert help_text == "checkpoint every N episodes (0 = only the final model)"
-    assert f"| `--save_interval` | `0` | {help_text} |" in (ROOT / "README.md").read_text()
+    assert f"| `--save_interval` | `0` | {help_text} (>= 0) |" in (ROOT / "README.md").read_text()
 
 
 def _load_example():

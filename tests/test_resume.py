@@ -2,6 +2,7 @@
 loads with ``weights_only=True`` only: a state file holding a pickled object is refused before it can run code."""
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -131,7 +132,7 @@ def test_a_state_file_holding_a_pickled_object_is_refused(name, tmp_path):
 
 def _run_with_checkpoints(tmp_path, every: int = 1):
     trainer = _trainer("sft", tmp_path / "run")
-    trainer.save_interval = every
+    trainer.train_config = dataclasses.replace(trainer.train_config, save_interval=every)
     trainer.fit()
     return tmp_path / "run"
 
@@ -191,7 +192,7 @@ def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_and_no_half_w
     from coati.trainer.base import damaged_file
 
     trainer = _trainer("sft", tmp_path / "run")
-    trainer.save_interval = 1
+    trainer.train_config = dataclasses.replace(trainer.train_config, save_interval=1)
     real = trainer.strategy.save_state
     calls = []
 

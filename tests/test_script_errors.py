@@ -86,6 +86,20 @@ def test_refused_flag_combination_is_one_error_line(tmp_path, tok_dir):
                                         "set --lora_rank > 0"]
 
 
+@pytest.mark.parametrize("script, flag", [("train_sft", "--dataset"), ("train_dpo", "--dataset"),
+                                          ("train_prompts", "--prompt_dataset")])
+def test_a_model_dir_that_does_not_exist_is_one_error_line(script, flag, tmp_path, tok_dir):
+    """Loading a path that is not there, transformers reports an invalid Hub id in a traceback."""
+    record = {"prompt": "Q", "chosen": "good", "rejected": "bad"} if script == "train_dpo" else GOOD_SFT
+    argv = _base_argv(script, tmp_path, tok_dir) + [flag, str(_jsonl(tmp_path / "d.jsonl", [record] * 4))] + (
+        REWARD if script == "train_prompts" else [])
+    proc = _run(argv + ["--eval_ratio", "0"] if script == "train_dpo" else argv)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == (f"error: {tmp_path / 'no_model_here'}: no such model directory (nor a "
+                                            f"Hugging Face Hub id in the local cache)")
+    assert "Traceback" not in proc.stderr
+
+
 def test_merge_lora_on_a_non_adapter_dir_is_one_error_line(tmp_path):
     proc = _run([sys.executable, "examples/merge_lora.py", str(tmp_path), str(tmp_path / "out")])
     assert (proc.returncode, proc.stderr.splitlines()) == (

@@ -35,8 +35,8 @@ def flag_rows(parser: argparse.ArgumentParser) -> list[str]:
     """One ``| flag | default | meaning |`` row per option, as ``--help`` words it."""
     rows = []
     for action in parser._actions:
-        if not action.option_strings or isinstance(action, argparse._HelpAction):
-            continue
+        if not action.option_strings or isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+            continue  # hidden: Coati's spellings (coati/compat.py)
         names = [o for o in action.option_strings if not o.startswith("--no-")]
         flag = ", ".join(f"`{n}`" for n in names)
         if len(names) < len(action.option_strings):
@@ -46,6 +46,8 @@ def flag_rows(parser: argparse.ArgumentParser) -> list[str]:
         meaning = (action.help or "").replace("%%", "%")
         if action.choices:
             meaning += f" ({', '.join(str(c) for c in action.choices)})"
+        elif hasattr(action.type, "spec"):  # a Bounded number
+            meaning += f" ({action.type.spec})"
         rows.append(f"| {flag} | {shown} | {_cell(meaning)} |")
     return rows
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import missing_path
 from .dtypes import dtype_kwargs, to_dtype
 from .families import check_model_type, supports_packing
 from .lora import LoraSettings, apply_lora, is_peft_model
@@ -50,20 +51,22 @@ def _adapter_base(path: Path) -> str:
 def checkpoint_dtype(path: str | Path, trust_remote_code: bool = False) -> torch.dtype:
     """The dtype a checkpoint's ``config.json`` records for its weights (an adapter dir: its base model's),
     fp32 when it records none: what a model loaded from ``path`` saves as again."""
-    from transformers import AutoConfig
-
-    path = Path(path)
-    source = _adapter_base(path) if (path / ADAPTER_CONFIG_FILE).is_file() else str(path)
-    return config_dtype(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
+    return config_dtype(_config(path, trust_remote_code))
 
 
 def checkpoint_model_type(path: str | Path, trust_remote_code: bool = False) -> str:
     """``config.model_type`` of a checkpoint (an adapter dir: its base model's), read without loading weights."""
+    return _config(path, trust_remote_code).model_type
+
+
+def _config(path: str | Path, trust_remote_code: bool) -> Any:
+    """The ``AutoConfig`` of a checkpoint, an adapter dir's base model's for an adapter dir."""
     from transformers import AutoConfig
 
     path = Path(path)
     source = _adapter_base(path) if (path / ADAPTER_CONFIG_FILE).is_file() else str(path)
-    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
+    with missing_path(source, "model"):
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def _load_dtype(path: Path, lora: LoraSettings | None, frozen: bool, frozen_dtype: str | torch.dtype,
@@ -150,7 +153,8 @@ def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings
         base = AutoModelForCausalLM.from_pretrained(_adapter_base(path), **kwargs)
         model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        with missing_path(path, "model"):
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     return prepare_lm(model, family, lora, grad_checkpoint)
 
 

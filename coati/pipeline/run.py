@@ -44,9 +44,9 @@ from ..models import Actor, Critic, RewardModel, packing_attention
 from ..models.loading import checkpoint_model_type
 from ..models.families import resolve_packing
 from ..plot import plot_run_if_possible
-from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer
+from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer, TrainConfig
 from ..trainer.strategies import NaiveStrategy
-from ..utils.config import BoolFlag
+from ..utils.config import BoolFlag, Bounded, Parser
 from .evaluation import evaluate_policy, standardize_reward_model
 from .task import WRONG_KINDS, ArithmeticTask, exact_match_reward, write_jsonl
 from .tokenizer import build_tokenizer
@@ -77,8 +77,8 @@ CURVE_POINTS = 25  # RL stages log (and curves.png draws) this many points
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m coati.pipeline", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(
+        prog="python -m coati.pipeline",
         description="RLHF end to end: SFT -> reward model -> PPO. With no arguments: a tiny LLaMA learns "
                     "two-number addition from imperfect demonstrations, a reward model learns to check the "
                     "answers, and PPO raises the policy's accuracy. --algo grpo (or another critic-free method) "
@@ -93,23 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "Algorithms) = its --algo preset of train_prompts.py, rewarded 1 / 0 by the built-in task's "
                         "checker, no reward model or critic; dpo / ipo / orpo / simpo = that loss of train_dpo.py on "
                         "the reward model's preference pairs, no reward model")
-    g.add_argument("--seed", type=int, default=42, help="seed for data generation, initialisation and sampling")
+    g.add_argument("--seed", type=Bounded(int, ">= 0"), default=42, help="seed for data generation, initialisation and sampling")
     g.add_argument("--preset", default="default", choices=sorted(SIZES),
                    help="size preset; the flags below override single values (None = from the preset)")
     g.add_argument("--quick", dest="preset", action="store_const", const="quick",
                    help="same as --preset quick: the reduced run of the test suite (a few minutes)")
-    g.add_argument("--threads", type=int, default=1,
+    g.add_argument("--threads", type=Bounded(int, ">= 1"), default=1,
                    help="torch CPU threads; the tiny default model runs fastest on 1 (more threads only contend)")
-    g.add_argument("--log_interval", type=int, default=100, help="print trainer metrics every N steps")
+    g.add_argument("--log_interval", type=Bounded(int, ">= 1"), default=100, help="print trainer metrics every N steps")
     _add_data_args(p.add_argument_group("your own model and data (each optional; the built-in task fills the rest)"))
     t = p.add_argument_group("built-in task")
-    t.add_argument("--low", type=int, default=10, help="smallest number in a question")
-    t.add_argument("--high", type=int, default=49, help="largest number in a question")
-    t.add_argument("--slip_rate", type=float, default=0.3,
+    t.add_argument("--low", type=Bounded(int, ">= 0"), default=10, help="smallest number in a question")
+    t.add_argument("--high", type=Bounded(int, ">= 0"), default=49, help="largest number in a question")
+    t.add_argument("--slip_rate", type=Bounded(float, "[0, 1]"), default=0.3,
                    help="share of SFT demonstrations whose last digit is off by 1 or 2")
-    t.add_argument("--num_eval", type=int, default=None, help="held-out questions (never trained on)")
-    t.add_argument("--hidden_size", type=int, default=None, help="tiny LLaMA hidden size")
-    t.add_argument("--num_layers", type=int, default=None, help="tiny LLaMA layers")
+    t.add_argument("--num_eval", type=Bounded(int, ">= 1"), default=None, help="held-out questions (never trained on)")
+    t.add_argument("--hidden_size", type=Bounded(int, ">= 4"), default=None, help="tiny LLaMA hidden size")
+    t.add_argument("--num_layers", type=Bounded(int, ">= 1"), default=None, help="tiny LLaMA layers")
     _add_stage_args(p.add_argument_group("stage sizes and learning rates"))
     return p
 
@@ -125,52 +125,52 @@ def _add_data_args(d: argparse._ArgumentGroup) -> None:
                    help="PPO prompts (any format PromptDataset reads); --eval_ratio of it is held out")
     d.add_argument("--prompt_template", default=None, choices=["auto", "alpaca", "chatml", "none"],
                    help="prompt format for every stage (default: none for the built-in data, else auto)")
-    d.add_argument("--eval_ratio", type=float, default=0.1,
+    d.add_argument("--eval_ratio", type=Bounded(float, "[0, 1)"), default=0.1,
                    help="share of your --preference_dataset / --prompt_dataset held out for the table")
-    d.add_argument("--max_len", type=int, default=512, help="max tokens of an SFT / reward sample")
+    d.add_argument("--max_len", type=Bounded(int, ">= 1"), default=512, help="max tokens of an SFT / reward sample")
     d.add_argument("--packing", action=BoolFlag, default="auto",
                    help="SFT, reward and preference batches packed without padding (train_sft.py's --packing); "
                         "auto = where the architecture keeps packed samples apart (the built-in LLaMA does)")
-    d.add_argument("--max_new_tokens", type=int, default=None,
+    d.add_argument("--max_new_tokens", type=Bounded(int, ">= 1"), default=None,
                    help="response tokens generated in PPO and evaluation (default: 4 built-in, 64 otherwise)")
 
 
 def _add_stage_args(s: argparse._ArgumentGroup) -> None:
-    s.add_argument("--sft_per_question", type=int, default=None, help="SFT demonstrations per training question")
-    s.add_argument("--sft_steps", type=int, default=None, help="SFT optimizer steps")
-    s.add_argument("--sft_batch_size", type=int, default=None, help="SFT batch size")
-    s.add_argument("--sft_lr", type=float, default=None, help="SFT peak learning rate (warmup + cosine)")
-    s.add_argument("--rm_per_question", type=int, default=None, help="preference pairs per training question")
-    s.add_argument("--rm_steps", type=int, default=None, help="reward-model optimizer steps")
-    s.add_argument("--rm_batch_size", type=int, default=None, help="reward-model batch size (pairs)")
-    s.add_argument("--rm_lr", type=float, default=None, help="reward-model peak learning rate")
-    s.add_argument("--ppo_episodes", type=int, default=None,
+    s.add_argument("--sft_per_question", type=Bounded(int, ">= 1"), default=None, help="SFT demonstrations per training question")
+    s.add_argument("--sft_steps", type=Bounded(int, ">= 1"), default=None, help="SFT optimizer steps")
+    s.add_argument("--sft_batch_size", type=Bounded(int, ">= 1"), default=None, help="SFT batch size")
+    s.add_argument("--sft_lr", type=Bounded(float, "> 0"), default=None, help="SFT peak learning rate (warmup + cosine)")
+    s.add_argument("--rm_per_question", type=Bounded(int, ">= 1"), default=None, help="preference pairs per training question")
+    s.add_argument("--rm_steps", type=Bounded(int, ">= 1"), default=None, help="reward-model optimizer steps")
+    s.add_argument("--rm_batch_size", type=Bounded(int, ">= 1"), default=None, help="reward-model batch size (pairs)")
+    s.add_argument("--rm_lr", type=Bounded(float, "> 0"), default=None, help="reward-model peak learning rate")
+    s.add_argument("--ppo_episodes", type=Bounded(int, ">= 1"), default=None,
                    help="PPO episodes (each: one batch of rollouts, then one pass of updates)")
-    s.add_argument("--ppo_batch_size", type=int, default=None, help="prompts per PPO episode")
-    s.add_argument("--ppo_train_batch_size", type=int, default=None, help="PPO update micro-batch size")
-    s.add_argument("--ppo_lr", type=float, default=None, help="actor learning rate in PPO")
-    s.add_argument("--critic_lr", type=float, default=None, help="critic learning rate in PPO")
-    s.add_argument("--kl_coef", type=float, default=1.0,
+    s.add_argument("--ppo_batch_size", type=Bounded(int, ">= 1"), default=None, help="prompts per PPO episode")
+    s.add_argument("--ppo_train_batch_size", type=Bounded(int, ">= 1"), default=None, help="PPO update micro-batch size")
+    s.add_argument("--ppo_lr", type=Bounded(float, "> 0"), default=None, help="actor learning rate in PPO")
+    s.add_argument("--critic_lr", type=Bounded(float, "> 0"), default=None, help="critic learning rate in PPO")
+    s.add_argument("--kl_coef", type=Bounded(float, ">= 0"), default=1.0,
                    help="KL coefficient of the RL stage: ppo's per-token KL penalty against rewards standardised to "
                         "mean 0, std 1 over the SFT policy's answers; a critic-free method's KL term where its preset "
                         "puts it (their own 0-0.05 trade held-out greedy answers for sampled ones; at 1.0 grpo, gspo "
                         "and dapo keep them all, rloo, reinforce_pp and dr_grpo lose 2-4 of 200 on --quick)")
-    s.add_argument("--rl_episodes", type=int, default=None,
+    s.add_argument("--rl_episodes", type=Bounded(int, ">= 1"), default=None,
                    help="critic-free --algo: episodes (each: one batch of rollouts, then one optimizer step)")
-    s.add_argument("--rl_batch_size", type=int, default=None, help="critic-free --algo: prompts per episode")
-    s.add_argument("--n_samples_per_prompt", type=int, default=None,
+    s.add_argument("--rl_batch_size", type=Bounded(int, ">= 1"), default=None, help="critic-free --algo: prompts per episode")
+    s.add_argument("--n_samples_per_prompt", type=Bounded(int, ">= 2"), default=None,
                    help="critic-free --algo: answers sampled per prompt (one group)")
-    s.add_argument("--rl_lr", type=float, default=None, help="critic-free --algo: policy learning rate")
-    s.add_argument("--dpo_steps", type=int, default=None, help="DPO-family --algo: optimizer steps")
-    s.add_argument("--dpo_batch_size", type=int, default=None, help="DPO-family --algo: pairs per batch")
-    s.add_argument("--dpo_lr", type=float, default=None, help="DPO-family --algo: peak learning rate")
-    s.add_argument("--beta", type=float, default=None,
+    s.add_argument("--rl_lr", type=Bounded(float, "> 0"), default=None, help="critic-free --algo: policy learning rate")
+    s.add_argument("--dpo_steps", type=Bounded(int, ">= 1"), default=None, help="DPO-family --algo: optimizer steps")
+    s.add_argument("--dpo_batch_size", type=Bounded(int, ">= 1"), default=None, help="DPO-family --algo: pairs per batch")
+    s.add_argument("--dpo_lr", type=Bounded(float, "> 0"), default=None, help="DPO-family --algo: peak learning rate")
+    s.add_argument("--beta", type=Bounded(float, "> 0"), default=None,
                    help="DPO-family --algo: inverse temperature of the implicit reward (train_dpo.py's --beta; "
                         "unset: the --algo's own)")
-    s.add_argument("--sft_coef", type=float, default=1.0,
+    s.add_argument("--sft_coef", type=Bounded(float, ">= 0"), default=1.0,
                    help="DPO-family --algo: weight of an NLL term on the chosen answers (train_dpo.py's --sft_coef, "
                         "RPO): without it DPO lowers the right answers' likelihood too and costs greedy answers")
-    s.add_argument("--eval_samples", type=int, default=None,
+    s.add_argument("--eval_samples", type=Bounded(int, ">= 1"), default=None,
                    help="sampled answers per held-out prompt for the accuracy / reward / KL columns")
 
 
@@ -214,10 +214,6 @@ def tiny_llama(tokenizer: Any, hidden_size: int, num_layers: int) -> Any:
                        max_position_embeddings=tokenizer.model_max_length, tie_word_embeddings=True,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
-
-
-def _steps_to_epochs(steps: int, batches_per_epoch: int) -> int:
-    return max(1, math.ceil(steps / max(1, batches_per_epoch)))
 
 
 # ----- the table ---------------------------------------------------------------------------------------
@@ -293,6 +289,14 @@ class _Run:
         self.timings[f"eval_{tag}"] = time.perf_counter() - t0
         return res
 
+    def train_config(self, stage: str, loader: Any, save_as: str | None = None) -> TrainConfig:
+        """The supervised loop's config of ``stage`` ("sft", "rm", "dpo"): its ``--{stage}_steps`` and
+        ``--{stage}_lr``, as many epochs over ``loader`` as the steps need, saved under ``output_dir/save_as``."""
+        steps = getattr(self.args, f"{stage}_steps")
+        return TrainConfig(batch_size=loader.batch_size, lr=getattr(self.args, f"{stage}_lr"), max_steps=steps,
+                           max_epochs=max(1, math.ceil(steps / max(1, len(loader)))),
+                           save_path=str(self.out / (save_as or stage)), log_interval=self.args.log_interval)
+
     def _data_kw(self) -> dict[str, Any]:
         return dict(max_len=self.args.max_len, prompt_template=self.template, seed=self.args.seed)
 
@@ -329,9 +333,7 @@ class _Run:
                    else SFTCollator(pad_id))
         loader = strategy.setup_dataloader(data, min(args.sft_batch_size, len(data)), shuffle=True,
                                            collate_fn=collate, drop_last=True)
-        sft = SFTTrainer(actor, strategy, loader, lr=args.sft_lr, warmup_ratio=0.03,
-                         max_epochs=_steps_to_epochs(args.sft_steps, len(loader)), max_steps=args.sft_steps,
-                         save_path=str(self.out / "sft"), log_interval=args.log_interval, tokenizer=tokenizer)
+        sft = SFTTrainer(actor, strategy, loader, train_config=self.train_config("sft", loader), tokenizer=tokenizer)
         sft.fit()
         self.timings["sft"] = time.perf_counter() - t0
         res = self.sft_eval = self.evaluate(actor, tag="sft")
@@ -351,9 +353,8 @@ class _Run:
         reward_model = strategy.prepare_model(RewardModel.from_pretrained(out / "sft"))
         rm_dl, rm_eval_dl = self._pair_loaders(RewardDataset, RewardCollator, PackingRewardCollator, reward_model,
                                                args.rm_batch_size)
-        trainer = RewardModelTrainer(reward_model, strategy, rm_dl, rm_eval_dl, lr=args.rm_lr, warmup_ratio=0.03,
-                                     max_epochs=_steps_to_epochs(args.rm_steps, len(rm_dl)), max_steps=args.rm_steps,
-                                     save_path=str(out / "rm"), log_interval=args.log_interval, tokenizer=tokenizer)
+        trainer = RewardModelTrainer(reward_model, strategy, rm_dl, rm_eval_dl,
+                                     train_config=self.train_config("rm", rm_dl), tokenizer=tokenizer)
         trainer.fit()
         self.timings["rm"] = time.perf_counter() - t0
         self.rm_metrics = trainer.eval_history[-1] if trainer.eval_history else {}
@@ -449,10 +450,8 @@ class _Run:
                                                policy, args.dpo_batch_size)
         config = PreferenceConfig(loss_type=args.algo, beta=args.beta, sft_coef=args.sft_coef)
         trainer = DPOTrainer(policy, strategy, train_dl, held_dl, config=config,
-                             ref_model=reference if config.uses_reference else None, lr=args.dpo_lr,
-                             warmup_ratio=0.03, max_epochs=_steps_to_epochs(args.dpo_steps, len(train_dl)),
-                             max_steps=args.dpo_steps, save_path=str(self.out / args.algo),
-                             log_interval=args.log_interval, tokenizer=tokenizer)
+                             ref_model=reference if config.uses_reference else None,
+                             train_config=self.train_config("dpo", train_dl, save_as=args.algo), tokenizer=tokenizer)
         trainer.fit()
         return trainer
 

@@ -16,7 +16,7 @@ from .kl import KL_ESTIMATORS, KL_LOSS_GRADIENT
 from .losses import AGG_MODES, POLICY_LOSSES
 from .presets import PRESET_FIELDS, PRESETS, BudgetShare
 from ..errors import UsageError
-from ..utils.config import option
+from ..utils.config import check_bounds, option
 
 
 def _preset(help: str, name: str) -> str:
@@ -50,78 +50,76 @@ class RLConfig:
         "its gradient is that of " + "; ".join(f"{k}: {v}" for k, v in KL_LOSS_GRADIENT.items()),
         "kl_estimator"), choices=list(KL_ESTIMATORS), group=A)
     kl_coef: float | None = option(None, _preset("KL coefficient (initial one with --target_kl, so > 0 there; 0 = no "
-                                                 "KL and no reference pass)", "kl_coef"), group=A)
+                                                 "KL and no reference pass)", "kl_coef"), bounds=">= 0", group=A)
     target_kl: float | None = option(None, "adaptive KL (Ziegler et al.): target KL per response in nats, scaling "
-                                           "--kl_coef up or down; off = fixed --kl_coef", group=A)
-    kl_horizon: int = option(10000, "adaptive KL horizon in samples", group=A)
+                                           "--kl_coef up or down; off = fixed --kl_coef", bounds="> 0", group=A)
+    kl_horizon: int = option(10000, "adaptive KL horizon in samples", bounds=">= 1", group=A)
     eps_clip: float | None = option(None, _preset("policy ratio clip (the lower one with --eps_clip_high)",
-                                                  "eps_clip"), group=A)
+                                                  "eps_clip"), bounds="> 0", group=A)
     eps_clip_high: float | None = option(None, "upper ratio clip (DAPO's clip-higher); unset = from --algo, "
-                                               "else --eps_clip", group=A)
+                                               "else --eps_clip", bounds="> 0", group=A)
     dual_clip: float | None = option(None, "dual-clip PPO: bound negative-advantage losses by -c * A (c > 1; off "
-                                           "when absent)", group=A)
+                                           "when absent)", bounds="> 1", group=A)
     n_samples_per_prompt: int = option(1, "responses sampled per prompt (one group); group estimators need >= 2",
-                                       group=A)
+                                       bounds=">= 1", group=A)
     dynamic_sampling: bool | None = option(None, _preset("drop groups whose rewards are all equal and top up from "
                                                          "the next prompt batches (DAPO)", "dynamic_sampling"),
                                            group=A)
     max_sampling_rounds: int = option(4, "with --dynamic_sampling: most generation rounds per prompt batch an "
-                                         "episode collects", group=A)
+                                         "episode collects", bounds=">= 1", group=A)
     overlong_buffer_len: int | None = option(None, _preset("DAPO soft overlong penalty: responses longer than "
                                                            "--max_new_tokens minus this many tokens are penalised "
                                                            "linearly (0 = off; needs --max_new_tokens, at most it)",
-                                                           "overlong_buffer_len"), group=A)
+                                                           "overlong_buffer_len"), bounds=">= 0", group=A)
     overlong_penalty_factor: float | None = option(None, _preset("largest overlong penalty",
-                                                                 "overlong_penalty_factor"), group=A)
+                                                                 "overlong_penalty_factor"), bounds=">= 0", group=A)
     # PPO objective
-    ptx_coef: float = option(0.9, "actor loss = policy loss + ptx_coef * pretrain LM loss", group=P)
-    value_clip: float = option(0.4, "value clip around the old values", group=P)
-    vf_coef: float = option(1.0, "value loss weight", group=P)
-    gamma: float = option(1.0, "GAE / return discount", group=P)
-    lam: float = option(0.95, "GAE lambda", group=P)
+    ptx_coef: float = option(0.9, "actor loss = policy loss + ptx_coef * pretrain LM loss", bounds=">= 0", group=P)
+    value_clip: float = option(0.4, "value clip around the old values", bounds="> 0", group=P)
+    vf_coef: float = option(1.0, "value loss weight", bounds=">= 0", group=P)
+    gamma: float = option(1.0, "GAE / return discount", bounds="[0, 1]", group=P)
+    lam: float = option(0.95, "GAE lambda", bounds="[0, 1]", group=P)
     whiten_advantages: bool = option(True, "normalise GAE advantages over the valid tokens of each batch", group=P)
-    reward_clip: float | None = option(None, "clip sequence rewards to +-this (off when absent)", group=P)
+    reward_clip: float | None = option(None, "clip sequence rewards to +-this (off when absent)", bounds="> 0", group=P)
     normalize_reward: bool = option(False, "normalise sequence rewards with running mean / std", group=P)
     # loop sizes
-    num_episodes: int = option(10, "collect + update rounds", group=P)
-    num_collect_steps: int = option(10, "prompt batches collected per episode (--max_timesteps: June-2023 name)",
-                                    aliases=["--max_timesteps"], group=P)
-    num_update_steps: int | None = option(None, _preset("passes over the replay buffer per episode "
-                                                        "(--update_timesteps: June-2023 name)", "num_update_steps"),
-                                          aliases=["--update_timesteps"], group=P)
-    max_epochs: int = option(1, "epochs per update step", group=P)
-    train_batch_size: int = option(8, "experiences per training micro-batch per process", group=P)
-    accumulation_steps: int = option(1, "micro-batches per optimizer step", group=P)
+    num_episodes: int = option(10, "collect + update rounds", bounds=">= 1", group=P)
+    num_collect_steps: int = option(10, "prompt batches collected per episode", bounds=">= 1", group=P)
+    num_update_steps: int | None = option(None, _preset("passes over the replay buffer per episode",
+                                                        "num_update_steps"), bounds=">= 1", group=P)
+    max_epochs: int = option(1, "epochs per update step", bounds=">= 1", group=P)
+    train_batch_size: int = option(8, "experiences per training micro-batch per process", bounds=">= 1", group=P)
+    accumulation_steps: int = option(1, "micro-batches per optimizer step", bounds=">= 1", group=P)
     # optimisation
-    lr: float = option(1e-6, "actor learning rate (AdamW)", group=P)
-    critic_lr: float = option(9e-6, "critic learning rate (AdamW)", group=P)
-    weight_decay: float = option(0.0, "AdamW weight decay", group=P)
+    lr: float = option(1e-6, "actor learning rate (AdamW)", bounds="> 0", group=P)
+    critic_lr: float = option(9e-6, "critic learning rate (AdamW)", bounds="> 0", group=P)
+    weight_decay: float = option(0.0, "AdamW weight decay", bounds=">= 0", group=P)
     lr_scheduler: str = option("constant", "learning-rate schedule of both optimizers (after warmup)",
                                choices=["constant", "cosine"], group=P)
-    warmup_ratio: float = option(0.0, "share of optimizer steps spent warming up", group=P)
+    warmup_ratio: float = option(0.0, "share of optimizer steps spent warming up", bounds="[0, 1]", group=P)
     # generation
     max_seq_len: int | None = option(128, "max prompt + response tokens (padded prompt width + generated tokens)",
-                                     group=D)
-    max_new_tokens: int | None = option(None, "max generated tokens (overrides --max_seq_len)", group=D)
+                                     bounds=">= 1", group=D)
+    max_new_tokens: int | None = option(None, "max generated tokens (overrides --max_seq_len)", bounds=">= 1", group=D)
     do_sample: bool = option(True, "sample (false = greedy); rollouts use these sampling flags only, never the "
                                    "model's generation_config.json", group=S)
     temperature: float = option(1.0, "sampling temperature; PPO's old, new and reference log-probs are those of "
-                                     "logits / temperature, the distribution sampled", group=S)
+                                     "logits / temperature, the distribution sampled", bounds="> 0", group=S)
     top_k: int = option(0, "top-k sampling (0 = off); biases PPO: log-probs stay those of the untruncated "
-                           "distribution", group=S)
+                           "distribution", bounds=">= 0", group=S)
     top_p: float = option(1.0, "nucleus sampling (1 = off); biases PPO: log-probs stay those of the untruncated "
-                               "distribution", group=S)
+                               "distribution", bounds="(0, 1]", group=S)
     # memory
     offload_ref_reward: bool = option(False, "keep reference and reward models on CPU between uses (not with "
                                              "fsdp, which shards them: use --cpu_offload there)", group=M)
     buffer_cpu_offload: bool = option(True, "keep the replay buffer on CPU", group=M)
-    buffer_limit: int = option(0, "max samples in the replay buffer (0 = no limit)", group=M)
+    buffer_limit: int = option(0, "max samples in the replay buffer (0 = no limit)", bounds=">= 0", group=M)
     log_entropy: bool = option(True, "log policy entropy (computes full-vocabulary logits of the response)",
                                group=M)
     rollout_log_interval: int | None = option(None, "write every sample of every N-th episode to "
                                                     "SAVE_PATH/rollouts.jsonl (prompt, response, score, reward, "
                                                     "advantage, KL); unset = every episode of the first 10, then "
-                                                    "every 10th; 0 = off", group=M)
+                                                    "every 10th; 0 = off", bounds=">= 0", group=M)
 
     def resolve(self) -> "RLConfig":
         """This config with the ``algo`` preset filling the algorithm fields left None, checked."""
@@ -152,16 +150,13 @@ class RLConfig:
     def _check(self) -> None:
         """One line per combination that cannot do what it says (UsageError)."""
         cfg = self
+        check_bounds(cfg)
         estimator = ADV_ESTIMATORS[cfg.adv_estimator]
         if estimator.needs_groups and cfg.n_samples_per_prompt < 2:
             raise UsageError(f"--adv_estimator {cfg.adv_estimator} compares the samples of a prompt: set "
                              f"--n_samples_per_prompt >= 2")
-        if cfg.n_samples_per_prompt < 1:
-            raise UsageError(f"--n_samples_per_prompt must be >= 1, got {cfg.n_samples_per_prompt}")
         if cfg.dynamic_sampling and cfg.n_samples_per_prompt < 2:
             raise UsageError("--dynamic_sampling drops groups of equal rewards: set --n_samples_per_prompt >= 2")
-        if cfg.dual_clip is not None and cfg.dual_clip <= 1:
-            raise UsageError(f"--dual_clip must be > 1, got {cfg.dual_clip}")
         if cfg.lr_scheduler not in ("constant", "cosine"):
             raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {cfg.lr_scheduler!r}")
         if cfg.target_kl is not None and cfg.kl_coef <= 0:

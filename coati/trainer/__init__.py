@@ -1,10 +1,11 @@
 """Trainers for the RLHF stages and direct preference optimisation, all driven through a Strategy."""
 from .base import SupervisedTrainer, latest_checkpoint, resolve_resume, save_checkpoint
+from .config import TrainConfig
 from .dpo import DPOTrainer, PreferenceConfig
 from .rm import RewardModelTrainer
 from .sft import SFTTrainer
 
-__all__ = ["SupervisedTrainer", "SFTTrainer", "RewardModelTrainer", "DPOTrainer", "PreferenceConfig", "resolve_resume", "latest_checkpoint",
+__all__ = ["SupervisedTrainer", "TrainConfig", "SFTTrainer", "RewardModelTrainer", "DPOTrainer", "PreferenceConfig", "resolve_resume", "latest_checkpoint",
            "save_checkpoint", "PPOTrainer"]
 
 

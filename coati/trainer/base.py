@@ -8,6 +8,7 @@ short samples.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from ..dataset.packing import batch_token_counts
 from ..errors import CheckpointError, MissingInputError, UsageError
 from ..utils.flops import device_peak_tflops
 from .callbacks import MetricsLogger, logger
+from .config import TrainConfig
 from .strategies import Strategy
 from .strategies.base import unpadded_samples
 
@@ -250,42 +252,33 @@ class SupervisedTrainer:
     stage = "train"
 
     def __init__(self, model: nn.Module, strategy: Strategy, train_dataloader: DataLoader,
-                 eval_dataloader: DataLoader | None = None, *, optimizer: torch.optim.Optimizer | None = None,
-                 lr: float = 5e-6, weight_decay: float = 0.0, warmup_ratio: float = 0.03, max_epochs: int = 1,
-                 accumulation_steps: int = 1, save_path: str | None = None, save_interval: int = 0,
-                 log_interval: int = 10, eval_interval: int = 0, log_dir: str | None = None,
-                 use_tensorboard: bool = False, use_wandb: bool = False, tokenizer: Any = None,
-                 merge_lora: bool = False, need_optim_ckpt: bool = True, max_steps: int | None = None,
-                 run_config: dict[str, Any] | None = None) -> None:
+                 eval_dataloader: DataLoader | None = None, *, train_config: TrainConfig | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, tokenizer: Any = None, merge_lora: bool = False,
+                 run_config: dict[str, Any] | None = None, **overrides: Any) -> None:
+        """``overrides``: :class:`TrainConfig` fields by name (``lr=1e-5``), replacing those of ``train_config``."""
+        self.train_config = config = dataclasses.replace(train_config or TrainConfig(), **overrides)
         self.strategy = strategy
         self.train_dataloader = train_dataloader
         self.eval_dataloader = eval_dataloader
-        self.accumulation_steps = max(1, accumulation_steps)
-        self.max_epochs = max_epochs
-        self.steps_per_epoch = math.ceil(len(train_dataloader) / self.accumulation_steps)
-        self.total_steps = self.steps_per_epoch * max_epochs
-        if max_steps is not None:
-            self.total_steps = min(self.total_steps, max_steps)
+        self.steps_per_epoch = math.ceil(len(train_dataloader) / config.accumulation_steps)
+        self.total_steps = self.steps_per_epoch * config.max_epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = optimizer or make_adamw(params, lr=lr, weight_decay=weight_decay)
+        optimizer = optimizer or make_adamw(params, lr=config.lr, weight_decay=config.weight_decay)
         self.model, self.optimizer = strategy.prepare_optimizer(model, optimizer)
-        self.scheduler = cosine_schedule(strategy.base_optimizer(self.optimizer), self.total_steps, warmup_ratio)
-        self.save_path = save_path
-        self.save_interval = save_interval
-        self.log_interval = max(1, log_interval)
-        self.eval_interval = eval_interval
+        self.scheduler = cosine_schedule(strategy.base_optimizer(self.optimizer), self.total_steps,
+                                         config.warmup_ratio)
         self.tokenizer = tokenizer
         self.merge_lora = merge_lora
-        self.need_optim_ckpt = need_optim_ckpt
         self.global_step = 0
         self.epoch = 0
         self.micro_in_epoch = 0
         self.history: list[dict[str, float]] = []
         self.eval_history: list[dict[str, float]] = []
-        if log_dir is None and save_path is not None:
-            log_dir = save_path
-        self.metrics = MetricsLogger(log_dir, enabled=strategy.is_rank0(), use_tensorboard=use_tensorboard,
-                                     use_wandb=use_wandb, config=run_config, console=tqdm.write)
+        self.metrics = MetricsLogger(config.log_dir or config.save_path, enabled=strategy.is_rank0(),
+                                     use_tensorboard=config.use_tensorboard, use_wandb=config.use_wandb,
+                                     config=run_config, console=tqdm.write)
 
     # ----- to be defined by subclasses ---------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -313,12 +306,12 @@ class SupervisedTrainer:
         state = {"global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
                  "scheduler": self.scheduler.state_dict(), "history": self.history,
                  "eval_history": self.eval_history}
-        if self.need_optim_ckpt:
+        if self.train_config.need_optim_ckpt:
             state["optimizer"] = self.optimizer.state_dict()
         return state
 
     def save_checkpoint(self) -> Path:
-        path = checkpoint_dir(self.save_path, self.global_step)
+        path = checkpoint_dir(self.train_config.save_path, self.global_step)
         save_checkpoint(self.strategy, path, {"model": self.model}, self._state(), tokenizer=self.tokenizer)
         if self.strategy.is_rank0():
             logger.info("saved checkpoint %s", path)
@@ -370,13 +363,13 @@ class SupervisedTrainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self.model.train()
-        loader = self.train_dataloader
+        loader, config = self.train_dataloader, self.train_config
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.stage,
                    disable=not self.strategy.is_rank0(), dynamic_ncols=True)
         peak = device_peak_tflops(self.strategy.device)
         t_last, tokens_since = time.perf_counter(), torch.zeros(3, dtype=torch.float64)  # real, slots, flops
         while self.global_step < self.total_steps:
-            for group in _groups(epoch_iter(loader, self.epoch, self.micro_in_epoch), self.accumulation_steps):
+            for group in _groups(epoch_iter(loader, self.epoch, self.micro_in_epoch), config.accumulation_steps):
                 tokens_since += torch.tensor([(*self.token_counts(b), self.model_flops(b) if peak else 0.0)
                                               for b in group], dtype=torch.float64).sum(0)
                 metrics = self._train_step(group)
@@ -386,7 +379,7 @@ class SupervisedTrainer:
                 self.history.append({"step": self.global_step, **metrics})
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if self.global_step % self.log_interval == 0 or self.global_step == self.total_steps:
+                if self.global_step % config.log_interval == 0 or self.global_step == self.total_steps:
                     now = time.perf_counter()
                     real, slots, flops = self.strategy.all_reduce(tokens_since.to(self.strategy.device),
                                                                   op="sum").tolist()
@@ -397,23 +390,23 @@ class SupervisedTrainer:
                         metrics["perf/mfu"] = flops * per_s / (peak * 1e12)
                     t_last, tokens_since = now, torch.zeros(3, dtype=torch.float64)
                     self.metrics.log(self.global_step, metrics)
-                if self.eval_interval and self.global_step % self.eval_interval == 0:
+                if config.eval_interval and self.global_step % config.eval_interval == 0:
                     self._run_eval()
-                if self.save_path and self.save_interval and self.global_step % self.save_interval == 0:
+                if config.save_path and config.save_interval and self.global_step % config.save_interval == 0:
                     self.save_checkpoint()
                 if self.global_step >= self.total_steps:
                     break
             if self.micro_in_epoch >= len(loader):
                 self.epoch += 1
                 self.micro_in_epoch = 0
-                if not self.eval_interval:
+                if not config.eval_interval:
                     self._run_eval()
         bar.close()
         if self.eval_dataloader is not None and (not self.eval_history
                                                  or self.eval_history[-1]["step"] != self.global_step):
             self._run_eval()
-        if self.save_path:
-            self.save_model(self.save_path)
+        if config.save_path:
+            self.save_model(config.save_path)
         self.metrics.close()
         return self.history
 

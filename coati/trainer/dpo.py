@@ -33,7 +33,7 @@ from ..models import preference_loss as pl
 from ..models.lora import lora_train_bias
 from ..models.utils import disable_dropout
 from ..utils import IGNORE_INDEX
-from ..utils.config import option
+from ..utils.config import check_bounds, option
 from .base import SupervisedTrainer, accumulate_metrics, reduce_metrics, to_device
 from .strategies import Strategy
 
@@ -64,16 +64,17 @@ class PreferenceConfig:
         choices=pl.LOSS_TYPES, group=_GROUP)
     beta: float | None = option(
         None, "inverse temperature of the implicit reward (IPO: its tau); unset: the loss type's own, "
-              + ", ".join(f"{k} {v} ({source})" for k, (v, source) in DEFAULT_BETA.items()), group=_GROUP)
-    label_smoothing: float = option(0.0, "assumed share of flipped labels (conservative DPO / SimPO), in [0, 0.5)",
-                                    group=_GROUP)
+              + ", ".join(f"{k} {v} ({source})" for k, (v, source) in DEFAULT_BETA.items()), bounds="> 0",
+        group=_GROUP)
+    label_smoothing: float = option(0.0, "assumed share of flipped labels (conservative DPO / SimPO)",
+                                    bounds="[0, 0.5)", group=_GROUP)
     gamma: float | None = option(None, f"SimPO target reward margin; unset: {SIMPO_GAMMA} (SimPO paper, "
-                                       "Llama-3-Base)", group=_GROUP)
-    lambda_orpo: float = option(0.1, "weight of ORPO's odds-ratio term", group=_GROUP)
+                                       "Llama-3-Base)", bounds=">= 0", group=_GROUP)
+    lambda_orpo: float = option(0.1, "weight of ORPO's odds-ratio term", bounds=">= 0", group=_GROUP)
     sft_coef: float = option(0.0, "weight of an NLL term on chosen (KTO: desirable) responses, mean per token of "
-                                  "each sequence (RPO); ORPO has its own NLL", group=_GROUP)
-    desirable_weight: float = option(1.0, "KTO weight of desirable samples", group=_GROUP)
-    undesirable_weight: float = option(1.0, "KTO weight of undesirable samples", group=_GROUP)
+                                  "each sequence (RPO); ORPO has its own NLL", bounds=">= 0", group=_GROUP)
+    desirable_weight: float = option(1.0, "KTO weight of desirable samples", bounds=">= 0", group=_GROUP)
+    undesirable_weight: float = option(1.0, "KTO weight of undesirable samples", bounds=">= 0", group=_GROUP)
     precompute_ref_logps: bool = option(False, "score every sample with the reference once before training and "
                                                "keep only the policy", group=_GROUP)
 
@@ -84,10 +85,7 @@ class PreferenceConfig:
             object.__setattr__(self, "beta", DEFAULT_BETA[self.loss_type][0])
         if self.gamma is None:
             object.__setattr__(self, "gamma", SIMPO_GAMMA)
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise UsageError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.beta <= 0:
-            raise UsageError(f"beta must be > 0, got {self.beta}")
+        check_bounds(self)
 
     @property
     def uses_reference(self) -> bool:

@@ -1,11 +1,9 @@
 """Tokenizer loading with the padding rule every stage shares."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..errors import MissingInputError
+from ..errors import missing_path
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -14,13 +12,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     Padding is always masked by the attention mask, so the pad id only has to exist; prompts are
     left-padded for generation by the prompt collator, never by changing ``padding_side`` globally.
     """
-    try:
+    with missing_path(path, "tokenizer / model"):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        if Path(path).exists():
-            raise
-        raise MissingInputError(f"{path}: no such tokenizer / model directory (nor a Hugging Face Hub id that "
-                                "can be loaded)") from err
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok

@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_path", required=True, help="model dir (with its tokenizer)")
     p.add_argument("--data", required=True, help="test items: a JSON lines / JSON / CSV file or a dir of them")
     p.add_argument("--dev_data", default=None, help="dev items the k-shot exemplars come from (same subject)")
-    p.add_argument("--k_shot", type=int, default=5, help="exemplars per prompt (needs --dev_data when > 0)")
-    p.add_argument("--batch_size", type=int, default=8, help="prompts per forward pass")
+    p.add_argument("--k_shot", type=cli.Bounded(int, ">= 0"), default=5, help="exemplars per prompt (needs --dev_data when > 0)")
+    p.add_argument("--batch_size", type=cli.Bounded(int, ">= 1"), default=8, help="prompts per forward pass")
     p.add_argument("--combined", action=cli.BoolFlag, default=True,
                    help="also generate the answer greedily for the combined metric")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")

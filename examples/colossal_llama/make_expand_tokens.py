@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source_tokenizer_dir", required=True, help="the tokenizer to extend")
     p.add_argument("--corpus", nargs="+", required=True,
                    help="data files or dirs (any format coati reads); every string field is text")
-    p.add_argument("--vocab_size", type=int, default=8000, help="size of the SentencePiece model trained on it")
+    p.add_argument("--vocab_size", type=cli.Bounded(int, ">= 1"), default=8000, help="size of the SentencePiece model trained on it")
     p.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece model type")
     p.add_argument("--expand_tokens_file", required=True, help="output JSON lines {\"piece\": ...}")
     return p

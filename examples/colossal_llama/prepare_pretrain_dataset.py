@@ -25,10 +25,10 @@ def add_prepare_args(p: argparse.ArgumentParser, *, default_max_length: int) -> 
                    help="comma-separated dirs (or files) of JSON lines; every data file in a dir is read")
     p.add_argument("--tokenizer_dir", required=True, help="tokenizer (or model) dir, e.g. the extended model")
     p.add_argument("--data_output_dirs", required=True, help="output dir: cache/, jsonl/ and arrow/ go under it")
-    p.add_argument("--max_length", type=int, default=default_max_length, help="max tokens per sample")
-    p.add_argument("--num_spliced_dataset_bins", type=int, default=10,
+    p.add_argument("--max_length", type=cli.Bounded(int, ">= 1"), default=default_max_length, help="max tokens per sample")
+    p.add_argument("--num_spliced_dataset_bins", type=cli.Bounded(int, ">= 1"), default=10,
                    help="bins per category (each bin joins one bucket of bucket-based training)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the per-category shuffle before binning")
+    p.add_argument("--seed", type=cli.Bounded(int, ">= 0"), default=42, help="seed of the per-category shuffle before binning")
 
 
 def build_parser() -> argparse.ArgumentParser:

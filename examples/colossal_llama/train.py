@@ -60,32 +60,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training checkpoint (a checkpoints/step_N dir, or a save dir holding checkpoints/ but "
                         "no final model): resume exactly; a model dir (a finished stage's save dir): its weights "
                         "start a new stage at step 0")
-    p.add_argument("--save_interval", type=int, default=1000, help="checkpoint every N optimizer steps (0 = off)")
+    p.add_argument("--save_interval", type=cli.Bounded(int, ">= 0"), default=1000, help="checkpoint every N optimizer steps (0 = off)")
     p.add_argument("--save_dir", default="output", help="final model, checkpoints/ and metrics go here")
     p.add_argument("--tensorboard_dir", default=None, help="also log to tensorboard in this dir")
     p.add_argument("--config_file", default=None,
                    help="JSON file recording every argument (default: SAVE_DIR/train_config.json)")
-    p.add_argument("--num_epochs", type=int, default=1, help="passes over the data")
-    p.add_argument("--accumulation_steps", type=int, default=8, help="micro-batches per optimizer step")
-    p.add_argument("--micro_batch_size", type=int, default=2, help="samples per process per micro-batch")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW, warmup then cosine)")
-    p.add_argument("--max_length", type=int, default=8192, help="samples longer than this are truncated")
+    p.add_argument("--num_epochs", type=cli.Bounded(int, ">= 1"), default=1, help="passes over the data")
+    p.add_argument("--accumulation_steps", type=cli.Bounded(int, ">= 1"), default=8, help="micro-batches per optimizer step")
+    p.add_argument("--micro_batch_size", type=cli.Bounded(int, ">= 1"), default=2, help="samples per process per micro-batch")
+    p.add_argument("--lr", type=cli.Bounded(float, "> 0"), default=3e-4, help="peak learning rate (AdamW, warmup then cosine)")
+    p.add_argument("--max_length", type=cli.Bounded(int, ">= 1"), default=8192, help="samples longer than this are truncated")
     p.add_argument("--mixed_precision", default="fp16", choices=["fp16", "bf16", "no"],
                    help="compute precision (trained weights stay fp32 masters); fp16 needs a GPU")
-    p.add_argument("--gradient_clipping", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
-    p.add_argument("--warmup_steps", type=int, default=None,
+    p.add_argument("--gradient_clipping", type=cli.Bounded(float, ">= 0"), default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--weight_decay", type=cli.Bounded(float, ">= 0"), default=0.1, help="AdamW weight decay")
+    p.add_argument("--warmup_steps", type=cli.Bounded(int, ">= 0"), default=None,
                    help="linear warmup steps before the cosine decay (default: 3%% of the steps)")
     p.add_argument("--use_grad_checkpoint", action=cli.BoolFlag, default=False, help="gradient checkpointing")
     p.add_argument("--use_flash_attn", action=cli.BoolFlag, default=False,
                    help="FlashAttention-2 kernels (needs the flash_attn package and a GPU; else PyTorch's sdpa)")
     p.add_argument("--freeze_non_embeds_params", action=cli.BoolFlag, default=False,
                    help="train only the input embedding and the LM head (the new vocabulary's rows with them)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (3d plugin); coati supports 1 only")
+    p.add_argument("--tp", type=cli.Bounded(int, ">= 1"), default=1, help="tensor parallel size (3d plugin); coati supports 1 only")
     p.add_argument("--zero", type=int, default=1, choices=[0, 1, 2],
                    help="ZeRO stage of the 3d plugin: 0 = DDP, 1 / 2 = FSDP2 with ZeRO-2 sharding")
-    p.add_argument("--seed", type=int, default=42, help="seed for init and the bucket order")
-    p.add_argument("--log_interval", type=int, default=10, help="log metrics every N steps")
+    p.add_argument("--seed", type=cli.Bounded(int, ">= 0"), default=42, help="seed for init and the bucket order")
+    p.add_argument("--log_interval", type=cli.Bounded(int, ">= 1"), default=10, help="log metrics every N steps")
     cli.add_neftune_args(p.add_argument_group("NEFTune (SFT)"))
     return p
 

@@ -1,0 +1,41 @@
+"""The supervised loop's hyper-parameters (SFT, reward model, DPO), declared once.
+
+``examples/train_sft.py``, ``train_reward_model.py`` and ``train_dpo.py`` make their "training" and "logging
+and checkpoints" flags from :class:`TrainConfig` (``train_prompts.py`` the latter), the trainers take it, and the
+built-in pipeline builds its stages from it. A script's own defaults (SFT accumulates 8 micro-batches) are
+passed to ``add_config_args(defaults=...)`` next to its other flags.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..utils.config import check_bounds, option
+
+T, L = "training", "logging and checkpoints"
+SAVE_INTERVAL_HELP = "checkpoint every N {} (0 = only the final model)"  # train_prompts.py counts episodes
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Field names are the scripts' flag names; a value outside a field's bounds raises UsageError. Without
+    ``save_path`` a trainer saves nothing (the scripts' default is ``output``)."""
+
+    batch_size: int = option(4, "micro-batch size per process (reward model and DPO: pairs; KTO: samples)",
+                             bounds=">= 1", group=T)
+    accumulation_steps: int = option(1, "micro-batches per optimizer step", bounds=">= 1", group=T)
+    lr: float = option(5e-6, "peak learning rate (AdamW, warmup then cosine)", bounds="> 0", group=T)
+    weight_decay: float = option(0.0, "AdamW weight decay", bounds=">= 0", group=T)
+    warmup_ratio: float = option(0.03, "share of optimizer steps spent warming up", bounds="[0, 1]", group=T)
+    max_epochs: int = option(1, "passes over the training data", bounds=">= 1", group=T)
+    max_steps: int | None = option(None, "stop after this many optimizer steps", bounds=">= 1", group=T)
+    eval_interval: int = option(0, "evaluate every N steps (0 = each epoch end)", bounds=">= 0", group=T)
+    save_path: str | None = option(None, "where the final model (and checkpoints/) go", group=L)
+    save_interval: int = option(0, SAVE_INTERVAL_HELP.format("optimizer steps"), bounds=">= 0", group=L)
+    need_optim_ckpt: bool = option(True, "store optimizer state in checkpoints (needed for exact resume)", group=L)
+    log_interval: int = option(10, "log metrics every N steps", bounds=">= 1", group=L)
+    log_dir: str | None = option(None, "metrics.jsonl / tensorboard dir (default: --save_path)", group=L)
+    use_tensorboard: bool = option(False, "also log to tensorboard", group=L)
+    use_wandb: bool = option(False, "also log to Weights & Biases", group=L)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)

@@ -165,3 +165,20 @@ def test_non_streaming_client_that_leaves_stops_its_generation(live):
     assert after["completion_tokens"] - before["completion_tokens"] < LONG // 2
     assert _leftover_requests() == 0
 
+
+def test_benchmark_mixed_load_counts_answers_rejections_and_stopped_streams(live, capsys):
+    from tests.scripts import load_script
+
+    url, _ = live
+    bench = load_script("inference/benchmark.py")
+    n = 64  # each leaver would cost this many tokens if its generation ran on
+    res = bench.main(["--url", url, "--mixed", "--num_requests", "16", "--concurrency", "8", "--max_tokens",
+                      str(n), "--warmup", "0"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == res
+    assert (res["requests"], res["ok"], res["errors"]) == (16, 12, 0)
+    assert (res["rejected_400"], res["left_mid_stream"], res["server_cancelled"]) == (2, 2, 2)
+    assert res["completion_tokens"] == 12 * n  # ignore_eos: every answer is exactly max_tokens long
+    assert 2 <= res["tokens_for_clients_that_left"] < n  # both leavers together: less than one whole answer
+    assert res["server_active_after"] == res["server_in_flight_after"] == 0
+    assert res["latency_p50_s"] <= res["latency_p95_s"] <= res["latency_p99_s"]
+    assert "rss_idle_mb" not in res  # a remote server's memory is not this process's

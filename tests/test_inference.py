@@ -250,7 +250,9 @@ def test_429_when_too_many_requests_in_flight(tiny_llama_dir):
     finally:
         gate.set()
         engine.stop()
-    assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+    err = busy.json()["error"]
+    assert busy.status_code == 429 and (err["type"], err["code"]) == ("rate_limit_error", "too_many_requests")
+    assert err["message"].startswith("server busy")
     assert done.status_code == 200 and after.status_code == 200
     assert done.json()["choices"][0]["text"] == after.json()["choices"][0]["text"]
 

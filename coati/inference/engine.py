@@ -48,10 +48,17 @@ def _resolve(fut: asyncio.Future, value) -> None:
 
 @dataclass
 class EngineStats:
+    """Counters the server's /health reports. `active` is every request submitted and not yet finished
+    (queued or generating): 0 means the engine holds no per-request state. `cancelled` counts requests
+    whose caller left before the end; their rows stopped at the next step (or never ran)."""
+
     requests: int = 0
     batches: int = 0
     max_batch: int = 0
     queued: int = 0
+    active: int = 0
+    cancelled: int = 0
+    completion_tokens: int = 0  # generated in all, cancelled rows' partial answers included
 
 
 class BatchingEngine:
@@ -86,6 +93,7 @@ class BatchingEngine:
                 raise RuntimeError("engine is stopped")
             self._pending.append(req)
             self.stats.queued = len(self._pending)
+            self.stats.active += 1
             self._cond.notify()
 
     async def complete(self, prompt: Sequence[int], params: SamplingParams) -> Completion:
@@ -136,13 +144,28 @@ class BatchingEngine:
         return batch
 
     def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            batch = [r for r in batch if not r.cancel.is_set()]
-            if batch:
-                self._run(batch)
+        while self._serve_next():
+            pass
+
+    def _serve_next(self) -> bool:
+        """Runs the next batch; False once the engine stops. Its own frame, so that no request outlives its
+        batch in a local variable while the worker waits for the next one."""
+        batch = self._next_batch()
+        if batch is None:
+            return False
+        left = [r for r in batch if r.cancel.is_set()]  # callers gone while their request waited
+        if left:
+            self._finished(len(left), len(left), 0)
+        batch = [r for r in batch if not r.cancel.is_set()]
+        if batch:
+            self._run(batch)
+        return True
+
+    def _finished(self, n: int, cancelled: int, tokens: int) -> None:
+        with self._cond:
+            self.stats.active -= n
+            self.stats.cancelled += cancelled
+            self.stats.completion_tokens += tokens
 
     def _run(self, batch: list[_Request]) -> None:
         self.stats.batches += 1
@@ -154,6 +177,9 @@ class BatchingEngine:
                                            [r.cancel for r in batch], callbacks)
         except Exception as err:  # every waiting caller gets the error; the worker lives on
             outs = [err] * len(batch)
+        done = [o for o in outs if isinstance(o, Completion)]
+        self._finished(len(batch), sum(o.finish_reason == "cancelled" for o in done),
+                       sum(o.completion_tokens for o in done))
         for r, out in zip(batch, outs):
             if r.stream:
                 _post(r.loop, r.queue.put_nowait, out)

@@ -69,7 +69,7 @@ class SamplingParams:
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled" (its caller left)
     prompt_tokens: int
 
     @property
@@ -122,7 +122,7 @@ class _RowTracker(BaseStreamer):
     def _step(self, row: _Row, tok: int) -> None:
         p = row.params
         if row.cancel is not None and row.cancel.is_set():
-            row.done = True
+            row.done, row.reason = True, "cancelled"
             return
         if not p.ignore_eos and tok in self.eos:
             row.done, row.reason = True, "stop"
@@ -155,7 +155,8 @@ class _RowTracker(BaseStreamer):
         if row.stop_at is not None:
             text = text[: row.stop_at]
         self._emit(row, text)
-        return Completion(text=text, token_ids=list(row.tokens), finish_reason=row.reason,
+        left = not row.done and row.cancel is not None and row.cancel.is_set()  # stopped before its next step
+        return Completion(text=text, token_ids=list(row.tokens), finish_reason="cancelled" if left else row.reason,
                           prompt_tokens=row.prompt_tokens)
 
 

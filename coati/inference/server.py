@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Awaitable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -187,6 +187,22 @@ class _API:
     def release(self) -> None:
         self.in_flight -= 1
 
+    @staticmethod
+    async def unless_gone(request: Request, work: Awaitable[Any]) -> Any:
+        """`work`'s result, unless the client disconnects first: then `work` is cancelled, which stops its
+        engine rows at the next step (an answer nobody will read is not generated to its end)."""
+        task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # nothing left to report
+        if task.done():
+            return task.result()
+        raise APIError(499, "client closed the request", code="client_closed_request")
+
     async def run_stream(self, prompt, params, make_chunk, include_usage: bool) -> AsyncIterator[str]:
         try:
             head = make_chunk(None, None, first=True)
@@ -212,7 +228,8 @@ class _API:
     async def health(self):
         s = self.engine.stats
         return {"status": "ok", "model": self.config.model_name, "in_flight": self.in_flight,
-                "queued": s.queued, "requests": s.requests, "batches": s.batches, "max_batch": s.max_batch}
+                "queued": s.queued, "active": s.active, "requests": s.requests, "batches": s.batches,
+                "max_batch": s.max_batch, "cancelled": s.cancelled, "completion_tokens": s.completion_tokens}
 
     async def models(self, request: Request):
         self.check_key(request)
@@ -240,7 +257,7 @@ class _API:
 
             return self.stream_response(prompt, params, chunk, req)
         try:
-            out = await self.engine.complete(prompt, params)
+            out = await self.unless_gone(request, self.engine.complete(prompt, params))
         finally:
             self.release()
         return {"id": rid, "object": "chat.completion", "created": created, "model": name,
@@ -270,7 +287,8 @@ class _API:
 
             return self.stream_response(prompts[0], params[0], chunk, req)
         try:
-            outs = await asyncio.gather(*(self.engine.complete(p, sp) for p, sp in zip(prompts, params)))
+            outs = await self.unless_gone(request, asyncio.gather(
+                *(self.engine.complete(p, sp) for p, sp in zip(prompts, params))))
         finally:
             self.release()
         return {"id": rid, "object": "text_completion", "created": created, "model": name,
@@ -292,6 +310,12 @@ class _API:
             if any(t < 0 or t >= vocab for t in p):
                 raise APIError(400, "prompt token id out of the vocabulary", param="prompt")
         return prompts
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the request body is read already, so nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(outs: list[Completion]) -> dict[str, int]:

@@ -56,8 +56,8 @@ def common_parser(description: str, *, steps: int, batch_size: int, seq_len: int
     p.add_argument("--warmup_steps", type=Bounded(int, ">= 0"), default=2, help="untimed optimizer steps before timing")
     p.add_argument("--batch_size", type=Bounded(int, ">= 1"), default=batch_size)
     p.add_argument("--seq_len", type=Bounded(int, ">= 2"), default=seq_len, help="max tokens per sequence (truncation length)")
-    p.add_argument("--lr", type=Bounded(float, "> 0"), default=1e-5)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--lr", type=Bounded(float, "> 0"), default=1e-5, help="learning rate of every worker")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every worker runs")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="fp32 weights either way; bf16 = autocast in both frameworks")
     p.add_argument("--threads", type=Bounded(int, ">= 1"), default=1, help="torch/OMP threads per worker process")
@@ -66,7 +66,7 @@ def common_parser(description: str, *, steps: int, batch_size: int, seq_len: int
                         "from the CUDA device name, coati.utils.flops.PEAK_BF16_TFLOPS)")
     p.add_argument("--repeats", type=Bounded(int, ">= 1"), default=1,
                    help="run each framework this many times, alternating, and keep the median run")
-    p.add_argument("--seed", type=Bounded(int, ">= 0"), default=0)
+    p.add_argument("--seed", type=Bounded(int, ">= 0"), default=0, help="seed of the model init and the data order")
     p.add_argument("--coati_optim", choices=["default", "fused", "foreach"], default="default",
                    help="default: the optimizer coati's trainer builds itself; fused/foreach: hand it "
                         "torch.optim.AdamW(fused=True / foreach=True) instead (TRL's default is fused)")

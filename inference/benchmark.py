@@ -31,6 +31,7 @@ import time
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from coati.utils.config import Bounded, Parser  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -271,34 +272,34 @@ def start_in_process(args) -> tuple[str, object, dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
     where.add_argument("--model_path", help="serve this model dir in-process for the run")
     p.add_argument("--api_key", default=os.environ.get("COATI_API_KEY"), help="bearer key (default: $COATI_API_KEY)")
     p.add_argument("--model", default=None, help="model id to send (default: none, the server's own)")
-    p.add_argument("--num_requests", type=int, default=32)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max_tokens", type=int, default=32)
-    p.add_argument("--prompt_words", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--num_requests", type=Bounded(int, ">= 1"), default=32, help="requests timed (per round)")
+    p.add_argument("--concurrency", type=Bounded(int, ">= 1"), default=8, help="clients sending at once")
+    p.add_argument("--max_tokens", type=Bounded(int, ">= 1"), default=32, help="tokens each answer asks for")
+    p.add_argument("--prompt_words", type=Bounded(int, ">= 1"), default=16, help="words of each (distinct) prompt")
+    p.add_argument("--temperature", type=Bounded(float, "[0, 2]"), default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--allow_eos", action="store_true", help="let answers end at EOS (default: ignore EOS)")
-    p.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) before the run")
+    p.add_argument("--warmup", type=Bounded(int, ">= 0"), default=2, help="requests sent (and not counted) before the run")
     p.add_argument("--mixed", action="store_true",
                    help="mixed load: per 8 requests 3 streaming and 3 plain well-formed ones (chat and completions), "
                         "1 streaming client that leaves after its first text, 1 malformed request (must get 400); "
                         "adds 400 / left counts, the server's /health counters (cancelled requests, tokens "
                         "generated for clients that left) and, with --model_path, this process's RSS idle / "
                         "peak / after")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=Bounded(int, ">= 1"), default=1,
                    help="send the load this many times (figures pool all rounds); with --mixed the RSS after each "
                         "round is listed: a level that rises round after round is a leak, one that stays is not")
     # in-process server settings
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--quant", default=None, choices=["8bit", "4bit", "gptq"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max_batch_size", type=int, default=8)
-    p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--dtype", default="auto", help="in-process server: weights / compute precision (auto, fp32, bf16, fp16)")
+    p.add_argument("--quant", default=None, choices=["8bit", "4bit", "gptq"], help="in-process server: quantized loading")
+    p.add_argument("--device", default="auto", help="in-process server: auto, cpu, cuda or cuda:N")
+    p.add_argument("--max_batch_size", type=Bounded(int, ">= 1"), default=8, help="in-process server: rows per batch")
+    p.add_argument("--trust_remote_code", action="store_true", help="in-process server: allow model code from the model dir")
     return p
 
 

@@ -24,7 +24,7 @@ from coati import cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     positional = next(a for a in p._actions if a.dest == "model_path")
     positional.nargs, positional.default = "?", None  # or --model_path (Colossal-LLaMA's spelling)
@@ -34,12 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--do_sample", action=cli.BoolFlag, default=True,
                    help="sample with --temperature / --top_k / --top_p; false = greedy decoding")
     p.add_argument("--system", default=None, help="system message opening the conversation")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max_new_tokens", type=cli.Bounded(int, ">= 1"), default=256, help="most tokens an answer has")
+    p.add_argument("--temperature", type=cli.Bounded(float, ">= 0"), default=0.7, help="0 = greedy")
+    p.add_argument("--top_p", type=cli.Bounded(float, "(0, 1]"), default=0.9, help="nucleus sampling (1 = off)")
+    p.add_argument("--top_k", type=cli.Bounded(int, ">= 0"), default=0, help="top-k sampling (0 = off)")
+    p.add_argument("--repetition_penalty", type=cli.Bounded(float, "> 0"), default=1.0, help="1 = off; > 1 discourages repeats")
+    p.add_argument("--seed", type=cli.Bounded(int, ">= 0"), default=None, help="sampling seed (default: unseeded)")
     p.add_argument("--no_stream", action="store_true", help="print each answer only when it is complete")
     return p
 

@@ -22,20 +22,20 @@ from coati import cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=cli.Bounded(int, "[0, 65535]"), default=8000, help="port to listen on (0 = any free one)")
     p.add_argument("--api_key", default=os.environ.get("COATI_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default: $COATI_API_KEY, else no key)")
     p.add_argument("--served_model_name", default=None, help="model id clients send (default: dir name)")
-    p.add_argument("--max_prompt_tokens", type=int, default=2048)
-    p.add_argument("--max_tokens_limit", type=int, default=512, help="largest max_tokens a request may ask")
-    p.add_argument("--max_concurrent", type=int, default=64, help="requests in flight before 429")
-    p.add_argument("--max_batch_size", type=int, default=8)
-    p.add_argument("--batch_wait_ms", type=float, default=5.0,
+    p.add_argument("--max_prompt_tokens", type=cli.Bounded(int, ">= 1"), default=2048, help="longest prompt accepted (400 beyond)")
+    p.add_argument("--max_tokens_limit", type=cli.Bounded(int, ">= 1"), default=512, help="largest max_tokens a request may ask")
+    p.add_argument("--max_concurrent", type=cli.Bounded(int, ">= 1"), default=64, help="requests in flight before 429")
+    p.add_argument("--max_batch_size", type=cli.Bounded(int, ">= 1"), default=8, help="requests generated together in one batch")
+    p.add_argument("--batch_wait_ms", type=cli.Bounded(float, ">= 0"), default=5.0,
                    help="how long the worker waits for more requests before starting a batch")
-    p.add_argument("--log_level", default="info")
+    p.add_argument("--log_level", default="info", help="uvicorn log level")
     return p
 
 

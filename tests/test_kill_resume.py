@@ -1,5 +1,5 @@
-"""Every stage under ``kill -9``: a run checkpointing at every step (episode) is killed at a seeded random point,
-then ``--resume`` finishes it; the final weights, metrics.jsonl and (RL) rollouts.jsonl must equal those of the
+"""Every stage under ``kill -9``: a run checkpointing at every step (episode) is killed while it writes the
+checkpoint after a seeded random one, then ``--resume`` finishes it; the final weights, metrics.jsonl and (RL) rollouts.jsonl must equal those of the
 same run left alone. What an in-process resume cannot show: state that lives only in files the killed process was
 writing (the metrics log and rollout dump run ahead of the last checkpoint), a checkpoint cut short mid-save
 (``step_N.tmp``), and ``--resume`` picking the newest checkpoint by itself."""
@@ -190,7 +190,7 @@ def _rollouts(save_path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.dist) if CASES[c][2] > 1 else c for c in CASES])
 def test_kill_9_then_resume_gives_the_uninterrupted_run(case, inputs, tmp_path):
     """Killed while saving the checkpoint after a random one, ``--resume`` ends with the
     uninterrupted run's weights bit for bit, its metrics.jsonl (one record per step and eval, none twice, none

@@ -305,7 +305,7 @@ class SupervisedTrainer:
     def _state(self) -> dict[str, Any]:
         state = {"global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
                  "scheduler": self.scheduler.state_dict(), "history": self.history,
-                 "eval_history": self.eval_history}
+                 "eval_history": self.eval_history, "metrics_records": self.metrics.records}
         if self.train_config.need_optim_ckpt:
             state["optimizer"] = self.optimizer.state_dict()
         return state
@@ -329,6 +329,7 @@ class SupervisedTrainer:
         self.micro_in_epoch = state["micro_in_epoch"]
         self.history = state.get("history", [])
         self.eval_history = state.get("eval_history", [])
+        self.metrics.rewind(state.get("metrics_records"))
         if self.strategy.is_rank0():
             logger.info("resumed from %s at step %d (epoch %d)", path, self.global_step, self.epoch)
 

@@ -22,7 +22,11 @@ def _fmt(value: Any) -> str:
 
 
 class MetricsLogger:
-    """Writes one record per logged step. Non-rank-0 processes get a logger that does nothing."""
+    """Writes one record per logged step. Non-rank-0 processes get a logger that does nothing.
+
+    ``records`` counts the lines of ``metrics.jsonl``, those of earlier runs appended to included; a checkpoint
+    stores it and a run resumed from that checkpoint calls :meth:`rewind`, so the records a killed run wrote after
+    its last checkpoint are not followed by the resumed run's records of the same steps."""
 
     def __init__(self, log_dir: str | os.PathLike | None, *, enabled: bool = True, use_tensorboard: bool = False,
                  use_wandb: bool = False, wandb_project: str = "coati", run_name: str | None = None,
@@ -30,13 +34,19 @@ class MetricsLogger:
         self.enabled = enabled
         self.console = console  # e.g. tqdm.write, so lines don't break the progress bar
         self.jsonl = None
+        self.path: Path | None = None
+        self.records = 0
         self.tb = None
         self.wandb = None
         if not enabled:
             return
         if log_dir is not None:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a", encoding="utf-8")
+            self.path = Path(log_dir) / "metrics.jsonl"
+            if self.path.is_file():
+                with open(self.path, "rb") as f:
+                    self.records = sum(1 for _ in f)
+            self.jsonl = open(self.path, "a", encoding="utf-8")
         if use_tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -63,12 +73,28 @@ class MetricsLogger:
             record.update({k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v))})
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
+            self.records += 1
         if self.tb is not None:
             for k, v in clean.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{prefix}/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=step)
+
+    def rewind(self, records: int | None) -> None:
+        """Keep only the first ``records`` lines of metrics.jsonl (those written up to the checkpoint a run
+        resumes from; None: a checkpoint from before it was counted, keep all). A line cut short by a kill is
+        after them, so it goes too."""
+        if self.jsonl is None or records is None or records >= self.records:
+            return
+        self.jsonl.close()
+        with open(self.path, "rb") as f:
+            kept = [line for _, line in zip(range(records), f)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(b"".join(kept))
+        os.replace(tmp, self.path)
+        self.records = len(kept)
+        self.jsonl = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
         if self.jsonl is not None:

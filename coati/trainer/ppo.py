@@ -356,6 +356,7 @@ class PPOTrainer:
     def _state(self) -> dict[str, Any]:
         state = {
             "episode": self.episode, "optim_step": self.optim_step, "history": self.history,
+            "metrics_records": self.metrics.records,
             "kl_ctl": self.kl_ctl.state_dict(),
             "experience_maker": self.experience_maker.state_dict(),
             "actor_scheduler": self.actor_scheduler.state_dict(),
@@ -402,6 +403,7 @@ class PPOTrainer:
         self.episode = state["episode"]
         self.optim_step = state["optim_step"]
         self.history = state.get("history", [])
+        self.metrics.rewind(state.get("metrics_records"))
         if state.get("prompts") and self._prompts:
             self._prompts.load_state_dict(state["prompts"])
         if state.get("pretrain") and self._pretrain:

@@ -99,7 +99,7 @@ def worker_coati(job: dict) -> None:
         def _train_step(self, micro_batches):
             step_pairs.append(sum(int(self.count_units(b)) for b in micro_batches))
             # the pairs' own tokens (a shared prompt counted on both sides, as TRL's and the plain loop's are)
-            step_tokens.append(sum(int(b["seq_lens"].sum()) if "seq_lens" in b else batch_token_counts(b)[0]
+            step_tokens.append(sum(int(b["packed"].seq_lens.sum()) if "packed" in b else batch_token_counts(b)[0]
                                    for b in micro_batches))
             metrics = super()._train_step(micro_batches)
             clock.tick()

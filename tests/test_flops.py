@@ -114,7 +114,7 @@ def test_attention_flops_count_the_query_key_pairs_of_the_packed_causal_mask():
     lens = [7, 12, 5, 9, 3]
     ids, labels = _samples(lens, prompt=1)
     batch = pack(ids, labels, 20, 0)
-    sid = batch["sample_ids"]
+    sid = batch["packed"].sample_ids
     allowed = ((sid[:, :, None] == sid[:, None, :]) & (sid[:, :, None] >= 0)
                & torch.ones(sid.shape[1], sid.shape[1], dtype=torch.bool).tril())
     shape = DecoderShape.of(LlamaForCausalLM(tiny.llama_config()))

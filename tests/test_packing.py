@@ -117,12 +117,12 @@ def test_a_packed_sample_has_its_logits_alone(model_type, attention):
     seqs = _ragged(0)
     batch = pack(seqs, None, MAX_LEN, 0, attention=attention)
     assert batch["input_ids"].shape[0] < len(seqs)  # rows really hold several samples
-    assert ("segments" in batch) == (attention == "segments")
+    assert (batch["packed"].segments is not None) == (attention == "segments")
     with torch.no_grad():
         packed = actor(batch["input_ids"], **model_inputs(batch))
         for i, ids in enumerate(seqs):
             alone = actor(ids[None])[0]
-            torch.testing.assert_close(packed[batch["sample_ids"] == i], alone, atol=1e-5, rtol=0)
+            torch.testing.assert_close(packed[batch["packed"].sample_ids == i], alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("model_type", REFUSED)
@@ -138,8 +138,8 @@ def test_architectures_that_cannot_isolate_samples_are_refused(model_type):
     seqs = _ragged(0)
     batch = pack(seqs, None, MAX_LEN, 0)
     with torch.no_grad():
-        packed = actor(batch["input_ids"], position_ids=batch["position_ids"])
-        worst = max(float((packed[batch["sample_ids"] == i] - actor(s[None])[0]).abs().max())
+        packed = actor(batch["input_ids"], position_ids=batch["packed"].position_ids)
+        worst = max(float((packed[batch["packed"].sample_ids == i] - actor(s[None])[0]).abs().max())
                     for i, s in enumerate(seqs))
     assert worst > 1e-3
 
@@ -155,19 +155,19 @@ def test_a_pair_sharing_its_prompt_has_each_sides_logits_alone(model_type, atten
     batch = PackingRewardCollator(0, MAX_LEN, attention)([{k: v for k, v in p.items() if "input_ids" in k}
                                                           for p in pairs])
     n = len(pairs)
-    assert any(len({int(i) % n for i in row[row >= 0]}) > 1 for row in batch["sample_ids"])  # rows mix pairs
+    assert any(len({int(i) % n for i in row[row >= 0]}) > 1 for row in batch["packed"].sample_ids)  # rows mix pairs
     # by hand: the prompts (5, 3, 8 tokens; the answers differ from their first token) once, the last pair apart
-    assert int((batch["shared_ids"] >= 0).sum()) == 5 + 3 + 8
-    assert int((batch["sample_ids"] >= 0).sum()) == sum(len(p[k]) for p in pairs for k in p if "input_ids" in k) - 16
+    assert int((batch["packed"].shared_ids >= 0).sum()) == 5 + 3 + 8
+    assert int((batch["packed"].sample_ids >= 0).sum()) == sum(len(p[k]) for p in pairs for k in p if "input_ids" in k) - 16
     with torch.no_grad():
         packed = actor(batch["input_ids"], **model_inputs(batch))
         for i, p in enumerate(pairs):
             for j, side in ((i, "chosen"), (n + i, "rejected")):
                 ids = p[f"{side}_input_ids"]
                 alone = actor(ids[None])[0]
-                mine = batch["sample_ids"] == j
+                mine = batch["packed"].sample_ids == j
                 if side == "chosen":
-                    mine |= batch["shared_ids"] == n + i  # the shared prefix is counted as the chosen side's
+                    mine |= batch["packed"].shared_ids == n + i  # the shared prefix is counted as the chosen side's
                 torch.testing.assert_close(packed[mine], alone[-int(mine.sum()):], atol=1e-5, rtol=0)
 
 
@@ -185,8 +185,8 @@ def test_attention_without_given_masks_gets_the_pair_sides_packed_apart(impl):
         with pytest.raises(UsageError, match=r"attention=packing_attention\(model\)"):
             model(shared["input_ids"], **model_inputs(shared))
     apart = PackingRewardCollator(0, MAX_LEN, attention=packing_attention(model))(pairs)
-    assert "shared_ids" not in apart and model_inputs(apart)["attention_mask"] is None
-    assert int((apart["sample_ids"] >= 0).sum()) == _pair_tokens(pairs)
+    assert apart["packed"].shared_ids is None and model_inputs(apart)["attention_mask"] is None
+    assert int((apart["packed"].sample_ids >= 0).sum()) == _pair_tokens(pairs)
 
 
 def test_rows_for_dense_attention_stop_at_the_longest_sample():
@@ -198,7 +198,7 @@ def test_rows_for_dense_attention_stop_at_the_longest_sample():
     assert pack(seqs, None, 64, 0, attention="varlen")["input_ids"].shape == (1, 19)
     one = pack(seqs, None, 8, 0, attention="segments")  # by segments: one row of every token, whatever max_len
     assert one["input_ids"].shape == (1, 19)
-    assert one["segments"].rows == (((0, 10, 0, 0), (10, 14, 10, 0), (14, 17, 14, 0), (17, 19, 17, 0)),)
+    assert one["packed"].segments.rows == (((0, 10, 0, 0), (10, 14, 10, 0), (14, 17, 14, 0), (17, 19, 17, 0)),)
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
         lens = torch.randint(1, 40, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
@@ -207,12 +207,12 @@ def test_rows_for_dense_attention_stop_at_the_longest_sample():
     # pairs that share nothing are two samples, placed apart: rows as long as the longest side
     chosen, rejected = [torch.arange(3, 3 + n) for n in (9, 4, 6)], [torch.arange(40, 40 + n) for n in (5, 9, 2)]
     pairs = pack_pairs(chosen, rejected, 64, 0)
-    assert pairs["input_ids"].shape == (4, 9) and "shared_ids" not in pairs  # by hand: [9] [9] [6 2 + pad] [5 4]
+    assert pairs["input_ids"].shape == (4, 9) and pairs["packed"].shared_ids is None  # by hand: [9] [9] [6 2 + pad] [5 4]
     # a pair sharing 2 prompt tokens, by segments: the chosen side whole, then the rejected side after the prompt,
     # reading the chosen side's first 2 tokens
     shared = pack_pairs([torch.tensor([3, 4, 5, 6])], [torch.tensor([3, 4, 9])], 64, 0, attention="segments")
     assert shared["input_ids"].tolist() == [[3, 4, 5, 6, 9]]
-    assert shared["segments"].rows == (((0, 4, 0, 0), (4, 5, 0, 2)),)
+    assert shared["packed"].segments.rows == (((0, 4, 0, 0), (4, 5, 0, 2)),)
 
 
 def test_segments_only_where_a_long_unit_shares_its_prompt(monkeypatch):
@@ -223,16 +223,16 @@ def test_segments_only_where_a_long_unit_shares_its_prompt(monkeypatch):
     monkeypatch.setattr(packing, "SEGMENT_MIN_UNIT", 9)
     samples = [torch.arange(3, 3 + n) for n in (2, 3, 4, 9, 10)]
     batch = pack(samples, None, 64, 0, attention="segments")  # one unit of 10 > 9 tokens, but nothing shared
-    assert "segments" not in batch and batch["input_ids"].shape == (3, 10)
+    assert batch["packed"].segments is None and batch["input_ids"].shape == (3, 10)
     short = [torch.tensor([3, 4, 5]), torch.tensor([3, 4, 6, 7])]
     batch = pack_pairs(short[:1], short[1:], 64, 0, attention="segments")  # shares [3, 4]; a unit of 5
-    assert "segments" not in batch and batch["input_ids"].shape == (1, 5)
+    assert batch["packed"].segments is None and batch["input_ids"].shape == (1, 5)
     long = [torch.arange(3, 13), torch.cat([torch.arange(3, 8), torch.tensor([20, 21])])]  # share 5 of 10 + 7
     batch = pack_pairs([short[0], long[0]], [short[1], long[1]], 64, 0, attention="segments")
-    assert batch["input_ids"].shape == (1, 17) and len(batch["segments"].rows[0]) == 4
+    assert batch["input_ids"].shape == (1, 17) and len(batch["packed"].segments.rows[0]) == 4
     apart = [torch.arange(3, 13), torch.arange(20, 30)]  # a long pair sharing nothing: two units of 10
     batch = pack_pairs([short[0], apart[0]], [short[1], apart[1]], 64, 0, attention="segments")
-    assert "segments" not in batch and batch["input_ids"].shape == (3, 10)
+    assert batch["packed"].segments is None and batch["input_ids"].shape == (3, 10)
 
 
 def test_shared_prefix_stops_before_the_rejected_sides_first_label_and_last_token():
@@ -287,9 +287,9 @@ def test_a_sliding_window_applies_to_pairs_sharing_a_prompt(model_type, attentio
         for i, p in enumerate(pairs):
             for j, side in ((i, "chosen"), (n + i, "rejected")):
                 ids = p[f"{side}_input_ids"]
-                mine = batch["sample_ids"] == j
-                if side == "chosen" and "shared_ids" in batch:
-                    mine |= batch["shared_ids"] == n + i
+                mine = batch["packed"].sample_ids == j
+                if side == "chosen" and batch["packed"].shared_ids is not None:
+                    mine |= batch["packed"].shared_ids == n + i
                 alone = actor(ids[None])[0][-int(mine.sum()):]
                 torch.testing.assert_close(packed[mine], alone, atol=1e-5, rtol=0)
                 worst = max(worst, float((unwindowed(ids[None])[0][-int(mine.sum()):] - alone).abs().max()))
@@ -386,9 +386,9 @@ def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type, attention, 
             logits = model(batch["input_ids"], **model_inputs(batch))
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
                                                     reduction="none")
-            if "sample_ids" in batch:
+            if "packed" in batch:
                 picked = batch["labels"][:, 1:] != -100
-                per_sample = torch.zeros(len(items)).index_add(0, batch["sample_ids"][:, 1:][picked], nll[picked])
+                per_sample = torch.zeros(len(items)).index_add(0, batch["packed"].sample_ids[:, 1:][picked], nll[picked])
             else:
                 per_sample = nll.sum(1)
         results.append((float(loss_sum.detach()), int(count), per_sample, _grads(model)))
@@ -411,10 +411,10 @@ def test_packed_reward_model_gives_the_unpacked_rewards_and_gradient():
         batch = collate(pairs)
         if isinstance(collate, PackingRewardCollator):  # the prompts, 5 + 3 + 8 tokens, once when shared
             shares = collate.attention != "varlen"
-            assert ("shared_ids" in batch) == shares and ("segments" in batch) == (collate.attention == "segments")
-            assert int((batch["sample_ids"] >= 0).sum()) == _pair_tokens(pairs) - 16 * shares
+            assert (batch["packed"].shared_ids is not None) == shares and (batch["packed"].segments is not None) == (collate.attention == "segments")
+            assert int((batch["packed"].sample_ids >= 0).sum()) == _pair_tokens(pairs) - 16 * shares
             if shares:
-                assert int((batch["shared_ids"] >= 0).sum()) == 16
+                assert int((batch["packed"].shared_ids >= 0).sum()) == 16
         chosen, rejected = trainer.rewards(batch)
         loss_sum, count, _ = trainer.compute_loss(batch)
         loss_sum.backward()
@@ -443,9 +443,9 @@ def test_packed_dpo_gives_the_unpacked_logps_loss_and_gradient():
                 p.add_(0.01 * torch.randn_like(p))
         batch = collate(pairs)
         if isinstance(collate, PackingPreferenceCollator):
-            assert ("shared_ids" in batch) == (collate.attention != "varlen")
+            assert (batch["packed"].shared_ids is not None) == (collate.attention != "varlen")
             if collate.attention != "varlen":  # the prompts (5, 3, 8 tokens) but the last token each side keeps
-                assert int((batch["shared_ids"] >= 0).sum()) == 4 + 2 + 7
+                assert int((batch["packed"].shared_ids >= 0).sum()) == 4 + 2 + 7
         logps, lengths = batch_logps(model, batch)
         loss_sum, count, _ = trainer.compute_loss(batch)
         loss_sum.backward()
@@ -523,14 +523,14 @@ def test_padding_share_is_the_hand_count_of_pad_slots(packing, tmp_path):
     for step in range(3):
         group = batches[2 * step: 2 * step + 2]
         slots = sum(b["input_ids"].numel() for b in group)
-        real = sum(int(b["seq_lens"].sum()) if packing else int(b["attention_mask"].sum()) for b in group)
+        real = sum(int(b["packed"].seq_lens.sum()) if packing else int(b["attention_mask"].sum()) for b in group)
         assert logged[step]["perf/padding_share"] == pytest.approx(1 - real / slots)
         assert logged[step]["perf/throughput"] > 0
         assert history[step]["loss"] > 0
     if packing:
         # rows that fill exactly carry no padding at all
         exact = pack([torch.arange(3, 3 + n) for n in (10, 14, 24, 6, 18)], None, 24, 0)
-        assert int((exact["sample_ids"] < 0).sum()) == 0
+        assert int((exact["packed"].sample_ids < 0).sum()) == 0
 
 
 def test_a_packed_row_without_padding_has_padding_share_zero():
@@ -648,4 +648,4 @@ def test_a_packed_sample_has_its_logits_alone_on_cuda(impl):
         packed = actor(batch["input_ids"], **model_inputs(batch))
         for i, ids in enumerate(seqs):
             alone = actor(ids[None])[0]
-            torch.testing.assert_close(packed[batch["sample_ids"] == i], alone, atol=1e-4, rtol=0)
+            torch.testing.assert_close(packed[batch["packed"].sample_ids == i], alone, atol=1e-4, rtol=0)

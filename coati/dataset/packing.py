@@ -29,10 +29,12 @@ How rows are laid out depends on the model's attention (``attention``, :func:`co
 - ``"varlen"`` (flash, flex): the kernels skip what the position ids rule out, so rows fill ``max_len``;
   pairs are packed with each side whole (position ids cannot express a shared prompt).
 
-A packed batch carries, per prefix (``""``, ``"kl_"``), ``input_ids``, ``position_ids``, ``labels`` (each
-sample's first label set to -100, since the previous sample's last token must not predict it; unpacked the
-shift drops it anyway), ``sample_ids`` (the batch position of the sample each token belongs to, -1 on pad)
-and ``seq_lens`` ``(N,)``; :func:`sample_sums` and :func:`last_token_flat_index` give per-sample values.
+A packed batch holds ``input_ids`` and ``labels`` where a padded one does (each sample's first label set to
+-100, since the previous sample's last token must not predict it; unpacked the shift drops it anyway), and its
+layout as a :class:`PackedLayout` under ``"packed"``: ``position_ids``, ``sample_ids`` (the batch position of
+the sample each token belongs to, -1 on pad), ``seq_lens`` ``(N,)``, and for pairs ``shared_ids`` /
+``segments`` (below). The layout gives the model call's arguments (:meth:`PackedLayout.model_inputs`);
+:func:`sample_sums` and :func:`last_token_flat_index` read per-sample values back.
 
 Pairs (reward and preference batches) share their prompt: a pair whose two sides start with the same tokens
 is laid out as one unit, ``[chosen | rejected after the common prefix]`` (:func:`pack_pairs`), the rejected
@@ -48,6 +50,7 @@ predicted from the same context as unpacked and every sample keeps a last token 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import torch
@@ -61,6 +64,36 @@ ATTENTION_LAYOUTS = ("segments", "dense", "varlen")
 # costs less than a call per sample (tiny pipeline model, 32 pairs of ~28 tokens: 55-70 ms a step dense,
 # 100-117 ms by segments; 256-wide model, ~415-token pairs: segments 1.4x faster)
 SEGMENT_MIN_UNIT = 128
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where a packed micro-batch's samples sit in its rows (module doc): what the model needs to keep them
+    apart, and what the losses need to read per-sample values back. The tokens and labels stay under the keys a
+    padded batch has, so one loss code path serves both."""
+
+    position_ids: torch.Tensor  # (R, W), restarting at every sample
+    sample_ids: torch.Tensor  # (R, W), the batch position of each token's sample, -1 on pad
+    seq_lens: torch.Tensor  # (N,) tokens per sample
+    shared_ids: torch.Tensor | None = None  # (R, W) pairs sharing a prompt: the rejected side reading the token
+    segments: Segments | None = None  # "segments" attention: each piece and the prefix it reads
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    def model_inputs(self) -> dict[str, Any]:
+        """The model call's ``position_ids`` and ``attention_mask``: the :class:`Segments`, or
+        :func:`pair_attention_mask` where pairs share a prompt, or None (transformers builds the mask from the
+        position ids)."""
+        mask = self.segments if self.segments is not None else pair_attention_mask(self.sample_ids, self.shared_ids)
+        return {"position_ids": self.position_ids, "attention_mask": mask}
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "PackedLayout":
+        def move(value: Any) -> Any:
+            return value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
+
+        return PackedLayout(*(move(getattr(self, f.name)) for f in fields(self)))
 
 
 def _segments_pay(units: list["_Unit"], sizes: Sequence[int]) -> bool:
@@ -118,7 +151,7 @@ def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: S
     lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     sid = torch.full((len(rows), width), -1, dtype=torch.long)
     shr = torch.full((len(rows), width), -1, dtype=torch.long)
-    layout: list[list[list[int]]] = []
+    row_pieces: list[list[list[int]]] = []
     for r, row in enumerate(rows):
         at = 0
         pieces: list[list[int]] = []
@@ -143,24 +176,20 @@ def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: S
                 previous = (i, end)
                 at += n
         pos[r, at:] = torch.arange(width - at)
-        layout.append(pieces)
-    out: dict[str, Any] = {"input_ids": ids, "position_ids": pos, "sample_ids": sid,
-           "seq_lens": torch.tensor([len(s) for s in input_ids])}
-    if labels is not None:
-        out["labels"] = lab
-    if bool((shr >= 0).any()):  # decided here, on the CPU, not in every forward
-        out["shared_ids"] = shr
-    if attention == "segments":
-        out["segments"] = Segments(tuple(tuple(tuple(p) for p in pieces) for pieces in layout))
-    return out
+        row_pieces.append(pieces)
+    layout = PackedLayout(
+        position_ids=pos, sample_ids=sid, seq_lens=torch.tensor([len(s) for s in input_ids]),
+        shared_ids=shr if bool((shr >= 0).any()) else None,  # decided here, on the CPU, not in every forward
+        segments=Segments(tuple(tuple(tuple(p) for p in pieces) for pieces in row_pieces)) if attention == "segments"
+        else None)
+    return {"input_ids": ids, "packed": layout} | ({"labels": lab} if labels is not None else {})
 
 
 def pack(input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None, max_len: int, pad_token_id: int,
-         prefix: str = "", attention: str = "dense") -> dict[str, Any]:
+         attention: str = "dense") -> dict[str, Any]:
     """Pack 1-D samples into rows (see the module doc)."""
     units = [[(i, 0, len(s), -1)] for i, s in enumerate(input_ids)]
-    out = _pack_units(units, input_ids, labels, max_len, pad_token_id, attention)
-    return {prefix + k: v for k, v in out.items()}
+    return _pack_units(units, input_ids, labels, max_len, pad_token_id, attention)
 
 
 def shared_prefix_len(chosen: torch.Tensor, rejected: torch.Tensor,
@@ -203,21 +232,14 @@ def pack_pairs(chosen: Sequence[torch.Tensor], rejected: Sequence[torch.Tensor],
     return _pack_units(units, input_ids, labels, 2 * max_len, pad_token_id, attention)
 
 
-def is_packed(batch: dict[str, Any], prefix: str = "") -> bool:
-    return f"{prefix}position_ids" in batch
+def is_packed(batch: dict[str, Any]) -> bool:
+    return "packed" in batch
 
 
-def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The keyword arguments a model call takes for this batch: ``position_ids`` when packed, with its
-    :class:`Segments` as the ``attention_mask`` (``"segments"``), or :func:`pair_attention_mask` where pairs
-    share a prefix, or no mask (transformers builds it from the position ids); else ``attention_mask``."""
-    if is_packed(batch, prefix):
-        if f"{prefix}segments" in batch:
-            return {"position_ids": batch[f"{prefix}position_ids"], "attention_mask": batch[f"{prefix}segments"]}
-        return {"position_ids": batch[f"{prefix}position_ids"],
-                "attention_mask": pair_attention_mask(batch[f"{prefix}sample_ids"],
-                                                      batch.get(f"{prefix}shared_ids"))}
-    return {"attention_mask": batch[f"{prefix}attention_mask"]}
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments a model call takes for this batch: its layout's (:meth:`PackedLayout.model_inputs`)
+    when packed, else its ``attention_mask``."""
+    return batch["packed"].model_inputs() if is_packed(batch) else {"attention_mask": batch["attention_mask"]}
 
 
 def pair_attention_mask(sample_ids: torch.Tensor, shared_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -250,19 +272,13 @@ def last_token_flat_index(sample_ids: torch.Tensor, num_samples: int) -> torch.T
 
 
 def batch_token_counts(batch: dict[str, Any]) -> tuple[int, int]:
-    """``(real tokens, all token slots)`` of a collated batch, padded (``*attention_mask``) or packed
-    (``*sample_ids``), for throughput and the padding share."""
-    real = total = 0
-    for k, v in batch.items():
-        if not torch.is_tensor(v):
-            continue
-        if k.endswith("attention_mask"):
-            real += int(v.sum())
-            total += v.numel()
-        elif k.endswith("sample_ids"):
-            real += int((v >= 0).sum())
-            total += v.numel()
-    return real, total
+    """``(real tokens, all token slots)`` of a collated batch, padded (``*attention_mask``) or packed, for
+    throughput and the padding share."""
+    if is_packed(batch):
+        ids = batch["packed"].sample_ids
+        return int((ids >= 0).sum()), ids.numel()
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v)]
+    return sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
 
 
 class PackingCollator:

@@ -122,24 +122,6 @@ def standardize_reward_model(reward_model: RewardModel, actor: Actor, tokenizer:
 
 
 @torch.no_grad()
-def reward_accuracy(reward_model: RewardModel, pairs: Sequence[dict], pad_token_id: int,
-                    batch_size: int = 256) -> dict[str, float]:
-    """Pairwise accuracy (chosen scored above rejected) and mean margin on RewardDataset items."""
-    correct, margin = 0.0, 0.0
-    device = next(reward_model.parameters()).device
-    with _eval_mode(reward_model):
-        for s in range(0, len(pairs), batch_size):
-            chunk = pairs[s: s + batch_size]
-            scores = []
-            for side in ("chosen", "rejected"):
-                ids, mask = pad_sequences([p[f"{side}_input_ids"] for p in chunk], pad_token_id, side="right")
-                scores.append(reward_model(ids.to(device), mask.to(device)).float())
-            correct += float((scores[0] > scores[1]).float().sum())
-            margin += float((scores[0] - scores[1]).sum())
-    n = max(1, len(pairs))
-    return {"accuracy": correct / n, "margin": margin / n}
-
-
 def _mean(values) -> float:
     values = [float(v) for v in values]
     return sum(values) / max(1, len(values))

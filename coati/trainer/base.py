@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..dataset.packing import batch_token_counts
+from ..dataset.packing import PackedLayout, batch_token_counts
 from ..errors import CheckpointError, MissingInputError, UsageError
 from ..utils.flops import device_peak_tflops
 from .callbacks import MetricsLogger, logger
@@ -211,7 +211,8 @@ def _groups(iterable: Iterable, size: int) -> Iterable[list]:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) or isinstance(v, PackedLayout) else v)
+            for k, v in batch.items()}
 
 
 def accumulate_metrics(sums: dict[str, list[float]], extra: dict[str, Any], count: Any) -> None:

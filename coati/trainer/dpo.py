@@ -121,8 +121,8 @@ def packed_sequence_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torc
     """:func:`sequence_logps` of a packed batch (:class:`~coati.dataset.packing.PackingPreferenceCollator`):
     per-sample sums, in batch order, over the labelled tokens (a sample's first token carries no label, so
     no sample is scored on a token predicted from the one before it)."""
-    ids, labels, sample_ids = batch["input_ids"], batch["labels"], batch["sample_ids"][:, 1:]
-    n = batch["seq_lens"].shape[0]
+    ids, labels, layout = batch["input_ids"], batch["labels"], batch["packed"]
+    sample_ids, n = layout.sample_ids[:, 1:], layout.num_samples
     logps = model(ids, labels=labels, **model_inputs(batch))  # 0 where unlabelled
     mask = labels[:, 1:].ne(IGNORE_INDEX)
     return (sample_sums(logps, sample_ids, n),
@@ -227,7 +227,7 @@ class DPOTrainer(SupervisedTrainer):
 
     # ----- loss -----------------------------------------------------------------------------------------
     def count_units(self, batch: dict[str, Any]) -> torch.Tensor:
-        n = batch["seq_lens"].shape[0] if is_packed(batch) else batch["input_ids"].shape[0]
+        n = batch["packed"].num_samples if is_packed(batch) else batch["input_ids"].shape[0]
         return torch.tensor(n // 2 if self.paired else n)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

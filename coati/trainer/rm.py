@@ -37,7 +37,7 @@ class RewardModelTrainer(SupervisedTrainer):
     @staticmethod
     def count_units(batch: dict[str, Any]) -> torch.Tensor:
         if is_packed(batch):
-            return torch.tensor(batch["seq_lens"].shape[0] // 2)
+            return torch.tensor(batch["packed"].num_samples // 2)
         return torch.tensor(batch["chosen_input_ids"].shape[0])
 
     @staticmethod
@@ -51,8 +51,8 @@ class RewardModelTrainer(SupervisedTrainer):
 
     def rewards(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if is_packed(batch):
-            n = batch["seq_lens"].shape[0] // 2
-            last = last_token_flat_index(batch["sample_ids"], 2 * n)
+            n = batch["packed"].num_samples // 2
+            last = last_token_flat_index(batch["packed"].sample_ids, 2 * n)
             reward = self.model(batch["input_ids"], **model_inputs(batch), last_index=last).float()
             return reward[:n], reward[n:]
         n = batch["chosen_input_ids"].shape[0]

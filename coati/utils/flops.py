@@ -89,8 +89,8 @@ class DecoderShape:
 def batch_sample_lengths(batch: dict[str, Any]) -> list[int]:
     """Each sample's token count in a collated SFT batch, padded (``attention_mask``) or packed
     (``sample_ids``, -1 on pad slots)."""
-    if "sample_ids" in batch:
-        ids = batch["sample_ids"]
+    if "packed" in batch:
+        ids = batch["packed"].sample_ids
         counts = torch.bincount(ids[ids >= 0].flatten())
         return [int(c) for c in counts if c > 0]
     return [int(n) for n in batch["attention_mask"].sum(1) if n > 0]

@@ -213,3 +213,33 @@ def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_and_no_half_w
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_1"]
     assert resolve_resume(True, tmp_path / "run") == checkpoints / "step_1"
     assert damaged_file(checkpoints / "step_1") is None
+
+
+def test_early_stopping_ends_after_patience_evaluations_without_gain_and_a_resume_keeps_its_count(tmp_path,
+                                                                                              monkeypatch):
+    """Held-out pair accuracy 0.5, 0.7, 0.702, 0.69, 0.95, ... at steps 1, 2, 3, ...: with patience 2 and a
+    minimum gain of 0.005, steps 3 and 4 gain nothing over 0.7, so the run stops at step 4 of 6 and saves its
+    model; resumed from step 3's checkpoint (one stale evaluation behind it) it stops at step 4 too."""
+    accuracy = {1: 0.5, 2: 0.7, 3: 0.702, 4: 0.69, 5: 0.95, 6: 0.96}
+
+    def scripted(trainer):
+        return lambda: {"acc": accuracy[trainer.global_step]}
+
+    def build(path):
+        trainer = _trainer("rm", path)
+        trainer.train_config = dataclasses.replace(trainer.train_config, eval_interval=1, save_interval=1,
+                                                   early_stop_patience=2, early_stop_min_delta=0.005)
+        monkeypatch.setattr(trainer, "evaluate", scripted(trainer))
+        return trainer
+
+    full = build(tmp_path / "full")
+    assert full.total_steps == 2 * STEPS_PER_EPOCH == 6
+    full.fit()
+    assert (full.global_step, full.converged) == (4, True)
+    assert [e["step"] for e in full.eval_history] == [1, 2, 3, 4]
+    assert (tmp_path / "full" / "model.safetensors").exists()
+    resumed = build(tmp_path / "resumed")
+    resumed.fit(resume_from=tmp_path / "full" / "checkpoints" / "step_3")
+    assert resumed.global_step == 4
+    for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -251,6 +251,7 @@ class SupervisedTrainer:
     """
 
     stage = "train"
+    watched = ("loss", -1.0)  # the eval metric early stopping watches, and its sign (-1: lower is better)
 
     def __init__(self, model: nn.Module, strategy: Strategy, train_dataloader: DataLoader,
                  eval_dataloader: DataLoader | None = None, *, train_config: TrainConfig | None = None,
@@ -277,6 +278,7 @@ class SupervisedTrainer:
         self.micro_in_epoch = 0
         self.history: list[dict[str, float]] = []
         self.eval_history: list[dict[str, float]] = []
+        self.stale_evals = 0  # evaluations in a row without progress (--early_stop_patience)
         self.metrics = MetricsLogger(config.log_dir or config.save_path, enabled=strategy.is_rank0(),
                                      use_tensorboard=config.use_tensorboard, use_wandb=config.use_wandb,
                                      config=run_config, console=tqdm.write)
@@ -306,7 +308,8 @@ class SupervisedTrainer:
     def _state(self) -> dict[str, Any]:
         state = {"global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
                  "scheduler": self.scheduler.state_dict(), "history": self.history,
-                 "eval_history": self.eval_history, "metrics_records": self.metrics.records}
+                 "eval_history": self.eval_history, "metrics_records": self.metrics.records,
+                 "stale_evals": self.stale_evals}
         if self.train_config.need_optim_ckpt:
             state["optimizer"] = self.optimizer.state_dict()
         return state
@@ -330,6 +333,7 @@ class SupervisedTrainer:
         self.micro_in_epoch = state["micro_in_epoch"]
         self.history = state.get("history", [])
         self.eval_history = state.get("eval_history", [])
+        self.stale_evals = state.get("stale_evals", 0)
         self.metrics.rewind(state.get("metrics_records"))
         if self.strategy.is_rank0():
             logger.info("resumed from %s at step %d (epoch %d)", path, self.global_step, self.epoch)
@@ -370,7 +374,7 @@ class SupervisedTrainer:
                    disable=not self.strategy.is_rank0(), dynamic_ncols=True)
         peak = device_peak_tflops(self.strategy.device)
         t_last, tokens_since = time.perf_counter(), torch.zeros(3, dtype=torch.float64)  # real, slots, flops
-        while self.global_step < self.total_steps:
+        while self.global_step < self.total_steps and not self.converged:
             for group in _groups(epoch_iter(loader, self.epoch, self.micro_in_epoch), config.accumulation_steps):
                 tokens_since += torch.tensor([(*self.token_counts(b), self.model_flops(b) if peak else 0.0)
                                               for b in group], dtype=torch.float64).sum(0)
@@ -394,6 +398,8 @@ class SupervisedTrainer:
                     self.metrics.log(self.global_step, metrics)
                 if config.eval_interval and self.global_step % config.eval_interval == 0:
                     self._run_eval()
+                    if self.converged:
+                        break
                 if config.save_path and config.save_interval and self.global_step % config.save_interval == 0:
                     self.save_checkpoint()
                 if self.global_step >= self.total_steps:
@@ -430,8 +436,23 @@ class SupervisedTrainer:
         self.model.eval()
         result = self.evaluate()
         self.model.train()
+        name, sign = self.watched
+        best = max((sign * e[name] for e in self.eval_history if name in e), default=None)
+        gain = self.train_config.early_stop_min_delta
+        progress = best is None or name not in result or sign * result[name] >= best + gain
+        self.stale_evals = 0 if progress else self.stale_evals + 1
         self.eval_history.append({"step": self.global_step, **result})
         self.metrics.log(self.global_step, result, prefix="eval")
+        if self.converged:
+            logger.info("%s: held-out %s gained less than %g over its best in %d evaluations: stopping at step %d of "
+                        "%d", self.stage, name, self.train_config.early_stop_min_delta, self.stale_evals,
+                        self.global_step, self.total_steps)
+
+    @property
+    def converged(self) -> bool:
+        """Early stopping (--early_stop_patience) has ended the run."""
+        patience = self.train_config.early_stop_patience
+        return bool(patience) and self.stale_evals >= patience
 
     def save_model(self, path: str | os.PathLike) -> None:
         """The final model as a ``save_pretrained`` dir; checkpoints under it are kept."""

@@ -29,6 +29,12 @@ class TrainConfig:
     max_epochs: int = option(1, "passes over the training data", bounds=">= 1", group=T)
     max_steps: int | None = option(None, "stop after this many optimizer steps", bounds=">= 1", group=T)
     eval_interval: int = option(0, "evaluate every N steps (0 = each epoch end)", bounds=">= 0", group=T)
+    early_stop_patience: int = option(0, "stop when the held-out metric the stage watches (SFT: loss; reward model: "
+                                         "pair accuracy; DPO: reward accuracy) has not beaten its best by "
+                                         "--early_stop_min_delta for this many evaluations in a row (0 = off)",
+                                      bounds=">= 0", group=T)
+    early_stop_min_delta: float = option(0.005, "the gain over the best that counts as progress for "
+                                                "--early_stop_patience", bounds=">= 0", group=T)
     save_path: str | None = option(None, "where the final model (and checkpoints/) go", group=L)
     save_interval: int = option(0, SAVE_INTERVAL_HELP.format("optimizer steps"), bounds=">= 0", group=L)
     need_optim_ckpt: bool = option(True, "store optimizer state in checkpoints (needed for exact resume)", group=L)

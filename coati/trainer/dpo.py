@@ -141,6 +141,7 @@ class DPOTrainer(SupervisedTrainer):
     """``model`` is an ``Actor`` (prepared by the strategy); ``config`` picks the loss. See the module doc."""
 
     stage = "dpo"
+    watched = ("rewards/accuracies", 1.0)
 
     def __init__(self, model: nn.Module, strategy: Strategy, train_dataloader: DataLoader,
                  eval_dataloader: DataLoader | None = None, *, ref_model: nn.Module | None = None,

@@ -26,6 +26,7 @@ class RewardModelTrainer(SupervisedTrainer):
     """
 
     stage = "rm"
+    watched = ("acc", 1.0)
 
     def __init__(self, model, strategy, train_dataloader, eval_dataloader=None, *, loss_fn: str = "log_sig",
                  margin: float = 0.0, **kwargs: Any) -> None:

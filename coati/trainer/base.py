@@ -278,7 +278,6 @@ class SupervisedTrainer:
         self.micro_in_epoch = 0
         self.history: list[dict[str, float]] = []
         self.eval_history: list[dict[str, float]] = []
-        self.stale_evals = 0  # evaluations in a row without progress (--early_stop_patience)
         self.metrics = MetricsLogger(config.log_dir or config.save_path, enabled=strategy.is_rank0(),
                                      use_tensorboard=config.use_tensorboard, use_wandb=config.use_wandb,
                                      config=run_config, console=tqdm.write)
@@ -308,8 +307,7 @@ class SupervisedTrainer:
     def _state(self) -> dict[str, Any]:
         state = {"global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
                  "scheduler": self.scheduler.state_dict(), "history": self.history,
-                 "eval_history": self.eval_history, "metrics_records": self.metrics.records,
-                 "stale_evals": self.stale_evals}
+                 "eval_history": self.eval_history, "metrics_records": self.metrics.records}
         if self.train_config.need_optim_ckpt:
             state["optimizer"] = self.optimizer.state_dict()
         return state
@@ -333,7 +331,6 @@ class SupervisedTrainer:
         self.micro_in_epoch = state["micro_in_epoch"]
         self.history = state.get("history", [])
         self.eval_history = state.get("eval_history", [])
-        self.stale_evals = state.get("stale_evals", 0)
         self.metrics.rewind(state.get("metrics_records"))
         if self.strategy.is_rank0():
             logger.info("resumed from %s at step %d (epoch %d)", path, self.global_step, self.epoch)
@@ -436,17 +433,25 @@ class SupervisedTrainer:
         self.model.eval()
         result = self.evaluate()
         self.model.train()
-        name, sign = self.watched
-        best = max((sign * e[name] for e in self.eval_history if name in e), default=None)
-        gain = self.train_config.early_stop_min_delta
-        progress = best is None or name not in result or sign * result[name] >= best + gain
-        self.stale_evals = 0 if progress else self.stale_evals + 1
         self.eval_history.append({"step": self.global_step, **result})
         self.metrics.log(self.global_step, result, prefix="eval")
         if self.converged:
             logger.info("%s: held-out %s gained less than %g over its best in %d evaluations: stopping at step %d of "
-                        "%d", self.stage, name, self.train_config.early_stop_min_delta, self.stale_evals,
-                        self.global_step, self.total_steps)
+                        "%d", self.stage, self.watched[0], self.train_config.early_stop_min_delta,
+                        self.stale_evals, self.global_step, self.total_steps)
+
+    @property
+    def stale_evals(self) -> int:
+        """Evaluations in a row, up to the last, whose watched metric did not beat the best before it by
+        --early_stop_min_delta (read from ``eval_history``, which checkpoints keep)."""
+        name, sign = self.watched
+        best, stale = None, 0
+        for record in self.eval_history:
+            value = sign * record[name] if name in record else None
+            progress = value is None or best is None or value >= best + self.train_config.early_stop_min_delta
+            stale = 0 if progress else stale + 1
+            best = value if best is None or (value is not None and value > best) else best
+        return stale
 
     @property
     def converged(self) -> bool:

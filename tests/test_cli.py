@@ -106,7 +106,7 @@ PARSERS = {
                                                           "train_prompts")},
     **{f"examples/colossal_llama/{name}.py": "build_parser" for name in (
         "eval_mc", "make_expand_tokens", "prepare_pretrain_dataset", "prepare_sft_dataset", "train")},
-    **{f"inference/{name}.py": "build_parser" for name in ("chat", "server", "benchmark")},
+    **{f"inference/{name}.py": "build_parser" for name in ("chat", "server", "benchmark", "generate_answers")},
     "examples/merge_lora.py": "build_parser", "benchmarks/bench_memory.py": "build_parser",
 }
 

@@ -106,6 +106,21 @@ def test_merge_lora_on_a_non_adapter_dir_is_one_error_line(tmp_path):
         2, [f"error: {tmp_path}: no adapter_config.json (is it already a merged model dir?)"])
 
 
+@pytest.mark.parametrize("records, where", [
+    (None, "no such file or directory"),
+    ([{"question_id": 1, "text": "Hi"}, {"question_id": 2, "txt": "Yo"}],
+     "line 2: unknown prompt format; keys seen: ['question_id', 'txt']; expected one of the fields ['messages', "
+     "'conversations', 'prompt', 'instruction', 'question', 'text', 'source']"),
+])
+def test_generate_answers_bad_question_file_is_one_error_line_before_the_model(records, where, tmp_path):
+    """The model dir does not exist either: the question file is checked first, and nothing is written."""
+    questions = tmp_path / "q.jsonl" if records is None else _jsonl(tmp_path / "q.jsonl", records)
+    proc = _run([sys.executable, "inference/generate_answers.py", "--model_path", str(tmp_path / "no_model_here"),
+                 "--question_file", str(questions), "--output_file", str(tmp_path / "out" / "a.jsonl")])
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [f"error: {questions}: {where}"])
+    assert not (tmp_path / "out").exists()
+
+
 def _run_patched(setup: str, argv: list[str], **env: str) -> subprocess.CompletedProcess:
     """Run a script as ``__main__`` after ``setup`` (Python source) has patched coati in the same process."""
     code = f"import runpy, sys\n{setup}\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"

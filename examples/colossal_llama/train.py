@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.make_parser("Colossal-LLaMA: continual pre-training / SFT on prepared, bucketed data")
     p.add_argument("--pretrained", required=True, help="model dir to start from (and its tokenizer)")
     p.add_argument("--dataset", nargs="+", required=True,
-                   help="prepared dirs (prepare_pretrain_dataset.py / prepare_sft_dataset.py output, or their "
-                        "arrow/); each category of each dir is a sub-dataset of bucket-based training")
+                   help="prepared data (prepare_pretrain_dataset.py / prepare_sft_dataset.py output): prepared "
+                        "dirs, their arrow/, category dirs (arrow/<category>) or bin dirs (arrow/<category>/"
+                        "part-NNNNN, as Colossal-LLaMA lists them); each category is one sub-dataset of "
+                        "bucket-based training")
     p.add_argument("--plugin", default="gemini", choices=[*PLUGINS, "3d", *COATI_STRATEGIES],
                    help="gemini / gemini_auto / zero2 / zero2_cpu: ColossalAI's plugin where ColossalAI and a GPU "
                         "run, else torch FSDP2 with the same sharding; 3d: FSDP2 (coati has no tensor / pipeline "
@@ -73,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed_precision", default="fp16", choices=["fp16", "bf16", "no"],
                    help="compute precision (trained weights stay fp32 masters); fp16 needs a GPU")
     p.add_argument("--gradient_clipping", type=cli.Bounded(float, ">= 0"), default=1.0, help="clip the global gradient norm (0 = off)")
-    p.add_argument("--weight_decay", type=cli.Bounded(float, ">= 0"), default=0.1, help="AdamW weight decay")
-    p.add_argument("--warmup_steps", type=cli.Bounded(int, ">= 0"), default=None,
+    p.add_argument("-w", "--weight_decay", type=cli.Bounded(float, ">= 0"), default=0.1, help="AdamW weight decay")
+    p.add_argument("-s", "--warmup_steps", type=cli.Bounded(int, ">= 0"), default=None,
                    help="linear warmup steps before the cosine decay (default: 3%% of the steps)")
     p.add_argument("--use_grad_checkpoint", action=cli.BoolFlag, default=False, help="gradient checkpointing")
     p.add_argument("--use_flash_attn", action=cli.BoolFlag, default=False,

@@ -101,8 +101,9 @@ def resolve_strategy(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if args.plugin in COATI_STRATEGIES:
         return args.plugin, {}
     if args.plugin == "3d":
-        logger.warning("--plugin 3d: coati has no tensor / pipeline parallelism; running %s",
-                       "ddp" if args.zero == 0 else "fsdp with ZeRO-2 sharding")
+        if cli.rank() == 0:
+            logger.warning("--plugin 3d: coati has no tensor / pipeline parallelism; running %s",
+                           "ddp" if args.zero == 0 else "fsdp with ZeRO-2 sharding")
         return ("ddp", {}) if args.zero == 0 else ("fsdp", {"zero_stage": 2})
     name, kwargs, fallback = PLUGINS[args.plugin]
     from coati.trainer.strategies.colossalai import check_available
@@ -110,7 +111,8 @@ def resolve_strategy(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     try:
         check_available(name)
     except StrategyUnavailableError as err:
-        logger.warning("--plugin %s: %s Falling back to --strategy fsdp %s.", args.plugin, err, fallback)
+        if cli.rank() == 0:  # every rank falls back alike: say so once
+            logger.warning("--plugin %s: %s Falling back to --strategy fsdp %s.", args.plugin, err, fallback)
         return "fsdp", fallback
     return name, kwargs
 
@@ -155,13 +157,12 @@ def write_config(args: argparse.Namespace, strategy: str, strategy_kwargs: dict[
 
 def main(argv: list[str] | None = None) -> SFTTrainer:
     args = build_parser().parse_args(argv)
-    cli.setup_logging()
+    cli.setup_logging(cli.rank() == 0)
     kind = checkpoint_kind(args.load_checkpoint)
     name, strategy_kwargs = resolve_strategy(args)
     with cli.flag_errors():
         strategy = make_strategy(name, seed=args.seed, mixed_precision=args.mixed_precision,
                                  grad_clip=args.gradient_clipping, **strategy_kwargs)
-    cli.setup_logging(strategy.is_rank0())
     if strategy.is_rank0():
         logger.info("arguments recorded in %s", write_config(args, name, strategy_kwargs))
     tokenizer = load_tokenizer(args.pretrained)
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
 
         if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
             hf_kwargs["attn_implementation"] = "flash_attention_2"
-        else:
+        elif strategy.is_rank0():
             logger.warning("--use_flash_attn: flash_attn or a GPU is missing; using PyTorch's sdpa attention")
     model = Actor.from_pretrained(args.load_checkpoint if kind == "model" else args.pretrained,
                                   grad_checkpoint=args.use_grad_checkpoint, **hf_kwargs)

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
+from . import launch
 from .errors import UsageError, UserError
 from .models.loading import FROZEN_DTYPES
 from .models.families import FAMILIES
@@ -186,6 +187,11 @@ def setup_logging(rank0: bool = True) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def rank() -> int:
+    """This process's global rank as torchrun sets it (0 outside torchrun), known before any process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def run(main: Callable[[], Any]) -> None:
     """Every script's entry point: ``if __name__ == "__main__": cli.run(main)``.
 
@@ -194,18 +200,19 @@ def run(main: Callable[[], Any]) -> None:
     exception is a bug and keeps its traceback. Under torchrun every rank meets the same user error (same
     flags, same data), so rank 0 alone prints it. The other ranks must not exit first, or torchrun would stop
     rank 0 before it prints: they wait up to ``RANK0_GRACE_S`` for torchrun to stop them (exiting with 2 when
-    it does), and print the error themselves, marked with their rank, when rank 0 did not fail.
+    it does), and print the error themselves, marked with their rank, when rank 0 did not fail. Under
+    ``python -m coati.launch`` the line goes to the launcher, which prints it after torchrun's own lines.
     """
     try:
         main()
     except UserError as err:
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        rank = int(os.environ.get("RANK", "0"))
-        if rank != 0:
+        if rank() != 0:
             signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
             time.sleep(RANK0_GRACE_S)
-            message = f"rank {rank}: {message}"
-        print(f"error: {message}", file=sys.stderr, flush=True)
+            message = f"rank {rank()}: {message}"
+        if not launch.hand_over(message):
+            print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 

@@ -41,6 +41,16 @@ def test_bool_flags_are_real_switches(argv, expected):
     assert args.need_optim_ckpt is expected
 
 
+def test_colossal_llama_train_takes_its_readme_short_flags(capsys):
+    parser = _script("colossal_llama/train").build_parser()
+    args = parser.parse_args("--pretrained P --dataset D/part-00000 D/part-00001 E/part-00000 -w 0.01 -s 50".split())
+    assert (args.weight_decay, args.warmup_steps, args.dataset) == (0.01, 50, ["D/part-00000", "D/part-00001",
+                                                                            "E/part-00000"])
+    with pytest.raises(SystemExit):  # the short spellings keep the flags' bounds
+        parser.parse_args("--pretrained P --dataset D -s -1".split())
+    assert "argument -s/--warmup_steps: must be >= 0, got -1" in capsys.readouterr().err
+
+
 def test_bool_flag_rejects_garbage():
     with pytest.raises(SystemExit):
         _script("train_sft").build_parser().parse_args(["--pretrain", "P", "--dataset", "F", "--grad_checkpoint", "maybe"])

@@ -165,3 +165,36 @@ def test_torchrun_prints_the_error_once(tmp_path, tok_dir):
     assert not any(f'File "{ROOT / part}' in output for part in ("coati/", "examples/", "tests/")), output[-4000:]
     assert output.count("exitcode  : 2") == 2, output[-4000:]  # torchrun's report: both ranks, status 2
     assert proc.returncode != 0
+
+
+def _launch(argv: list[str], port: int) -> subprocess.CompletedProcess:
+    """``python -m coati.launch`` (torchrun's flags), 2 processes; stdout and stderr as one stream, in order."""
+    launcher = [sys.executable, "-m", "coati.launch", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}"]
+    return subprocess.run(launcher + argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=600)
+
+
+@pytest.mark.dist
+def test_coati_launch_ends_a_failed_run_with_the_one_error_line(tmp_path, tok_dir):
+    """Colossal-LLaMA's train.py on 2 processes with a --dataset that is not there: the ColossalAI fallback is
+    logged once (rank 0), and the last line is coati's error, once, after torchrun's own lines; status 2."""
+    missing = tmp_path / "no_such_data"
+    proc = _launch(["examples/colossal_llama/train.py", "--pretrained", str(tok_dir), "--dataset", str(missing),
+                    "--mixed_precision", "no", "--save_dir", str(tmp_path / "out")], 29633)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines[-1] == f"error: {missing}: no such prepared dataset dir", proc.stdout[-4000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1, proc.stdout[-4000:]
+    assert proc.stdout.count("Falling back to --strategy fsdp") == 1, proc.stdout[-4000:]
+    assert "ChildFailedError" not in proc.stdout and "Traceback" not in proc.stdout, proc.stdout[-4000:]
+    assert proc.returncode == 2
+
+
+@pytest.mark.dist
+def test_coati_launch_keeps_torchrun_report_for_other_failures(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text("raise SystemExit(3)\n")
+    proc = _launch([str(script)], 29634)
+    assert "ChildFailedError" in proc.stdout and "exitcode  : 3" in proc.stdout, proc.stdout[-4000:]
+    assert not any(line.startswith("error: ") for line in proc.stdout.splitlines())
+    assert proc.returncode == 1

@@ -8,6 +8,7 @@ import pytest
 from datasets import load_from_disk
 
 from coati.dataset import IGNORE_INDEX
+from coati.errors import MissingInputError
 from coati.dataset.buckets import BinnedDataset, BucketSampler, bucket_order
 from coati.dataset.spliced import splice, split_bins
 from coati.vocab import load_source_tokenizer
@@ -106,6 +107,45 @@ def test_bucket_order_is_seeded_and_uses_every_bin_once(pretrain_dir):
     assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) == len(ranks[1]) == len(ds) // 2
     item = ds[len(ds) - 1]
     assert item["input_ids"].dtype.is_floating_point is False and len(item["input_ids"]) <= MAX_LEN
+
+
+def _samples(ds):
+    return [ds[i]["input_ids"].tolist() for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("form", ["arrow dir", "category dirs", "part dirs"])
+def test_every_way_of_naming_prepared_data_gives_the_prepared_dirs_buckets(pretrain_dir, form):
+    """--dataset as a prepared dir, its arrow/, its category dirs, or the part dirs Colossal-LLaMA's README
+    lists: the same sub-datasets, bins and bucket order."""
+    out = pretrain_dir[0]
+    arrow = out / "arrow"
+    dirs = {"arrow dir": [arrow], "category dirs": [arrow / "en", arrow / "zh"],
+            "part dirs": sorted(arrow.glob("*/part-*"))}[form]
+    whole, ds = BinnedDataset([out]), BinnedDataset(dirs)
+    assert ds.names == whole.names == [f"{out.name}/en", f"{out.name}/zh"]
+    assert ds.bins == whole.bins and len(ds.bins[0]) == 3
+    assert bucket_order(ds.bins, 7, 1) == bucket_order(whole.bins, 7, 1)
+    assert _samples(ds) == _samples(whole)
+
+
+def test_part_dirs_of_one_category_are_one_sub_dataset_in_bin_order(pretrain_dir):
+    arrow = pretrain_dir[0] / "arrow"
+    ds = BinnedDataset([arrow / "en/part-00002", arrow / "zh/part-00001", arrow / "en/part-00000"])
+    assert [len(sub) for sub in ds.bins] == [2, 1] and ds.names[0].endswith("/en")
+    en = [r["input_ids"] for p in ("part-00000", "part-00002") for r in load_from_disk(str(arrow / "en" / p))]
+    assert _samples(ds)[: len(en)] == en
+
+
+def test_a_dir_holding_no_prepared_data_is_one_line(pretrain_dir, tmp_path):
+    out = pretrain_dir[0]
+    (tmp_path / "part-00000").mkdir()  # a bin's name, no dataset in it
+    for d in (tmp_path, out / "jsonl" / "en", tmp_path / "part-00000"):
+        with pytest.raises(MissingInputError) as err:
+            BinnedDataset([out, d])
+        assert str(err.value).startswith(f"{d}: no prepared data (arrow/<category>/part-00000 dirs) under it")
+        assert "\n" not in str(err.value)
+    with pytest.raises(MissingInputError, match="no such prepared dataset dir"):
+        BinnedDataset([tmp_path / "missing"])
 
 
 def test_sft_data_loss_on_assistant_turns(shared_data, tmp_path):

@@ -21,47 +21,61 @@ from ..errors import MissingInputError
 from .spliced import bin_name
 
 
-def _bin_dirs(root: Path) -> list[tuple[str, list[Path]]]:
-    """``[(sub_dataset, [bin dirs in order])]`` under a prepared dir (its ``arrow/``) or an ``arrow/`` dir."""
-    arrow = root / "arrow" if (root / "arrow").is_dir() else root
-    found = []
-    for sub in sorted(p for p in arrow.iterdir() if p.is_dir()):
-        bins = sorted(p for p in sub.iterdir() if p.is_dir() and p.name.startswith("part-"))
-        if bins:
-            found.append((f"{root.name}/{sub.name}", bins))
-    return found
+def _is_bin(p: Path) -> bool:
+    return p.name.startswith("part-") and (p / "state.json").is_file()  # a `datasets` save_to_disk dir
+
+
+def _bins(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if _is_bin(p))
+
+
+def _categories(d: Path) -> list[tuple[Path, list[Path]]]:
+    """``[(category dir, [bin dirs in order])]`` that ``d`` names: a prepared dir (its ``arrow/``), an ``arrow/``
+    dir, one category's dir (``arrow/<category>``), or one bin of a category (``arrow/<category>/part-NNNNN``)."""
+    if _is_bin(d):
+        return [(d.parent, [d])]
+    arrow = d / "arrow" if (d / "arrow").is_dir() else d
+    if _bins(arrow):
+        return [(arrow, _bins(arrow))]
+    return [(sub, _bins(sub)) for sub in sorted(p for p in arrow.iterdir() if p.is_dir()) if _bins(sub)]
 
 
 class BinnedDataset(Dataset):
-    """Items ``{"input_ids", "labels"}`` of every bin under one or more prepared dirs, plus where each bin
-    lies: ``bins[s][b]`` is the range of global indices of bin ``b`` of sub-dataset ``s``."""
+    """Items ``{"input_ids", "labels"}`` of every bin the given dirs name (prepared dirs, their ``arrow/``,
+    category dirs or single bins; the bins of one category, however named, are one sub-dataset, sub-datasets
+    in the order first named), plus where each bin lies: ``bins[s][b]`` is the range of global indices of bin
+    ``b`` of sub-dataset ``s``."""
 
     def __init__(self, dirs: Sequence[str | Path]):
         from datasets import load_from_disk
 
+        subs: dict[Path, set[Path]] = {}
+        for d in map(Path, dirs):
+            if not d.is_dir():
+                raise MissingInputError(f"{d}: no such prepared dataset dir")
+            found = _categories(d)
+            if not found:
+                raise MissingInputError(f"{d}: no prepared data (arrow/<category>/{bin_name(0)} dirs) under it; "
+                                        "name a prepared dir, its arrow/, a category dir or a bin dir (run "
+                                        "prepare_pretrain_dataset.py or prepare_sft_dataset.py first)")
+            for category, bin_dirs in found:
+                subs.setdefault(category.resolve(), set()).update(b.resolve() for b in bin_dirs)
         self.parts: list = []
         self.names: list[str] = []
         self.bins: list[list[range]] = []
         self.offsets: list[int] = []
         total = 0
-        for d in dirs:
-            d = Path(d)
-            if not d.is_dir():
-                raise MissingInputError(f"{d}: no such prepared dataset dir")
-            subs = _bin_dirs(d)
-            if not subs:
-                raise MissingInputError(f"{d}: no arrow/<category>/{bin_name(0)} dirs (run "
-                                        "prepare_pretrain_dataset.py or prepare_sft_dataset.py first)")
-            for name, bin_dirs in subs:
-                ranges = []
-                for bd in bin_dirs:
-                    part = load_from_disk(str(bd)).with_format("torch")
-                    self.parts.append(part)
-                    self.offsets.append(total)
-                    ranges.append(range(total, total + len(part)))
-                    total += len(part)
-                self.names.append(name)
-                self.bins.append(ranges)
+        for category, bin_dirs in subs.items():
+            ranges = []
+            for bd in sorted(bin_dirs):
+                part = load_from_disk(str(bd)).with_format("torch")
+                self.parts.append(part)
+                self.offsets.append(total)
+                ranges.append(range(total, total + len(part)))
+                total += len(part)
+            prepared = category.parent.parent if category.parent.name == "arrow" else category.parent
+            self.names.append(f"{prepared.name}/{category.name}")
+            self.bins.append(ranges)
         self.total = total
 
     def __len__(self) -> int:

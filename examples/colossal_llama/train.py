@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.make_parser("Colossal-LLaMA: continual pre-training / SFT on prepared, bucketed data")
     p.add_argument("--pretrained", required=True, help="model dir to start from (and its tokenizer)")
     p.add_argument("--dataset", nargs="+", required=True,
-                   help="prepared dirs (prepare_pretrain_dataset.py / prepare_sft_dataset.py output, or their "
-                        "arrow/); each category of each dir is a sub-dataset of bucket-based training")
+                   help="prepared data (prepare_pretrain_dataset.py / prepare_sft_dataset.py output): prepared "
+                        "dirs, their arrow/, category dirs (arrow/<category>) or bin dirs (arrow/<category>/"
+                        "part-NNNNN, as Colossal-LLaMA lists them); each category is one sub-dataset of "
+                        "bucket-based training")
     p.add_argument("--plugin", default="gemini", choices=[*PLUGINS, "3d", *COATI_STRATEGIES],
                    help="gemini / gemini_auto / zero2 / zero2_cpu: ColossalAI's plugin where ColossalAI and a GPU "
                         "run, else torch FSDP2 with the same sharding; 3d: FSDP2 (coati has no tensor / pipeline "
@@ -73,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed_precision", default="fp16", choices=["fp16", "bf16", "no"],
                    help="compute precision (trained weights stay fp32 masters); fp16 needs a GPU")
     p.add_argument("--gradient_clipping", type=cli.Bounded(float, ">= 0"), default=1.0, help="clip the global gradient norm (0 = off)")
-    p.add_argument("--weight_decay", type=cli.Bounded(float, ">= 0"), default=0.1, help="AdamW weight decay")
-    p.add_argument("--warmup_steps", type=cli.Bounded(int, ">= 0"), default=None,
+    p.add_argument("-w", "--weight_decay", type=cli.Bounded(float, ">= 0"), default=0.1, help="AdamW weight decay")
+    p.add_argument("-s", "--warmup_steps", type=cli.Bounded(int, ">= 0"), default=None,
                    help="linear warmup steps before the cosine decay (default: 3%% of the steps)")
     p.add_argument("--use_grad_checkpoint", action=cli.BoolFlag, default=False, help="gradient checkpointing")
     p.add_argument("--use_flash_attn", action=cli.BoolFlag, default=False,
@@ -99,8 +101,9 @@ def resolve_strategy(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if args.plugin in COATI_STRATEGIES:
         return args.plugin, {}
     if args.plugin == "3d":
-        logger.warning("--plugin 3d: coati has no tensor / pipeline parallelism; running %s",
-                       "ddp" if args.zero == 0 else "fsdp with ZeRO-2 sharding")
+        if cli.rank() == 0:
+            logger.warning("--plugin 3d: coati has no tensor / pipeline parallelism; running %s",
+                           "ddp" if args.zero == 0 else "fsdp with ZeRO-2 sharding")
         return ("ddp", {}) if args.zero == 0 else ("fsdp", {"zero_stage": 2})
     name, kwargs, fallback = PLUGINS[args.plugin]
     from coati.trainer.strategies.colossalai import check_available
@@ -108,7 +111,8 @@ def resolve_strategy(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     try:
         check_available(name)
     except StrategyUnavailableError as err:
-        logger.warning("--plugin %s: %s Falling back to --strategy fsdp %s.", args.plugin, err, fallback)
+        if cli.rank() == 0:  # every rank falls back alike: say so once
+            logger.warning("--plugin %s: %s Falling back to --strategy fsdp %s.", args.plugin, err, fallback)
         return "fsdp", fallback
     return name, kwargs
 
@@ -153,13 +157,12 @@ def write_config(args: argparse.Namespace, strategy: str, strategy_kwargs: dict[
 
 def main(argv: list[str] | None = None) -> SFTTrainer:
     args = build_parser().parse_args(argv)
-    cli.setup_logging()
+    cli.setup_logging(cli.rank() == 0)
     kind = checkpoint_kind(args.load_checkpoint)
     name, strategy_kwargs = resolve_strategy(args)
     with cli.flag_errors():
         strategy = make_strategy(name, seed=args.seed, mixed_precision=args.mixed_precision,
                                  grad_clip=args.gradient_clipping, **strategy_kwargs)
-    cli.setup_logging(strategy.is_rank0())
     if strategy.is_rank0():
         logger.info("arguments recorded in %s", write_config(args, name, strategy_kwargs))
     tokenizer = load_tokenizer(args.pretrained)
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
 
         if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
             hf_kwargs["attn_implementation"] = "flash_attention_2"
-        else:
+        elif strategy.is_rank0():
             logger.warning("--use_flash_attn: flash_attn or a GPU is missing; using PyTorch's sdpa attention")
     model = Actor.from_pretrained(args.load_checkpoint if kind == "model" else args.pretrained,
                                   grad_checkpoint=args.use_grad_checkpoint, **hf_kwargs)

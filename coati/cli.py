@@ -88,6 +88,11 @@ def add_strategy_args(p: argparse.ArgumentParser) -> None:
                         "memory (colossalai_zero2_cpu offloads by its name)")
     g.add_argument("--placement_policy", default=None, choices=["static", "auto"],
                    help="colossalai_gemini only: static placement or auto (memory-tracer driven); default static")
+    g.add_argument("--fsdp_block", nargs="+", default=None,
+                   help="fsdp only: class names of the modules sharded one by one (commas also separate); default: "
+                        "the model's own (_no_split_modules, e.g. LlamaDecoderLayer)")
+    g.add_argument("--tf32", action=BoolFlag, default=None,
+                   help="TF32 matmuls and convolutions on GPUs that have them (default: torch's setting)")
 
 
 def add_logging_args(p: argparse.ArgumentParser, save_unit: str = "", **defaults: Any) -> None:
@@ -163,10 +168,16 @@ def add_empty_records_arg(group: argparse._ArgumentGroup) -> None:
 def strategy_from_args(args: argparse.Namespace, **extra: Any):
     from .trainer.strategies import make_strategy
 
+    import torch
+
+    if getattr(args, "tf32", None) is not None:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     kwargs = dict(seed=args.seed, mixed_precision=args.mixed_precision, grad_clip=args.grad_clip)
     for name in ("zero_stage", "cpu_offload", "placement_policy"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
+    if getattr(args, "fsdp_block", None):
+        kwargs["block_classes"] = [n for arg in args.fsdp_block for n in arg.split(",") if n]
     kwargs.update(extra)
     with flag_errors():  # the strategy refuses a flag value or combination
         return make_strategy(args.strategy, **kwargs)

@@ -1,5 +1,7 @@
 """Coati's 2023 names, for code written against it: the per-family constructors (``LlamaActor(pretrained=...)``,
-``GPTNeoXRM(config=...)``, ...), ``PtxLoss``, ``PolicyLoss`` and the tensor helpers of ``coati.models.utils``.
+``GPTNeoXRM(config=...)``, ...), ``PtxLoss``, ``PolicyLoss`` and the tensor helpers of ``coati.models.utils``;
+and the flag spellings of commands written for Coati or for Hugging Face's Trainer (stanford_alpaca's
+``train.py``), which the example scripts accept.
 
 Nothing in coati imports this module (an import-linter contract says so): the library has one way to do each
 thing, and these are the old spellings of it.
@@ -13,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .models import base
+from .utils.config import str2bool
 from .models.lora import LoraSettings
 from .models.loss import GPTLMLoss
 from .models.utils import masked_mean
@@ -134,11 +137,68 @@ FLAG_ALIASES = {"--accimulation_steps": "--accumulation_steps", "--max_timesteps
                 "--update_timesteps": "--num_update_steps"}
 
 
+# transformers.TrainingArguments' names (stanford_alpaca's train.py and the commands copied from it) for coati's
+# own flags: shown in --help beside them.
+HF_TRAINER_ALIASES = {
+    "--model_name_or_path": "--pretrain", "--data_path": "--dataset", "--output_dir": "--save_path",
+    "--num_train_epochs": "--max_epochs", "--per_device_train_batch_size": "--batch_size",
+    "--gradient_accumulation_steps": "--accumulation_steps", "--learning_rate": "--lr",
+    "--lr_scheduler_type": "--lr_scheduler", "--logging_steps": "--log_interval", "--save_steps": "--save_interval",
+    "--model_max_length": "--max_len", "--gradient_checkpointing": "--grad_checkpoint",
+    "--fsdp_transformer_layer_cls_to_wrap": "--fsdp_block",
+}
+# --fsdp's words (TrainingArguments.fsdp) as coati's strategy flags; auto_wrap is what coati's fsdp always does
+_FSDP_WORDS = {"full_shard": {"strategy": "fsdp", "zero_stage": 3}, "shard_grad_op": {"strategy": "fsdp", "zero_stage": 2},
+               "offload": {"cpu_offload": True}, "auto_wrap": {}}
+
+
+class _Precision(argparse.Action):
+    """``--bf16`` / ``--fp16`` [BOOL]: ``--mixed_precision bf16`` / ``fp16``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            on = values is None or str2bool(values)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"{option_string}: {err}")
+        mode = option_string[2:]
+        if on or namespace.mixed_precision == mode:
+            namespace.mixed_precision = mode if on else "no"
+
+
+class _Fsdp(argparse.Action):
+    """``--fsdp "full_shard auto_wrap [offload]"``: ``--strategy fsdp`` and its options."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        words = values.split()
+        unknown = [w for w in words if w not in _FSDP_WORDS]
+        if unknown:
+            parser.error(f"--fsdp: {unknown[0]!r} has no coati equivalent (coati's fsdp: {', '.join(_FSDP_WORDS)})")
+        if words and not {"full_shard", "shard_grad_op"} & set(words):
+            parser.error(f"--fsdp {values!r}: name full_shard or shard_grad_op")
+        for word in words:
+            for dest, value in _FSDP_WORDS[word].items():
+                setattr(namespace, dest, value)
+
+
 def add_flag_aliases(parser: argparse.ArgumentParser) -> None:
-    """Accept :data:`FLAG_ALIASES` as hidden spellings of the flags ``parser`` has: the same type and
-    bounds, no default of their own, not in ``--help``."""
+    """Accept :data:`FLAG_ALIASES` as hidden spellings of the flags ``parser`` has (the same type and bounds, no
+    default of their own, not in ``--help``), :data:`HF_TRAINER_ALIASES` as second names of those flags (shown
+    in ``--help``), and ``--bf16`` / ``--fp16`` / ``--fsdp`` as the Trainer's switches."""
     for alias, name in FLAG_ALIASES.items():
         action = parser._option_string_actions.get(name)
         if action is not None:
             parser.add_argument(alias, dest=action.dest, type=action.type, choices=action.choices,
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for alias, name in HF_TRAINER_ALIASES.items():
+        action = parser._option_string_actions.get(name)
+        if action is not None:
+            action.option_strings.append(alias)
+            parser._option_string_actions[alias] = action
+    if "--mixed_precision" in parser._option_string_actions:
+        hf = parser.add_argument_group("Hugging Face Trainer switches")
+        for mode in ("bf16", "fp16"):
+            hf.add_argument(f"--{mode}", action=_Precision, nargs="?", default=argparse.SUPPRESS, metavar="BOOL",
+                            help=f"--mixed_precision {mode}")
+        hf.add_argument("--fsdp", action=_Fsdp, default=argparse.SUPPRESS, metavar="WORDS",
+                        help="'full_shard auto_wrap' = --strategy fsdp; shard_grad_op = --zero_stage 2; "
+                             "offload = --cpu_offload")

@@ -220,7 +220,7 @@ def build_reference(args: argparse.Namespace) -> Actor | None:
 
 def trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """PPOTrainer's arguments besides the models: the RL config and the logging / checkpoint options."""
-    names = ("save_path", "save_interval", "log_interval", "log_dir", "use_tensorboard", "use_wandb",
+    names = ("save_path", "save_interval", "save_total_limit", "log_interval", "log_dir", "use_tensorboard", "use_wandb",
              "need_optim_ckpt")
     return {"config": rl_config(args), "merge_lora": args.merge_lora_weights, **{n: getattr(args, n) for n in names}}
 

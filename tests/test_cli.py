@@ -167,8 +167,9 @@ def test_bounded_accepts_its_range_and_refuses_the_rest_naming_it(spec, inside, 
 
 
 @pytest.mark.parametrize("script, flag, value, message", [
-    ("train_sft", "--lr", "-1", "argument --lr: must be > 0, got -1"),
-    ("train_sft", "--batch_size", "0", "argument --batch_size: must be >= 1, got 0"),
+    ("train_sft", "--lr", "-1", "argument --lr/--learning_rate: must be > 0, got -1"),
+    ("train_sft", "--per_device_train_batch_size", "0",
+     "argument --batch_size/--per_device_train_batch_size: must be >= 1, got 0"),
     ("train_reward_model", "--warmup_ratio", "2", "argument --warmup_ratio: must be in [0, 1], got 2"),
     ("train_dpo", "--beta", "0", "argument --beta: must be > 0, got 0"),
     ("train_prompts", "--top_p", "0", "argument --top_p: must be in (0, 1], got 0"),

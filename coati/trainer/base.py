@@ -76,13 +76,17 @@ def damaged_file(checkpoint: Path) -> str | None:
     return None
 
 
+def _checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root`` (temp dirs of interrupted saves are not), oldest first."""
+    steps = [(int(p.name.split("_")[1]), p) for p in root.glob("step_*")
+             if p.is_dir() and p.name.split("_")[1].isdigit() and (p / "trainer_state" / "state.pt").exists()]
+    return [p for _, p in sorted(steps)]
+
+
 def latest_checkpoint(save_path: str | os.PathLike, *, intact: bool = False) -> Path | None:
     """The complete checkpoint with the highest step (temp dirs of interrupted saves are ignored); with
     ``intact``, the highest one :func:`damaged_file` finds nothing wrong with, warning about each it skips."""
-    root = Path(save_path) / CHECKPOINTS
-    steps = [(int(p.name.split("_")[1]), p) for p in root.glob("step_*")
-             if p.is_dir() and p.name.split("_")[1].isdigit() and (p / "trainer_state" / "state.pt").exists()]
-    for _, path in sorted(steps, reverse=True):
+    for path in reversed(_checkpoints(Path(save_path) / CHECKPOINTS)):
         problem = damaged_file(path) if intact else None
         if problem is None:
             return path
@@ -118,9 +122,10 @@ def resolve_resume(resume: str | os.PathLike | None, save_path: str | os.PathLik
 
 
 def save_checkpoint(strategy: Strategy, path: Path, models: dict[str, nn.Module], state: dict[str, Any],
-                    tokenizer: Any = None) -> None:
+                    tokenizer: Any = None, keep: int = 0) -> None:
     """Models (HF dirs, weights exactly as held: fp32 masters) + trainer state into ``path``, built in
-    ``path.tmp`` and renamed when complete."""
+    ``path.tmp`` and renamed when complete; then, with ``keep``, only the newest ``keep`` checkpoints beside it
+    stay (``path`` among them: it is removed only once complete, so never the one being written)."""
     tmp = path.with_name(path.name + ".tmp")
     if strategy.is_rank0() and tmp.exists():
         shutil.rmtree(tmp)
@@ -142,6 +147,9 @@ def save_checkpoint(strategy: Strategy, path: Path, models: dict[str, nn.Module]
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        for old in _checkpoints(path.parent)[:-keep] if keep else []:
+            if old != path:
+                shutil.rmtree(old)
     strategy.barrier()
 
 
@@ -155,12 +163,12 @@ def make_adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: fl
 
 
 class LRSchedule:
-    """LR multiplier of optimizer step ``step`` for LambdaLR: transformers' constant / cosine schedules with a
-    linear warmup over ``ceil(total * warmup_ratio)`` steps, the cosine reaching 0 at ``total`` (the same floats
-    as ``get_cosine_schedule_with_warmup``, without importing ``transformers.optimization``, which pulls in peft
-    and bitsandbytes). ``total`` is an attribute because the RL trainer corrects it when an episode trains fewer
-    steps than planned (dynamic sampling); LambdaLR's state_dict saves an object's attributes, so a resumed run
-    keeps the corrected one."""
+    """LR multiplier of optimizer step ``step`` for LambdaLR: transformers' cosine / linear / constant schedules
+    after a linear warmup over ``ceil(total * warmup_ratio)`` steps, cosine and linear reaching 0 at ``total``
+    (the same floats as ``get_cosine_schedule_with_warmup`` and ``get_linear_schedule_with_warmup``, without
+    importing ``transformers.optimization``, which pulls in peft and bitsandbytes). ``total`` is an attribute
+    because the RL trainer corrects it when an episode trains fewer steps than planned (dynamic sampling);
+    LambdaLR's state_dict saves an object's attributes, so a resumed run keeps the corrected one."""
 
     def __init__(self, total: int, warmup_ratio: float, kind: str) -> None:
         self.total, self.warmup_ratio, self.kind = total, warmup_ratio, kind
@@ -172,11 +180,9 @@ class LRSchedule:
         if self.kind == "constant":
             return 1.0
         progress = float(step - warmup) / float(max(1, max(1, self.total) - warmup))
+        if self.kind == "linear":
+            return max(0.0, 1.0 - progress)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03) -> LambdaLR:
-    return LambdaLR(optimizer, LRSchedule(total_steps, warmup_ratio, "cosine"))
 
 
 def epoch_iter(loader: DataLoader, epoch: int = 0, start_batch: int = 0) -> Iterator:
@@ -269,8 +275,8 @@ class SupervisedTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optimizer or make_adamw(params, lr=config.lr, weight_decay=config.weight_decay)
         self.model, self.optimizer = strategy.prepare_optimizer(model, optimizer)
-        self.scheduler = cosine_schedule(strategy.base_optimizer(self.optimizer), self.total_steps,
-                                         config.warmup_ratio)
+        self.scheduler = LambdaLR(strategy.base_optimizer(self.optimizer),
+                                  LRSchedule(self.total_steps, config.warmup_ratio, config.lr_scheduler))
         self.tokenizer = tokenizer
         self.merge_lora = merge_lora
         self.global_step = 0
@@ -314,7 +320,8 @@ class SupervisedTrainer:
 
     def save_checkpoint(self) -> Path:
         path = checkpoint_dir(self.train_config.save_path, self.global_step)
-        save_checkpoint(self.strategy, path, {"model": self.model}, self._state(), tokenizer=self.tokenizer)
+        save_checkpoint(self.strategy, path, {"model": self.model}, self._state(), tokenizer=self.tokenizer,
+                        keep=self.train_config.save_total_limit)
         if self.strategy.is_rank0():
             logger.info("saved checkpoint %s", path)
         return path

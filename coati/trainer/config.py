@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..utils.config import check_bounds, option
 
 T, L = "training", "logging and checkpoints"
+LR_SCHEDULES = ("cosine", "linear", "constant")  # transformers' names; each after a linear warmup
 SAVE_INTERVAL_HELP = "checkpoint every N {} (0 = only the final model)"  # train_prompts.py counts episodes
 
 
@@ -23,7 +24,9 @@ class TrainConfig:
     batch_size: int = option(4, "micro-batch size per process (reward model and DPO: pairs; KTO: samples)",
                              bounds=">= 1", group=T)
     accumulation_steps: int = option(1, "micro-batches per optimizer step", bounds=">= 1", group=T)
-    lr: float = option(5e-6, "peak learning rate (AdamW, warmup then cosine)", bounds="> 0", group=T)
+    lr: float = option(5e-6, "peak learning rate (AdamW, warmup then --lr_scheduler)", bounds="> 0", group=T)
+    lr_scheduler: str = option("cosine", "learning-rate schedule after the linear warmup", choices=LR_SCHEDULES,
+                               group=T)
     weight_decay: float = option(0.0, "AdamW weight decay", bounds=">= 0", group=T)
     warmup_ratio: float = option(0.03, "share of optimizer steps spent warming up", bounds="[0, 1]", group=T)
     max_epochs: int = option(1, "passes over the training data", bounds=">= 1", group=T)
@@ -37,6 +40,7 @@ class TrainConfig:
                                                 "--early_stop_patience", bounds=">= 0", group=T)
     save_path: str | None = option(None, "where the final model (and checkpoints/) go", group=L)
     save_interval: int = option(0, SAVE_INTERVAL_HELP.format("optimizer steps"), bounds=">= 0", group=L)
+    save_total_limit: int = option(0, "keep only the newest N checkpoints (0 = all)", bounds=">= 0", group=L)
     need_optim_ckpt: bool = option(True, "store optimizer state in checkpoints (needed for exact resume)", group=L)
     log_interval: int = option(10, "log metrics every N steps", bounds=">= 1", group=L)
     log_dir: str | None = option(None, "metrics.jsonl / tensorboard dir (default: --save_path)", group=L)

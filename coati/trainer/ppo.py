@@ -190,6 +190,7 @@ class PPOTrainer:
         # logging and checkpoints
         save_path: str | os.PathLike | None = None,
         save_interval: int = 0,
+        save_total_limit: int = 0,
         log_interval: int = 1,
         log_dir: str | os.PathLike | None = None,
         use_tensorboard: bool = False,
@@ -229,6 +230,7 @@ class PPOTrainer:
 
         self.save_path = save_path
         self.save_interval = save_interval
+        self.save_total_limit = save_total_limit
         self.log_interval = max(1, log_interval)
         self.merge_lora = merge_lora
         self.need_optim_ckpt = need_optim_ckpt
@@ -379,8 +381,8 @@ class PPOTrainer:
         """``{save_path}/checkpoints/step_{episode}/{actor,critic,trainer_state}`` (no critic when the run has
         none), written atomically."""
         path = checkpoint_dir(self.save_path, self.episode)
-        save_checkpoint(self.strategy, path, self._models(), self._state(),
-                        tokenizer=self.tokenizer)
+        save_checkpoint(self.strategy, path, self._models(), self._state(), tokenizer=self.tokenizer,
+                        keep=self.save_total_limit)
         if self.strategy.is_rank0():
             logger.info("saved checkpoint %s", path)
         return path

@@ -14,6 +14,8 @@ def make_strategy(name: str, **kwargs) -> Strategy:
     refuse them when set (None / False mean unset), rather than silently not sharding.
     """
     sharding = {k: kwargs.pop(k) for k in ("zero_stage", "cpu_offload", "placement_policy") if k in kwargs}
+    if "block_classes" in kwargs and name != "fsdp":
+        raise ValueError(f"--fsdp_block applies only to --strategy fsdp, not {name}")
     if name in ("naive", "ddp"):
         given = [f"--{k}" for k, v in sharding.items() if v not in (None, False)]
         if given:

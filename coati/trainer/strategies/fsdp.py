@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from ...errors import UsageError
 from .base import StrategyUnavailableError, atomic_dir, load_plain, rng_state, set_rng_state
 from .ddp import DistributedStrategy
 
@@ -79,7 +80,7 @@ class FSDPStrategy(DistributedStrategy):
 
     def __init__(self, seed: int = 42, mixed_precision: str | None = None, grad_clip: float = 1.0,
                  zero_stage: int = 3, cpu_offload: bool = False, shard_frozen: bool = True,
-                 placement_policy: str | None = None) -> None:
+                 placement_policy: str | None = None, block_classes: list[str] | None = None) -> None:
         if zero_stage not in (2, 3):
             raise ValueError(f"fsdp supports --zero_stage 2 or 3, got {zero_stage}")
         if placement_policy is not None:
@@ -91,6 +92,7 @@ class FSDPStrategy(DistributedStrategy):
         self.zero_stage = zero_stage
         self.cpu_offload = bool(cpu_offload)
         self.shard_frozen = shard_frozen
+        self.block_classes = block_classes
         super().__init__(seed=seed, mixed_precision=mixed_precision, grad_clip=grad_clip)
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
 
@@ -127,7 +129,7 @@ class FSDPStrategy(DistributedStrategy):
         # A frozen model has no backward that could reuse gathered parameters: always reshard it.
         reshard = self.zero_stage == 3 or not trainable
         kwargs = self._policies(reshard)
-        for layer in decoder_layers(model):
+        for layer in decoder_layers(model, self.block_classes):
             fully_shard(layer, **kwargs)
         head = getattr(model, "value_head", None)
         if isinstance(head, nn.Module) and "mp_policy" in kwargs:
@@ -251,11 +253,11 @@ class FSDPStrategy(DistributedStrategy):
 
 # ----- helpers shared with the ColossalAI strategy ---------------------------------------------------------
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: HF ``_no_split_modules`` classes (outermost match only),
-    else the entries of the longest ``nn.ModuleList``."""
-    names: set[str] = set()
-    for m in model.modules():
+def decoder_layers(model: nn.Module, classes: list[str] | None = None) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: modules of the named ``classes`` (--fsdp_block), else HF
+    ``_no_split_modules`` classes (outermost match only), else the entries of the longest ``nn.ModuleList``."""
+    names: set[str] = set(classes or ())
+    for m in model.modules() if not classes else ():
         names.update(getattr(m, "_no_split_modules", None) or [])
     found: list[nn.Module] = []
     inside: set[int] = set()
@@ -267,6 +269,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
             inside.update(id(sub) for sub in m.modules())
     if found:
         return found
+    if classes:
+        raise UsageError(f"--fsdp_block {' '.join(classes)}: the model has no module of that class (its blocks: "
+                         f"{', '.join(sorted({type(m).__name__ for m in decoder_layers(model)}))})")
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
 

@@ -166,9 +166,9 @@ def add_empty_records_arg(group: argparse._ArgumentGroup) -> None:
 
 
 def strategy_from_args(args: argparse.Namespace, **extra: Any):
-    from .trainer.strategies import make_strategy
-
     import torch
+
+    from .trainer.strategies import make_strategy
 
     if getattr(args, "tf32", None) is not None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32

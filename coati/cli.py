@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 from . import launch
 from .errors import UsageError, UserError
 from .models.loading import FROZEN_DTYPES
-from .models.families import FAMILIES
+from .models.families import FAMILIES, check_remote_code
 from .utils.config import BoolFlag, Bounded, Parser, add_config_args, config_from_args
 
 # How long a rank other than 0 waits, after a user error, for torchrun to stop it once rank 0 has reported the
@@ -147,9 +147,10 @@ def lora_settings(args: argparse.Namespace):
 
 def quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``from_pretrained`` keywords for --quant, after refusing combinations that cannot work (no LoRA, a
-    sharding strategy) before any weights load."""
+    sharding strategy; a remote-code --model without --trust_remote_code) before anything loads."""
     from .models.quant import check_quant_lora, check_strategy_support
 
+    check_remote_code(args.model, args.trust_remote_code)
     quant = getattr(args, "quant", None)
     if quant is None:
         return {}
@@ -254,9 +255,9 @@ def add_batching_args(group: argparse._ArgumentGroup) -> None:
                             "side attending by itself), with per-sample position ids and no attention across "
                             "samples: the same loss and gradient as padded batches without the pad compute "
                             "(reward / preference pairs: each pair's shared prompt run once). auto = on where the "
-                            "architecture keeps "
-                            "packed samples apart (llama, gpt_neox, gpt2, qwen2, mistral; not opt, bloom) and the "
-                            "stage packs (not KTO); evaluation batches stay padded")
+                            "architecture keeps packed samples apart (llama, gpt_neox, gpt2, qwen2/3, mistral, gemma "
+                            "1/2/3, phi3; not opt, bloom, remote-code models) and the stage packs (not KTO); "
+                            "evaluation batches stay padded")
     group.add_argument("--group_by_length", action=BoolFlag, default=False,
                        help="training batches of similar lengths: the seeded epoch order is cut into groups of 50 "
                             "batches, each sorted by length (less padding without --packing; resumable)")

@@ -354,6 +354,95 @@ def test_multinode_dry_run_prints_one_torchrun_per_host(tmp_path):
         assert "--rdzv_endpoint node-a:29999 examples/train_sft.py --pretrain my\\ model --strategy fsdp" in command
 
 
+# A Slurm allocation of 2 nodes x 2 tasks, faked: scontrol expands the node list, srun starts its command once
+# per node with that node's SLURM_NODEID (as `srun --ntasks-per-node=1` does), concurrently.
+_FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_SLURM_LOG/scontrol"
+[[ "$1 $2" == "show hostnames" ]] && printf '%s\\n' $FAKE_SLURM_HOSTS
+"""
+_FAKE_SRUN = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_SLURM_LOG/srun"
+while [[ "$1" == --* ]]; do [[ "$1" == --nodes=* ]] && nodes="${1#--nodes=}"; shift; done
+pids=()
+for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+_TRAIN = ["examples/train_sft.py", "--pretrain", "my model", "--strategy", "fsdp"]
+
+
+def _slurm(tmp_path, *args, hosts="gpu07 gpu08", **slurm_env):
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for name, text in (("scontrol", _FAKE_SCONTROL), ("srun", _FAKE_SRUN)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{fake}{os.pathsep}{env['PATH']}", FAKE_SLURM_LOG=str(tmp_path), FAKE_SLURM_HOSTS=hosts)
+    env.update({"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_CPUS_ON_NODE": "16", **slurm_env})
+    return subprocess.run(["bash", str(ROOT / "examples" / "slurm.sh"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def _node_argv(rank, nproc=2, port=29500):
+    return ["python3", "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node",
+            str(nproc), "--rdzv_backend", "static", "--rdzv_id", "4242", "--rdzv_endpoint", f"gpu07:{port}", *_TRAIN]
+
+
+def test_slurm_dry_run_prints_the_srun_command_and_each_nodes_torchrun(tmp_path):
+    proc = _slurm(tmp_path, "--dry-run", "--", *_TRAIN, SLURM_NTASKS_PER_NODE="2")
+    assert proc.returncode == 0, proc.stderr
+    launch = ("python3 -m torch.distributed.run --nnodes 2 --node_rank \"$SLURM_NODEID\" --nproc_per_node 2 "
+              "--rdzv_backend static --rdzv_id 4242 --rdzv_endpoint gpu07:29500 examples/train_sft.py --pretrain "
+              "my\\ model --strategy fsdp")
+    assert proc.stdout.splitlines() == [
+        "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=16 bash -c "
+        f"'exec {launch}'",
+        "# node 0: gpu07 (2 processes)",
+        " ".join(_node_argv(0)).replace("my model", "my\\ model"),
+        "# node 1: gpu08 (2 processes)",
+        " ".join(_node_argv(1)).replace("my model", "my\\ model"),
+    ]
+    assert (tmp_path / "scontrol").read_text() == "show hostnames gpu[07-08]\n"
+    assert not (tmp_path / "srun").exists()  # a dry run starts nothing
+    # GPUs per node win over tasks per node (--gpus-per-node=TYPE:N too); DRY_RUN=1 is --dry-run
+    proc = _slurm(tmp_path, "--master_port", "29611", "--", *_TRAIN, DRY_RUN="1", SLURM_NTASKS_PER_NODE="1",
+                  SLURM_GPUS_PER_NODE="a100:4")
+    assert proc.stdout.splitlines()[2] == " ".join(_node_argv(0, 4, 29611)).replace("my model", "my\\ model")
+
+
+def test_slurm_srun_runs_exactly_those_torchrun_commands(tmp_path):
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$FAKE_SLURM_LOG/node$SLURM_NODEID"\n')
+    fake_python.chmod(0o755)
+    proc = _slurm(tmp_path, "--python", str(fake_python), "--", *_TRAIN, SLURM_GPUS_ON_NODE="2")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "srun").read_text().startswith("--nodes=2 --ntasks=2 --ntasks-per-node=1 ")
+    for rank in (0, 1):
+        assert (tmp_path / f"node{rank}").read_text().splitlines() == _node_argv(rank)[1:]
+
+
+def test_slurm_refuses_to_guess(tmp_path):
+    proc = _slurm(tmp_path, "--", *_TRAIN)  # neither GPUs nor tasks per node known
+    assert proc.returncode == 2 and "--nproc_per_node" in proc.stderr
+    proc = _slurm(tmp_path, "--", *_TRAIN, SLURM_JOB_NODELIST="")
+    assert proc.returncode == 2 and "no Slurm allocation" in proc.stderr
+
+
+@pytest.mark.dist
+def test_slurm_runs_two_local_nodes(tmp_path):
+    """Both fake nodes are this machine: srun's two tasks each start one torchrun, one world of 2."""
+    script = tmp_path / "where.py"
+    script.write_text("import os, pathlib, sys\n"
+                      "pathlib.Path(sys.argv[1], os.environ['RANK']).write_text(os.environ['GROUP_RANK'] + ' '"
+                      " + os.environ['WORLD_SIZE'])\n")
+    proc = _slurm(tmp_path, "--python", sys.executable, "--master_port", "29645", "--", str(script), str(tmp_path),
+                  hosts="localhost localhost", SLURM_NTASKS_PER_NODE="1", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "0").read_text() == "0 2" and (tmp_path / "1").read_text() == "1 2"
+
+
 @pytest.mark.dist
 def test_multinode_runs_two_local_nodes(tmp_path):
     """Two hostfile lines that are both this machine: node ranks follow the file, one world of 2."""

@@ -8,7 +8,10 @@ import pathlib
 
 import pytest
 import torch
-from transformers import BloomConfig, MistralConfig, OPTConfig, Qwen2Config
+from transformers import (
+    BloomConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config,
+    Qwen3Config,
+)
 
 from coati.dataset import (
     PackingCollator, PackingPreferenceCollator, PackingRewardCollator, PreferenceCollator, RewardCollator,
@@ -30,20 +33,28 @@ from tests import tiny
 VOCAB = 64
 MAX_LEN = 24
 _SMALL = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_GQA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            **_SMALL)
+_GEMMA = dict(head_dim=8, **_GQA)
 
 CONFIGS = {
     "llama": lambda: tiny.llama_config(**_SMALL),
     "gpt2": lambda: tiny.gpt2_config(**_SMALL),
     "gpt_neox": lambda: tiny.gpt_neox_config(**_SMALL),
-    "qwen2": lambda: Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, **_SMALL),
-    "mistral": lambda: MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=None, **_SMALL),
+    "qwen2": lambda: Qwen2Config(**_GQA),
+    "qwen3": lambda: Qwen3Config(head_dim=8, **_GQA),
+    "mistral": lambda: MistralConfig(sliding_window=None, **_GQA),
+    "gemma": lambda: GemmaConfig(**_GEMMA),
+    # soft-capped attention scores: transformers runs Gemma 2 on eager attention (sdpa cannot cap)
+    "gemma2": lambda: Gemma2Config(query_pre_attn_scalar=8, sliding_window=64, **_GEMMA),
+    "gemma3_text": lambda: Gemma3TextConfig(query_pre_attn_scalar=8, sliding_window=64, **_GEMMA),
+    "phi3": lambda: Phi3Config(**_GQA),
     "opt": lambda: OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
                              word_embed_proj_dim=32, max_position_embeddings=64, **_SMALL),
     "bloom": lambda: BloomConfig(hidden_size=32, n_layer=2, n_head=4, **_SMALL),
 }
 PACKING = sorted({t for f in FAMILIES.values() for t in f.packing_model_types})
+EAGER = {"gemma2"}  # its default attention is eager: packed rows carry an explicit mask ("dense"), no segments
 REFUSED = sorted(set(CONFIGS) - set(PACKING))
 
 
@@ -102,7 +113,8 @@ def _prompt_pairs(seed: int = 0) -> list[dict]:
 
 
 def test_the_registry_packs_exactly_the_checked_architectures():
-    assert PACKING == ["gpt2", "gpt_neox", "llama", "mistral", "qwen2"]
+    assert PACKING == ["gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "llama", "mistral", "phi3", "qwen2",
+                       "qwen3"]
     assert REFUSED == ["bloom", "opt"]
 
 
@@ -113,9 +125,14 @@ def test_a_packed_sample_has_its_logits_alone(model_type, attention):
     config = CONFIGS[model_type]()
     assert config.model_type == model_type
     actor = Actor.from_config(config).eval()
-    assert packing_attention(actor) == "segments"  # coati runs sdpa models on segment attention
+    # coati runs sdpa models on segment attention
+    assert packing_attention(actor) == ("dense" if model_type in EAGER else "segments")
     seqs = _ragged(0)
     batch = pack(seqs, None, MAX_LEN, 0, attention=attention)
+    if packing_attention(actor) != attention == "segments":
+        with pytest.raises(UsageError, match=r"attention=packing_attention\(model\)"):
+            actor(batch["input_ids"], **model_inputs(batch))
+        return
     assert batch["input_ids"].shape[0] < len(seqs)  # rows really hold several samples
     assert (batch["packed"].segments is not None) == (attention == "segments")
     with torch.no_grad():
@@ -151,6 +168,8 @@ def test_a_pair_sharing_its_prompt_has_each_sides_logits_alone(model_type, atten
     tokens: its logits equal its logits alone, as do the chosen side's."""
     torch.manual_seed(0)
     actor = Actor.from_config(CONFIGS[model_type]()).eval()
+    if packing_attention(actor) != attention == "segments":
+        pytest.skip("eager attention takes no segment layout (checked above)")
     pairs = _prompt_pairs()
     batch = PackingRewardCollator(0, MAX_LEN, attention)([{k: v for k, v in p.items() if "input_ids" in k}
                                                           for p in pairs])
@@ -264,18 +283,23 @@ def test_eager_attention_gets_the_shared_prefix_mask_as_an_additive_one():
 
 
 @pytest.mark.parametrize("attention", ["segments", "dense"])
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "gemma2", "gemma3_text"])
 def test_a_sliding_window_applies_to_pairs_sharing_a_prompt(model_type, attention):
     """transformers takes the given mask as is, so the window (Mistral: every layer; Qwen2: the layers past
-    ``max_window_layers``) must be in it: each side's logits still equal its logits alone, where the model
-    applies the window itself, and differ from the logits without a window."""
+    ``max_window_layers``; Gemma 2 / 3: the layers ``layer_types`` marks sliding) must be in it: each side's
+    logits still equal its logits alone, where the model applies the window itself, and differ from the logits
+    without a window."""
     torch.manual_seed(0)
     config = CONFIGS[model_type]()
     config.sliding_window = 4
     if model_type == "qwen2":
         config.use_sliding_window, config.max_window_layers = True, 1
         config.layer_types = ["full_attention", "sliding_attention"]
+    if model_type.startswith("gemma"):
+        assert "sliding_attention" in config.layer_types
     actor = Actor.from_config(config).eval()
+    if packing_attention(actor) != attention == "segments":
+        pytest.skip("eager attention takes no segment layout")
     pairs = _prompt_pairs()
     batch = PackingPreferenceCollator(0, MAX_LEN, attention)(pairs)
     n = len(pairs)
@@ -368,9 +392,11 @@ def _loader(strategy, data, collate, batch_size):
 
 
 @pytest.mark.parametrize("attention,grad_checkpoint", [("dense", False), ("segments", False), ("segments", True)])
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_type", PACKING)
 def test_packed_sft_gives_the_unpacked_loss_and_gradient(model_type, attention, grad_checkpoint):
     """Activation checkpointing recomputes each layer in backward: the segment layout must reach it again."""
+    if model_type in EAGER and attention == "segments":
+        pytest.skip("eager attention takes no segment layout")
     items = _sft_items()
     results = []
     for collate in (SFTCollator(0), PackingCollator(0, MAX_LEN, attention)):

@@ -22,7 +22,9 @@ class Family:
     :mod:`coati.dataset.packing`): they hand ``position_ids`` to transformers' causal-mask builder, which turns
     position ids restarting at 0 into a block-diagonal mask. OPT derives positions from the attention mask and
     builds its mask without position ids, BLOOM takes no position ids at all (ALiBi): both would let a packed
-    sample attend to the one before it.
+    sample attend to the one before it. ``tp_plan``: transformers ships a tensor-parallel plan for it
+    (``base_model_tp_plan`` of its config class; ``from_pretrained(tp_plan="auto")``). ``remote_code``: no
+    transformers class, the checkpoint brings its modelling code, so loading needs ``--trust_remote_code``.
     """
 
     name: str
@@ -30,6 +32,8 @@ class Family:
     lora_target_modules: tuple[str, ...] | str
     description: str = ""
     packing_model_types: tuple[str, ...] = ()
+    tp_plan: bool = False
+    remote_code: bool = False
 
     def targets(self) -> list[str] | str:
         t = self.lora_target_modules
@@ -37,22 +41,38 @@ class Family:
 
 
 _NEOX_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # every architecture packing is checked on (tests/test_packing.py: a sample's logits packed equal its logits alone)
-_PACKING = ("llama", "gpt_neox", "gpt2", "qwen2", "mistral")
+_PACKING = ("llama", "gpt_neox", "gpt2", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")
+
+
+def _native(name: str, model_type: str, description: str, targets: tuple[str, ...] = _LLAMA_TARGETS) -> "Family":
+    """A transformers-native family that packs and has a tensor-parallel plan."""
+    return Family(name, (model_type,), targets, description, (model_type,), tp_plan=True)
+
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
-        Family("llama", ("llama",),
-               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-               "LLaMA / LLaMA-2/3 and look-alikes", ("llama",)),
-        Family("gpt_neox", ("gpt_neox",), _NEOX_TARGETS, "GPT-NeoX, Pythia", ("gpt_neox",)),
-        Family("polyglot_ko", ("gpt_neox",), _NEOX_TARGETS, "EleutherAI Polyglot-Ko (GPT-NeoX architecture)",
-               ("gpt_neox",)),
+        _native("llama", "llama", "LLaMA / LLaMA-2/3 and look-alikes"),
+        _native("gpt_neox", "gpt_neox", "GPT-NeoX, Pythia", _NEOX_TARGETS),
+        _native("polyglot_ko", "gpt_neox", "EleutherAI Polyglot-Ko (GPT-NeoX architecture)", _NEOX_TARGETS),
         Family("gpt2", ("gpt2",), ("c_attn", "c_proj", "c_fc"), "GPT-2 (Conv1D layers; peft sets fan_in_fan_out)",
                ("gpt2",)),
         Family("opt", ("opt",), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), "Meta OPT"),
         Family("bloom", ("bloom",), _NEOX_TARGETS, "BigScience BLOOM"),
+        _native("qwen2", "qwen2", "Qwen1.5 / Qwen2 / Qwen2.5 (sliding window past max_window_layers)"),
+        _native("qwen3", "qwen3", "Qwen3 dense (q/k norms)"),
+        _native("mistral", "mistral", "Mistral 7B, Zephyr and look-alikes (sliding window)"),
+        _native("gemma", "gemma", "Gemma 1 (tied embeddings)"),
+        _native("gemma2", "gemma2", "Gemma 2 (soft-capping: eager attention; alternating sliding layers)"),
+        _native("gemma3", "gemma3_text", "Gemma 3 text-only (Gemma3ForCausalLM; not the multimodal gemma3)"),
+        _native("phi3", "phi3", "Phi-3 / 3.5 / Phi-4 (fused qkv_proj, gate_up_proj)",
+                ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+        Family("internlm2", ("internlm2",), ("wqkv", "wo", "w1", "w2", "w3"),
+               "InternLM2 / 2.5 (its own code: --trust_remote_code)", remote_code=True),
+        Family("chatglm", ("chatglm",), _NEOX_TARGETS, "ChatGLM2 / 3, GLM-4 chat (its own code: --trust_remote_code)",
+               remote_code=True),
         Family("auto", (), ALL_LINEAR, "any causal LM; LoRA on all linear layers", _PACKING),
     ]
 }
@@ -60,7 +80,8 @@ FAMILIES: dict[str, Family] = {
 _ALIASES = {
     "gpt-neox": "gpt_neox", "gptneox": "gpt_neox", "neox": "gpt_neox", "pythia": "gpt_neox",
     "polyglot": "polyglot_ko", "polyglot-ko": "polyglot_ko", "polyglotko": "polyglot_ko",
-    "gpt": "gpt2", "llama2": "llama", "llama3": "llama",
+    "gpt": "gpt2", "llama2": "llama", "llama3": "llama", "qwen2.5": "qwen2", "gemma3_text": "gemma3",
+    "phi4": "phi3", "chatglm3": "chatglm",
 }
 
 
@@ -85,6 +106,14 @@ def check_model_type(family: str | Family, model_type: str) -> None:
         raise ValueError(f"family {fam.name!r} expects model_type in {fam.model_types}, got {model_type!r}")
 
 
+def check_remote_code(family: str | Family, trust_remote_code: bool) -> None:
+    """Refuse a family that exists only as the checkpoint's own code unless that code may run."""
+    fam = family if isinstance(family, Family) else get_family(family)
+    if fam.remote_code and not trust_remote_code:
+        raise UsageError(f"--model {fam.name}: transformers has no {fam.name} class; its checkpoints run the "
+                         "modelling code they ship, so pass --trust_remote_code to allow it")
+
+
 def supports_packing(family: str | Family, model_type: str) -> bool:
     """Whether padding-free packing keeps samples apart for ``model_type`` under ``family``."""
     fam = family if isinstance(family, Family) else get_family(family)
@@ -104,5 +133,5 @@ def resolve_packing(choice: bool | str, family: str | Family, model_type: str) -
     return bool(choice)
 
 
-__all__ = ["ALL_LINEAR", "FAMILIES", "Family", "check_model_type", "get_family", "lora_targets",
-           "resolve_packing", "supports_packing"]
+__all__ = ["ALL_LINEAR", "FAMILIES", "Family", "check_model_type", "check_remote_code", "get_family",
+           "lora_targets", "resolve_packing", "supports_packing"]

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..errors import missing_path
 from .dtypes import dtype_kwargs, to_dtype
-from .families import check_model_type, supports_packing
+from .families import check_model_type, check_remote_code, supports_packing
 from .lora import LoraSettings, apply_lora, is_peft_model
 from .quant import check_quant, check_quant_lora, config_dtype, prepare_kbit_model, quant_mode, quantized_load_kwargs
 from .segment_attention import use_segment_attention
@@ -130,6 +130,7 @@ def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    check_remote_code(family, hf_kwargs.get("trust_remote_code", False))
     if frozen:
         check_quant(quant)
     else:

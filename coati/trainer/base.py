@@ -175,10 +175,6 @@ class LRSchedule:
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03) -> LambdaLR:
-    return LambdaLR(optimizer, LRSchedule(total_steps, warmup_ratio, "cosine"))
-
-
 def epoch_iter(loader: DataLoader, epoch: int = 0, start_batch: int = 0) -> Iterator:
     """Batches of ``loader``'s epoch ``epoch`` from batch ``start_batch`` on, without touching the global RNG.
 
@@ -269,8 +265,8 @@ class SupervisedTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optimizer or make_adamw(params, lr=config.lr, weight_decay=config.weight_decay)
         self.model, self.optimizer = strategy.prepare_optimizer(model, optimizer)
-        self.scheduler = cosine_schedule(strategy.base_optimizer(self.optimizer), self.total_steps,
-                                         config.warmup_ratio)
+        self.scheduler = LambdaLR(strategy.base_optimizer(self.optimizer),
+                                  LRSchedule(self.total_steps, config.warmup_ratio, "cosine"))
         self.tokenizer = tokenizer
         self.merge_lora = merge_lora
         self.global_step = 0

@@ -81,9 +81,7 @@ def check_ppo_train_bias(train_bias: str) -> None:
 
 def lora_train_bias(model: nn.Module) -> str:
     """peft's ``bias`` setting of ``model``'s active adapter; ``"none"`` for a model without LoRA."""
-    if not is_peft_model(model):
-        return "none"
-    return model.peft_config[model.active_adapter].bias
+    return model.peft_config[model.active_adapter].bias if is_peft_model(model) else "none"
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings | None, family: str = "auto") -> nn.Module:
@@ -100,6 +98,4 @@ def apply_lora(model: nn.Module, settings: LoraSettings | None, family: str = "a
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold LoRA weights into the base weights and return the plain HF model (in place: copy first if the
     adapters should keep training). A model without adapters is returned as is."""
-    if is_peft_model(model):
-        return model.merge_and_unload()
-    return model
+    return model.merge_and_unload() if is_peft_model(model) else model

@@ -144,12 +144,10 @@ def quantized_load_kwargs(path: str | Path, quant: str, compute_dtype: str | tor
 
 def quant_mode(model: nn.Module) -> str | None:
     """``"4bit"`` / ``"8bit"`` when ``model`` (a HF model, PeftModel or coati wrapper) holds bitsandbytes layers."""
+    modes = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}
     for m in model.modules():
-        name = type(m).__name__
-        if name == "Linear4bit" and type(m).__module__.startswith("bitsandbytes"):
-            return "4bit"
-        if name == "Linear8bitLt" and type(m).__module__.startswith("bitsandbytes"):
-            return "8bit"
+        if type(m).__name__ in modes and type(m).__module__.startswith("bitsandbytes"):
+            return modes[type(m).__name__]
     return None
 
 

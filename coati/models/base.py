@@ -216,6 +216,8 @@ class Actor(_HFWrapper):
     tokens; both compute logits only for those positions, a chunk of rows at a time.
     """
 
+    seq2seq = False  # an encoder-decoder LM (:class:`Seq2SeqActor`)
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -225,16 +227,17 @@ class Actor(_HFWrapper):
                         grad_checkpoint: bool = False, torch_dtype: Any = None, **hf_kwargs: Any) -> "Actor":
         """See :func:`load_causal_lm` for the keywords (LoRA, ``quant``, ``frozen`` / ``frozen_dtype`` ...)."""
         actor = cls(load_causal_lm(path, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
-                                   torch_dtype=torch_dtype, **hf_kwargs))
+                                   torch_dtype=torch_dtype, seq2seq=cls.seq2seq, **hf_kwargs))
         actor.source_dtype = checkpoint_dtype(path, hf_kwargs.get("trust_remote_code", False))
         return actor
 
     @classmethod
     def from_config(cls, config: Any, *, family: str = "auto", lora: LoraSettings | None = None,
                     grad_checkpoint: bool = False) -> "Actor":
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))  # fp32 masters
+        auto = AutoModelForSeq2SeqLM if cls.seq2seq else AutoModelForCausalLM
+        model = auto.from_config(config, **dtype_kwargs(torch.float32))  # fp32 masters
         return cls(prepare_lm(model, family, lora, grad_checkpoint))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -312,6 +315,35 @@ class Actor(_HFWrapper):
             lm.generation_config = checkpoint_config
             self.train(was_training)
         return out.sequences if hasattr(out, "sequences") else out
+
+
+class Seq2SeqActor(Actor):
+    """An encoder-decoder LM (T5, BART) for SFT, in the causal batch convention: ``input_ids`` (the rendered
+    prompt) feed the encoder and ``labels`` are the decoder's sequence ``[start] + response + [EOS]``, -100 at
+    the start and on padding (``SFTDataset(seq2seq=True)``), so SFT's loss and token count hold unchanged.
+    ``generate`` returns the decoder's tokens only (the start token, then the answer). Only SFT loads one:
+    :func:`load_causal_lm` refuses encoder-decoder checkpoints for every other model."""
+
+    seq2seq = True
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, temperature: float = 1.0, reduction: str = "none",
+                ) -> torch.Tensor:
+        """``(B, L - 1)`` fp32: at ``t`` the log-prob of ``labels[:, t + 1]`` given the prompt and the labels
+        before it, 0 where that label is -100; their sum with ``reduction="sum"`` (as
+        :meth:`Actor.token_log_probs`). The decoder reads the labels shifted right, as transformers' own loss."""
+        if labels is None:
+            raise ValueError("Seq2SeqActor scores labels: pass labels (the decoder sequence)")
+        targets = labels[:, 1:]
+        decoder_ids = self.base_lm.prepare_decoder_input_ids_from_labels(labels=targets)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids,
+                            use_cache=False).logits
+        picked = targets.ne(IGNORE_INDEX)
+        logps = -nn.functional.cross_entropy(logits[picked].float() / temperature, targets[picked],
+                                             reduction="none")
+        if reduction == "sum":
+            return logps.sum()
+        return logps.new_zeros(picked.shape).masked_scatter(picked, logps)
 
 
 class _ValueModel(_HFWrapper):

@@ -53,6 +53,8 @@ FAMILIES: dict[str, Family] = {
                ("gpt2",)),
         Family("opt", ("opt",), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), "Meta OPT"),
         Family("bloom", ("bloom",), _NEOX_TARGETS, "BigScience BLOOM"),
+        Family("t5", ("t5", "mt5", "umt5"), ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+               "T5, Flan-T5, mT5 (encoder-decoder: SFT only)"),
         Family("auto", (), ALL_LINEAR, "any causal LM; LoRA on all linear layers", _PACKING),
     ]
 }

@@ -117,6 +117,7 @@ class _HFWrapper(nn.Module):
     model: nn.Module
     # dtype of the checkpoint the weights came from (set by from_pretrained); None: built from config
     source_dtype: torch.dtype | None = None
+    seq2seq = False  # an encoder-decoder LM (:class:`Seq2SeqActor`)
 
     @classmethod
     def from_pretrained(cls: type[_Wrapper], path: str | Path, *, family: str = "auto",
@@ -126,7 +127,7 @@ class _HFWrapper(nn.Module):
         model also loads ``value_head.safetensors`` if present (else it keeps a small random head, e.g. when
         starting a reward model or critic from an SFT model)."""
         model = cls(load_causal_lm(path, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
-                                   torch_dtype=torch_dtype, **hf_kwargs))
+                                   torch_dtype=torch_dtype, seq2seq=cls.seq2seq, **hf_kwargs))
         model.source_dtype = checkpoint_dtype(path, hf_kwargs.get("trust_remote_code", False))
         model._load_extra(Path(path))
         return model
@@ -134,9 +135,10 @@ class _HFWrapper(nn.Module):
     @classmethod
     def from_config(cls: type[_Wrapper], config: Any, *, family: str = "auto", lora: LoraSettings | None = None,
                     grad_checkpoint: bool = False) -> _Wrapper:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))  # fp32 masters
+        auto = AutoModelForSeq2SeqLM if cls.seq2seq else AutoModelForCausalLM
+        model = auto.from_config(config, **dtype_kwargs(torch.float32))  # fp32 masters
         return cls(prepare_lm(model, family, lora, grad_checkpoint))
 
     @property
@@ -314,6 +316,35 @@ class Actor(_HFWrapper):
             lm.generation_config = checkpoint_config
             self.train(was_training)
         return out.sequences if hasattr(out, "sequences") else out
+
+
+class Seq2SeqActor(Actor):
+    """An encoder-decoder LM (T5, BART) for SFT, in the causal batch convention: ``input_ids`` (the rendered
+    prompt) feed the encoder and ``labels`` are the decoder's sequence ``[start] + response + [EOS]``, -100 at
+    the start and on padding (``SFTDataset(seq2seq=True)``), so SFT's loss and token count hold unchanged.
+    ``generate`` returns the decoder's tokens only (the start token, then the answer). Only SFT loads one:
+    :func:`load_causal_lm` refuses encoder-decoder checkpoints for every other model."""
+
+    seq2seq = True
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, temperature: float = 1.0, reduction: str = "none",
+                ) -> torch.Tensor:
+        """``(B, L - 1)`` fp32: at ``t`` the log-prob of ``labels[:, t + 1]`` given the prompt and the labels
+        before it, 0 where that label is -100; their sum with ``reduction="sum"`` (as
+        :meth:`Actor.token_log_probs`). The decoder reads the labels shifted right, as transformers' own loss."""
+        if labels is None:
+            raise ValueError("Seq2SeqActor scores labels: pass labels (the decoder sequence)")
+        targets = labels[:, 1:]
+        decoder_ids = self.base_lm.prepare_decoder_input_ids_from_labels(labels=targets)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids,
+                            use_cache=False).logits
+        picked = targets.ne(IGNORE_INDEX)
+        logps = -nn.functional.cross_entropy(logits[picked].float() / temperature, targets[picked],
+                                             reduction="none")
+        if reduction == "sum":
+            return logps.sum()
+        return logps.new_zeros(picked.shape).masked_scatter(picked, logps)
 
 
 class _ValueModel(_HFWrapper):

@@ -39,7 +39,8 @@ class LoraSettings:
         return self.rank > 0
 
     def peft_config(self, family: str = "auto", model: nn.Module | None = None) -> Any:
-        """The peft ``LoraConfig`` for this family (``fan_in_fan_out`` set when the model uses GPT-2 Conv1D)."""
+        """The peft ``LoraConfig`` for this family (``fan_in_fan_out`` set when the model uses GPT-2 Conv1D; an
+        encoder-decoder ``model`` gets peft's seq2seq task type)."""
         from peft import LoraConfig
 
         targets = self.target_modules if self.target_modules is not None else get_family(family).targets()
@@ -50,7 +51,7 @@ class LoraSettings:
             bias=self.train_bias,
             target_modules=targets,
             fan_in_fan_out=model is not None and _uses_conv1d(model),
-            task_type="CAUSAL_LM",
+            task_type="SEQ_2_SEQ_LM" if model is not None and model.config.is_encoder_decoder else "CAUSAL_LM",
         )
 
 

@@ -178,15 +178,18 @@ class _Fsdp(argparse.Action):
                 setattr(namespace, dest, value)
 
 
-def add_flag_aliases(parser: argparse.ArgumentParser) -> None:
+def add_flag_aliases(parser: argparse.ArgumentParser, hf_trainer: bool = True) -> None:
     """Accept :data:`FLAG_ALIASES` as hidden spellings of the flags ``parser`` has (the same type and bounds, no
-    default of their own, not in ``--help``), :data:`HF_TRAINER_ALIASES` as second names of those flags (shown
-    in ``--help``), and ``--bf16`` / ``--fp16`` / ``--fsdp`` as the Trainer's switches."""
+    default of their own, not in ``--help``); with ``hf_trainer`` (the supervised stages, whose commands people
+    copy from Hugging Face Trainer scripts) also :data:`HF_TRAINER_ALIASES` as second names of those flags (shown
+    in ``--help``) and ``--bf16`` / ``--fp16`` / ``--fsdp`` as the Trainer's switches."""
     for alias, name in FLAG_ALIASES.items():
         action = parser._option_string_actions.get(name)
         if action is not None:
             parser.add_argument(alias, dest=action.dest, type=action.type, choices=action.choices,
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    if not hf_trainer:
+        return
     for alias, name in HF_TRAINER_ALIASES.items():
         action = parser._option_string_actions.get(name)
         if action is not None:

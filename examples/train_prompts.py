@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a LoRA adapter on the reward model's weights, which the reward model runs with that adapter "
                         "off (or with its own frozen adapter when --rm_path is a LoRA dir); needs --lora_rank > 0")
     cli.add_logging_args(p, save_unit="episodes", log_interval=1)
-    compat.add_flag_aliases(p)
+    compat.add_flag_aliases(p, hf_trainer=False)
     return p
 
 

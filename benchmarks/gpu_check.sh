@@ -12,6 +12,19 @@
 # device machine has torch, transformers and pytest but no liger-kernel, TRL or datasets, so TRL is not run.
 # GPU_CHECK_ARGS / GPU_CHECK_ARMS replace the bench flags and the arms, PYTHON the interpreter (a rehearsal
 # on CPU: GPU_CHECK_ARGS="--config tiny --device cpu --packing --steps 2 --skip_trl --skip_plain").
+#
+#   benchmarks/gpu_check.sh optim     the memory-light optimizers (issue 23), its own device call of about
+#                                     480 s (run(command="bash benchmarks/gpu_check.sh optim", carry=[".gpu"])):
+#   a. full fine-tuning of the 1B preset with each --optim: parameters + peak gradients + optimizer state
+#      and peak GPU memory per optimizer (memory_optim_gpu_1b.json), from which the largest LLaMA-shaped
+#      model each fits is bytes-per-parameter arithmetic;
+#   b. LLaMA-7B's shape (hidden 4096, 32 layers, 6.7B parameters, fp32 masters) with AdamW, LOMO and
+#      AdaLomo: AdamW's 4 x 27 GB cannot fit an 80 GB GPU, LOMO's and AdaLomo's ~1.05 x can
+#      (memory_optim_gpu_7b.json);
+#   c. one 1B GRPO step (actor trained, fp32 reference and reward model) under a 24 GiB cap, AdamW against
+#      AdaLomo: AdamW's ~26 GB of weights, gradients and moments run out of memory, AdaLomo's step fits
+#      (grpo_adalomo_gpu_1b.json).
+#   OPTIM_CHECK_STEPS="a c" runs a subset.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +37,9 @@ if [ "${1:-run}" = prepare ]; then
   cp -r "$shared/tokenizers/llama2" .gpu/data/tokenizers/
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d .gpu/whl liger-kernel==0.8.5
+  # the optimizers' packages (the `optim` checks): lomo-optim and bitsandbytes (about 42 MiB)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_24_x86_64 -d .gpu/whl_optim lomo-optim==0.1.1 bitsandbytes==0.50.2
   du -sh .gpu
   exit 0
 fi
@@ -32,6 +48,28 @@ out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export COATI_SHARED_DATA=$PWD/.gpu/data PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+if [ "${1:-run}" = optim ]; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/optim_pkgs .gpu/whl_optim/*.whl
+  export PYTHONPATH=$PWD:/tmp/optim_pkgs
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/optim_gpu.txt"
+  bench="$py benchmarks/bench_memory.py --device cuda --precision bf16 --threads 16"
+  for step in ${OPTIM_CHECK_STEPS:-a b c}; do
+    echo "== optim step $step"
+    case $step in
+      a) timeout 170 $bench --config 1b --strategies naive --optim adamw_torch,adamw_bnb_8bit,adafactor,lomo,adalomo \
+           --batch_size 4 --seq_len 512 --warmup_steps 1 --steps 2 --output "$out/memory_optim_gpu_1b.json" ;;
+      b) timeout 200 $bench --config 1b --hidden 4096 --layers 32 --grad_checkpoint --strategies naive \
+           --optim adamw_torch,lomo,adalomo --batch_size 1 --seq_len 512 --warmup_steps 1 --steps 1 \
+           --output "$out/memory_optim_gpu_7b.json" ;;
+      c) timeout 150 $bench --config 1b --ppo grpo --optim adamw_torch,adalomo --gpu_mem_cap_gb 24 \
+           --batch_size 4 --seq_len 256 --warmup_steps 0 --steps 1 --output "$out/grpo_adalomo_gpu_1b.json" ;;
+    esac > "$out/optim_$step.log" 2>&1
+    tail -c 1500 "$out/optim_$step.log"; echo
+  done
+  ls -la "$out"
+  exit 0
+fi
 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .gpu/whl/*.whl
 # 1. the CUDA-only tests, liger-kernel on the path
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1

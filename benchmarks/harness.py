@@ -147,6 +147,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def cap_gpu_memory(gb: float | None) -> None:
+    """Let this process allocate at most ``gb`` GiB of the GPU (torch's per-process fraction): what fits a
+    smaller card."""
+    import torch
+
+    if gb:
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 2**30 / total))
+
+
 def rss_mb() -> float:
     """Current resident set size of this process."""
     try:

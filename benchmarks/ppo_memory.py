@@ -5,8 +5,8 @@ What it measures
   ``--vocab_size`` overrides, or ``--llama7b``) is written once; every variant loads it and runs
   ``--warmup_steps`` + ``--steps`` PPO episodes with the naive strategy in its own process: ``--batch_size``
   prompts of ``--seq_len / 2`` random tokens, ``--seq_len / 2`` sampled tokens, reference forward, reward
-  model, critic values, one actor and one critic AdamW step. Same weights, prompts, lengths and optimizer in
-  every variant; only how the four PPO models hold their weights changes.
+  model, critic values, one actor and one critic step of ``--optim`` (each optimizer in its own process). Same
+  weights, prompts, lengths and optimizer in every variant; only how the PPO models hold their weights changes.
 
 Variants (``--ppo`` comma separated)
   full               actor and critic fully trained; a frozen copy of the actor as reference; frozen RM
@@ -15,6 +15,9 @@ Variants (``--ppo`` comma separated)
   lora_4bit          as lora, every base NF4-quantized (double quantization)
   *_shared           (lora_shared, lora_8bit_shared, lora_4bit_shared) critic and reward model share one
                      frozen base (--share_critic_reward_base)
+  grpo               GRPO (--algo grpo, 2 samples per prompt): the actor fully trained, its frozen copy as
+                     reference (the KL loss), the frozen RM, no critic; with --optim adalomo and --gpu_mem_cap_gb
+                     it shows a step that fits where AdamW's runs out of memory
 
 Figures, per variant
   peak_gpu_mem_mb     torch.cuda.max_memory_allocated during the PPO episodes (models already loaded), GPU only
@@ -23,7 +26,7 @@ Figures, per variant
                       generation and training added
   model_mb            distinct storages of every parameter and buffer of actor, critic, reward model and
                       reference (shared bases counted once): what the weights occupy
-  trainable_mb / optim_state_mb   trained parameters and their AdamW state
+  trainable_mb / optim_state_mb   trained parameters and their optimizer state (AdaLomo's moments included)
   base_copies         distinct frozen base weight sets in memory (4 = nothing shared, 2 = the minimum)
   step_s              wall seconds per timed PPO episode
 
@@ -45,7 +48,7 @@ from typing import Any
 
 import harness
 
-VARIANTS = ("full", "lora", "lora_shared", "lora_8bit", "lora_8bit_shared", "lora_4bit", "lora_4bit_shared")
+VARIANTS = ("full", "lora", "lora_shared", "lora_8bit", "lora_8bit_shared", "lora_4bit", "lora_4bit_shared", "grpo")
 DEFAULT = "full,lora,lora_8bit,lora_4bit,lora_4bit_shared"
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000)
@@ -116,8 +119,9 @@ def build(variant: str, path: str, lora_rank: int):
 
     shared = variant.endswith("_shared")
     quant = {"8bit": "8bit", "4bit": "4bit"}.get(variant.split("_")[1] if variant.count("_") >= 1 else "")
-    if variant == "full":
-        return Actor.from_pretrained(path), Critic.from_pretrained(path), RewardModel.from_pretrained(path)
+    if variant in ("full", "grpo"):
+        critic = Critic.from_pretrained(path) if variant == "full" else None
+        return Actor.from_pretrained(path), critic, RewardModel.from_pretrained(path)
     lora = LoraSettings(rank=lora_rank)
     qkw = {"quant": quant} if quant else {}
     actor = Actor.from_pretrained(path, lora=lora, **qkw)
@@ -139,6 +143,8 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     variant = args._worker
+    if args.device == "cuda":
+        harness.cap_gpu_memory(args.gpu_mem_cap_gb)
     strategy = NaiveStrategy(seed=args.seed, mixed_precision="bf16" if args.precision == "bf16" else None)
     actor, critic, reward_model = build(variant, args._model_dir, args.lora_rank)
     tok = harness.llama_tokenizer()
@@ -148,10 +154,13 @@ def worker(args: argparse.Namespace) -> None:
                 "prompt": ""} for _ in range(args.batch_size * (args.warmup_steps + args.steps))]
     loader = strategy.setup_dataloader(prompts, args.batch_size, shuffle=False,
                                        collate_fn=PromptCollator(tok.pad_token_id))
+    grpo = dict(algo="grpo", n_samples_per_prompt=2) if variant == "grpo" else {}
     trainer = PPOTrainer(strategy, actor, critic, reward_model, tokenizer=tok, num_episodes=args.warmup_steps
                          + args.steps, num_collect_steps=1, num_update_steps=1, max_epochs=1,
-                         train_batch_size=args.batch_size, max_new_tokens=args.seq_len - prompt_len,
-                         max_seq_len=None, log_interval=10**9, log_entropy=False, lr=args.lr, critic_lr=args.lr)
+                         train_batch_size=args.batch_size * grpo.get("n_samples_per_prompt", 1),
+                         max_new_tokens=args.seq_len - prompt_len,
+                         max_seq_len=None, log_interval=10**9, log_entropy=False, lr=args.lr, critic_lr=args.lr,
+                         optim=args._optim, **grpo)
     gen = trainer.experience_maker.sampling
     gen.update(min_new_tokens=args.seq_len - prompt_len)  # equal lengths in every variant
 
@@ -170,8 +179,10 @@ def worker(args: argparse.Namespace) -> None:
         "rss_at_start_mb": round(rss_start, 1),
         "model_mb": round(_storage_mb(tensors), 1),
         "trainable_mb": round(_storage_mb([p for m in models for p in m.parameters() if p.requires_grad]), 1),
-        "optim_state_mb": round(_storage_mb([v for o in (trainer.actor_optim, trainer.critic_optim)
-                                             for s in o.state.values() for v in s.values()
+        "optim_state_mb": round(_storage_mb([v for o in (trainer.actor_optim, trainer.critic_optim) if o is not None
+                                             for v in [*(x for s in o.state.values() for x in s.values()),
+                                                       *(x for k in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
+                                                         for x in getattr(o, k, {}).values())]
                                              if torch.is_tensor(v)]), 1),
         "base_copies": round(len(base_weight_storages(*inner, frozen_only=False)) / n_linear, 2),
         "step_s": round(sum(h["timing_s/step"] for h in hist[args.warmup_steps:]) / max(args.steps, 1), 3),
@@ -196,20 +207,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(args.threads)
         script = Path(__file__).resolve().parent / "bench_memory.py"
-        for variant in variants:
+        optims = [o.strip() for o in args.optim.split(",") if o.strip()]
+        for variant, optim in ((v, o) for v in variants for o in optims):
+            key = variant if len(optims) == 1 else f"{variant}/{optim}"
             t0 = time.perf_counter()
-            cmd = [sys.executable, str(script), "--_worker", variant, "--_model_dir", str(Path(tmp) / "model")]
+            cmd = [sys.executable, str(script), "--_worker", variant, "--_optim", optim, "--_model_dir",
+                   str(Path(tmp) / "model")]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             lines = (proc.stdout + proc.stderr).splitlines()
             found = [json.loads(ln[len(harness.RESULT_TAG):]) for ln in lines if ln.startswith(harness.RESULT_TAG)]
             errors = [ln for ln in lines if "Error" in ln]
-            results[variant] = found[0] if found else {"error": (errors or lines or ["no output"])[-1][-400:]}
-            results[variant]["job_s"] = round(time.perf_counter() - t0, 1)
+            results[key] = found[0] if found else {"error": (errors or lines or ["no output"])[-1][-400:]}
+            results[key]["job_s"] = round(time.perf_counter() - t0, 1)
     shown = [a for i, a in enumerate(argv) if a != "--output" and (i == 0 or argv[i - 1] != "--output")]
     command = "OMP_NUM_THREADS=%d python benchmarks/bench_memory.py %s" % (args.threads, " ".join(shown))
     return {"bench": "ppo_memory", "command": command, "model": {"family": "llama", **model},
             "batch_size": args.batch_size,
             "prompt_len": args.seq_len // 2, "gen_len": args.seq_len - args.seq_len // 2,
             "episodes": {"warmup": args.warmup_steps, "timed": args.steps}, "lora_rank": args.lora_rank,
-            "device": args.device, "precision": args.precision, "threads": args.threads, "results": results,
+            "device": args.device, "precision": args.precision, "threads": args.threads,
+            "gpu_mem_cap_gb": args.gpu_mem_cap_gb, "results": results,
             "versions": harness.versions(), "machine": harness.machine(args.device)}

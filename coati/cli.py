@@ -20,6 +20,7 @@ from .errors import MissingInputError, UsageError, UserError
 from .models.loading import FROZEN_DTYPES, checkpoint_is_seq2seq
 from .models.families import FAMILIES, check_remote_code
 from .utils.config import BoolFlag, Bounded, Parser, add_config_args, config_from_args
+from .utils.optim import check_optimizer
 
 # How long a rank other than 0 waits, after a user error, for torchrun to stop it once rank 0 has reported the
 # same error and exited; past it, rank 0 did not fail and this rank reports its own error.
@@ -170,6 +171,11 @@ def strategy_from_args(args: argparse.Namespace, **extra: Any):
     import torch
 
     from .trainer.strategies import make_strategy
+
+    if getattr(args, "optim", None):  # an --optim these flags cannot train with: one line, before anything loads
+        check_optimizer(args.optim, accumulation_steps=args.accumulation_steps, strategy=args.strategy,
+                        lora=getattr(args, "lora_rank", 0) > 0, precision=args.mixed_precision,
+                        ptx=bool(getattr(args, "pretrain_dataset", None)) and getattr(args, "ptx_coef", 0) != 0)
 
     if getattr(args, "tf32", None) is not None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32

@@ -24,6 +24,8 @@ import torch.nn as nn
 
 # elements of one chunk of logits (32 MiB in fp32): chunk_size = this // V rows when not given
 _CHUNK_ELEMENTS = 1 << 23
+# True while a backward keeps its graph for a second one (LOMO's norm pass: coati.trainer.optim.fused_backward)
+KEEP_GRADS = [False]
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,8 @@ class _ChunkedLogProbSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grads, (weight, bias) = ctx.grads, ctx.weight_bias
-        ctx.grads = None
+        if not KEEP_GRADS[0]:  # freed after the last backward: they are the size of the head's weight
+            ctx.grads = None
         return (*grads.result(weight, bias, grad_out.float()), None, None, None, None, None)
 
 

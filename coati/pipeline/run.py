@@ -42,6 +42,7 @@ from ..plot import plot_run_if_possible
 from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer, TrainConfig
 from ..trainer.strategies import NaiveStrategy
 from ..utils.config import BoolFlag, Bounded, Parser
+from ..utils.optim import OPTIMIZERS
 from .evaluation import evaluate_policy, standardize_reward_model
 from .task import WRONG_KINDS, ArithmeticTask, exact_match_reward, write_jsonl
 from .tokenizer import build_tokenizer
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=Bounded(int, ">= 1"), default=1,
                    help="torch CPU threads; the tiny default model runs fastest on 1 (more threads only contend)")
     g.add_argument("--log_interval", type=Bounded(int, ">= 1"), default=100, help="print trainer metrics every N steps")
+    g.add_argument("--optim", default="adamw_torch", choices=list(OPTIMIZERS),
+                   help="every stage's optimizer (README: Memory-light training); the presets' learning rates are "
+                        "AdamW's: give lomo / adalomo their own with the --*_lr flags")
     _add_data_args(p.add_argument_group("your own model and data (each optional; the built-in task fills the rest)"))
     t = p.add_argument_group("built-in task")
     t.add_argument("--low", type=Bounded(int, ">= 0"), default=10, help="smallest number in a question")
@@ -291,6 +295,7 @@ class _Run:
         ``--{stage}_lr``, as many epochs over ``loader`` as the steps need, saved under ``output_dir/save_as``."""
         steps = getattr(self.args, f"{stage}_steps")
         return TrainConfig(batch_size=loader.batch_size, lr=getattr(self.args, f"{stage}_lr"), max_steps=steps,
+                           optim=self.args.optim,
                            max_epochs=max(1, math.ceil(steps / max(1, len(loader)))),
                            save_path=str(self.out / (save_as or stage)), log_interval=self.args.log_interval,
                            early_stop_patience=getattr(self.args, f"{stage}_patience", 0))
@@ -386,7 +391,7 @@ class _Run:
         ppo = PPOTrainer(strategy, policy, critic, reward_model, reference, tokenizer=tokenizer,
                          kl_coef=args.kl_coef, ptx_coef=0.0, num_episodes=args.ppo_episodes, num_collect_steps=1,
                          num_update_steps=1, max_epochs=1, train_batch_size=args.ppo_train_batch_size,
-                         lr=args.ppo_lr, critic_lr=args.critic_lr, max_new_tokens=self.max_new_tokens,
+                         lr=args.ppo_lr, critic_lr=args.critic_lr, optim=args.optim, max_new_tokens=self.max_new_tokens,
                          save_path=str(out / "ppo"), log_interval=max(1, args.ppo_episodes // CURVE_POINTS), log_entropy=False)
         history = ppo.fit(prompt_dl)
         self.timings["ppo"] = time.perf_counter() - t0
@@ -434,6 +439,7 @@ class _Run:
                              kl_coef=args.kl_coef, ptx_coef=0.0, num_episodes=args.rl_episodes, num_collect_steps=1,
                              num_update_steps=1, max_epochs=1,
                              train_batch_size=prompt_dl.batch_size * args.n_samples_per_prompt, lr=args.rl_lr,
+                             optim=args.optim,
                              max_new_tokens=self.max_new_tokens, save_path=str(self.out / args.algo),
                              log_interval=max(1, args.rl_episodes // CURVE_POINTS), log_entropy=False)
         trainer.fit(prompt_dl)

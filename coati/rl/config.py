@@ -17,6 +17,7 @@ from .losses import AGG_MODES, POLICY_LOSSES
 from .presets import PRESET_FIELDS, PRESETS, BudgetShare
 from ..errors import UsageError
 from ..utils.config import check_bounds, option
+from ..utils.optim import OPTIM_HELP, OPTIMIZERS, check_optimizer
 
 
 def _preset(help: str, name: str) -> str:
@@ -91,9 +92,10 @@ class RLConfig:
     train_batch_size: int = option(8, "experiences per training micro-batch per process", bounds=">= 1", group=P)
     accumulation_steps: int = option(1, "micro-batches per optimizer step", bounds=">= 1", group=P)
     # optimisation
-    lr: float = option(1e-6, "actor learning rate (AdamW)", bounds="> 0", group=P)
-    critic_lr: float = option(9e-6, "critic learning rate (AdamW)", bounds="> 0", group=P)
-    weight_decay: float = option(0.0, "AdamW weight decay", bounds=">= 0", group=P)
+    optim: str = option("adamw_torch", "the actor's (and critic's) " + OPTIM_HELP, choices=list(OPTIMIZERS), group=P)
+    lr: float = option(1e-6, "actor learning rate", bounds="> 0", group=P)
+    critic_lr: float = option(9e-6, "critic learning rate", bounds="> 0", group=P)
+    weight_decay: float = option(0.0, "decoupled weight decay (as AdamW's)", bounds=">= 0", group=P)
     lr_scheduler: str = option("constant", "learning-rate schedule of both optimizers (after warmup)",
                                choices=["constant", "cosine"], group=P)
     warmup_ratio: float = option(0.0, "share of optimizer steps spent warming up", bounds="[0, 1]", group=P)
@@ -151,6 +153,7 @@ class RLConfig:
         """One line per combination that cannot do what it says (UsageError)."""
         cfg = self
         check_bounds(cfg)
+        check_optimizer(cfg.optim, accumulation_steps=cfg.accumulation_steps)
         estimator = ADV_ESTIMATORS[cfg.adv_estimator]
         if estimator.needs_groups and cfg.n_samples_per_prompt < 2:
             raise UsageError(f"--adv_estimator {cfg.adv_estimator} compares the samples of a prompt: set "

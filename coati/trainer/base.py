@@ -29,6 +29,7 @@ from ..errors import CheckpointError, MissingInputError, UsageError
 from ..utils.flops import device_peak_tflops
 from .callbacks import MetricsLogger, logger
 from .config import TrainConfig
+from .optim import make_optimizer
 from .strategies import Strategy
 from .strategies.base import unpadded_samples
 
@@ -153,15 +154,6 @@ def save_checkpoint(strategy: Strategy, path: Path, models: dict[str, nn.Module]
     strategy.barrier()
 
 
-def make_adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    """AdamW, fused when every parameter is a plain floating tensor on CPU or CUDA (several times faster
-    than the per-tensor loop on CPU); sharded (DTensor) parameters keep the default implementation."""
-    params = list(params)
-    fusable = bool(params) and all(
-        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fusable or None)
-
-
 class LRSchedule:
     """LR multiplier of optimizer step ``step`` for LambdaLR: transformers' cosine / linear / constant schedules
     after a linear warmup over ``ceil(total * warmup_ratio)`` steps, cosine and linear reaching 0 at ``total``
@@ -272,8 +264,8 @@ class SupervisedTrainer:
         self.total_steps = self.steps_per_epoch * config.max_epochs
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = optimizer or make_adamw(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = optimizer or make_optimizer(config.optim, model, config.lr, config.weight_decay, strategy=strategy,
+                                                accumulation_steps=config.accumulation_steps)
         self.model, self.optimizer = strategy.prepare_optimizer(model, optimizer)
         self.scheduler = LambdaLR(strategy.base_optimizer(self.optimizer),
                                   LRSchedule(self.total_steps, config.warmup_ratio, config.lr_scheduler))

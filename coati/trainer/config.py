@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..utils.config import check_bounds, option
+from ..utils.optim import OPTIM_HELP, OPTIMIZERS, check_optimizer
 
 T, L = "training", "logging and checkpoints"
 LR_SCHEDULES = ("cosine", "linear", "constant")  # transformers' names; each after a linear warmup
@@ -24,10 +25,11 @@ class TrainConfig:
     batch_size: int = option(4, "micro-batch size per process (reward model and DPO: pairs; KTO: samples)",
                              bounds=">= 1", group=T)
     accumulation_steps: int = option(1, "micro-batches per optimizer step", bounds=">= 1", group=T)
-    lr: float = option(5e-6, "peak learning rate (AdamW, warmup then --lr_scheduler)", bounds="> 0", group=T)
+    optim: str = option("adamw_torch", OPTIM_HELP, choices=list(OPTIMIZERS), group=T)
+    lr: float = option(5e-6, "peak learning rate (warmup then --lr_scheduler)", bounds="> 0", group=T)
     lr_scheduler: str = option("cosine", "learning-rate schedule after the linear warmup", choices=LR_SCHEDULES,
                                group=T)
-    weight_decay: float = option(0.0, "AdamW weight decay", bounds=">= 0", group=T)
+    weight_decay: float = option(0.0, "decoupled weight decay (as AdamW's)", bounds=">= 0", group=T)
     warmup_ratio: float = option(0.03, "share of optimizer steps spent warming up", bounds="[0, 1]", group=T)
     max_epochs: int = option(1, "passes over the training data", bounds=">= 1", group=T)
     max_steps: int | None = option(None, "stop after this many optimizer steps", bounds=">= 1", group=T)
@@ -49,3 +51,4 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        check_optimizer(self.optim, accumulation_steps=self.accumulation_steps)

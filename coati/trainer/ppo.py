@@ -56,7 +56,9 @@ from ..models.loss import GPTLMLoss
 from ..models.utils import disable_dropout, masked_mean
 from ..rl import (POLICY_LOSSES, RLConfig, ValueLoss, agg_loss, kl_clamped_share, kl_estimate, make_config,
                   make_kl_controller)
-from .base import LRSchedule, checkpoint_dir, epoch_iter, make_adamw, save_checkpoint, to_device
+from ..utils.optim import check_optimizer
+from .base import LRSchedule, checkpoint_dir, epoch_iter, save_checkpoint, to_device
+from .optim import make_optimizer
 from .callbacks import MetricsLogger, logger
 from .strategies import Strategy
 
@@ -184,16 +186,15 @@ class PPOTrainer:
         self.strategy = strategy
         self.tokenizer = tokenizer
         self._prepare_models(actor, critic, reward_model, initial_model)
-        actor_optim = actor_optim or make_adamw(
-            (p for p in self.actor.parameters() if p.requires_grad), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optim_kw = dict(strategy=strategy, accumulation_steps=cfg.accumulation_steps)
+        actor_optim = actor_optim or make_optimizer(cfg.optim, self.actor, cfg.lr, cfg.weight_decay, **optim_kw)
         # Strategies that wrap a model together with its optimizer (ColossalAI's Booster) do it here; the
         # experience maker and the update phase then use the returned pairs.
         self.actor, self.actor_optim = strategy.prepare_optimizer(self.actor, actor_optim)
         self.critic_optim = None
         if self.critic is not None:
-            critic_optim = critic_optim or make_adamw(
-                (p for p in self.critic.parameters() if p.requires_grad), lr=cfg.critic_lr,
-                weight_decay=cfg.weight_decay)
+            critic_optim = critic_optim or make_optimizer(cfg.optim, self.critic, cfg.critic_lr, cfg.weight_decay,
+                                                          **optim_kw)
             self.critic, self.critic_optim = strategy.prepare_optimizer(self.critic, critic_optim)
 
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
@@ -742,6 +743,7 @@ class PPOTrainer:
         """Data cycles, LR schedules, whether collection scores old log-probs, sampling seeds, a resumed state."""
         self._prompts = _Cycle(prompt_loader)
         self._pretrain = _Cycle(pretrain_loader) if pretrain_loader is not None else None
+        check_optimizer(self.config.optim, ptx=self._pretrain is not None and self.config.ptx_coef != 0)
         self._build_schedulers(prompt_loader)
         self.experience_maker.score_old_log_probs(not self._reuses_update_log_probs(prompt_loader))
         # models are built (identically on every rank): from here each rank samples its own rollouts; a

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader
-from transformers import get_cosine_schedule_with_warmup
 
 from coati.dataset import SFTCollator
 from coati.dataset.buckets import BinnedDataset, BucketSampler
@@ -32,6 +31,7 @@ from coati.trainer.base import latest_checkpoint, resolve_resume
 from coati.trainer.strategies import make_strategy
 from coati.trainer.strategies.base import StrategyUnavailableError
 from coati import cli
+from coati.utils.optim import OPTIM_HELP, OPTIMIZERS, check_optimizer
 from coati.utils.tokenizer import load_tokenizer
 
 logger = logging.getLogger("coati")
@@ -70,12 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_epochs", type=cli.Bounded(int, ">= 1"), default=1, help="passes over the data")
     p.add_argument("--accumulation_steps", type=cli.Bounded(int, ">= 1"), default=8, help="micro-batches per optimizer step")
     p.add_argument("--micro_batch_size", type=cli.Bounded(int, ">= 1"), default=2, help="samples per process per micro-batch")
-    p.add_argument("--lr", type=cli.Bounded(float, "> 0"), default=3e-4, help="peak learning rate (AdamW, warmup then cosine)")
+    p.add_argument("--lr", type=cli.Bounded(float, "> 0"), default=3e-4, help="peak learning rate (warmup then cosine)")
     p.add_argument("--max_length", type=cli.Bounded(int, ">= 1"), default=8192, help="samples longer than this are truncated")
     p.add_argument("--mixed_precision", default="fp16", choices=["fp16", "bf16", "no"],
                    help="compute precision (trained weights stay fp32 masters); fp16 needs a GPU")
     p.add_argument("--gradient_clipping", type=cli.Bounded(float, ">= 0"), default=1.0, help="clip the global gradient norm (0 = off)")
-    p.add_argument("-w", "--weight_decay", type=cli.Bounded(float, ">= 0"), default=0.1, help="AdamW weight decay")
+    p.add_argument("-w", "--weight_decay", type=cli.Bounded(float, ">= 0"), default=0.1, help="decoupled weight decay (as AdamW's)")
+    p.add_argument("--optim", default="adamw_torch", choices=list(OPTIMIZERS), help=OPTIM_HELP)
     p.add_argument("-s", "--warmup_steps", type=cli.Bounded(int, ">= 0"), default=None,
                    help="linear warmup steps before the cosine decay (default: 3%% of the steps)")
     p.add_argument("--use_grad_checkpoint", action=cli.BoolFlag, default=False, help="gradient checkpointing")
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     cli.setup_logging(cli.rank() == 0)
     kind = checkpoint_kind(args.load_checkpoint)
     name, strategy_kwargs = resolve_strategy(args)
+    check_optimizer(args.optim, accumulation_steps=args.accumulation_steps, strategy=name,
+                    precision=args.mixed_precision)
     with cli.flag_errors():
         strategy = make_strategy(name, seed=args.seed, mixed_precision=args.mixed_precision,
                                  grad_clip=args.gradient_clipping, **strategy_kwargs)
@@ -192,8 +195,10 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
         model, strategy, loader, lr=args.lr, weight_decay=args.weight_decay, max_epochs=args.num_epochs,
         accumulation_steps=args.accumulation_steps, save_path=args.save_dir, save_interval=args.save_interval,
         log_interval=args.log_interval, log_dir=args.tensorboard_dir,
-        use_tensorboard=args.tensorboard_dir is not None, tokenizer=tokenizer, run_config=vars(args))
+        use_tensorboard=args.tensorboard_dir is not None, tokenizer=tokenizer, run_config=vars(args), optim=args.optim)
     if args.warmup_steps is not None:
+        from transformers import get_cosine_schedule_with_warmup  # imports bitsandbytes, which talks on import
+
         trainer.scheduler = get_cosine_schedule_with_warmup(
             strategy.base_optimizer(trainer.optimizer), args.warmup_steps, max(1, trainer.total_steps))
     trainer.fit(resume_from=resolve_resume(args.load_checkpoint, args.save_dir) if kind == "state" else None)

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ...errors import UserError
+from ..optim import fused_backward, fused_grad_norm, is_fused
 
 PRECISIONS = (None, "no", "bf16", "fp16")
 SCALER_KEY = "grad_scaler"  # the fp16 GradScaler's state inside the trainer state
@@ -201,6 +202,8 @@ class Strategy:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if is_fused(optimizer):  # LOMO / AdaLomo: the step happens here (its own clipping and loss scale)
+            return fused_backward(optimizer, loss)
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
         loss.backward()
@@ -215,6 +218,10 @@ class Strategy:
     def optimizer_step(self, optimizer: torch.optim.Optimizer, model: nn.Module,
                        scheduler: Any | None = None) -> float:
         """Unscale, clip, step, zero the gradients; returns the pre-clip gradient norm."""
+        if is_fused(optimizer):  # stepped inside backward: only the schedule moves on
+            if scheduler is not None:
+                scheduler.step()
+            return fused_grad_norm(optimizer)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         norm = self.clip_grad_norm(model)

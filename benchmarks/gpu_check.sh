@@ -7,6 +7,7 @@
 #                                     (git-ignored through .git/info/exclude; about 2 MiB)
 #   then the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=600)
 #   (the steps' own limits add up to 570 s: tests 120, each bench arm 150, FlexAttention's compiling arm last)
+#   benchmarks/gpu_check.sh flash    the flash attention step (issue 23), a device call of its own: see below
 #
 # What it writes under $OUT comes back: copy the JSON files to benchmarks/results/ and commit them. The
 # device machine has torch, transformers and pytest but no liger-kernel, TRL or datasets, so TRL is not run.
@@ -70,6 +71,37 @@ if [ "${1:-run}" = optim ]; then
   ls -la "$out"
   exit 0
 fi
+args=${GPU_CHECK_ARGS:---config 1b --device cuda --precision bf16 --packing --seq_len 2048 --batch_size 128 \
+--warmup_steps 3 --steps 10 --skip_trl --skip_plain}
+
+if [ "${1:-run}" = flash ]; then
+  # The attention kernels of issue 23, a device call of its own (about 6 min at most):
+  #   run(command="bash benchmarks/gpu_check.sh flash", carry=[".gpu"], timeout_s=420)
+  # their CUDA tests (flash_attention_2 / _3 and flex_attention against sdpa, padded logits and packed loss; a
+  # kernel whose package is missing is skipped, naming it), then the 1B SFT on flash_attention_2 (packed rows
+  # of --seq_len, varlen). flash-attn is not on PyPI as a wheel: put one built for the machine's torch in
+  # .gpu/whl/flash/ (it is installed first), or the bench arm is skipped with a line saying so.
+  flashpath=$PWD
+  if ls .gpu/whl/flash/*.whl >/dev/null 2>&1; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/flash .gpu/whl/flash/*.whl
+    flashpath=$PWD:/tmp/flash
+  fi
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    PYTHONPATH=$flashpath $py -c "import importlib.util as u, torch; print('torch', torch.__version__, {m: \
+u.find_spec(m) is not None for m in ('flash_attn', 'flash_attn_interface', 'kernels')})"
+    PYTHONPATH=$flashpath timeout 180 $py -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_attention.py 2>&1 \
+      | tail -n 20; } | tee "$out/gpu_attention.log"
+  if PYTHONPATH=$flashpath $py -c "import importlib.util as u, sys; sys.exit(u.find_spec('flash_attn') is None)"; then
+    echo "== sft_gpu_1b_flash_none"
+    PYTHONPATH=$flashpath timeout 200 $py benchmarks/bench_sft.py $args --attn_implementation flash_attention_2 \
+      --output "$out/sft_gpu_1b_flash_none.json" 2> "$out/sft_gpu_1b_flash_none.log" | tail -c 600
+    tail -n 3 "$out/sft_gpu_1b_flash_none.log"
+  else
+    echo "sft_gpu_1b_flash_none skipped: no flash_attn on this machine (see .gpu/whl/flash/)"
+  fi
+  exit 0
+fi
+
 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .gpu/whl/*.whl
 # 1. the CUDA-only tests, liger-kernel on the path
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
@@ -78,8 +110,6 @@ $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target 
 
 # 2. the 1B SFT: sdpa (samples share no prompt, so packed rows are laid out dense: as long as the longest
 #    sample, a block-diagonal mask) without liger, sdpa with it, FlexAttention (rows of --max_len) with it
-args=${GPU_CHECK_ARGS:---config 1b --device cuda --precision bf16 --packing --seq_len 2048 --batch_size 128 \
---warmup_steps 3 --steps 10 --skip_trl --skip_plain}
 arms=${GPU_CHECK_ARMS:-sdpa:none sdpa:liger flex_attention:liger}
 for arm in $arms; do
   attn=${arm%%:*} kernels=${arm##*:}

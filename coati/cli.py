@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 from . import launch
 from .errors import MissingInputError, UsageError, UserError
-from .models.loading import FROZEN_DTYPES, checkpoint_is_seq2seq
+from .models.loading import ATTN_IMPLEMENTATIONS, FROZEN_DTYPES, attention_kwargs, checkpoint_is_seq2seq
 from .models.families import FAMILIES, check_remote_code
 from .utils.config import BoolFlag, Bounded, Parser, add_config_args, config_from_args
 from .utils.optim import check_optimizer
@@ -25,6 +25,12 @@ from .utils.optim import check_optimizer
 # How long a rank other than 0 waits, after a user error, for torchrun to stop it once rank 0 has reported the
 # same error and exited; past it, rank 0 did not fail and this rank reports its own error.
 RANK0_GRACE_S = 10.0
+
+ATTENTION_HELP = ("attention kernel: sdpa = PyTorch's scaled_dot_product_attention (an architecture without it keeps "
+                  "its own, e.g. gemma2's eager), run by coati per packed sample under --packing; eager = plain "
+                  "matmuls; flash_attention_2 / _3 need a CUDA GPU and flash-attn (FA3: its hopper build) or "
+                  "kernels; flex_attention = torch's FlexAttention (compiled; trains on a CUDA GPU only)")
+
 
 def make_parser(description: str) -> argparse.ArgumentParser:
     return Parser(description=description)
@@ -38,6 +44,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --pretrain)")
     g.add_argument("--grad_checkpoint", action=BoolFlag, default=False, help="gradient checkpointing (less memory, ~30%% slower)")
     g.add_argument("--trust_remote_code", action=BoolFlag, default=False, help="allow model code from the model dir")
+    g.add_argument("--attn_implementation", default="sdpa", choices=list(ATTN_IMPLEMENTATIONS), help=ATTENTION_HELP)
     g.add_argument("--frozen_dtype", default="auto", choices=list(FROZEN_DTYPES),
                    help="dtype of weights that never train: the base under LoRA and, in PPO, the reference and "
                         "reward models and a shared critic/reward base; auto = the checkpoint's own dtype on a "
@@ -159,6 +166,12 @@ def quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         check_quant_lora(quant, lora_settings(args))
         check_strategy_support(args.strategy, quant=quant)
     return {"quant": quant, "quant_compute_dtype": args.quant_compute_dtype}
+
+
+def attn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``from_pretrained`` keywords for --attn_implementation, after refusing (one line, before anything loads) a
+    kernel this machine lacks or cannot run."""
+    return attention_kwargs(args.attn_implementation)
 
 
 def add_empty_records_arg(group: argparse._ArgumentGroup) -> None:

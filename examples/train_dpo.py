@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     config = config_from_args(PreferenceConfig, args)
     quant = cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy up front
+    attn = cli.attn_kwargs(args)  # and an attention kernel this machine lacks
     strategy = cli.strategy_from_args(args)
     cli.setup_logging(strategy.is_rank0())
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     packing = cli.packing_from_args(args, stage_packs=config.loss_type != "kto", stage="KTO")
     model = Actor.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
                                   grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
-                                  frozen_dtype=args.frozen_dtype, **quant)
+                                  frozen_dtype=args.frozen_dtype, **quant, **attn)
     ref_model = None
     if config.uses_reference and not cli.lora_settings(args).enabled and not config.precompute_ref_logps:
         # the frozen copy of the starting policy, made before the policy is prepared: a sharded (fsdp) model

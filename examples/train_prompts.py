@@ -179,7 +179,7 @@ def build_models(args: argparse.Namespace) -> tuple[Actor, Critic | None, Reward
     if args.share_critic_reward_base:
         with cli.flag_errors():
             check_strategy_support(args.strategy, share_base=True)
-    hf = dict(trust_remote_code=args.trust_remote_code, frozen_dtype=args.frozen_dtype)
+    hf = dict(trust_remote_code=args.trust_remote_code, frozen_dtype=args.frozen_dtype, **cli.attn_kwargs(args))
     actor = Actor.from_pretrained(args.pretrain, family=args.model, lora=lora,
                                   grad_checkpoint=args.grad_checkpoint, **hf, **quant)
     if args.share_critic_reward_base:
@@ -215,7 +215,7 @@ def build_reference(args: argparse.Namespace) -> Actor | None:
     if cli.lora_settings(args).enabled or not rl_config(args).uses_reference:
         return None
     return Actor.from_pretrained(args.pretrain, family=args.model, frozen=True, frozen_dtype=args.frozen_dtype,
-                                 trust_remote_code=args.trust_remote_code)
+                                 trust_remote_code=args.trust_remote_code, **cli.attn_kwargs(args))
 
 
 def trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,6 +228,7 @@ def trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     args = build_parser().parse_args(argv)
     cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy before any work
+    cli.attn_kwargs(args)  # and an attention kernel this machine lacks
     rl_config(args)  # and a bad --algo combination
     strategy = cli.strategy_from_args(args)
     cli.setup_logging(strategy.is_rank0())

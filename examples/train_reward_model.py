@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     quant = cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy up front
+    attn = cli.attn_kwargs(args)  # and an attention kernel this machine lacks
     if args.test:
         args.max_datasets_size = min(args.max_datasets_size or 256, 256)
         args.max_epochs = 1
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     packing = cli.packing_from_args(args)  # before the model loads
     model = RewardModel.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
                                         grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
-                                        frozen_dtype=args.frozen_dtype, **quant)
+                                        frozen_dtype=args.frozen_dtype, **quant, **attn)
     attention = packing_attention(model)
     model = strategy.prepare_model(model)
     collate = RewardCollator(tokenizer.pad_token_id)

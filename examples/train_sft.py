@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     quant = cli.quant_kwargs(args)  # refuse --quant without LoRA / on a sharding strategy up front
+    attn = cli.attn_kwargs(args)  # and an attention kernel this machine lacks
     strategy = cli.strategy_from_args(args)
     cli.setup_logging(strategy.is_rank0())
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     actor_cls = Seq2SeqActor if seq2seq else Actor
     model = actor_cls.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
                                       grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
-                                      frozen_dtype=args.frozen_dtype, **quant)
+                                      frozen_dtype=args.frozen_dtype, **quant, **attn)
     cli.neftune_from_args(model, args)
     attention = packing_attention(model)
     model = strategy.prepare_model(model)

@@ -255,6 +255,7 @@ def start_in_process(args) -> tuple[str, object, dict]:
          str(args.max_batch_size), "--max_concurrent", str(max(64, args.concurrency)),
          "--max_tokens_limit", str(max(512, args.max_tokens))]
         + (["--quant", args.quant] if args.quant else [])
+        + ["--attn_implementation", args.attn_implementation]
         + (["--trust_remote_code"] if args.trust_remote_code else []))
     app = server_cli.build_app(sargs)
     port = _free_port()
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     # in-process server settings
     p.add_argument("--dtype", default="auto", help="in-process server: weights / compute precision (auto, fp32, bf16, fp16)")
     p.add_argument("--quant", default=None, choices=["8bit", "4bit", "gptq"], help="in-process server: quantized loading")
+    p.add_argument("--attn_implementation", default="sdpa",
+                   help="in-process server: attention kernel (server.py's --attn_implementation)")
     p.add_argument("--device", default="auto", help="in-process server: auto, cpu, cuda or cuda:N")
     p.add_argument("--max_batch_size", type=Bounded(int, ">= 1"), default=8, help="in-process server: rows per batch")
     p.add_argument("--trust_remote_code", action="store_true", help="in-process server: allow model code from the model dir")

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 from coati.errors import MissingInputError, UsageError
 # QuantizationUnavailable and cpu_4bit_skip_modules live with the training-side quantization; re-exported here
 from coati.models.dtypes import auto_lm_class, to_dtype
+from coati.models.loading import ATTN_IMPLEMENTATIONS, attention_kwargs
 from coati.models.quant import QuantizationUnavailable, bnb_config, cpu_4bit_skip_modules  # noqa: F401
 
 QUANT_MODES = ("8bit", "4bit", "gptq")
@@ -97,15 +98,17 @@ def quantization_config(quant: str | None, compute_dtype: torch.dtype, *, tokeni
 
 def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto", quant: str | None = None,
                device: str | None = "auto", trust_remote_code: bool = False, base_model: str | None = None,
-               merge_adapter: bool = True, gptq_calibration: list[str] | None = None,
+               merge_adapter: bool = True, gptq_calibration: list[str] | None = None, attn_implementation: str = "sdpa",
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `path` (a model dir or a LoRA adapter dir) and its tokenizer, ready for `generate` in eval mode.
 
     A LoRA adapter is merged into full-precision bases (one matmul per layer instead of two) and kept as a
     peft wrapper over quantized bases, where merging would round the adapter into the quantization grid.
+    An `attn_implementation` the device cannot run is refused before anything loads (``attention_kwargs``).
     """
     path = Path(path)
     dev = resolve_device(device)
+    attn = attention_kwargs(attn_implementation, dev, train=False)
     torch_dtype = resolve_dtype(dtype, dev)
     adapter = is_adapter_dir(path)
     base_path = _adapter_base(path, base_model) if adapter else str(path)
@@ -117,7 +120,7 @@ def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "au
     skips = cpu_4bit_skip_modules(base_path, trust_remote_code) if quant == "4bit" and dev.type == "cpu" else None
     qconfig = quantization_config(quant, torch_dtype, tokenizer=tokenizer, calibration=gptq_calibration,
                                   skip_modules=skips)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype, **attn}
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
@@ -166,6 +169,9 @@ def add_model_args(parser) -> None:
                         "base_model_name_or_path in adapter_config.json)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="allow model code from the model dir to run (off unless given)")
+    parser.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS,
+                        help="attention kernel: sdpa = PyTorch's (an architecture without it keeps its own); eager; "
+                             "flash_attention_2 / _3 need a CUDA --device and flash-attn (or kernels); flex_attention")
     parser.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                         help="chat prompt format; must match the one used in training")
 
@@ -175,4 +181,5 @@ def load_from_args(args) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not Path(args.model_path).exists():
         raise MissingInputError(f"{args.model_path}: no such model directory")
     return load_model(args.model_path, dtype=args.dtype, quant=args.quant, device=args.device,
-                      trust_remote_code=args.trust_remote_code, base_model=args.base_model)
+                      trust_remote_code=args.trust_remote_code, base_model=args.base_model,
+                      attn_implementation=args.attn_implementation)

@@ -4,6 +4,7 @@ checkpointing applied, the family checked."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 FROZEN_DTYPES = ("auto", "fp32", "bf16", "fp16")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+_FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
+                   "flash_attention_3": ("flash_attn_interface", "FlashAttention-3's hopper build")}
 
 
 def resolve_frozen_dtype(choice: str | torch.dtype, source: torch.dtype,
@@ -37,6 +41,34 @@ def resolve_frozen_dtype(choice: str | torch.dtype, source: torch.dtype,
         return to_dtype(choice)
     on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     return source if on_gpu else torch.float32
+
+
+def attention_kwargs(name: str, device: torch.device | str | None = None, train: bool = True) -> dict[str, Any]:
+    """``from_pretrained`` keywords for attention ``name`` (:data:`ATTN_IMPLEMENTATIONS`), once it is known the
+    machine can run it, checked without loading anything: flash attention needs a CUDA ``device`` (default: the
+    GPU when there is one) and its package (flash_attn / flash_attn_interface, or ``kernels`` to fetch a Hub
+    build); flex attention a torch that has it, and to ``train``, a GPU (torch has no FlexAttention backward on
+    CPU). sdpa passes nothing: transformers' default, sdpa where the architecture has it (else its own, e.g.
+    gemma2's eager); coati then runs its packed-segment sdpa on it (:func:`prepare_lm`), while an explicit other
+    choice is kept as given."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise UsageError(f"unknown attention {name!r}; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    where = ("cuda" if torch.cuda.is_available() else "cpu") if device is None else torch.device(device).type
+    if name in _FLASH_PACKAGES:
+        module, package = _FLASH_PACKAGES[name]
+        if where != "cuda":
+            raise UsageError(f"--attn_implementation {name} needs a CUDA GPU and this run is on {where}: use sdpa or "
+                             "eager")
+        if importlib.util.find_spec(module) is None and importlib.util.find_spec("kernels") is None:
+            raise UsageError(f"--attn_implementation {name} needs the {module} module ({package}) or the kernels "
+                             "package (Hub builds), and neither is installed")
+    elif name == "flex_attention":
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            raise UsageError(f"--attn_implementation flex_attention needs torch >= 2.5, not {torch.__version__}")
+        if train and where != "cuda":
+            raise UsageError(f"--attn_implementation flex_attention trains on a CUDA GPU only (torch "
+                             f"{torch.__version__} has no FlexAttention backward on {where}): use sdpa or eager")
+    return {} if name == "sdpa" else {"attn_implementation": name}
 
 
 def _adapter_base(path: Path) -> str:

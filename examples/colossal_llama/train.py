@@ -26,6 +26,7 @@ from coati.dataset import SFTCollator
 from coati.dataset.buckets import BinnedDataset, BucketSampler
 from coati.errors import MissingInputError, UsageError
 from coati.models import Actor
+from coati.models.loading import attention_kwargs
 from coati.trainer import SFTTrainer
 from coati.trainer.base import latest_checkpoint, resolve_resume
 from coati.trainer.strategies import make_strategy
@@ -33,6 +34,7 @@ from coati.trainer.strategies.base import StrategyUnavailableError
 from coati import cli
 from coati.utils.optim import OPTIM_HELP, OPTIMIZERS, check_optimizer
 from coati.utils.tokenizer import load_tokenizer
+from transformers import get_cosine_schedule_with_warmup  # after coati, which quiets bitsandbytes' start-up notes
 
 logger = logging.getLogger("coati")
 
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear warmup steps before the cosine decay (default: 3%% of the steps)")
     p.add_argument("--use_grad_checkpoint", action=cli.BoolFlag, default=False, help="gradient checkpointing")
     p.add_argument("--use_flash_attn", action=cli.BoolFlag, default=False,
-                   help="FlashAttention-2 kernels (needs the flash_attn package and a GPU; else PyTorch's sdpa)")
+                   help="FlashAttention-2 kernels: the training scripts' --attn_implementation flash_attention_2 "
+                        "(needs a CUDA GPU and flash-attn or kernels; refused before training without them)")
     p.add_argument("--freeze_non_embeds_params", action=cli.BoolFlag, default=False,
                    help="train only the input embedding and the LM head (the new vocabulary's rows with them)")
     p.add_argument("--tp", type=cli.Bounded(int, ">= 1"), default=1, help="tensor parallel size (3d plugin); coati supports 1 only")
@@ -158,6 +161,7 @@ def write_config(args: argparse.Namespace, strategy: str, strategy_kwargs: dict[
 
 def main(argv: list[str] | None = None) -> SFTTrainer:
     args = build_parser().parse_args(argv)
+    attn = attention_kwargs("flash_attention_2" if args.use_flash_attn else "sdpa")  # refused up front
     cli.setup_logging(cli.rank() == 0)
     kind = checkpoint_kind(args.load_checkpoint)
     name, strategy_kwargs = resolve_strategy(args)
@@ -171,18 +175,8 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     tokenizer = load_tokenizer(args.pretrained)
     dataset = BinnedDataset(args.dataset)
 
-    hf_kwargs: dict[str, Any] = {}
-    if args.use_flash_attn:
-        import importlib.util
-
-        import torch
-
-        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-            hf_kwargs["attn_implementation"] = "flash_attention_2"
-        elif strategy.is_rank0():
-            logger.warning("--use_flash_attn: flash_attn or a GPU is missing; using PyTorch's sdpa attention")
     model = Actor.from_pretrained(args.load_checkpoint if kind == "model" else args.pretrained,
-                                  grad_checkpoint=args.use_grad_checkpoint, **hf_kwargs)
+                                  grad_checkpoint=args.use_grad_checkpoint, **attn)
     if args.freeze_non_embeds_params:
         logger.info("training only %s", ", ".join(freeze_non_embeddings(model)))
     cli.neftune_from_args(model, args)

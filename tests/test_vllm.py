@@ -206,3 +206,29 @@ def test_vllm_sleep_is_refused_without_a_gpu(setup):
 def test_unsupported_generation_settings_are_refused(setup):
     with pytest.raises(ValueError, match="num_beams"):
         setup[0].sampling_params({**GREEDY, "num_beams": 2})
+
+
+def _train_prompts_main():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_prompts.py"
+    spec = importlib.util.spec_from_file_location("coati_train_prompts_vllm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--vllm_sleep"], "--vllm_sleep .* needs --rollout_engine vllm"),
+    (["--rollout_is", "token"], "--rollout_is .* need --rollout_engine vllm"),
+    (["--rollout_engine", "vllm", "--vllm_sleep"], "needs a GPU" if not torch.cuda.is_available() else None),
+    (["--rollout_engine", "vllm"], r"pip install 'coati\[vllm\]'" if not HAS_VLLM else "local checkpoint dir"),
+])
+def test_train_prompts_refuses_bad_engine_flags_before_training(flags, message, tmp_path):
+    if message is None:
+        pytest.skip("a GPU is present")
+    argv = ["--pretrain", str(tmp_path / "no_model_here"), "--prompt_dataset", str(tmp_path / "none.jsonl"),
+            "--reward_fn", "tests/dist_ppo.py:target_share", *flags]
+    with pytest.raises(UsageError, match=message):
+        _train_prompts_main()(argv)

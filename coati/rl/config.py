@@ -188,6 +188,8 @@ class RLConfig:
         if cfg.rollout_engine == "hf" and (cfg.rollout_is != "off" or cfg.rollout_mask_threshold is not None):
             raise UsageError("--rollout_is / --rollout_mask_threshold correct for an engine whose log-probs differ "
                              "from the trainer's: they need --rollout_engine vllm")
+        if cfg.vllm_sleep and cfg.rollout_engine != "vllm":
+            raise UsageError("--vllm_sleep puts the vLLM engine to sleep: it needs --rollout_engine vllm")
         if cfg.overlong_buffer_len:
             if cfg.max_new_tokens is None:
                 raise UsageError(f"--overlong_buffer_len {cfg.overlong_buffer_len} penalises lengths near the "

@@ -193,6 +193,40 @@ def test_after_a_grpo_update_vllm_greedy_equals_hf_generate(setup, tmp_path):
 
 
 @needs_vllm
+def test_repetition_penalty_and_min_new_tokens_map_to_vllm(setup):
+    engine, actor, batch, _ = setup  # in sync after the GRPO test, and in sync when run alone
+    engine.update_weights(actor, version=engine.weight_version)
+    sampling = {**GREEDY, "repetition_penalty": 1.5, "min_new_tokens": 4}
+    got = engine.generate(batch["input_ids"], batch["attention_mask"], sampling)
+    assert torch.equal(got.sequences, _hf(actor, batch, sampling).sequences)
+    assert bool((got.action_mask.sum(-1) >= 4).all())
+
+
+@needs_vllm
+def test_a_lora_actor_syncs_merged(setup):
+    from coati.models import Actor, LoraSettings
+    from tests import dist_ppo as h
+    from tests import tiny
+
+    engine, _, batch, _ = setup
+    torch.manual_seed(1)
+    lora = Actor.from_config(tiny.llama_config(vocab_size=h.VOCAB, num_attention_heads=2, num_key_value_heads=1),
+                             lora=LoraSettings(rank=4, alpha=8)).eval()
+    with torch.no_grad():  # a trained-looking adapter: B != 0
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    version = engine.weight_version + 1
+    engine.update_weights(lora, version=version)
+    got = engine.generate(batch["input_ids"], batch["attention_mask"], GREEDY)
+    assert got.weight_version == version
+    assert torch.equal(got.sequences, _hf(lora, batch, GREEDY).sequences)
+    with torch.no_grad():
+        trainer = lora(got.sequences, got.attention_mask, num_actions=got.num_actions)
+    assert ((trainer - got.engine_log_probs) * got.action_mask).abs().max() < LOGPROB_ATOL
+
+
+@needs_vllm
 def test_vllm_sleep_is_refused_without_a_gpu(setup):
     from coati.rollout.vllm import VLLMEngine
 

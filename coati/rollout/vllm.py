@@ -69,11 +69,13 @@ def full_weights(weights: nn.Module | dict[str, torch.Tensor]) -> dict[str, torc
 class VLLMEngine:
     """A :class:`~coati.rollout.RolloutEngine` on ``vllm.LLM(model_path)``. ``eos_token_id`` ends responses (the
     checkpoint's ``generation_config.json`` never applies), ``pad_token_id`` pads them; ``sleep`` (GPU only) frees
-    vLLM's GPU memory between rollouts; ``llm_kwargs`` go to ``vllm.LLM``."""
+    vLLM's GPU memory between rollouts (level 1); a weight copy to worker processes taking over
+    ``sync_timeout_s`` raises (in-process it is a plain call);
+    ``llm_kwargs`` go to ``vllm.LLM``."""
 
     def __init__(self, model_path: str | Path, *, eos_token_id: int | Sequence[int], pad_token_id: int,
                  dtype: str = "auto", gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
-                 sleep: bool = False, seed: int = 0, **llm_kwargs: Any) -> None:
+                 sleep: bool = False, seed: int = 0, sync_timeout_s: float = 600.0, **llm_kwargs: Any) -> None:
         vllm = import_vllm()
         if sleep and not torch.cuda.is_available():
             raise UsageError("--vllm_sleep frees vLLM's GPU memory during updates: it needs a GPU (none here)")
@@ -81,6 +83,7 @@ class VLLMEngine:
         self.eos = [int(t) for t in torch.as_tensor(eos_token_id).reshape(-1).tolist()]
         self.pad_token_id = pad_token_id
         self.sleep = sleep
+        self.sync_timeout_s = sync_timeout_s
         self._asleep = False
         self.llm = vllm.LLM(model=str(model_path), dtype=dtype, seed=seed, skip_tokenizer_init=True,
                             generation_config="vllm", logprobs_mode="processed_logprobs",
@@ -193,7 +196,7 @@ class VLLMEngine:
         self._wake()
         # vLLM's in-place reload: its layerwise machinery restores the loaders that processing after the first
         # load removed (CPU repacks weights), then the model's load_weights fuses HF tensors into its layout
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items()),
-                                                          "is_checkpoint_format": True})
+        self.llm.collective_rpc("reload_weights", timeout=self.sync_timeout_s,
+                                kwargs={"weights_iterator": list(state.items()), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV of the old weights
         self._set_version(self.weight_version + 1 if version is None else int(version))

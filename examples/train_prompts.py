@@ -237,16 +237,19 @@ def check_engine(args: argparse.Namespace, strategy: Any) -> None:
                          f"none")
 
 
-def build_engine(args: argparse.Namespace, tokenizer: Any) -> Any:
-    """The vLLM rollout engine on --pretrain (the actor's starting weights), or None for HF generate."""
+def build_engine(args: argparse.Namespace, tokenizer: Any, strategy: Any, actor: Actor) -> Any:
+    """The vLLM rollout engine on --pretrain (the actor's starting weights), or None for HF generate. It computes
+    in the trainer's precision (vLLM's own default would run an fp32 checkpoint in bf16)."""
     cfg = rl_config(args)
     if cfg.rollout_engine != "vllm":
         return None
     from coati.rollout.vllm import VLLMEngine
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(strategy.compute_precision) or \
+        str(next(actor.parameters()).dtype).removeprefix("torch.")
     return VLLMEngine(args.pretrain, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, seed=args.seed,
-                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                      dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                       tensor_parallel_size=cfg.vllm_tensor_parallel_size, sleep=cfg.vllm_sleep,
                       enforce_eager=not torch.cuda.is_available())
 
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
                                                 collate_fn=collate, lengths=cli.group_lengths(args, ptx))
     trainer = PPOTrainer(strategy, actor, critic, reward_model, initial_model=build_reference(args),
                          tokenizer=tokenizer, reward_fn=reward_fn, run_config=vars(args),
-                         engine=build_engine(args, tokenizer), **trainer_kwargs(args))
+                         engine=build_engine(args, tokenizer, strategy, actor), **trainer_kwargs(args))
     return trainer.fit(prompt_dl, pretrain_dl, resume_from=resolve_resume(args.resume, args.save_path))
 
 

@@ -677,8 +677,9 @@ class PPOTrainer:
                    "advantage": info["advantage"], "kl": info.get("kl_seq", zeros),
                    "weight_version": info.get("weight_version", zeros)}
         columns = {k: v.tolist() for k, v in columns.items()}
+        ints = ("response_len", "group", "weight_version")
         records = [{"step": self.episode + 1, "prompt": p, "response": r,
-                    **{k: (int(v[i]) if k in ("response_len", "group", "weight_version") else v[i]) for k, v in columns.items()}}
+                    **{k: (int(v[i]) if k in ints else v[i]) for k, v in columns.items()}}
                    for i, (p, r) in enumerate(zip(prompts, responses))]
         gathered = self.strategy.all_gather_object(records)
         if self.strategy.is_rank0():

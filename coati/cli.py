@@ -16,8 +16,8 @@ import time
 from typing import Any, Callable, Iterator
 
 from . import launch
-from .errors import UsageError, UserError
-from .models.loading import FROZEN_DTYPES
+from .errors import MissingInputError, UsageError, UserError
+from .models.loading import FROZEN_DTYPES, checkpoint_is_seq2seq
 from .models.families import FAMILIES, check_remote_code
 from .utils.config import BoolFlag, Bounded, Parser, add_config_args, config_from_args
 
@@ -274,6 +274,15 @@ def packing_from_args(args: argparse.Namespace, stage_packs: bool = True, stage:
             raise UsageError(f"--packing: {stage} batches are not packed; use --no-packing")
         return False
     return resolve_packing(args.packing, args.model, checkpoint_model_type(args.pretrain, args.trust_remote_code))
+
+
+def seq2seq_from_args(args: argparse.Namespace) -> bool:
+    """Whether ``--pretrain`` is an encoder-decoder model (T5, BART), read from its config before any data
+    loads; False where that cannot be read (loading the model then reports why, after any data error)."""
+    try:
+        return checkpoint_is_seq2seq(args.pretrain, args.trust_remote_code)
+    except MissingInputError:
+        return False
 
 
 def group_lengths(args: argparse.Namespace, dataset: Any) -> list[int] | None:

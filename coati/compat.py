@@ -29,12 +29,10 @@ def _coati_constructor(kind: str, family: str) -> Callable[..., Any]:
         cls = getattr(base, kind)
         lora = LoraSettings(rank=lora_rank, train_bias=lora_train_bias)
         if pretrained is not None:
-            model = cls.from_pretrained(pretrained, family=family, lora=lora, grad_checkpoint=checkpoint, **kwargs)
-        elif config is not None:
-            model = cls.from_config(config, family=family, lora=lora, grad_checkpoint=checkpoint)
-        else:
-            raise ValueError(f"{build.__name__} needs `pretrained` (a path) or `config` (a transformers config)")
-        return model
+            return cls.from_pretrained(pretrained, family=family, lora=lora, grad_checkpoint=checkpoint, **kwargs)
+        if config is not None:
+            return cls.from_config(config, family=family, lora=lora, grad_checkpoint=checkpoint)
+        raise ValueError(f"{build.__name__} needs `pretrained` (a path) or `config` (a transformers config)")
 
     prefix = {"llama": "Llama", "gpt_neox": "GPTNeoX", "polyglot_ko": "PolyglotKo", "gpt2": "GPT",
               "opt": "OPT", "bloom": "BLOOM"}[family]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from coati.errors import UsageError
-from coati.models.dtypes import dtype_kwargs, to_dtype
+from coati.models.dtypes import auto_lm_class, dtype_kwargs, to_dtype
 from coati.models.quant import QUANT_MODES, bnb_config, config_dtype, full_precision_copy
 from coati import cli
 
@@ -46,7 +46,7 @@ def merge(adapter: str | Path, output: str | Path, *, base: str | None = None, q
           dtype: str = "auto", trust_remote_code: bool = False) -> Path:
     """Merge ``adapter`` into its base (see the module doc) and write ``output``; returns ``output``."""
     from peft import PeftConfig, PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     adapter, output = Path(adapter), Path(output)
     if not (adapter / "adapter_config.json").is_file():
@@ -60,7 +60,7 @@ def merge(adapter: str | Path, output: str | Path, *, base: str | None = None, q
     if quant is not None:
         # quantized on the CPU exactly as in training; only dequantized here, so no kernel-shape limits apply
         kwargs.update(quantization_config=bnb_config(quant, torch.float32), device_map={"": "cpu"})
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), str(adapter))
+    model = PeftModel.from_pretrained(auto_lm_class(config).from_pretrained(base, **kwargs), str(adapter))
     merged = full_precision_copy(model, out_dtype) if quant else model.merge_and_unload().to(out_dtype)
     output.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(output))

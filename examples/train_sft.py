@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 
 from coati.dataset import PackingCollator, SFTCollator, SFTDataset, split_dataset
-from coati.models import Actor, packing_attention
+from coati.models import Actor, Seq2SeqActor, packing_attention
 from coati.trainer import SFTTrainer, resolve_resume
 from coati import cli, compat
 from coati.utils.tokenizer import load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.make_parser("coati stage 1: supervised fine-tuning of a causal LM on instruction / chat data")
+    p = cli.make_parser("coati stage 1: supervised fine-tuning of a causal LM (or an encoder-decoder such as "
+                        "Flan-T5) on instruction / chat data")
     cli.add_model_args(p)
     cli.add_lora_args(p)
     cli.add_quant_args(p)
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval_dataset", default=None, help="held-out data file (default: --eval_ratio of --dataset)")
     d.add_argument("--eval_ratio", type=cli.Bounded(float, "[0, 1)"), default=0.0, help="share of --dataset held out for eval when no --eval_dataset")
     d.add_argument("--max_datasets_size", type=cli.Bounded(int, ">= 1"), default=None, help="use at most this many records (after seeded shuffle)")
-    d.add_argument("--max_len", type=cli.Bounded(int, ">= 1"), default=512, help="max tokens per sample")
+    d.add_argument("--max_len", type=cli.Bounded(int, ">= 1"), default=512,
+                   help="max tokens per sample (encoder-decoder models: per encoder input and per target)")
     d.add_argument("--overlong", default="truncate", choices=["truncate", "skip"], help="what to do with samples over --max_len")
     cli.add_empty_records_arg(d)
     d.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
@@ -45,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     cli.setup_logging(strategy.is_rank0())
     tokenizer = load_tokenizer(args.tokenizer or args.pretrain, args.trust_remote_code)
 
+    seq2seq = cli.seq2seq_from_args(args)  # an encoder-decoder (T5): prompt -> encoder, response -> decoder
     data_kw = dict(max_len=args.max_len, prompt_template=args.prompt_template, overlong=args.overlong, seed=args.seed,
-                   empty=args.empty_records)
+                   empty=args.empty_records, seq2seq=seq2seq)
     train_ds = SFTDataset(args.dataset, tokenizer, max_datasets_size=args.max_datasets_size, **data_kw)
     eval_ds = None
     if args.eval_dataset:
@@ -55,9 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         train_ds, eval_ds = split_dataset(train_ds, args.eval_ratio, args.seed)
 
     packing = cli.packing_from_args(args)  # before the model loads
-    model = Actor.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
-                                  grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
-                                  frozen_dtype=args.frozen_dtype, **quant)
+    actor_cls = Seq2SeqActor if seq2seq else Actor
+    model = actor_cls.from_pretrained(args.pretrain, family=args.model, lora=cli.lora_settings(args),
+                                      grad_checkpoint=args.grad_checkpoint, trust_remote_code=args.trust_remote_code,
+                                      frozen_dtype=args.frozen_dtype, **quant)
     cli.neftune_from_args(model, args)
     attention = packing_attention(model)
     model = strategy.prepare_model(model)

@@ -34,6 +34,7 @@ from transformers import (
     LlamaConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
+    T5Config,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -200,6 +201,30 @@ def gpt2_config(vocab_size: int = GPT2_VOCAB, **overrides) -> GPT2Config:
     )
     kw.update(overrides)
     return GPT2Config(**kw)
+
+
+def t5_config(vocab_size: int = LLAMA_VOCAB, **overrides) -> T5Config:
+    """A Flan-T5-shaped encoder-decoder over the llama tokenizer's ids (pad 0 = decoder start, EOS 2): gated-GELU
+    MLP, dropout 0.1 and bf16 in config, as the published checkpoints have them."""
+    kw = dict(
+        vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", dropout_rate=0.1, pad_token_id=0, eos_token_id=2,
+        decoder_start_token_id=0, tie_word_embeddings=False, dtype="bfloat16",
+    )
+    kw.update(overrides)
+    return T5Config(**kw)
+
+
+def save_tiny_t5(path: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """A random-weight tiny T5 (:func:`t5_config`) plus the llama tokenizer as a ``save_pretrained`` dir, its
+    weights in the config's dtype."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    config = t5_config(**config_overrides)
+    torch.manual_seed(seed)
+    AutoModelForSeq2SeqLM.from_config(config).to(config.dtype).save_pretrained(path)
+    tokenizer("llama").save_pretrained(path)
+    return Path(path)
 
 
 FAMILY_BUILDERS = {

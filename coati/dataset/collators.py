@@ -22,12 +22,9 @@ def pad_sequences(seqs: Sequence[torch.Tensor], value: int, side: str = "right",
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for i, s in enumerate(seqs):
         s = torch.as_tensor(s, dtype=torch.long)
-        if side == "right":
-            out[i, : len(s)] = s
-            mask[i, : len(s)] = 1
-        else:
-            out[i, length - len(s):] = s
-            mask[i, length - len(s):] = 1
+        span = slice(0, len(s)) if side == "right" else slice(length - len(s), length)
+        out[i, span] = s
+        mask[i, span] = 1
     return out, mask
 
 
@@ -37,12 +34,16 @@ def _check_pad(pad_token_id: int | None) -> int:
     return int(pad_token_id)
 
 
-class SFTCollator:
-    """-> ``input_ids``, ``attention_mask``, ``labels`` (right padded; labels padded with -100)."""
+class PaddingCollator:
+    """Base of the padding collators: the pad id (required) and an optional multiple to pad lengths to."""
 
     def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None):
         self.pad_token_id = _check_pad(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
+
+
+class SFTCollator(PaddingCollator):
+    """-> ``input_ids``, ``attention_mask``, ``labels`` (right padded; labels padded with -100)."""
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         ids, mask = pad_sequences([b["input_ids"] for b in batch], self.pad_token_id, "right",
@@ -51,13 +52,9 @@ class SFTCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class RewardCollator:
+class RewardCollator(PaddingCollator):
     """-> ``chosen_input_ids``, ``chosen_attention_mask``, ``rejected_input_ids``, ``rejected_attention_mask``
     (right padded; each side to its own longest sequence)."""
-
-    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None):
-        self.pad_token_id = _check_pad(pad_token_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         out = {}
@@ -68,13 +65,9 @@ class RewardCollator:
         return out
 
 
-class PromptCollator:
+class PromptCollator(PaddingCollator):
     """-> left-padded ``input_ids``, ``attention_mask``, ``prompts: list[str]`` and each extra field as a list
     (None where a record lacks it)."""
-
-    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None):
-        self.pad_token_id = _check_pad(pad_token_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, Any]:
         ids, mask = pad_sequences([b["input_ids"] for b in batch], self.pad_token_id, "left",

@@ -20,6 +20,7 @@ PPO-ptx pretraining data: any SFT shape, converted as for SFT.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -87,30 +88,28 @@ def parse_messages(rec: Record, key: str, *, items: list | None = None, check_re
     for i, item in enumerate(items):
         name = f"{key}[{i}]"
         loc = f"line {turn_lines[i]}" if turn_lines else None
+        where = loc or rec.location
         if not isinstance(item, dict):
-            raise DatasetFormatError(rec.path, loc or rec.location, name,
-                                     f"expected an object, got {type(item).__name__}")
+            raise DatasetFormatError(rec.path, where, name, f"expected an object, got {type(item).__name__}")
         role_key = "role" if "role" in item else "from" if "from" in item else None
         text_key = "content" if "content" in item else "value" if "value" in item else None
         if role_key is None or text_key is None:
             missing = "role" if role_key is None else "content"
-            raise DatasetFormatError(rec.path, loc or rec.location, f"{name}.{missing}",
-                                     f"missing (keys seen: {sorted(item)})")
+            raise DatasetFormatError(rec.path, where, f"{name}.{missing}", f"missing (keys seen: {sorted(item)})")
         role = ROLE_ALIASES.get(str(item[role_key]).lower())
         if role is None:
-            raise DatasetFormatError(rec.path, loc or rec.location, f"{name}.{role_key}",
+            raise DatasetFormatError(rec.path, where, f"{name}.{role_key}",
                                      f"unknown role {item[role_key]!r} (expected one of {sorted(ROLE_ALIASES)})")
         content = _content(item[text_key])
         if not isinstance(content, str):
-            raise DatasetFormatError(rec.path, loc or rec.location, f"{name}.{text_key}",
+            raise DatasetFormatError(rec.path, where, f"{name}.{text_key}",
                                      f"expected a string, got {type(content).__name__}")
         expected = "user" if not messages or messages[-1]["role"] != "user" else "assistant"
         if role == "system":
             if messages:
-                raise DatasetFormatError(rec.path, loc or rec.location, f"{name}.{role_key}",
-                                         "a system message may only come first")
+                raise DatasetFormatError(rec.path, where, f"{name}.{role_key}", "a system message may only come first")
         elif role != expected:
-            raise DatasetFormatError(rec.path, loc or rec.location, f"{name}.{role_key}",
+            raise DatasetFormatError(rec.path, where, f"{name}.{role_key}",
                                      f"expected role '{expected}' here: turns must alternate user/assistant "
                                      "after an optional system message")
         if role == "user" or (role == "assistant" and check_responses):
@@ -264,12 +263,9 @@ def _reply(rec: Record, key: str) -> str:
 
 
 def _pairs(prompt: list[dict], replies: list[str]) -> list[Pair]:
-    out = []
-    for i in range(len(replies)):
-        for j in range(i + 1, len(replies)):
-            out.append((prompt + [{"role": "assistant", "content": replies[i]}],
-                        prompt + [{"role": "assistant", "content": replies[j]}]))
-    return out
+    """Every (better, worse) pair of a ranked list of replies."""
+    return [(prompt + [{"role": "assistant", "content": better}], prompt + [{"role": "assistant", "content": worse}])
+            for better, worse in itertools.combinations(replies, 2)]
 
 
 def _rm_hh(rec: Record) -> list[Pair]:
@@ -306,8 +302,7 @@ def _rm_chat(rec: Record) -> list[Pair]:
     prefix = parse_messages(rec, "prompt") if isinstance(rec.data.get("prompt"), list) else []
     sides = []
     for key in ("chosen", "rejected"):
-        messages = parse_messages(rec, key, items=prefix + get_field(rec, key, list)) if prefix else \
-            parse_messages(rec, key)
+        messages = parse_messages(rec, key, items=prefix + get_field(rec, key, list) if prefix else None)
         if messages[-1]["role"] != "assistant":
             raise rec.error(key, "must end with an assistant turn")
         sides.append(_with_system(rec, messages))

@@ -1,52 +1,41 @@
 """Padding-free packing: a micro-batch's samples are concatenated into rows without padding between them.
 
-Each sample keeps its own position ids (0, 1, ... restarting at every sample). Under the ``"dense"`` and
-``"varlen"`` layouts below the model is called with ``attention_mask=None`` (or an explicit mask for pairs):
-transformers then builds a block-diagonal causal mask from the position ids
-(``masking_utils.find_packed_sequence_indices`` for sdpa / eager / flex attention; varlen kernels for
-``flash_attention_2``); under ``"segments"`` each sample attends by itself. Either way no token attends
-across a sample boundary. Only architectures that pass position ids to that mask builder isolate samples;
-:func:`coati.models.families.supports_packing` names them.
+Each sample keeps its own position ids (0, 1, ... restarting at every sample) and no token attends across a
+sample boundary: under ``"dense"`` and ``"varlen"`` (below) the model gets ``attention_mask=None`` (or an
+explicit mask for pairs) and transformers builds a block-diagonal causal mask from the position ids
+(``masking_utils.find_packed_sequence_indices``; varlen kernels for ``flash_attention_2``), which only
+architectures named by :func:`coati.models.families.supports_packing` do; under ``"segments"`` each sample
+attends by itself.
 
-Packing happens inside the collator, over the samples the sampler already chose for the micro-batch, so a
-step sees exactly the samples of the unpacked run: loss normalisation (a global token or pair count), the
-data order and resume positions are unchanged, only the padding goes. Rows are filled first-fit by
-decreasing length (ties by batch position), which is deterministic, so a resumed run packs identically.
+Packing happens inside the collator, over the samples the sampler chose for the micro-batch, so a step sees
+exactly the samples of the unpacked run: loss normalisation, data order and resume positions are unchanged,
+only the padding goes. Rows are filled first-fit by decreasing length (ties by batch position), which is
+deterministic, so a resumed run packs identically.
 
-How rows are laid out depends on the model's attention (``attention``, :func:`coati.models.packing_attention`):
+Row layouts, by the model's attention (``attention``, :func:`coati.models.packing_attention`):
 
-- ``"segments"`` (coati's sdpa, :mod:`coati.models.segment_attention`): each sample (or rejected side after
-  its shared prompt) attends by itself, so a micro-batch is one row with no padding, carrying its layout as
-  ``segments``; pairs share their prompt. A batch in which no pair longer than :data:`SEGMENT_MIN_UNIT`
-  tokens shares its prompt is laid out ``"dense"`` instead, where a call per piece would cost more than it
-  saves (:func:`_segments_pay`).
-- ``"dense"`` (eager; plain sdpa): every query-key score of a row is computed, masked or not, so a row of
-  ``max_len`` short samples would cost ``max_len^2`` where padding costs ``longest^2`` per sample: rows are
-  as long as the batch's longest unit (a sample, or a pair sharing its prompt), so packed samples never take
-  more slots or attention than padded ones. A shared-prompt pair of sides ``c`` and ``r`` sharing ``s``
-  tokens is one unit of ``c + r - s`` tokens: ``s`` fewer slots, and ``(c + r - s)^2`` scores where the
-  padded sides score ``c^2 + r^2``.
+- ``"segments"`` (coati's sdpa, :mod:`coati.models.segment_attention`): one row with no padding, carrying its
+  layout as ``segments``; pairs share their prompt. A batch in which no pair longer than
+  :data:`SEGMENT_MIN_UNIT` tokens shares its prompt is laid out ``"dense"`` instead (:func:`_segments_pay`).
+- ``"dense"`` (eager; plain sdpa): every query-key score of a row is computed, masked or not, so rows are as
+  long as the batch's longest unit (a sample, or a pair sharing its prompt): packed samples never take more
+  slots or attention than padded ones.
 - ``"varlen"`` (flash, flex): the kernels skip what the position ids rule out, so rows fill ``max_len``;
   pairs are packed with each side whole (position ids cannot express a shared prompt).
 
 A packed batch holds ``input_ids`` and ``labels`` where a padded one does (each sample's first label set to
--100, since the previous sample's last token must not predict it; unpacked the shift drops it anyway), and its
-layout as a :class:`PackedLayout` under ``"packed"``: ``position_ids``, ``sample_ids`` (the batch position of
-the sample each token belongs to, -1 on pad), ``seq_lens`` ``(N,)``, and for pairs ``shared_ids`` /
-``segments`` (below). The layout gives the model call's arguments (:meth:`PackedLayout.model_inputs`);
+-100: the previous sample's last token must not predict it), and its layout as a :class:`PackedLayout` under
+``"packed"``, which gives the model call's arguments (:meth:`PackedLayout.model_inputs`);
 :func:`sample_sums` and :func:`last_token_flat_index` read per-sample values back.
 
-Pairs (reward and preference batches) share their prompt: a pair whose two sides start with the same tokens
-is laid out as one unit, ``[chosen | rejected after the common prefix]`` (:func:`pack_pairs`), the rejected
-part's position ids continuing from the prefix, so the prompt's tokens run through the model once instead of
-twice (on the preference demo set at 256 tokens, 24% fewer tokens a pair); ``"varlen"`` rows hold
-``2 * max_len`` tokens. Position ids cannot say that the rejected part sees the prefix but not the chosen answer
-between them, so such a batch also carries its ``segments`` (``"segments"``, where each piece names the
-prefix it reads) and ``shared_ids`` (on a shared-prefix token: the batch position of the rejected side that
-also reads it; -1 elsewhere; absent when no pair of the batch shares a token), from which
-:func:`model_inputs` builds the explicit mask :func:`pair_attention_mask` (``"dense"``). The prefix
-stops before the first labelled token and leaves the rejected side at least one token, so every label is
-predicted from the same context as unpacked and every sample keeps a last token of its own.
+A reward or preference pair whose sides start with the same tokens is one unit, ``[chosen | rejected after
+the common prefix]`` (:func:`pack_pairs`), the rejected part's position ids continuing from the prefix, so
+the prompt runs through the model once (24% fewer tokens a pair on the preference demo set at 256 tokens).
+Position ids cannot say that the rejected part sees the prefix but not the chosen answer between them, so such
+a batch also carries ``segments`` or ``shared_ids``, from which :func:`model_inputs` builds the explicit mask
+:func:`pair_attention_mask`. The prefix stops before the first labelled token and leaves the rejected side at
+least one token, so every label is predicted from the same context as unpacked and every sample keeps a last
+token of its own.
 """
 from __future__ import annotations
 
@@ -133,11 +122,10 @@ _Unit = list[tuple[int, int, int, int]]
 
 def _pack_units(units: list[_Unit], input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None,
                 max_len: int, pad_token_id: int, attention: str) -> dict[str, Any]:
-    """Lay units out first-fit into rows of ``max_len`` tokens (``"dense"``: of the longest unit's;
-    ``"segments"``: all in one row, with its :class:`Segments`). A
-    piece starting a sample's tokens in a row (not continuing the piece before it) loses its first label: the
-    token before it is another sample's. Pad tails get position ids from 0 (a segment of their own, after every
-    real token, so causal attention never lets a real token see them)."""
+    """Lay units out first-fit into rows of ``max_len`` tokens (``"dense"``: of the longest unit's; ``"segments"``:
+    all in one row, with its :class:`Segments`). A piece starting a sample's tokens in a row (not continuing the
+    piece before it) loses its first label: the token before it is another sample's. Pad tails get position ids from
+    0 (a segment of their own, after every real token, so causal attention never lets a real token see them)."""
     if not units:
         raise ValueError("cannot pack an empty batch")
     sizes = [sum(end - start for _, start, end, _ in unit) for unit in units]

@@ -15,10 +15,9 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .collators import _check_pad, pad_sequences
-from .common import as_tensor, check_choice, convert_all, finish, has_target, logger, select_subset, source_name
-from .formats import format_from_name, unpaired_converter
-from .io import load_records
+from .collators import PaddingCollator, pad_sequences
+from .common import as_tensor, check_choice, finish, has_target, logger
+from .formats import unpaired_converter
 from .reward import encode_pairs, last_response_labels, read_pairs
 from ..utils import IGNORE_INDEX
 from .templates import SegmentEncoder, render_segments, resolve_template
@@ -100,12 +99,8 @@ class UnpairedPreferenceDataset(_RefLogps, Dataset):
                  format: str | None = None, empty: str = "skip", split: str = "train"):
         check_choice("overlong", overlong, ("truncate", "skip"))
         resolve_template(tokenizer, prompt_template)
-        self.source = source_name(path)
-        if format is None and self.source != "<records>":
-            format = format_from_name(self.source)
-        records = load_records(path, split=split)
-        samples, self.num_empty, first_empty = convert_all(records, unpaired_converter(records[0], format), empty)
-        samples = select_subset(samples, max_datasets_size, seed)
+        samples, first_empty = read_pairs(self, path, format, empty, split, max_datasets_size, seed,
+                                          converter=unpaired_converter)
         segments = [render_segments(messages, tokenizer, prompt_template) for _, (messages, _) in samples]
         encoded = SegmentEncoder(tokenizer).encode_many(segments, progress=len(samples) > 1000, desc="KTO data")
 
@@ -153,13 +148,9 @@ def _ref(batch: Sequence[dict], keys: Sequence[str]) -> torch.Tensor | None:
     return torch.stack([torch.as_tensor(b[k], dtype=torch.float32) for k in keys for b in batch])
 
 
-class PreferenceCollator:
+class PreferenceCollator(PaddingCollator):
     """-> one concatenated batch of ``2B`` rows, the chosen sides first: ``input_ids``, ``attention_mask``,
     ``labels`` (right padded), and ``ref_logps`` ``(2B,)`` when the dataset holds precomputed ones."""
-
-    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None):
-        self.pad_token_id = _check_pad(pad_token_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
         rows = [(b[f"{side}_input_ids"], b[f"{side}_labels"]) for side in ("chosen", "rejected") for b in batch]

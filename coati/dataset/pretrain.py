@@ -32,11 +32,8 @@ class PretrainDataset(Dataset):
         self.input_ids: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         for _, (ids, labels) in encoded:
-            if len(ids) > max_len:
-                self.num_truncated += 1
-                starts = range(0, len(ids), max_len) if chunk else [0]
-            else:
-                starts = [0]
+            self.num_truncated += len(ids) > max_len
+            starts = range(0, len(ids), max_len) if chunk else [0]
             kept = 0
             for s in starts:
                 block_ids, block_labels = ids[s: s + max_len], labels[s: s + max_len]

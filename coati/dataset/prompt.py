@@ -52,8 +52,7 @@ class PromptDataset(Dataset):
             self.input_ids.append(as_tensor(ids))
             self.prompts.append(join_segments(segs, eos_token))
             self.extras.append(extras)
-        finish(self, "prompt", self.source, len(self.input_ids), first_empty, max_input_len,
-               "max_input_len")
+        finish(self, "prompt", self.source, len(self.input_ids), first_empty, max_input_len, "max_input_len")
 
     def __len__(self) -> int:
         return len(self.input_ids)

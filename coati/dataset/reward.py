@@ -7,7 +7,7 @@ or both sides become identical; ``overlong="skip"`` drops every pair with a side
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -47,13 +47,15 @@ class RewardDataset(Dataset):
 
 
 def read_pairs(dataset: Any, path: Any, format: str | None, empty: str, split: str, max_datasets_size: int | None,
-               seed: int) -> tuple[list[tuple[Any, Pair]], EmptyFieldError | None]:
-    """The (chosen, rejected) conversations of a preference source; sets ``dataset.source`` / ``num_empty``."""
+               seed: int, converter: Callable[[Any, str | None], Callable] = reward_converter
+               ) -> tuple[list[tuple[Any, Any]], EmptyFieldError | None]:
+    """The (chosen, rejected) conversations of a preference source (or, with ``converter=unpaired_converter``,
+    its KTO samples); sets ``dataset.source`` / ``num_empty``."""
     dataset.source = source_name(path)
     if format is None and dataset.source != "<records>":
         format = format_from_name(dataset.source)
     records = load_records(path, split=split)
-    pairs, dataset.num_empty, first_empty = convert_all(records, reward_converter(records[0], format), empty)
+    pairs, dataset.num_empty, first_empty = convert_all(records, converter(records[0], format), empty)
     return select_subset(pairs, max_datasets_size, seed), first_empty
 
 
@@ -71,10 +73,7 @@ def encode_pairs(dataset: Any, pairs: list[tuple[Any, Pair]], tokenizer, prompt_
     """``(chosen_ids, chosen_labels, rejected_ids, rejected_labels)`` per kept pair, tokenized as SFT samples
     (labels on every response, or with ``last_response_only`` on the final one), after the over-long policy;
     sets ``dataset.num_truncated`` / ``num_skipped``."""
-    segments = []
-    for _, (chosen, rejected) in pairs:
-        segments += [render_segments(chosen, tokenizer, prompt_template),
-                     render_segments(rejected, tokenizer, prompt_template)]
+    segments = [render_segments(side, tokenizer, prompt_template) for _, pair in pairs for side in pair]
     encoded = SegmentEncoder(tokenizer).encode_many(segments, progress=len(pairs) > 1000, desc="preference data")
     dataset.num_truncated = dataset.num_skipped = 0
     out = []
@@ -83,8 +82,7 @@ def encode_pairs(dataset: Any, pairs: list[tuple[Any, Pair]], tokenizer, prompt_
         if last_response_only:
             c_labels, r_labels = last_response_labels(c_labels), last_response_labels(r_labels)
         if len(c_ids) > max_len or len(r_ids) > max_len:
-            c_ids, c_labels, r_ids, r_labels = c_ids[:max_len], c_labels[:max_len], r_ids[:max_len], \
-                r_labels[:max_len]
+            c_ids, c_labels, r_ids, r_labels = (x[:max_len] for x in (c_ids, c_labels, r_ids, r_labels))
             if overlong == "skip" or not (has_target(c_labels) and has_target(r_labels)) or c_ids == r_ids:
                 dataset.num_skipped += 1
                 continue

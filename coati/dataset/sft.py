@@ -16,6 +16,7 @@ from .common import as_tensor, check_choice, convert_all, finish, has_target, se
 from .formats import sft_converter
 from .io import EmptyFieldError, Record, load_records
 from .templates import SegmentEncoder, resolve_template
+from ..utils import IGNORE_INDEX
 
 
 Encoded = tuple[list[int], list[int]]
@@ -35,12 +36,26 @@ def encode_sft_records(source: Any, tokenizer, *, prompt_template: str, max_data
     return [(rec, enc) for (rec, _), enc in zip(examples, encoded)], num_empty, first_empty
 
 
+def seq2seq_sample(ids: list[int], labels: list[int]) -> Encoded:
+    """A causal sample as an encoder-decoder one: the last response (+ EOS) is the decoder's target, the tokens
+    before it (earlier turns included, as inference renders them) the encoder's input; labels are
+    ``[-100] + target``, the -100 standing for the decoder's start token (never scored)."""
+    end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return ids[:start], [IGNORE_INDEX] + ids[start:end]
+
+
 class SFTDataset(Dataset):
-    """Items ``{"input_ids": LongTensor, "labels": LongTensor}`` (labels -100 outside responses)."""
+    """Items ``{"input_ids": LongTensor, "labels": LongTensor}`` (labels -100 outside responses).
+
+    ``seq2seq``: samples for an encoder-decoder model (:func:`seq2seq_sample`); ``max_len`` then limits the
+    encoder input and the target each."""
 
     def __init__(self, path_or_records: Any, tokenizer, *, max_len: int = 512, max_datasets_size: int | None = None,
                  prompt_template: str = "auto", overlong: str = "truncate", seed: int = 42, empty: str = "skip",
-                 split: str = "train"):
+                 split: str = "train", seq2seq: bool = False):
         check_choice("overlong", overlong, ("truncate", "skip"))
         self.source = source_name(path_or_records)
         encoded, self.num_empty, first_empty = encode_sft_records(
@@ -51,9 +66,12 @@ class SFTDataset(Dataset):
         self.input_ids: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.locations: list[str] = []
+        limit = max_len + 1 if seq2seq else max_len  # labels: the decoder's start slot + max_len targets
         for rec, (ids, labels) in encoded:
-            if len(ids) > max_len:
-                ids, labels = ids[:max_len], labels[:max_len]
+            if seq2seq:
+                ids, labels = seq2seq_sample(ids, labels)
+            if len(ids) > max_len or len(labels) > limit:
+                ids, labels = ids[:max_len], labels[:limit]
                 if overlong == "skip" or not has_target(labels):
                     self.num_skipped += 1
                     continue

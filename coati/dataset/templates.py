@@ -96,13 +96,6 @@ def _alpaca_parts(messages: Messages):
     return start, user, "### Response:\n", "\n\n"
 
 
-def _chatml_parts(messages: Messages):
-    def user(m: dict) -> str:
-        return f"<|im_start|>user\n{user_text(m)}<|im_end|>\n"
-
-    return "", user, "<|im_start|>assistant\n", "\n"
-
-
 def _generic_segments(messages: Messages, template: str, add_generation_prompt: bool) -> Segments:
     """alpaca / chatml / none: prompt text accumulates until an assistant turn closes it."""
     if template == "alpaca":
@@ -110,9 +103,9 @@ def _generic_segments(messages: Messages, template: str, add_generation_prompt: 
         system = lambda m: ""  # noqa: E731 - already in the preamble
         close = ""
     elif template == "chatml":
-        start, user, gen, after = _chatml_parts(messages)
+        start, gen, after, close = "", "<|im_start|>assistant\n", "\n", "<|im_end|>"
+        user = lambda m: f"<|im_start|>user\n{user_text(m)}<|im_end|>\n"  # noqa: E731
         system = lambda m: f"<|im_start|>system\n{m['content']}<|im_end|>\n"  # noqa: E731
-        close = "<|im_end|>"
     else:  # none
         start, user, gen, after, close = "", user_text, "", "", ""
         system = lambda m: m["content"]  # noqa: E731
@@ -135,11 +128,6 @@ def _generic_segments(messages: Messages, template: str, add_generation_prompt: 
     return segments
 
 
-def _plain(messages: Messages) -> list[dict]:
-    return [{"role": m["role"], "content": user_text(m) if m["role"] == "user" else m["content"]}
-            for m in messages]
-
-
 def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if not isinstance(out, str):
@@ -148,7 +136,7 @@ def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -
 
 
 def _chat_template_segments(messages: Messages, tokenizer, add_generation_prompt: bool) -> Segments:
-    msgs = _plain(messages)
+    msgs = [{"role": m["role"], "content": user_text(m) if m["role"] == "user" else m["content"]} for m in messages]
     segments: Segments = []
     done = ""
     for i, m in enumerate(msgs):
@@ -264,13 +252,6 @@ class SegmentEncoder:
             else:
                 labels.extend([IGNORE_INDEX] * len(piece))
         return ids, labels
-
-    def pieces(self, segments: Segments) -> list[list[int]]:
-        """Token ids of each segment (before BOS / EOS are added)."""
-        flags = self._first_flags(segments)
-        texts = [(t, f) for (t, _), f in zip(segments, flags) if t]
-        encoded = iter(self.encode_texts([t for t, _ in texts], [f for _, f in texts]) if texts else [])
-        return [next(encoded) if t else [] for t, _ in segments]
 
     def _first_flags(self, segments: Segments) -> list[bool]:
         flags, seen = [], False

@@ -11,10 +11,9 @@ answers), then the question and ``Answer:``.
 * combined metric: an item counts as correct when the greedily generated answer's first letter A-D matches,
   or, failing that, when the first-token answer does.
 
-Why new code rather than lm-eval: lm-eval's MMLU tasks rank each choice's log-likelihood, which for one-token
-letters is the first-token metric, but it has no combined metric nor the two-spellings rule, needs a task
-YAML per local dataset, and brings a large dependency tree (not installed here); these ~150 lines reuse
-coati's model loading and padding rules.
+Why not lm-eval: its MMLU tasks rank each choice's log-likelihood (for one-token letters, the first-token
+metric) but have no combined metric nor the two-spellings rule, need a task YAML per local dataset and bring a
+large dependency tree; this module reuses coati's model loading and padding rules.
 """
 from __future__ import annotations
 

@@ -70,8 +70,7 @@ class Experience:
         num_actions = self.num_actions
         prompt_len = self.sequences.size(1) - num_actions
         for i in range(self.batch_size):
-            prompt_mask = self.attention_mask[i, :prompt_len]
-            nz = prompt_mask.nonzero()
+            nz = self.attention_mask[i, :prompt_len].nonzero()
             start = int(nz[0]) if len(nz) else prompt_len
             act = self.action_mask[i].nonzero()
             n_act = int(act[-1]) + 1 if len(act) else 1
@@ -104,9 +103,7 @@ class Experience:
             attn.append(_pad(e.attention_mask, left, right, 0))
             for name in ACTION_FIELDS:
                 per_action[name].append(_opt(lambda t: _pad(t, 0, right, 0), getattr(e, name)))
-        info_keys = set(items[0].info)
-        for e in items[1:]:
-            info_keys &= set(e.info)
+        info_keys = set(items[0].info).intersection(*(e.info for e in items[1:]))
         return Experience(
             sequences=torch.cat(seqs),
             attention_mask=torch.cat(attn),

@@ -1,14 +1,12 @@
 """Turn a batch of prompts into an :class:`Experience`: sample responses, score them, compute advantages.
 
 Per batch: repeat each prompt ``n_samples_per_prompt`` times (one group id per prompt); sample with the rollout
-engine (:mod:`coati.rollout`; default HF ``generate`` on the actor), which returns the tokens and their log-probs
-under the actor; log-probs under the reference policy when there is a KL term;
-critic values (only for an estimator that needs them); a sequence score from a
-:class:`~coati.models.RewardModel` or a Python function, plus DAPO's overlong penalty when on; per-token
-rewards: the sequence reward on the last response token and, with ``kl_placement="reward"``,
-``-kl_coef * KL`` on every token; then advantages from ``coati.rl.ADV_ESTIMATORS[adv_estimator]``. With
-``kl_placement="loss"`` the reference log-probs are stored for the update's KL term instead. With LoRA and
-no separate reference model, the reference is the actor with its adapter disabled (no second copy).
+engine (:mod:`coati.rollout`; default HF ``generate`` on the actor); score with the reference policy (when
+there is a KL term), the critic (only for an estimator that needs values) and a reward model or function (plus
+DAPO's overlong penalty); put the sequence reward on the last response token (and, with
+``kl_placement="reward"``, ``-kl_coef * KL`` on every token); then advantages from
+``coati.rl.ADV_ESTIMATORS[adv_estimator]``. With LoRA and no separate reference model, the reference is the
+actor with its adapter disabled (no second copy).
 
 Rollouts sample with exactly the settings given here (the checkpoint's ``generation_config.json`` never
 applies, see :meth:`~coati.models.Actor.generate`), and every log-prob PPO uses (old, reference, and the
@@ -23,7 +21,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -124,13 +122,10 @@ class ExperienceMaker:
     ``actor``/``critic`` may be strategy-wrapped (DDP); inference here uses the unwrapped modules. ``critic``
     is used (and required) only by an estimator that needs values (gae). ``initial_model`` is the frozen
     reference actor; leave it None when the actor has LoRA to use the actor with its adapter disabled (with
-    no KL term no reference is needed). Give ``reward_model`` or ``reward_fn`` (``f(prompts, responses,
-    **extras) -> list[float]``, extras being the prompt dataset's other fields; per batch or per group, sync or
-    async: see :mod:`coati.rewards`). ``config`` (an
-    :class:`~coati.rl.RLConfig`) holds the settings; keyword arguments override its fields.
+    no KL term no reference is needed). Give ``reward_model`` or ``reward_fn`` (see :mod:`coati.rewards`).
+    ``config`` (an :class:`~coati.rl.RLConfig`) holds the settings; keyword arguments override its fields.
     ``kl_ctl`` holds the KL coefficient (default: made from the config; a float makes a fixed controller).
-    ``engine`` generates (a :class:`~coati.rollout.RolloutEngine`; default :class:`~coati.rollout.HFRolloutEngine`
-    on the unwrapped actor).
+    ``engine`` generates (default :class:`~coati.rollout.HFRolloutEngine` on the unwrapped actor).
     ``old_log_probs=False`` skips the no-grad actor forward that scores the sampled tokens (experiences carry
     ``action_log_probs=None``): exact only when the update's forward runs the very weights that sampled, which
     PPOTrainer decides; refused when the KL is in the reward or adaptive (both need those log-probs here).
@@ -187,8 +182,9 @@ class ExperienceMaker:
         self.groups_made = 0  # prompts made into experience by this process: the next group id
         self.weight_version = 0  # the optimizer step of the weights rollouts must come from
         self._warned_len = False
-        if cfg.uses_reference:
-            self._check_reference()
+        if cfg.uses_reference and initial_model is None and not getattr(self._unwrap(actor), "lora_enabled", False):
+            raise ValueError("no reference model: pass initial_model (a frozen copy of the starting actor) or "
+                             "use LoRA, whose disabled adapter is the reference")
         self.score_old_log_probs(old_log_probs)
 
     def score_old_log_probs(self, enabled: bool) -> None:
@@ -210,11 +206,6 @@ class ExperienceMaker:
         if self.strategy is not None:
             return self.strategy.device
         return next(self._unwrap(self.actor).parameters()).device
-
-    def _check_reference(self) -> None:
-        if self.initial_model is None and not getattr(self._unwrap(self.actor), "lora_enabled", False):
-            raise ValueError("no reference model: pass initial_model (a frozen copy of the starting actor) or "
-                             "use LoRA, whose disabled adapter is the reference")
 
     @contextlib.contextmanager
     def _on_device(self, model: nn.Module | None) -> Iterator[None]:
@@ -250,11 +241,8 @@ class ExperienceMaker:
     def decode_responses(self, sequences: torch.Tensor, action_mask: torch.Tensor) -> list[str]:
         """Response texts without EOS, padding and other special tokens."""
         actions = sequences[:, -action_mask.size(1):]
-        out = []
-        for row, mask in zip(actions.tolist(), action_mask.tolist()):
-            ids = [t for t, m in zip(row, mask) if m]
-            out.append(self.tokenizer.decode(ids, skip_special_tokens=True))
-        return out
+        return [self.tokenizer.decode([t for t, m in zip(row, mask) if m], skip_special_tokens=True)
+                for row, mask in zip(actions.tolist(), action_mask.tolist())]
 
     def _no_eos(self, actions: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
         """1.0 for responses cut by the token limit (no EOS among their valid tokens)."""
@@ -295,11 +283,6 @@ class ExperienceMaker:
         ids = (torch.arange(num_prompts, device=device) + self.groups_made) * world + rank
         self.groups_made += num_prompts
         return ids.repeat_interleave(self.config.n_samples_per_prompt)
-
-    def _reduce_sum(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        if self.strategy is None:
-            return None
-        return lambda t: self.strategy.all_reduce(t, op="sum")
 
     def generate(self, batch: dict[str, Any]) -> Rollout:
         """Sample the responses of a (repeated) prompt batch and, unless the update scores them itself, their
@@ -370,7 +353,8 @@ class ExperienceMaker:
         return ADV_ESTIMATORS[cfg.adv_estimator](
             token_rewards=shaped.token_rewards, values=scored.values, mask=rollout.action_mask,
             scores=shaped.seq_reward, group=group, gamma=cfg.gamma, lam=cfg.lam,
-            whiten_advantages=cfg.whiten_advantages, reduce_sum=self._reduce_sum())
+            whiten_advantages=cfg.whiten_advantages,
+            reduce_sum=None if self.strategy is None else lambda t: self.strategy.all_reduce(t, op="sum"))
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from coati.errors import MissingInputError, UsageError
 # QuantizationUnavailable and cpu_4bit_skip_modules live with the training-side quantization; re-exported here
-from coati.models.dtypes import to_dtype
+from coati.models.dtypes import auto_lm_class, to_dtype
 from coati.models.quant import QuantizationUnavailable, bnb_config, cpu_4bit_skip_modules  # noqa: F401
 
 QUANT_MODES = ("8bit", "4bit", "gptq")
@@ -137,14 +137,16 @@ def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "au
 
 
 def _from_pretrained(path: str, kwargs: dict[str, Any]) -> PreTrainedModel:
-    """transformers>=4.56 names the precision argument `dtype`; older releases call it `torch_dtype`."""
+    """A causal LM, or an encoder-decoder (T5, BART: ``generate`` then returns the answer's tokens without the
+    prompt). transformers>=4.56 names the precision argument `dtype`; older releases call it `torch_dtype`."""
     import transformers
     from packaging.version import Version
 
     if Version(transformers.__version__) < Version("4.56"):
         kwargs = dict(kwargs)
         kwargs["torch_dtype"] = kwargs.pop("dtype")
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+    return auto_lm_class(config).from_pretrained(path, **kwargs)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -91,12 +91,6 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
 
 
-def _validation_message(err: ValidationError) -> tuple[str, str | None]:
-    first = err.errors()[0]
-    param = ".".join(str(x) for x in first.get("loc", ())) or None
-    return f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param
-
-
 class _SlotStreamingResponse(StreamingResponse):
     """Frees the request's slot when the response ends, however it ends: a client that leaves before the
     first chunk means the body generator never starts, so its own ``finally`` cannot be relied on."""
@@ -145,7 +139,9 @@ class _API:
         try:
             req = shape.model_validate(body)
         except ValidationError as err:
-            msg, param = _validation_message(err)
+            first = err.errors()[0]
+            param = ".".join(str(x) for x in first.get("loc", ())) or None
+            msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
             raise APIError(400, msg, param=param, code="invalid_value") from None
         if req.model is not None and req.model not in self.names:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves "

@@ -14,7 +14,7 @@ import contextlib
 import inspect
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ from .segment_attention import SEGMENT_SDPA, Segments, segment_inputs
 from .utils import last_token_index, position_ids_from_mask
 
 _SIGNATURES: dict[type, frozenset[str]] = {}
+_Wrapper = TypeVar("_Wrapper", bound="_HFWrapper")
 
 
 def _accepts(module: nn.Module, name: str) -> bool:
@@ -116,6 +117,29 @@ class _HFWrapper(nn.Module):
     model: nn.Module
     # dtype of the checkpoint the weights came from (set by from_pretrained); None: built from config
     source_dtype: torch.dtype | None = None
+    seq2seq = False  # an encoder-decoder LM (:class:`Seq2SeqActor`)
+
+    @classmethod
+    def from_pretrained(cls: type[_Wrapper], path: str | Path, *, family: str = "auto",
+                        lora: LoraSettings | None = None, grad_checkpoint: bool = False, torch_dtype: Any = None,
+                        **hf_kwargs: Any) -> _Wrapper:
+        """See :func:`load_causal_lm` for the keywords (LoRA, ``quant``, ``frozen`` / ``frozen_dtype`` ...). A value
+        model also loads ``value_head.safetensors`` if present (else it keeps a small random head, e.g. when
+        starting a reward model or critic from an SFT model)."""
+        model = cls(load_causal_lm(path, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
+                                   torch_dtype=torch_dtype, seq2seq=cls.seq2seq, **hf_kwargs))
+        model.source_dtype = checkpoint_dtype(path, hf_kwargs.get("trust_remote_code", False))
+        model._load_extra(Path(path))
+        return model
+
+    @classmethod
+    def from_config(cls: type[_Wrapper], config: Any, *, family: str = "auto", lora: LoraSettings | None = None,
+                    grad_checkpoint: bool = False) -> _Wrapper:
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        auto = AutoModelForSeq2SeqLM if cls.seq2seq else AutoModelForCausalLM
+        model = auto.from_config(config, **dtype_kwargs(torch.float32))  # fp32 masters
+        return cls(prepare_lm(model, family, lora, grad_checkpoint))
 
     @property
     def lora_enabled(self) -> bool:
@@ -145,10 +169,7 @@ class _HFWrapper(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run with LoRA adapters off (the frozen base = PPO reference policy); a no-op without LoRA."""
-        if self.lora_enabled:
-            with self.model.disable_adapter():
-                yield
-        else:
+        with self.model.disable_adapter() if self.lora_enabled else contextlib.nullcontext():
             yield
 
     def save_pretrained(self, path: str | Path, tokenizer: Any = None, merge_lora: bool = False,
@@ -219,23 +240,6 @@ class Actor(_HFWrapper):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
-                        grad_checkpoint: bool = False, torch_dtype: Any = None, **hf_kwargs: Any) -> "Actor":
-        """See :func:`load_causal_lm` for the keywords (LoRA, ``quant``, ``frozen`` / ``frozen_dtype`` ...)."""
-        actor = cls(load_causal_lm(path, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
-                                   torch_dtype=torch_dtype, **hf_kwargs))
-        actor.source_dtype = checkpoint_dtype(path, hf_kwargs.get("trust_remote_code", False))
-        return actor
-
-    @classmethod
-    def from_config(cls, config: Any, *, family: str = "auto", lora: LoraSettings | None = None,
-                    grad_checkpoint: bool = False) -> "Actor":
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))  # fp32 masters
-        return cls(prepare_lm(model, family, lora, grad_checkpoint))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 num_actions: int | None = None, temperature: float = 1.0, labels: torch.Tensor | None = None,
@@ -314,6 +318,35 @@ class Actor(_HFWrapper):
         return out.sequences if hasattr(out, "sequences") else out
 
 
+class Seq2SeqActor(Actor):
+    """An encoder-decoder LM (T5, BART) for SFT, in the causal batch convention: ``input_ids`` (the rendered
+    prompt) feed the encoder and ``labels`` are the decoder's sequence ``[start] + response + [EOS]``, -100 at
+    the start and on padding (``SFTDataset(seq2seq=True)``), so SFT's loss and token count hold unchanged.
+    ``generate`` returns the decoder's tokens only (the start token, then the answer). Only SFT loads one:
+    :func:`load_causal_lm` refuses encoder-decoder checkpoints for every other model."""
+
+    seq2seq = True
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, temperature: float = 1.0, reduction: str = "none",
+                ) -> torch.Tensor:
+        """``(B, L - 1)`` fp32: at ``t`` the log-prob of ``labels[:, t + 1]`` given the prompt and the labels
+        before it, 0 where that label is -100; their sum with ``reduction="sum"`` (as
+        :meth:`Actor.token_log_probs`). The decoder reads the labels shifted right, as transformers' own loss."""
+        if labels is None:
+            raise ValueError("Seq2SeqActor scores labels: pass labels (the decoder sequence)")
+        targets = labels[:, 1:]
+        decoder_ids = self.base_lm.prepare_decoder_input_ids_from_labels(labels=targets)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids,
+                            use_cache=False).logits
+        picked = targets.ne(IGNORE_INDEX)
+        logps = -nn.functional.cross_entropy(logits[picked].float() / temperature, targets[picked],
+                                             reduction="none")
+        if reduction == "sum":
+            return logps.sum()
+        return logps.new_zeros(picked.shape).masked_scatter(picked, logps)
+
+
 class _ValueModel(_HFWrapper):
     """Causal LM body (no LM head compute) + fp32 ``value_head`` ``Linear(hidden, 1)``.
 
@@ -335,25 +368,6 @@ class _ValueModel(_HFWrapper):
             nn.init.normal_(value_head.weight, std=1.0 / math.sqrt(hidden + 1))
             nn.init.zeros_(value_head.bias)
         self.value_head = value_head
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
-                        grad_checkpoint: bool = False, torch_dtype: Any = None, **hf_kwargs: Any):
-        """Load the LM from ``path`` and its ``value_head.safetensors`` if present (else a small random head,
-        e.g. when starting a reward model or critic from an SFT model)."""
-        model = cls(load_causal_lm(path, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
-                                   torch_dtype=torch_dtype, **hf_kwargs))
-        model.source_dtype = checkpoint_dtype(path, hf_kwargs.get("trust_remote_code", False))
-        model._load_extra(Path(path))
-        return model
-
-    @classmethod
-    def from_config(cls, config: Any, *, family: str = "auto", lora: LoraSettings | None = None,
-                    grad_checkpoint: bool = False):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))  # fp32 masters
-        return cls(prepare_lm(model, family, lora, grad_checkpoint))
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The one table of dtype names coati's flags and configs use, and the ``from_pretrained`` dtype keyword (a leaf:
-imports only torch and, lazily, transformers)."""
+"""The one table of dtype names coati's flags and configs use, the ``from_pretrained`` dtype keyword and the Auto
+class a config loads with (a leaf: imports only torch and, lazily, transformers)."""
 from __future__ import annotations
 
 from typing import Any
@@ -33,3 +33,12 @@ def dtype_kwargs(torch_dtype: Any) -> dict[str, Any]:
 
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     return {key: torch_dtype}
+
+
+def auto_lm_class(config: Any) -> Any:
+    """The transformers Auto class of ``config``'s LM: ``AutoModelForSeq2SeqLM`` for an encoder-decoder (T5,
+    BART), else ``AutoModelForCausalLM``."""
+    import transformers
+
+    seq2seq = getattr(config, "is_encoder_decoder", False)
+    return transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM

@@ -73,6 +73,8 @@ FAMILIES: dict[str, Family] = {
                "InternLM2 / 2.5 (its own code: --trust_remote_code)", remote_code=True),
         Family("chatglm", ("chatglm",), _NEOX_TARGETS, "ChatGLM2 / 3, GLM-4 chat (its own code: --trust_remote_code)",
                remote_code=True),
+        Family("t5", ("t5", "mt5", "umt5"), ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+               "T5, Flan-T5, mT5 (encoder-decoder: SFT only)"),
         Family("auto", (), ALL_LINEAR, "any causal LM; LoRA on all linear layers", _PACKING),
     ]
 }

@@ -78,7 +78,8 @@ def fused_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | No
     return head.weight, head.bias
 
 
-def _chunk_rows(chunk_size: int | None, vocab: int) -> int:
+def _chunk_rows(chunk_size: int | None, head: nn.Module) -> int:
+    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
     return chunk_size or max(1, _CHUNK_ELEMENTS // vocab)
 
 
@@ -253,8 +254,7 @@ def token_log_probs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     if reduction not in ("none", "sum"):
         raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
     parts = fused_head(head)
-    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-    chunk = _chunk_rows(chunk_size, vocab)
+    chunk = _chunk_rows(chunk_size, head)
     if parts is not None and reduction == "sum":
         fast = _liger_sum(hidden, *parts, targets, temperature, processing)
         if fast is not None:
@@ -282,8 +282,7 @@ def token_entropy(head: nn.Module, hidden: torch.Tensor, temperature: float = 1.
     """Entropy ``(N,)`` of ``softmax(processing(head(hidden)) / temperature)`` per row, chunked, no grad
     (PPO logs it as ``actor/entropy``)."""
     parts = fused_head(head)
-    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-    chunk = _chunk_rows(chunk_size, vocab)
+    chunk = _chunk_rows(chunk_size, head)
     dtype = _compute_dtype(hidden)
     out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
     for s in range(0, hidden.shape[0], chunk):

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import missing_path
-from .dtypes import dtype_kwargs, to_dtype
+from ..errors import UsageError, missing_path
+from .dtypes import auto_lm_class, dtype_kwargs, to_dtype
 from .families import check_model_type, check_remote_code, supports_packing
 from .lora import LoraSettings, apply_lora, is_peft_model
 from .quant import check_quant, check_quant_lora, config_dtype, prepare_kbit_model, quant_mode, quantized_load_kwargs
@@ -57,6 +57,11 @@ def checkpoint_dtype(path: str | Path, trust_remote_code: bool = False) -> torch
 def checkpoint_model_type(path: str | Path, trust_remote_code: bool = False) -> str:
     """``config.model_type`` of a checkpoint (an adapter dir: its base model's), read without loading weights."""
     return _config(path, trust_remote_code).model_type
+
+
+def checkpoint_is_seq2seq(path: str | Path, trust_remote_code: bool = False) -> bool:
+    """Whether a checkpoint (an adapter dir: its base model) is an encoder-decoder LM (T5, BART)."""
+    return bool(_config(path, trust_remote_code).is_encoder_decoder)
 
 
 def _config(path: str | Path, trust_remote_code: bool) -> Any:
@@ -114,7 +119,7 @@ def prepare_lm(model: nn.Module, family: str, lora: LoraSettings | None, grad_ch
 def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings | None = None,
                    grad_checkpoint: bool = False, torch_dtype: Any = None, quant: str | None = None,
                    quant_compute_dtype: Any = "auto", frozen: bool = False, frozen_dtype: str | torch.dtype = "auto",
-                   **hf_kwargs: Any) -> nn.Module:
+                   seq2seq: bool = False, **hf_kwargs: Any) -> nn.Module:
     """Load a HF causal LM dir, or a peft adapter dir (its base + adapter, merged), then add new LoRA if asked.
 
     Merging a saved adapter makes it the starting point of the next stage (e.g. SFT adapter -> PPO actor and
@@ -125,20 +130,25 @@ def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings
     Weights that train load in fp32 whatever the checkpoint's dtype, so optimizer updates below bf16's
     resolution are kept (peft keeps LoRA adapters fp32 itself). Frozen weights (a ``frozen`` model, or the
     base under LoRA) load in ``frozen_dtype`` (see :func:`resolve_frozen_dtype`). A quantized base follows
-    ``quant_compute_dtype`` instead; ``torch_dtype`` forces one dtype for every weight.
+    ``quant_compute_dtype`` instead; ``torch_dtype`` forces one dtype for every weight. An encoder-decoder
+    checkpoint (T5, BART) loads with ``AutoModelForSeq2SeqLM`` when ``seq2seq`` (SFT's :class:`Seq2SeqActor`)
+    and is refused otherwise: the other stages need a causal LM.
     """
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     check_remote_code(family, hf_kwargs.get("trust_remote_code", False))
     if frozen:
         check_quant(quant)
     else:
         check_quant_lora(quant, lora)
+    config = _config(path, hf_kwargs.get("trust_remote_code", False))
+    if config.is_encoder_decoder and not seq2seq:
+        raise UsageError(f"{path}: {config.model_type!r} is an encoder-decoder (seq2seq) model, which coati "
+                         "trains with SFT only (examples/train_sft.py); reward models, PPO / GRPO and DPO need a "
+                         "causal LM")
     if quant is not None:
         if (path / ADAPTER_CONFIG_FILE).is_file():
             return _load_adapter_quantized(path, family, lora, grad_checkpoint, torch_dtype, quant,
-                                           quant_compute_dtype, frozen, hf_kwargs)
+                                           quant_compute_dtype, frozen, seq2seq, hf_kwargs)
         hf_kwargs = {**quantized_load_kwargs(path, quant, quant_compute_dtype,
                                              trust_remote_code=hf_kwargs.get("trust_remote_code", False)),
                      **hf_kwargs}
@@ -151,29 +161,29 @@ def load_causal_lm(path: str | Path, *, family: str = "auto", lora: LoraSettings
     if (path / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(_adapter_base(path), **kwargs)
+        base = auto_lm_class(config).from_pretrained(_adapter_base(path), **kwargs)
         model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     else:
         with missing_path(path, "model"):
-            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            model = auto_lm_class(config).from_pretrained(str(path), **kwargs)
     return prepare_lm(model, family, lora, grad_checkpoint)
 
 
 def _load_adapter_quantized(path: Path, family: str, lora: LoraSettings | None, grad_checkpoint: bool,
-                            torch_dtype: Any, quant: str, quant_compute_dtype: Any, frozen: bool,
+                            torch_dtype: Any, quant: str, quant_compute_dtype: Any, frozen: bool, seq2seq: bool,
                             hf_kwargs: dict[str, Any]) -> nn.Module:
     """An adapter dir under ``quant``: merge it into its base in full precision, then quantize the merged
     weights (bitsandbytes quantizes while loading, so they pass through a temporary dir)."""
     import tempfile
 
     plain_kwargs = {k: v for k, v in hf_kwargs.items() if k == "trust_remote_code"}
-    merged = load_causal_lm(path, family=family, torch_dtype=torch_dtype, **plain_kwargs)
+    merged = load_causal_lm(path, family=family, torch_dtype=torch_dtype, seq2seq=seq2seq, **plain_kwargs)
     with tempfile.TemporaryDirectory(prefix="coati_merged_") as tmp:
         merged.save_pretrained(tmp)
         del merged
         return load_causal_lm(tmp, family=family, lora=lora, grad_checkpoint=grad_checkpoint,
                               torch_dtype=torch_dtype, quant=quant, quant_compute_dtype=quant_compute_dtype,
-                              frozen=frozen, **hf_kwargs)
+                              frozen=frozen, seq2seq=seq2seq, **hf_kwargs)
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:

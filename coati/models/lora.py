@@ -39,7 +39,8 @@ class LoraSettings:
         return self.rank > 0
 
     def peft_config(self, family: str = "auto", model: nn.Module | None = None) -> Any:
-        """The peft ``LoraConfig`` for this family (``fan_in_fan_out`` set when the model uses GPT-2 Conv1D)."""
+        """The peft ``LoraConfig`` for this family (``fan_in_fan_out`` set when the model uses GPT-2 Conv1D; an
+        encoder-decoder ``model`` gets peft's seq2seq task type)."""
         from peft import LoraConfig
 
         targets = self.target_modules if self.target_modules is not None else get_family(family).targets()
@@ -50,7 +51,7 @@ class LoraSettings:
             bias=self.train_bias,
             target_modules=targets,
             fan_in_fan_out=model is not None and _uses_conv1d(model),
-            task_type="CAUSAL_LM",
+            task_type="SEQ_2_SEQ_LM" if model is not None and model.config.is_encoder_decoder else "CAUSAL_LM",
         )
 
 
@@ -81,9 +82,7 @@ def check_ppo_train_bias(train_bias: str) -> None:
 
 def lora_train_bias(model: nn.Module) -> str:
     """peft's ``bias`` setting of ``model``'s active adapter; ``"none"`` for a model without LoRA."""
-    if not is_peft_model(model):
-        return "none"
-    return model.peft_config[model.active_adapter].bias
+    return model.peft_config[model.active_adapter].bias if is_peft_model(model) else "none"
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings | None, family: str = "auto") -> nn.Module:
@@ -100,6 +99,4 @@ def apply_lora(model: nn.Module, settings: LoraSettings | None, family: str = "a
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold LoRA weights into the base weights and return the plain HF model (in place: copy first if the
     adapters should keep training). A model without adapters is returned as is."""
-    if is_peft_model(model):
-        return model.merge_and_unload()
-    return model
+    return model.merge_and_unload() if is_peft_model(model) else model

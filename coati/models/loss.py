@@ -1,9 +1,4 @@
-"""Losses for SFT, reward modelling and PPO.
-
-PPO losses average per sequence first (masked mean over its action tokens), then over sequences, so long
-responses do not dominate a batch. They return ``(loss, metrics)`` where metrics are detached 0-d tensors
-(converted to floats only when logged, to avoid a device sync per step).
-"""
+"""Losses for SFT and reward modelling (PPO's policy and value losses are in :mod:`coati.rl.losses`)."""
 from __future__ import annotations
 
 import torch
@@ -11,8 +6,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..utils import IGNORE_INDEX
-
-
 
 
 class GPTLMLoss(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .dtypes import dtype_kwargs, to_dtype
+from .dtypes import auto_lm_class, dtype_kwargs, to_dtype
 from .lora import is_peft_model
 
 QUANT_MODES = ("8bit", "4bit")
@@ -93,13 +93,13 @@ def cpu_4bit_skip_modules(path_or_config: Any, trust_remote_code: bool = False) 
     fails); the returned leaf names (plus lm_head, skipped by default) become `llm_int8_skip_modules`.
     None when every layer fits.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = path_or_config
     if isinstance(config, (str, Path)):
         config = AutoConfig.from_pretrained(str(config), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto_lm_class(config).from_config(config, trust_remote_code=trust_remote_code)
     bad = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
            if isinstance(m, torch.nn.Linear) and (m.in_features % 64 or m.out_features % 32)}
     bad.discard("lm_head")
@@ -144,12 +144,10 @@ def quantized_load_kwargs(path: str | Path, quant: str, compute_dtype: str | tor
 
 def quant_mode(model: nn.Module) -> str | None:
     """``"4bit"`` / ``"8bit"`` when ``model`` (a HF model, PeftModel or coati wrapper) holds bitsandbytes layers."""
+    modes = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}
     for m in model.modules():
-        name = type(m).__name__
-        if name == "Linear4bit" and type(m).__module__.startswith("bitsandbytes"):
-            return "4bit"
-        if name == "Linear8bitLt" and type(m).__module__.startswith("bitsandbytes"):
-            return "8bit"
+        if type(m).__name__ in modes and type(m).__module__.startswith("bitsandbytes"):
+            return modes[type(m).__name__]
     return None
 
 
@@ -212,17 +210,18 @@ def full_precision_copy(model: nn.Module, dtype: torch.dtype | None = None, adap
     active one) merged: quantized base weights are dequantized, the merge runs in fp32, the result is cast
     to ``dtype`` (default: the dtype the model was loaded in, fp32 when unknown). ``model`` is untouched."""
     from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
 
     base = model.get_base_model() if is_peft_model(model) else model
     config = copy.deepcopy(base.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
-    plain = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
-    result = plain.load_state_dict(dequantized_state_dict(model), strict=False)
-    tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
-    if set(result.missing_keys) - tied or result.unexpected_keys:
+    plain = auto_lm_class(config).from_config(config, **dtype_kwargs(torch.float32))
+    state = dequantized_state_dict(model)
+    result = plain.load_state_dict(state, strict=False)
+    own = plain.state_dict()  # tied weights (an LM head, T5's encoder / decoder embeddings) fill through the tie
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    if any(own[k].data_ptr() not in loaded for k in result.missing_keys) or result.unexpected_keys:
         raise ValueError(f"base weights do not fit the plain model: missing {result.missing_keys[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
     if is_peft_model(model):

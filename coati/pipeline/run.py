@@ -1,26 +1,21 @@
 """The pipeline runner behind ``python -m coati.pipeline``: SFT -> reward model -> PPO end to end, on CPU,
 with nothing downloaded.
 
-By default coati generates its arithmetic task (:mod:`coati.pipeline.task`), builds a character tokenizer
-(:mod:`coati.pipeline.tokenizer`) and trains a tiny LLaMA from scratch: SFT on imperfect demonstrations, a
-reward model on (correct, slipped) answer pairs, then PPO against that reward model. The data files are
-written as JSON lines into ``--output_dir`` and read back through coati's datasets, and every stage runs
-through coati's trainers, so this is the same code path as ``examples/train_*.py``. The trained reward model is
-standardised (mean 0, std 1 over the SFT policy's answers to the training prompts) so that ``--kl_coef`` weighs
-the KL against a reward of known spread. After each stage a table
-reports the policy's exact task accuracy on held-out questions, the reward model's held-out pair accuracy,
-the mean reward of the policy's samples and their KL to the SFT policy; ``summary.json`` keeps the numbers.
+By default coati generates its arithmetic task (:mod:`coati.pipeline.task`) and a character tokenizer and
+trains a tiny LLaMA from scratch: SFT on imperfect demonstrations, a reward model on (correct, slipped) answer
+pairs, then PPO against that reward model, all through coati's datasets and trainers (the code path of
+``examples/train_*.py``). The reward model is standardised (mean 0, std 1 over the SFT policy's answers to the
+training prompts) so that ``--kl_coef`` weighs the KL against a reward of known spread. After each stage a
+table reports held-out task accuracy, the reward model's held-out pair accuracy, the mean reward of the
+policy's samples and their KL to the SFT policy; ``summary.json`` keeps the numbers.
 
-``--algo`` replaces the last two stages: a critic-free method (``grpo``, ``rloo`` ... as
-``examples/train_prompts.py --algo`` runs them) rewarded 1 / 0 by the task's checker, with no reward model or
-critic; or a DPO-family loss (``dpo``, ``ipo``, ``orpo``, ``simpo`` as ``examples/train_dpo.py`` runs them) on the
-pairs the reward model would train on, the SFT model as the reference. Their table has the rows ``sft`` and the
-algorithm; its reward column is the checker's mean reward (the sampled accuracy), and for the DPO family
-``rm_pair_acc`` is the held-out pair accuracy of the implicit reward.
+``--algo`` replaces the last two stages: a critic-free method (``grpo``, ``rloo`` ...) rewarded 1 / 0 by the
+task's checker, or a DPO-family loss (``dpo``, ``ipo``, ``orpo``, ``simpo``) on the reward model's pairs with
+the SFT model as the reference. Their reward column is the checker's mean reward (the sampled accuracy); for
+the DPO family ``rm_pair_acc`` is the held-out pair accuracy of the implicit reward.
 
-``--pretrain`` / ``--dataset`` / ``--preference_dataset`` / ``--prompt_dataset`` run the same three stages
-on your own model and data (any of them; the rest stay built-in). Task accuracy is reported only for the
-built-in prompts; with your own prompts the table shows reward and KL.
+``--pretrain`` / ``--dataset`` / ``--preference_dataset`` / ``--prompt_dataset`` run the same stages on your
+own model and data (the rest stay built-in); task accuracy is reported only for the built-in prompts.
 """
 from __future__ import annotations
 
@@ -55,17 +50,15 @@ logger = logging.getLogger("coati")
 
 # Sizes. "default" is the README run (about 2 minutes on one CPU core); "quick" is the test-suite run. The rl_*
 # sizes are those of the critic-free methods (--algo grpo ...), the dpo_* ones those of the DPO family.
+_DEFAULT_SIZES = dict(hidden_size=64, num_layers=4, num_eval=300, sft_per_question=16, sft_steps=1500,
+                      sft_batch_size=64, sft_lr=3e-3, rm_per_question=9, rm_steps=4800, rm_batch_size=32,
+                      rm_lr=7e-4, rm_patience=2, ppo_episodes=250, ppo_batch_size=64, ppo_train_batch_size=64,
+                      ppo_lr=1e-4, critic_lr=1e-4, eval_samples=4, rl_episodes=250, rl_batch_size=16,
+                      n_samples_per_prompt=8, rl_lr=1e-4, dpo_steps=600, dpo_batch_size=32, dpo_lr=1e-4)
 SIZES: dict[str, dict[str, Any]] = {
-    "default": dict(hidden_size=64, num_layers=4, num_eval=300, sft_per_question=16, sft_steps=1500,
-                    sft_batch_size=64, sft_lr=3e-3, rm_per_question=9, rm_steps=4800, rm_batch_size=32,
-                    rm_lr=7e-4, rm_patience=2, ppo_episodes=250, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
-                    critic_lr=1e-4, eval_samples=4, rl_episodes=250, rl_batch_size=16, n_samples_per_prompt=8,
-                    rl_lr=1e-4, dpo_steps=600, dpo_batch_size=32, dpo_lr=1e-4),
-    "quick": dict(hidden_size=64, num_layers=4, num_eval=200, sft_per_question=16, sft_steps=800,
-                  sft_batch_size=64, sft_lr=3e-3, rm_per_question=9, rm_steps=2400, rm_batch_size=32,
-                  rm_lr=7e-4, rm_patience=0, ppo_episodes=80, ppo_batch_size=64, ppo_train_batch_size=64, ppo_lr=1e-4,
-                  critic_lr=1e-4, eval_samples=2, rl_episodes=120, rl_batch_size=16, n_samples_per_prompt=8,
-                  rl_lr=1e-4, dpo_steps=200, dpo_batch_size=32, dpo_lr=1e-4),
+    "default": _DEFAULT_SIZES,
+    "quick": {**_DEFAULT_SIZES, "num_eval": 200, "sft_steps": 800, "rm_steps": 2400, "rm_patience": 0,
+              "ppo_episodes": 80, "eval_samples": 2, "rl_episodes": 120, "dpo_steps": 200},
 }
 # --algo: PPO against the reward model, a critic-free method of coati.rl rewarded by the task's checker, or a
 # DPO-family loss on the preference pairs.

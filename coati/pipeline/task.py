@@ -149,19 +149,13 @@ def exact_match_reward(prompts: list[str], responses: list[str], answer: list[An
                        **_: Any) -> list[float]:
     """A Python reward for ``train_prompts.py --reward_fn coati.pipeline.task:exact_match_reward``: 1.0 for a
     correct sum, 0.0 otherwise (uses the prompt records' ``answer`` field when given, else the prompt)."""
-    out = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        if answer is not None and answer[i] is not None:
-            out.append(float(r.strip() == str(answer[i]).strip()))
-        else:
-            out.append(float(ArithmeticTask.is_correct(p, r)))
-    return out
+    answers = answer if answer is not None else [None] * len(prompts)
+    return [float(r.strip() == str(a).strip() if a is not None else ArithmeticTask.is_correct(p, r))
+            for p, r, a in zip(prompts, responses, answers)]
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
+    path.write_text("".join(json.dumps(rec) + "\n" for rec in records), encoding="utf-8")
     return path

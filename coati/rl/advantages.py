@@ -76,21 +76,13 @@ def compute_gae(
     """
     if rewards.shape != values.shape:
         raise ValueError(f"rewards {tuple(rewards.shape)} and values {tuple(values.shape)} differ in shape")
-    values = values.float()
-    rewards = rewards.float()
-    if action_mask is None:
-        mask = torch.ones_like(values)
-    else:
-        if action_mask.shape != values.shape:
-            raise ValueError(f"action_mask {tuple(action_mask.shape)} does not match values {tuple(values.shape)}")
-        mask = action_mask.to(values.dtype)
-    values = values * mask
-    rewards = rewards * mask
-    num_actions = values.size(1)
+    if action_mask is not None and action_mask.shape != values.shape:
+        raise ValueError(f"action_mask {tuple(action_mask.shape)} does not match values {tuple(values.shape)}")
+    mask = torch.ones_like(values, dtype=torch.float32) if action_mask is None else action_mask.float()
+    values, rewards = values.float() * mask, rewards.float() * mask
     advantages = torch.zeros_like(values)
-    next_value = torch.zeros_like(values[:, 0])
-    next_adv = torch.zeros_like(values[:, 0])
-    for t in reversed(range(num_actions)):
+    next_value = next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.size(1))):
         m = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         adv = (delta + gamma * lam * next_adv) * m

@@ -12,7 +12,9 @@ import torch
 
 from ..models.utils import masked_mean
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+# Each estimator as a function of the log-ratio log pi - log ref (see kl_estimate).
+_ESTIMATES = {"k1": lambda lr: lr, "k2": lambda lr: 0.5 * lr ** 2, "k3": lambda lr: (-lr).exp() - 1 + lr}
+KL_ESTIMATORS = tuple(_ESTIMATES)
 # What each estimator's gradient follows as a loss term (tokens sampled from pi, the estimate differentiated
 # through log pi only): k1's is 0 in expectation (E_pi[grad log pi] = 0), so it is refused there.
 KL_LOSS_GRADIENT = {"k1": "zero in expectation (refused as a loss term)", "k2": "KL(pi || ref)",
@@ -32,16 +34,10 @@ def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str 
     ``+-LOG_RATIO_CLAMP`` and the estimate to ``+-KL_CLAMP`` (k3 is exponential in the log-ratio: one token
     that the reference finds 13 nats likelier would otherwise add 4e5); the gradient is 0 where clamped.
     """
-    log_ratio = (log_probs.float() - ref_log_probs.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    if kind == "k1":
-        kl = log_ratio
-    elif kind == "k2":
-        kl = 0.5 * log_ratio ** 2
-    elif kind == "k3":
-        kl = (-log_ratio).exp() - 1 + log_ratio
-    else:
+    if kind not in _ESTIMATES:
         raise ValueError(f"KL estimator must be one of {KL_ESTIMATORS}, got {kind!r}")
-    return kl.clamp(-KL_CLAMP, KL_CLAMP)
+    log_ratio = (log_probs.float() - ref_log_probs.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return _ESTIMATES[kind](log_ratio).clamp(-KL_CLAMP, KL_CLAMP)
 
 
 @torch.no_grad()
@@ -49,8 +45,7 @@ def kl_clamped_share(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind:
                      dim: int | None = None) -> torch.Tensor:
     """The share of valid tokens (per row with ``dim=-1``) whose KL estimate :func:`kl_estimate` clamps."""
     log_ratio = log_probs.float() - ref_log_probs.float()
-    raw = {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2, "k3": (-log_ratio).exp() - 1 + log_ratio}[kind]
-    hit = (raw.abs() > KL_CLAMP) | (log_ratio.abs() > LOG_RATIO_CLAMP)
+    hit = (_ESTIMATES[kind](log_ratio).abs() > KL_CLAMP) | (log_ratio.abs() > LOG_RATIO_CLAMP)
     return masked_mean(hit.float(), mask, dim=dim)
 
 

@@ -124,9 +124,7 @@ def packed_sequence_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torc
     ids, labels, layout = batch["input_ids"], batch["labels"], batch["packed"]
     sample_ids, n = layout.sample_ids[:, 1:], layout.num_samples
     logps = model(ids, labels=labels, **model_inputs(batch))  # 0 where unlabelled
-    mask = labels[:, 1:].ne(IGNORE_INDEX)
-    return (sample_sums(logps, sample_ids, n),
-            sample_sums(mask.float(), sample_ids, n))
+    return sample_sums(logps, sample_ids, n), sample_sums(labels[:, 1:].ne(IGNORE_INDEX).float(), sample_ids, n)
 
 
 def batch_logps(model: nn.Module, batch: dict[str, Any], prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,19 +2,17 @@
 
 The algorithm is data (:class:`~coati.rl.RLConfig`, ``--algo`` presets in ``coati.rl.PRESETS``): an advantage
 estimator, a policy loss, a loss aggregation and where the KL goes, each a registered function of
-:mod:`coati.rl`. The critic exists only for an estimator that needs values
-(gae): otherwise none is built, stepped or saved.
+:mod:`coati.rl`. The critic exists only for an estimator that needs values (gae).
 
 One *episode* (= one logged step, like a veRL iteration) is:
 
 1. collect: ``num_collect_steps`` prompt batches, each prompt sampled ``n_samples_per_prompt`` times ->
-   experiences (generate, score, KL, advantages) -> buffer; with ``dynamic_sampling`` groups whose rewards
-   are all equal are dropped and further prompt batches top the episode up to its number of groups;
+   experiences -> buffer; with ``dynamic_sampling`` groups whose rewards are all equal are dropped and further
+   prompt batches top the episode up to its number of groups;
 2. update: ``num_update_steps`` x ``max_epochs`` shuffled passes over the buffer in micro-batches of
    ``train_batch_size``; every ``accumulation_steps`` micro-batches make one actor (and critic) optimizer
-   step (separate optimizers and schedules). When that is a single optimizer step per episode (one pass, the
-   buffer in at most ``accumulation_steps`` micro-batches) the old log-probs are not scored while collecting:
-   the update's forward runs the weights that sampled, and its detached log-probs are the old ones;
+   step. When that is one optimizer step per episode, the update's detached log-probs are the old ones
+   (see :meth:`PPOTrainer._reuses_update_log_probs`);
 3. the buffer is cleared.
 
 Actor loss (PPO-ptx, InstructGPT's objective, plus a KL term for ``kl_placement="loss"``)::
@@ -22,19 +20,13 @@ Actor loss (PPO-ptx, InstructGPT's objective, plus a KL term for ``kl_placement=
     loss_actor  = policy_loss + kl_coef * kl_loss + ptx_coef * ptx_loss  (ptx only with a pretrain loader)
     loss_critic = vf_coef * value_loss
 
-``policy_loss`` is ``POLICY_LOSSES[policy_loss]`` (PPO clip ``eps_clip`` / ``eps_clip_high`` / dual clip, or
-GSPO) reduced by ``agg_loss(loss_agg_mode)``; micro-batches of one optimizer step are weighted by their share
-of the global batch's sequences (``seq_*`` modes) or valid tokens (``token_mean``), counted over every process,
-so any number of processes and accumulation steps equals one big batch.
+Micro-batches of one optimizer step are weighted by their share of the global batch's sequences (``seq_*``
+modes) or valid tokens (``token_mean``), so any number of processes and accumulation steps equals one big
+batch. With ``ptx_coef == 0`` no pretraining batch is drawn: plain PPO exactly. (Coati's 2023 code mixed
+``ptx_coef * ptx + (1 - ptx_coef) * policy``; here the policy term keeps weight 1.)
 
-Every run checks itself: the first update of each batch must see importance ratios of 1 (a warning names the
-likely causes otherwise), zero-signal groups and clipped shares are logged, and ``rollouts.jsonl`` records what
-was generated, its score, reward, advantage and KL.
-``value_loss`` is the clipped value loss (``value_clip``), ``ptx_loss`` the LM loss on a pretraining batch
-of ``ptx_batch_size`` per micro-batch.
-With ``ptx_coef == 0`` no pretraining batch is even drawn, so the run equals plain PPO exactly. (Coati's
-2023 code mixed ``ptx_coef * ptx + (1 - ptx_coef) * policy`` instead; here the policy term keeps weight 1 so
-turning ptx on does not shrink the RL step.)
+Every run checks itself: the first update of each batch must see importance ratios of 1, zero-signal groups
+and clipped shares are logged, and ``rollouts.jsonl`` records each sample with its score, reward, advantage, KL.
 """
 from __future__ import annotations
 
@@ -101,12 +93,13 @@ _WITH_STD = ("score", "reward", "response_length")
 
 @dataclass
 class _Collected:
-    """What one episode's collection generated: every sample's info (on CPU), the token count and the experience
-    maker's stage timings, summed."""
+    """What one episode's collection generated: every sample's info (on CPU), the token count, the experience
+    maker's stage timings, summed, and with dynamic sampling its metrics."""
 
     infos: list[dict[str, torch.Tensor]] = field(default_factory=list)
     tokens: float = 0.0
     timings: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "make_experience": 0.0})
+    sampling: dict[str, float] = field(default_factory=dict)
 
     def add(self, exp: Experience) -> None:
         self.infos.append({k: v.detach().cpu() for k, v in exp.info.items()})
@@ -131,18 +124,14 @@ class _Cycle:
         self.consumed = 0
         self._it: Iterator | None = None
 
-    def _start(self) -> None:
-        self._it = epoch_iter(self.loader, self.epoch, self.consumed)
-
     def next(self) -> Any:
         if self._it is None:
-            self._start()
+            self._it = epoch_iter(self.loader, self.epoch, self.consumed)
         try:
             batch = next(self._it)
         except StopIteration:
-            self.epoch += 1
-            self.consumed = 0
-            self._start()
+            self.epoch, self.consumed = self.epoch + 1, 0
+            self._it = epoch_iter(self.loader, self.epoch)
             batch = next(self._it)
         self.consumed += 1
         return batch
@@ -153,16 +142,6 @@ class _Cycle:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.consumed = state["epoch"], state["consumed"]
         self._it = None
-
-
-def _check_frozen_bases(actor: nn.Module, critic: nn.Module | None, initial_model: nn.Module | None,
-                        reward_model: nn.Module | None, uses_reference: bool) -> None:
-    """The reference policy (the LoRA actor's base, when no ``initial_model`` is given) and a reward model
-    sharing the critic's base must not train: refuse LoRA that trains the base's biases."""
-    if initial_model is None and uses_reference:
-        check_ppo_train_bias(lora_train_bias(actor.model))
-    if critic is not None and getattr(reward_model, "shares_base", False):  # never strategy-wrapped: it has nothing to train
-        check_ppo_train_bias(lora_train_bias(critic.model))
 
 
 class PPOTrainer:
@@ -259,8 +238,12 @@ class PPOTrainer:
         if not cfg.needs_critic and critic is not None:
             raise ValueError(f"adv_estimator {cfg.adv_estimator!r} uses no critic: pass critic=None")
         plain_actor = strategy.unwrap(actor)
-        _check_frozen_bases(plain_actor, strategy.unwrap(critic) if critic is not None else None, initial_model,
-                            reward_model, cfg.uses_reference)
+        # the reference policy (the LoRA actor's base, when no initial_model is given) and a reward model sharing
+        # the critic's base must not train: refuse LoRA that trains the base's biases
+        if initial_model is None and cfg.uses_reference:
+            check_ppo_train_bias(lora_train_bias(plain_actor.model))
+        if critic is not None and getattr(reward_model, "shares_base", False):  # never strategy-wrapped
+            check_ppo_train_bias(lora_train_bias(strategy.unwrap(critic).model))
         for model in (actor, critic, initial_model, reward_model):
             if model is not None:
                 # old log-probs and values are scored without gradients, the update runs in train mode:
@@ -536,12 +519,11 @@ class PPOTrainer:
         device = self.strategy.device
         for update in range(self.config.num_update_steps * self.config.max_epochs):
             gen = torch.Generator().manual_seed(self.strategy.seed * 100003 + self.episode * 1009 + update)
-            batches = self.buffer.micro_batches(self.config.train_batch_size, shuffle=True, generator=gen)
+            batches = list(self.buffer.micro_batches(self.config.train_batch_size, shuffle=True, generator=gen))
             group: list[Experience] = []
-            pending = list(batches)
-            for j, exp in enumerate(pending):
+            for j, exp in enumerate(batches):
                 group.append(exp.to(device))
-                if len(group) < self._accumulation and j < len(pending) - 1:
+                if len(group) < self._accumulation and j < len(batches) - 1:
                     continue
                 t0 = time.perf_counter()
                 metrics = self._actor_step(group)
@@ -578,11 +560,10 @@ class PPOTrainer:
                            "engine whose log-probs differ from the trainer's", self.episode + 1, lo, hi, tol)
 
     # ----- metrics -----------------------------------------------------------------------------------
-    def _episode_metrics(self, infos: list[dict[str, torch.Tensor]], tokens: float,
-                         step_metrics: list[dict[str, float]], timings: dict[str, float]) -> dict[str, float]:
+    def _episode_metrics(self, collected: _Collected, step_metrics: list[dict[str, float]]) -> dict[str, float]:
         """Experience statistics over every sample of every process, training metrics averaged over the
         episode's optimizer steps and processes, timings and throughput of this process."""
-        strategy = self.strategy
+        strategy, infos, timings = self.strategy, collected.infos, collected.timings
         keys = [k for k in _EXPERIENCE_METRICS if all(k in info for info in infos)]
         stats = []
         for k in keys:
@@ -590,8 +571,11 @@ class PPOTrainer:
             stats += [float(x.sum()), float((x * x).sum()), float(x.numel())]
         train_keys = sorted(k for k in step_metrics[0] if k not in _EXTREMES) if step_metrics else []
         train = [sum(m[k] for m in step_metrics) / len(step_metrics) for k in train_keys]
-        stats += self._zero_signal_groups(infos)
-        reduced_sum = strategy.all_reduce(torch.tensor(stats + [tokens], dtype=torch.float64), op="sum").cpu()
+        # groups whose scores are all equal (the task gives them no signal), of all groups
+        informative = torch.cat([_informative_groups(info["score"], self.config.n_samples_per_prompt)
+                                 for info in infos])
+        stats += [float((~informative).sum()), float(informative.numel())]
+        reduced_sum = strategy.all_reduce(torch.tensor(stats + [collected.tokens], dtype=torch.float64), op="sum").cpu()
         reduced_mean = strategy.all_reduce(torch.tensor(train, dtype=torch.float64), op="mean").cpu() \
             if train else []
         metrics: dict[str, float] = {}
@@ -624,12 +608,6 @@ class PPOTrainer:
             local = torch.tensor(max(float(info["logprob_diff_max"].max()) for info in infos), dtype=torch.float64)
             metrics["rollout/logprob_diff/max"] = float(strategy.all_reduce(local, op="max"))
         return metrics
-
-    def _zero_signal_groups(self, infos: list[dict[str, torch.Tensor]]) -> list[float]:
-        """[groups whose scores are all equal (the task gives them no signal), groups] on this process."""
-        informative = torch.cat([_informative_groups(info["score"], self.config.n_samples_per_prompt)
-                                 for info in infos])
-        return [float((~informative).sum()), float(informative.numel())]
 
     # ----- collection ---------------------------------------------------------------------------------
     def _dumps_rollouts(self, episode: int) -> bool:
@@ -699,20 +677,16 @@ class PPOTrainer:
         collected.add(exp)
         return exp
 
-    def _collect(self, prompts_per_batch: int) -> tuple[list[dict[str, torch.Tensor]], float, dict[str, float],
-                                                        dict[str, float]]:
-        """Fill the buffer for one episode. Returns the experiences' info (every generated sample), their token
-        count, the stages' timings and, with dynamic sampling, its metrics; the LR schedules then follow the
-        optimizer steps the buffer gives."""
+    def _collect(self, prompts_per_batch: int) -> _Collected:
+        """Fill the buffer for one episode; the LR schedules then follow the optimizer steps the buffer gives."""
         collected = _Collected()
-        sampling = {}
-        if not self.config.dynamic_sampling:
+        if self.config.dynamic_sampling:
+            collected.sampling = self._collect_dynamic(prompts_per_batch, collected)
+        else:
             for _ in range(self.config.num_collect_steps):
                 self.buffer.append(self._experience(prompts_per_batch, collected))
-        else:
-            sampling = self._collect_dynamic(prompts_per_batch, collected)
         self._correct_schedule()
-        return collected.infos, collected.tokens, collected.timings, sampling
+        return collected
 
     def _collect_dynamic(self, prompts_per_batch: int, collected: _Collected) -> dict[str, float]:
         """DAPO dynamic sampling: keep groups whose rewards differ until the episode holds its number of groups.
@@ -758,15 +732,15 @@ class PPOTrainer:
                    disable=not self.strategy.is_rank0(), dynamic_ncols=True)
         while self.episode < self.config.num_episodes:
             t_start = time.perf_counter()
-            infos, tokens, timings, sampling = self._collect(prompt_dataloader.batch_size or 1)
-            step_metrics = self._update_phase(timings)
+            collected = self._collect(prompt_dataloader.batch_size or 1)
+            step_metrics = self._update_phase(collected.timings)
             t_sync = time.perf_counter()  # the next rollouts' policy, stamped with its optimizer step
             self.experience_maker.update_weights(self.actor, version=self.optim_step)
-            timings["weight_sync"] = time.perf_counter() - t_sync
+            collected.timings["weight_sync"] = time.perf_counter() - t_sync
             self.buffer.clear()
             self.episode += 1
-            timings["step"] = time.perf_counter() - t_start
-            self._log(bar, {**self._episode_metrics(infos, tokens, step_metrics, timings), **sampling})
+            collected.timings["step"] = time.perf_counter() - t_start
+            self._log(bar, {**self._episode_metrics(collected, step_metrics), **collected.sampling})
             if self.save_path and self.save_interval and self.episode % self.save_interval == 0:
                 self.save_checkpoint()
         bar.close()

@@ -31,6 +31,8 @@ class SFTTrainer(SupervisedTrainer):
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def model_flops(self, batch: dict[str, Any]) -> float:
+        if self.strategy.unwrap(self.model).config.is_encoder_decoder:
+            return 0.0  # DecoderShape counts a decoder-only LM: no MFU for T5 / BART
         if self._shape is None:
             self._shape = DecoderShape.of(self.strategy.unwrap(self.model))
         return self._shape.batch_flops(batch)

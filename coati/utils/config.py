@@ -33,10 +33,7 @@ class BoolFlag(argparse.Action):
     """``--x`` / ``--x true`` / ``--x false`` / ``--no-x``."""
 
     def __init__(self, option_strings, dest, default=False, help=None, **kwargs):
-        opts = list(option_strings)
-        for opt in option_strings:
-            if opt.startswith("--"):
-                opts.append("--no-" + opt[2:])
+        opts = [*option_strings, *("--no-" + opt[2:] for opt in option_strings if opt.startswith("--"))]
         super().__init__(opts, dest, nargs="?", const=None, default=default, help=help, metavar="BOOL")
 
     def __call__(self, parser, namespace, values, option_string=None):

@@ -89,20 +89,12 @@ def corpus_texts(records: Iterable[Any]) -> list[str]:
     def strings(value: Any) -> Iterable[str]:
         if isinstance(value, str):
             yield value
-        elif isinstance(value, dict):
-            for v in value.values():
-                yield from strings(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
+        elif isinstance(value, (dict, list, tuple)):
+            for v in value.values() if isinstance(value, dict) else value:
                 yield from strings(v)
 
-    texts = []
-    for rec in records:
-        data = getattr(rec, "data", rec)
-        text = "\n".join(s for s in strings(data) if s.strip())
-        if text:
-            texts.append(text)
-    return texts
+    texts = ("\n".join(s for s in strings(getattr(rec, "data", rec)) if s.strip()) for rec in records)
+    return [text for text in texts if text]
 
 
 def pieces_from_corpus(texts: list[str], source: PreTrainedTokenizerBase, *, vocab_size: int = 8000,

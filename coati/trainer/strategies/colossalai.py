@@ -10,10 +10,9 @@ ColossalAI is GPU-only and pins its own torch / transformers versions, so it is 
 these strategies is built; on a machine without CUDA or without colossalai construction fails with one
 sentence saying what to install or which strategy to use instead (:class:`StrategyUnavailableError`).
 
-ColossalAI wraps model and optimizer together (``booster.boost``), so a trainer calls
-:meth:`ColossalAIStrategy.prepare_optimizer` after building its optimizer and uses the returned pair; the
-LR scheduler is built on :meth:`base_optimizer` of the returned optimizer. Mixed precision is the plugin's
-(the model is cast to bf16 / fp16 with fp32 master weights), so :meth:`autocast` is a no-op here.
+ColossalAI wraps model and optimizer together (``booster.boost``): trainers train the pair
+:meth:`ColossalAIStrategy.prepare_optimizer` returns. Mixed precision is the plugin's (the model is cast to
+bf16 / fp16 with fp32 master weights), so :meth:`autocast` is a no-op here.
 
 Frozen models (reference / reward) are not boosted: each process holds a full copy cast to the compute
 dtype (value heads stay fp32). Checkpoints are the same consolidated ``save_pretrained`` directories as
@@ -81,9 +80,11 @@ class ColossalAIStrategy(DistributedStrategy):
             self.precision = mixed_precision
         # the plugin owns precision and loss scaling: the base class must not build an autocast / GradScaler
         super().__init__(seed=seed, mixed_precision=None, grad_clip=grad_clip)
+        import colossalai.booster.plugin as plugins
         from colossalai.booster import Booster
 
-        self.booster = Booster(plugin=self._make_plugin())
+        cls_name, kwargs = plugin_spec(name, self.precision, self.grad_clip, self.cpu_offload, self.placement_policy)
+        self.booster = Booster(plugin=getattr(plugins, cls_name)(**kwargs))
 
     # ----- set-up ---------------------------------------------------------------------------------------
     def setup_distributed(self) -> None:
@@ -96,17 +97,6 @@ class ColossalAIStrategy(DistributedStrategy):
             colossalai.launch_from_torch(seed=self.seed, verbose=False)
         super().setup_distributed()
 
-    def _make_plugin(self):
-        import colossalai.booster.plugin as plugins
-
-        cls_name, kwargs = plugin_spec(self.name, self.precision, self.grad_clip, self.cpu_offload,
-                                       self.placement_policy)
-        return getattr(plugins, cls_name)(**kwargs)
-
-    @property
-    def _compute_dtype(self) -> torch.dtype:
-        return to_dtype(self.precision)
-
     # ----- models and optimisation --------------------------------------------------------------------
     def prepare_model(self, model: nn.Module, trainable: bool = True) -> nn.Module:
         """Frozen models: a full copy on this GPU in the compute dtype. Trainable ones are boosted together
@@ -118,7 +108,7 @@ class ColossalAIStrategy(DistributedStrategy):
             model.eval()
             model.requires_grad_(False)
             inner = getattr(model, "model", model)
-            inner.to(device=self.device, dtype=self._compute_dtype)
+            inner.to(device=self.device, dtype=to_dtype(self.precision))
             return model.to(self.device)
         if self.name == "colossalai_gemini" and getattr(model, "lora_enabled", False):
             raise ValueError("colossalai_gemini does not support LoRA; use colossalai_zero2 or fsdp")

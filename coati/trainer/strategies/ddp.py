@@ -31,11 +31,6 @@ class DistributedStrategy(Strategy):
         self.world_size = dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
-    def set_seed(self, seed: int) -> None:
-        # Same seed on every rank: identical initialisation of models built from config (sampling later
-        # gets a stream per rank, see set_sampling_seed).
-        super().set_seed(seed)
-
     def barrier(self) -> None:
         dist.barrier()
 
@@ -73,6 +68,4 @@ class DDPStrategy(DistributedStrategy):
         return model.module if isinstance(model, DistributedDataParallel) else model
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        if isinstance(model, DistributedDataParallel):
-            return model.no_sync()
-        return contextlib.nullcontext()
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()

@@ -14,21 +14,14 @@ precision the fp32 value head is a unit of its own with an fp32 policy, so it is
   are the master weights the optimizer updates. (Norm weights compute in bf16 too, so losses differ from
   DDP's autocast by bf16 rounding, ~1e-4, where fp32 runs agree to ~1e-6.)
 
-Frozen models (PPO reference and reward models) are sharded too, always with re-sharding after forward
-(they have no backward to keep parameters for), so each process holds 1/N of them. Every process must
-therefore call them on the same number of batches, as the trainers do. Pass ``shard_frozen=False`` to
-replicate them instead (a full copy per process, no communication in their forward).
+Frozen models (PPO reference and reward models) are sharded too, always re-sharded after forward, so each
+process holds 1/N of them and every process must call them on the same number of batches, as the trainers
+do; ``shard_frozen=False`` replicates them instead (no communication in their forward). LoRA adapters are
+sharded beside their frozen base weights; only they get gradients and optimizer state.
 
-Generation (PPO rollouts): ``Actor.generate`` is registered as an FSDP forward method and HF ``generate``
-runs with ``synced_gpus``, so a rank whose sequences finish early keeps joining the others' all-gathers.
-
-LoRA: FSDP2 shards frozen base weights and trainable adapters side by side; only adapters get gradients
-and optimizer state. Gradient checkpointing enabled on the HF model runs inside each sharded layer.
-
-Checkpoints: ``save_model`` gathers a full state dict to CPU on rank 0, which writes the same consolidated
-``save_pretrained`` directory (plus ``value_head.safetensors``, or the peft adapter) as every other
-strategy; ``load_model`` reads such a directory on rank 0 and broadcasts it into the shards. Optimizer
-state is saved per rank (its shards), so ``--resume`` needs the same number of processes.
+Checkpoints: ``save_model`` writes the same consolidated ``save_pretrained`` directory as every other
+strategy (gathered on rank 0); ``load_model`` reads one on rank 0 and broadcasts it into the shards.
+Optimizer state is saved per rank (its shards), so ``--resume`` needs the same number of processes.
 """
 from __future__ import annotations
 
@@ -335,10 +328,6 @@ def _placement_to_plain(p: Any) -> list:
     raise ValueError(f"cannot checkpoint a DTensor placed as {p!r} (only Shard and Replicate)")
 
 
-def _placement_from_plain(p: list) -> Any:
-    return Shard(p[1]) if p[0] == "shard" else Replicate()
-
-
 def _to_local(obj: Any) -> Any:
     if isinstance(obj, DTensor):
         return {_SHARD: obj.to_local().detach().cpu(), "shape": list(obj.shape), "stride": list(obj.stride()),
@@ -352,8 +341,9 @@ def _to_local(obj: Any) -> Any:
 
 def _from_local(obj: Any, mesh) -> Any:
     if isinstance(obj, dict) and _SHARD in obj:
-        return DTensor.from_local(obj[_SHARD], mesh, [_placement_from_plain(p) for p in obj["placements"]],
-                                  run_check=False, shape=torch.Size(obj["shape"]), stride=tuple(obj["stride"]))
+        placements = [Shard(p[1]) if p[0] == "shard" else Replicate() for p in obj["placements"]]
+        return DTensor.from_local(obj[_SHARD], mesh, placements, run_check=False, shape=torch.Size(obj["shape"]),
+                                  stride=tuple(obj["stride"]))
     if isinstance(obj, dict):
         return {k: _from_local(v, mesh) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -218,6 +218,42 @@ def build_reference(args: argparse.Namespace) -> Actor | None:
                                  trust_remote_code=args.trust_remote_code, **cli.attn_kwargs(args))
 
 
+def check_engine(args: argparse.Namespace, strategy: Any) -> None:
+    """Refuse a --rollout_engine vllm run that cannot work, before any model loads (one line each)."""
+    cfg = rl_config(args)
+    if cfg.rollout_engine != "vllm":
+        return
+    from coati.rollout.vllm import import_vllm
+
+    if cfg.vllm_sleep and not torch.cuda.is_available():
+        raise UsageError("--vllm_sleep frees vLLM's GPU memory during updates: it needs a GPU (none here)")
+    import_vllm()
+    if strategy.world_size > 1:
+        raise UsageError("--rollout_engine vllm runs in one process for now: drop torchrun / use --strategy naive")
+    if args.quant:
+        raise UsageError("--rollout_engine vllm syncs merged full weights: not with a --quant base")
+    if not (Path(args.pretrain) / "config.json").is_file():
+        raise UsageError(f"--rollout_engine vllm starts from a local checkpoint dir: --pretrain {args.pretrain} is "
+                         f"none")
+
+
+def build_engine(args: argparse.Namespace, tokenizer: Any, strategy: Any, actor: Actor) -> Any:
+    """The vLLM rollout engine on --pretrain (the actor's starting weights), or None for HF generate. It computes
+    in the trainer's precision (vLLM's own default would run an fp32 checkpoint in bf16)."""
+    cfg = rl_config(args)
+    if cfg.rollout_engine != "vllm":
+        return None
+    from coati.rollout.vllm import VLLMEngine
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(strategy.compute_precision) or \
+        str(next(actor.parameters()).dtype).removeprefix("torch.")
+    return VLLMEngine(args.pretrain, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, seed=args.seed,
+                      dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                      tensor_parallel_size=cfg.vllm_tensor_parallel_size, sleep=cfg.vllm_sleep,
+                      enforce_eager=not torch.cuda.is_available())
+
+
 def trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """PPOTrainer's arguments besides the models: the RL config and the logging / checkpoint options."""
     names = ("save_path", "save_interval", "save_total_limit", "log_interval", "log_dir", "use_tensorboard", "use_wandb",
@@ -231,6 +267,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     cli.attn_kwargs(args)  # and an attention kernel this machine lacks
     rl_config(args)  # and a bad --algo combination
     strategy = cli.strategy_from_args(args)
+    check_engine(args, strategy)
     cli.setup_logging(strategy.is_rank0())
     with cli.flag_errors():
         strategy.check_ppo(args.offload_ref_reward)
@@ -260,7 +297,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         pretrain_dl = strategy.setup_dataloader(ptx, args.ptx_batch_size, shuffle=True, drop_last=True,
                                                 collate_fn=collate, lengths=cli.group_lengths(args, ptx))
     trainer = PPOTrainer(strategy, actor, critic, reward_model, initial_model=build_reference(args),
-                         tokenizer=tokenizer, reward_fn=reward_fn, run_config=vars(args), **trainer_kwargs(args))
+                         tokenizer=tokenizer, reward_fn=reward_fn, run_config=vars(args),
+                         engine=build_engine(args, tokenizer, strategy, actor), **trainer_kwargs(args))
     return trainer.fit(prompt_dl, pretrain_dl, resume_from=resolve_resume(args.resume, args.save_path))
 
 

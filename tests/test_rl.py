@@ -406,7 +406,9 @@ def test_rollout_dump_holds_every_sample_with_advantages_equal_to_grpos_formula(
     records = _dump(tmp_path)
     assert len(records) == 3 * 16 and [r["step"] for r in records] == [e for e in (1, 2, 3) for _ in range(16)]
     assert set(records[0]) == {"step", "prompt", "response", "response_len", "group", "score", "overlong_penalty",
-                               "reward", "advantage", "kl"}
+                               "reward", "advantage", "kl", "weight_version"}
+    steps = [h["training/optim_steps"] for h in hist]  # each episode sampled the weights of the step before it
+    assert [r["weight_version"] for r in records] == [v for v in [0] + steps[:-1] for _ in range(16)]
     for group in _groups(records):
         scores = [r["score"] for r in group]
         mean = sum(scores) / 4

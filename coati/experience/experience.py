@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 # Per-action tensors: trimmed / padded along the action axis together.
-ACTION_FIELDS = ("action_mask", "action_log_probs", "values", "returns", "advantages", "ref_log_probs")
+ACTION_FIELDS = ("action_mask", "action_log_probs", "values", "returns", "advantages", "ref_log_probs",
+                 "rollout_is_weights")
 # Per-sample tensors (shape (batch,)) that the update uses; ``info`` holds those only logged.
 SAMPLE_FIELDS = ("group",)
 
@@ -36,6 +37,7 @@ class Experience:
     advantages: torch.Tensor  # (B, A) from the configured estimator
     ref_log_probs: torch.Tensor | None = None  # (B, A) log pi_ref, for a KL loss term
     group: torch.Tensor | None = None  # (B,) id of the prompt each sample answers
+    rollout_is_weights: torch.Tensor | None = None  # (B, A) rollout-correction weights (--rollout_is), or None
     info: dict[str, torch.Tensor] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds each stage of making it took
 

@@ -17,6 +17,7 @@ the KL penalty are biased; the defaults (temperature 1, no top-k / top-p) sample
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -29,8 +30,8 @@ from coati.errors import MissingInputError, UsageError
 from coati.experience.experience import Experience
 from coati.models.utils import masked_mean
 from coati.rewards import RewardFn, call_reward_fn
-from coati.rl import (ADV_ESTIMATORS, FixedKLController, RLConfig, compute_reward, kl_clamped_share, make_config,
-                      make_kl_controller, overlong_penalty)
+from coati.rl import (ADV_ESTIMATORS, FixedKLController, RLConfig, compute_reward, kl_clamped_share,
+                      logprob_diff_stats, make_config, make_kl_controller, overlong_penalty, rollout_is_weights)
 from coati.rollout import HFRolloutEngine, Rollout, RolloutEngine
 
 logger = logging.getLogger("coati")
@@ -179,6 +180,7 @@ class ExperienceMaker:
             self._unwrap(actor), eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
             autocast=self._autocast)
         self.groups_made = 0  # prompts made into experience by this process: the next group id
+        self.weight_version = 0  # the optimizer step of the weights rollouts must come from
         self._warned_len = False
         if cfg.uses_reference and initial_model is None and not getattr(self._unwrap(actor), "lora_enabled", False):
             raise ValueError("no reference model: pass initial_model (a frozen copy of the starting actor) or "
@@ -288,8 +290,19 @@ class ExperienceMaker:
         input_ids = batch["input_ids"].to(self.device)
         prompt_mask = batch["attention_mask"].to(self.device)
         with self._inference(self.actor):  # one gather of the actor for generating and scoring
-            return self.engine.generate(input_ids, prompt_mask, self._generation_kwargs(input_ids.size(1)),
-                                        return_log_probs=self.old_log_probs)
+            rollout = self.engine.generate(input_ids, prompt_mask, self._generation_kwargs(input_ids.size(1)),
+                                           return_log_probs=self.old_log_probs)
+            if rollout.weight_version is not None and rollout.weight_version != self.weight_version:
+                raise RuntimeError(f"a rollout came from weight version {rollout.weight_version}, the trainer is at "
+                                   f"{self.weight_version}: the engine missed a weight sync")
+            if rollout.engine_log_probs is not None and rollout.log_probs is None:
+                # another engine sampled: the trainer's log-probs of its tokens (old log-probs, the log-prob
+                # diff and the rollout correction all need them)
+                with self._autocast():
+                    rollout.log_probs = self._unwrap(self.actor)(
+                        rollout.sequences, rollout.attention_mask, num_actions=rollout.num_actions,
+                        temperature=self.temperature).float()
+            return rollout
 
     @torch.no_grad()
     def score(self, batch: dict[str, Any], rollout: Rollout) -> Scored:
@@ -400,6 +413,16 @@ class ExperienceMaker:
             info["value"] = masked_mean(scored.values, action_mask, dim=-1)
         if shaped.overlong_penalty is not None:
             info["overlong_penalty"] = shaped.overlong_penalty
+        version = self.weight_version if rollout.weight_version is None else rollout.weight_version
+        info["weight_version"] = torch.full_like(mask[:, 0], float(version))
+        is_weights = None
+        if rollout.engine_log_probs is not None and log_probs is not None:
+            engine_lp = rollout.engine_log_probs.to(log_probs.device)
+            info.update(logprob_diff_stats(log_probs, engine_lp, action_mask, cfg.logprob_diff_threshold))
+            is_weights = rollout_is_weights(cfg.rollout_is, log_probs, engine_lp, action_mask,
+                                            cap=cfg.rollout_is_cap, mask_threshold=cfg.rollout_mask_threshold)
+            if is_weights is not None:
+                info["rollout_is_weight"] = masked_mean(is_weights, action_mask, dim=-1)
         keep_ref = ref is not None and cfg.kl_placement == "loss"
         return Experience(
             sequences=rollout.sequences,
@@ -411,14 +434,21 @@ class ExperienceMaker:
             advantages=advantages,
             ref_log_probs=ref * mask if keep_ref else None,
             group=group,
+            rollout_is_weights=is_weights,
             info=info,
             timings=timings,
         )
 
     # ----- state ------------------------------------------------------------------------------------------
-    def update_weights(self, actor: nn.Module) -> None:
-        """The next rollouts' policy: hand the trained actor to the rollout engine."""
-        self.engine.update_weights(self._unwrap(actor))
+    def update_weights(self, actor: nn.Module, version: int | None = None) -> None:
+        """The next rollouts' policy: hand the trained actor to the rollout engine; ``version`` (the optimizer
+        step) is the weight version rollouts must come from from now on (engines without versions ignore it)."""
+        if version is not None:
+            self.weight_version = version
+        if "version" in inspect.signature(self.engine.update_weights).parameters:
+            self.engine.update_weights(self._unwrap(actor), version=version)
+        else:
+            self.engine.update_weights(self._unwrap(actor))
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly: the running reward statistics and the group count."""

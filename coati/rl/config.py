@@ -15,6 +15,7 @@ from .advantages import ADV_ESTIMATORS
 from .kl import KL_ESTIMATORS, KL_LOSS_GRADIENT
 from .losses import AGG_MODES, POLICY_LOSSES
 from .presets import PRESET_FIELDS, PRESETS, BudgetShare
+from .rollout_is import ROLLOUT_IS
 from ..errors import UsageError
 from ..utils.config import check_bounds, option
 from ..utils.optim import OPTIM_HELP, OPTIMIZERS, check_optimizer
@@ -25,7 +26,7 @@ def _preset(help: str, name: str) -> str:
     return f"{help}; unset = from --algo (ppo: {PRESETS['ppo'][name]})"
 
 
-A, P, S, M, D = "algorithm", "PPO", "sampling", "memory", "data"
+A, P, S, M, D, R = "algorithm", "PPO", "sampling", "memory", "data", "rollout engine"
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,24 @@ class RLConfig:
                            "distribution", bounds=">= 0", group=S)
     top_p: float = option(1.0, "nucleus sampling (1 = off); biases PPO: log-probs stay those of the untruncated "
                                "distribution", bounds="(0, 1]", group=S)
+    # rollout engine
+    rollout_engine: str = option("hf", "what generates rollouts: HF generate on the trained actor, or vLLM (needs "
+                                       "coati[vllm]; full weights synced after every update)",
+                                 choices=["hf", "vllm"], group=R)
+    rollout_is: str = option("off", "rollout correction for an engine whose log-probs differ from the trainer's: "
+                                    "truncated importance weights per token or per sequence (vllm only)",
+                             choices=sorted(ROLLOUT_IS), group=R)
+    rollout_is_cap: float = option(2.0, "cap of the --rollout_is weights", bounds=">= 1", group=R)
+    rollout_mask_threshold: float | None = option(None, "weight 0 for a sequence whose geometric-mean "
+                                                        "trainer/engine probability ratio is outside [1/t, t] (vllm "
+                                                        "only; off when absent)", bounds="> 1", group=R)
+    logprob_diff_threshold: float = option(0.1, "rollout/logprob_diff/over_threshold: share of tokens whose "
+                                                "|trainer - engine log-prob| exceeds this", bounds="> 0", group=R)
+    vllm_gpu_memory_utilization: float = option(0.5, "share of GPU memory vLLM takes (weights + KV cache)",
+                                                bounds="(0, 1]", group=R)
+    vllm_tensor_parallel_size: int = option(1, "GPUs vLLM shards the model over", bounds=">= 1", group=R)
+    vllm_sleep: bool = option(False, "vLLM frees its GPU memory during updates (sleep / wake up; GPU only)",
+                              group=R)
     # memory
     offload_ref_reward: bool = option(False, "keep reference and reward models on CPU between uses (not with "
                                              "fsdp, which shards them: use --cpu_offload there)", group=M)
@@ -169,6 +188,11 @@ class RLConfig:
             raise UsageError("--kl_placement loss --kl_estimator k1: k1's gradient is zero in expectation "
                              "(E_pi[grad log pi] = 0), so the KL term would do nothing; use k2 (KL(pi||ref)) or k3 "
                              "(KL(ref||pi))")
+        if cfg.rollout_engine == "hf" and (cfg.rollout_is != "off" or cfg.rollout_mask_threshold is not None):
+            raise UsageError("--rollout_is / --rollout_mask_threshold correct for an engine whose log-probs differ "
+                             "from the trainer's: they need --rollout_engine vllm")
+        if cfg.vllm_sleep and cfg.rollout_engine != "vllm":
+            raise UsageError("--vllm_sleep puts the vLLM engine to sleep: it needs --rollout_engine vllm")
         if cfg.overlong_buffer_len:
             if cfg.max_new_tokens is None:
                 raise UsageError(f"--overlong_buffer_len {cfg.overlong_buffer_len} penalises lengths near the "

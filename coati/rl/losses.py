@@ -52,8 +52,10 @@ def agg_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: int | 
 
 def _clipped_surrogate(ratio: torch.Tensor, log_ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                        clip_low: float, clip_high: float | None, dual_clip: float | None, agg_mode: str,
-                       norm_len: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)``, with dual clip, aggregated, and its metrics."""
+                       norm_len: int | None, is_weights: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)``, with dual clip, times the rollout-correction
+    weights ``is_weights`` when given (:mod:`coati.rl.rollout_is`), aggregated, and its metrics."""
     clip_high = clip_low if clip_high is None else clip_high
     surr1 = ratio * adv
     surr2 = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
@@ -62,6 +64,8 @@ def _clipped_surrogate(ratio: torch.Tensor, log_ratio: torch.Tensor, adv: torch.
         if dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         loss = torch.where(adv < 0, torch.min(loss, -dual_clip * adv), loss)
+    if is_weights is not None:
+        loss = loss * is_weights.detach().to(loss.dtype)
     with torch.no_grad():
         r, lr = ratio.detach(), log_ratio.detach()
         valid = mask.bool()
@@ -79,7 +83,8 @@ def _clipped_surrogate(ratio: torch.Tensor, log_ratio: torch.Tensor, adv: torch.
 def ppo_clip_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                   mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float | None = None,
                   dual_clip: float | None = None, agg_mode: str = "seq_mean_token_mean",
-                  norm_len: int | None = None, **_: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  norm_len: int | None = None, is_weights: torch.Tensor | None = None,
+                  **_: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)`` per token.
 
     ``clip_high`` defaults to ``clip_low`` (PPO); a larger one is DAPO's clip-higher, which lets
@@ -89,14 +94,14 @@ def ppo_clip_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantag
     """
     log_ratio = (log_probs.float() - old_log_probs.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return _clipped_surrogate(log_ratio.exp(), log_ratio, advantages.float(), mask, clip_low, clip_high, dual_clip,
-                              agg_mode, norm_len)
+                              agg_mode, norm_len, is_weights)
 
 
 @register_policy_loss("gspo")
 def gspo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               *, clip_low: float = 3e-4, clip_high: float | None = 4e-4, dual_clip: float | None = None,
               agg_mode: str = "seq_mean_token_mean", norm_len: int | None = None,
-              **_: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              is_weights: torch.Tensor | None = None, **_: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO: one importance ratio per sequence, ``s = exp(mean_t(log pi - log pi_old))`` over its valid
     tokens, clipped with GSPO's small ranges. Written per token as ``sg[s] * pi_t / sg[pi_t]`` so the value is
     ``s`` and the gradient is ``s`` times the sequence's mean token-log-prob gradient. ``dual_clip`` bounds a
@@ -105,7 +110,7 @@ def gspo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: 
     seq_log_ratio = masked_mean(log_ratio, mask, dim=-1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     token_log_ratio = seq_log_ratio.detach().unsqueeze(-1) + log_probs.float() - log_probs.float().detach()
     return _clipped_surrogate(token_log_ratio.exp(), token_log_ratio, advantages.float(), mask, clip_low, clip_high,
-                              dual_clip, agg_mode, norm_len)
+                              dual_clip, agg_mode, norm_len, is_weights)
 
 
 def _seq_then_batch_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,10 @@ class Rollout:
     attention_mask: torch.Tensor  # prompt mask + valid response tokens
     action_mask: torch.Tensor  # 1 on response tokens up to and including the first EOS
     log_probs: torch.Tensor | None = None  # (B, A) float32 log-probs of the sampled tokens; None unless asked
+    # an engine that is not the trainer's module: the sampled tokens' log-probs as it computed them (B, A), and
+    # the version of the weights it sampled with (the optimizer step of its last update_weights)
+    engine_log_probs: torch.Tensor | None = None
+    weight_version: int | None = None
 
     @property
     def num_actions(self) -> int:
@@ -32,8 +36,9 @@ class RolloutEngine(Protocol):
         any other generation settings)."""
         ...
 
-    def update_weights(self, weights: nn.Module | dict[str, torch.Tensor]) -> None:
-        """Generate from ``weights`` (the trained module or its state dict) from now on."""
+    def update_weights(self, weights: nn.Module | dict[str, torch.Tensor], version: int | None = None) -> None:
+        """Generate from ``weights`` (the trained module or its state dict) from now on; ``version`` (the
+        optimizer step) stamps the rollouts of an engine that records it."""
         ...
 
 

@@ -42,7 +42,7 @@ class HFRolloutEngine:
                                        temperature=sampling_temperature(sampling)).float()
         return Rollout(sequences, full_mask, action_mask, log_probs)
 
-    def update_weights(self, weights: nn.Module | dict[str, torch.Tensor]) -> None:
+    def update_weights(self, weights: nn.Module | dict[str, torch.Tensor], version: int | None = None) -> None:
         if isinstance(weights, nn.Module):
             if weights is not self.actor:
                 raise ValueError("HFRolloutEngine generates with the trained module itself; it was given another "

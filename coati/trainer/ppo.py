@@ -79,6 +79,9 @@ _EXPERIENCE_METRICS = {
     "response_clipped": "response_length/clip_ratio",
     "overlong_penalty": "critic/overlong_penalty/mean",
     "kl_clamped": "actor/kl_clamped_share",
+    "logprob_diff": "rollout/logprob_diff/mean",
+    "logprob_diff_over": "rollout/logprob_diff/over_threshold",
+    "rollout_is_weight": "rollout/is_weight/mean",
 }
 # Per-step metrics reduced by their extreme (over micro-batches, steps and processes), not averaged.
 _EXTREMES = {"actor/ratio_max": max, "actor/ratio_min": min}
@@ -179,6 +182,7 @@ class PPOTrainer:
         merge_lora: bool = True,
         need_optim_ckpt: bool = True,
         run_config: dict[str, Any] | None = None,
+        engine: Any = None,
         **overrides: Any,
     ) -> None:
         cfg = self.config = make_config(config, **overrides)  # the one resolution of this run's config
@@ -200,7 +204,8 @@ class PPOTrainer:
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.experience_maker = ExperienceMaker(
             self.actor, self.critic, self.reward_model, self.initial_model, tokenizer=tokenizer,
-            reward_fn=reward_fn, kl_ctl=self.kl_ctl, strategy=strategy, generate_kwargs=generate_kwargs, config=cfg)
+            reward_fn=reward_fn, kl_ctl=self.kl_ctl, strategy=strategy, generate_kwargs=generate_kwargs, config=cfg,
+            engine=engine)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.buffer = ReplayBuffer(pad_token_id=pad_id, cpu_offload=cfg.buffer_cpu_offload, limit=cfg.buffer_limit)
         self.actor_scheduler = self.critic_scheduler = None
@@ -420,7 +425,7 @@ class PPOTrainer:
         old = exp.action_log_probs if exp.action_log_probs is not None else log_probs.detach()
         loss, metrics = self.policy_loss_fn(log_probs, old, exp.advantages, exp.action_mask,
                                             clip_low=cfg.eps_clip, clip_high=cfg.eps_clip_high,
-                                            dual_clip=cfg.dual_clip, **agg)
+                                            dual_clip=cfg.dual_clip, is_weights=exp.rollout_is_weights, **agg)
         out = {"actor/pg_loss": float(loss.detach()), **{f"actor/{k}": float(v) for k, v in metrics.items()}}
         if exp.ref_log_probs is not None:
             kl_loss = agg_loss(kl_estimate(log_probs, exp.ref_log_probs, cfg.kl_estimator), exp.action_mask,
@@ -600,6 +605,9 @@ class PPOTrainer:
         metrics["perf/throughput"] = total_tokens / max(timings["step"], 1e-9) / strategy.world_size
         metrics["perf/total_num_tokens"] = total_tokens
         metrics["training/optim_steps"] = self.optim_step
+        if all("logprob_diff_max" in info for info in infos):
+            local = torch.tensor(max(float(info["logprob_diff_max"].max()) for info in infos), dtype=torch.float64)
+            metrics["rollout/logprob_diff/max"] = float(strategy.all_reduce(local, op="max"))
         return metrics
 
     # ----- collection ---------------------------------------------------------------------------------
@@ -645,10 +653,12 @@ class PPOTrainer:
         zeros = torch.zeros_like(info["score"])
         columns = {"response_len": info["response_length"], "group": info["group"], "score": info["score"],
                    "overlong_penalty": info.get("overlong_penalty", zeros), "reward": info["reward"],
-                   "advantage": info["advantage"], "kl": info.get("kl_seq", zeros)}
+                   "advantage": info["advantage"], "kl": info.get("kl_seq", zeros),
+                   "weight_version": info.get("weight_version", zeros)}
         columns = {k: v.tolist() for k, v in columns.items()}
+        ints = ("response_len", "group", "weight_version")
         records = [{"step": self.episode + 1, "prompt": p, "response": r,
-                    **{k: (int(v[i]) if k in ("response_len", "group") else v[i]) for k, v in columns.items()}}
+                    **{k: (int(v[i]) if k in ints else v[i]) for k, v in columns.items()}}
                    for i, (p, r) in enumerate(zip(prompts, responses))]
         gathered = self.strategy.all_gather_object(records)
         if self.strategy.is_rank0():
@@ -725,7 +735,9 @@ class PPOTrainer:
             t_start = time.perf_counter()
             collected = self._collect(prompt_dataloader.batch_size or 1)
             step_metrics = self._update_phase(collected.timings)
-            self.experience_maker.update_weights(self.actor)  # the next rollouts' policy
+            t_sync = time.perf_counter()  # the next rollouts' policy, stamped with its optimizer step
+            self.experience_maker.update_weights(self.actor, version=self.optim_step)
+            collected.timings["weight_sync"] = time.perf_counter() - t_sync
             self.buffer.clear()
             self.episode += 1
             collected.timings["step"] = time.perf_counter() - t_start
@@ -751,6 +763,7 @@ class PPOTrainer:
         self.strategy.set_sampling_seed()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+            self.experience_maker.update_weights(self.actor, version=self.optim_step)  # the restored weights
         self._trim_rollouts()
 
     def _log(self, bar: tqdm, metrics: dict[str, float]) -> None:

@@ -34,7 +34,6 @@ from coati.trainer.strategies.base import StrategyUnavailableError
 from coati import cli
 from coati.utils.optim import OPTIM_HELP, OPTIMIZERS, check_optimizer
 from coati.utils.tokenizer import load_tokenizer
-from transformers import get_cosine_schedule_with_warmup  # after coati, which quiets bitsandbytes' start-up notes
 
 logger = logging.getLogger("coati")
 

@@ -19,27 +19,21 @@ from typing import Callable, TextIO
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from coati.inference.generation import Generator, SamplingParams, encode_chat  # noqa: E402
-from coati.inference.loading import add_model_args, load_from_args  # noqa: E402
+from coati.inference.loading import (add_model_args, add_sampling_args, load_from_args,  # noqa: E402
+                                     model_path_from_args)
 from coati import cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    positional = next(a for a in p._actions if a.dest == "model_path")
-    positional.nargs, positional.default = "?", None  # or --model_path (Colossal-LLaMA's spelling)
-    p.add_argument("--model_path", dest="model_path_flag", default=None, help="the model dir, as a flag")
+    add_model_args(p, path_flag=True)
     p.add_argument("--prompt", "--input_txt", dest="prompt", default=None,
                    help="answer this one prompt and exit (else: interactive)")
     p.add_argument("--do_sample", action=cli.BoolFlag, default=True,
                    help="sample with --temperature / --top_k / --top_p; false = greedy decoding")
     p.add_argument("--system", default=None, help="system message opening the conversation")
-    p.add_argument("--max_new_tokens", type=cli.Bounded(int, ">= 1"), default=256, help="most tokens an answer has")
-    p.add_argument("--temperature", type=cli.Bounded(float, ">= 0"), default=0.7, help="0 = greedy")
-    p.add_argument("--top_p", type=cli.Bounded(float, "(0, 1]"), default=0.9, help="nucleus sampling (1 = off)")
-    p.add_argument("--top_k", type=cli.Bounded(int, ">= 0"), default=0, help="top-k sampling (0 = off)")
-    p.add_argument("--repetition_penalty", type=cli.Bounded(float, "> 0"), default=1.0, help="1 = off; > 1 discourages repeats")
-    p.add_argument("--seed", type=cli.Bounded(int, ">= 0"), default=None, help="sampling seed (default: unseeded)")
+    add_sampling_args(p, max_new_tokens=256, temperature=0.7, top_p=0.9, seed=None,
+                      seed_help="sampling seed (default: unseeded)")
     p.add_argument("--no_stream", action="store_true", help="print each answer only when it is complete")
     return p
 
@@ -93,9 +87,7 @@ def main(argv: list[str] | None = None, *, read: Callable[[str], str] = input,
          out: TextIO = sys.stdout) -> list[str]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.model_path is None) == (args.model_path_flag is None):
-        parser.error("give the model dir once: as MODEL_PATH or as --model_path")
-    args.model_path = args.model_path or args.model_path_flag
+    model_path_from_args(parser, args)
     model, tokenizer = load_from_args(args)
     gen = Generator(model, tokenizer)
     temperature = args.temperature if args.do_sample else 0.0

@@ -31,7 +31,8 @@ from coati.dataset.io import Record, read_records  # noqa: E402
 from coati.dataset.templates import SegmentEncoder, user_text  # noqa: E402
 from coati.errors import UsageError  # noqa: E402
 from coati.inference.generation import Generator, SamplingParams  # noqa: E402
-from coati.inference.loading import add_model_args, load_from_args  # noqa: E402
+from coati.inference.loading import (add_model_args, add_sampling_args, load_from_args,  # noqa: E402
+                                     model_path_from_args)
 from coati.utils.config import _HelpFormatter  # noqa: E402
 
 COLUMNS = ("question_id", "question", "answer", "model", "finish_reason", "settings")
@@ -50,10 +51,7 @@ class _Help(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(description=__doc__, formatter_class=_Help)
-    add_model_args(p)
-    positional = next(a for a in p._actions if a.dest == "model_path")
-    positional.nargs, positional.default = "?", None  # or --model_path
-    p.add_argument("--model_path", dest="model_path_flag", default=None, help="the model dir, as a flag")
+    add_model_args(p, path_flag=True)
     p.add_argument("--question_file", required=True,
                    help="questions: any prompt file coati reads (e.g. vicuna_question_80.jsonl)")
     p.add_argument("--output_file", required=True,
@@ -64,14 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "question's number in the file (from 1)")
     p.add_argument("--system", default=None, help="system message before each question")
     p.add_argument("--batch_size", type=cli.Bounded(int, ">= 1"), default=8, help="questions per generate call")
-    p.add_argument("--max_new_tokens", type=cli.Bounded(int, ">= 1"), default=512, help="most tokens an answer has")
-    p.add_argument("--temperature", type=cli.Bounded(float, ">= 0"), default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=cli.Bounded(float, "(0, 1]"), default=1.0, help="nucleus sampling (1 = off)")
-    p.add_argument("--top_k", type=cli.Bounded(int, ">= 0"), default=0, help="top-k sampling (0 = off)")
-    p.add_argument("--repetition_penalty", type=cli.Bounded(float, "> 0"), default=1.0,
-                   help="1 = off; > 1 discourages repeats")
-    p.add_argument("--seed", type=cli.Bounded(int, ">= 0"), default=42,
-                   help="sampling seed, set before each batch (greedy decoding ignores it)")
+    add_sampling_args(p, max_new_tokens=512, temperature=0.0, top_p=1.0, seed=42,
+                      seed_help="sampling seed, set before each batch (greedy decoding ignores it)")
     return p
 
 
@@ -152,9 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Returns the rows this run added."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.model_path is None) == (args.model_path_flag is None):
-        parser.error("give the model dir once: as MODEL_PATH or as --model_path")
-    args.model_path = args.model_path or args.model_path_flag
+    model_path_from_args(parser, args)
     out = Path(args.output_file)
     csv_path = out.with_suffix(".csv")
     if csv_path == out:

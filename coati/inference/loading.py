@@ -156,9 +156,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def add_model_args(parser) -> None:
-    """The model-loading flags shared by inference/chat.py, server.py and benchmark.py."""
-    parser.add_argument("model_path", help="trained model dir, or a LoRA adapter dir (adapter_config.json)")
+def add_model_args(parser, path_flag: bool = False) -> None:
+    """The model-loading flags shared by inference/chat.py, server.py, generate_answers.py and benchmark.py;
+    ``path_flag``: the model dir may also come as ``--model_path`` (Colossal-LLaMA's and LLM4Academic's
+    spelling; :func:`model_path_from_args` takes either)."""
+    parser.add_argument("model_path", nargs="?" if path_flag else None, default=None,
+                        help="trained model dir, or a LoRA adapter dir (adapter_config.json)")
+    if path_flag:
+        parser.add_argument("--model_path", dest="model_path_flag", metavar="MODEL_PATH", default=None,
+                            help="the model dir, as a flag")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights / compute precision; auto = fp32 on CPU, bf16 (else fp16) on GPU")
     parser.add_argument("--quant", default=None, choices=QUANT_MODES,
@@ -174,6 +180,29 @@ def add_model_args(parser) -> None:
                              "flash_attention_2 / _3 need a CUDA --device and flash-attn (or kernels); flex_attention")
     parser.add_argument("--prompt_template", default="auto", choices=["auto", "alpaca", "chatml", "none"],
                         help="chat prompt format; must match the one used in training")
+
+
+def model_path_from_args(parser, args) -> str:
+    """The model dir given once, as MODEL_PATH or as --model_path (a parser error otherwise)."""
+    if (args.model_path is None) == (args.model_path_flag is None):
+        parser.error("give the model dir once: as MODEL_PATH or as --model_path")
+    args.model_path = args.model_path or args.model_path_flag
+    return args.model_path
+
+
+def add_sampling_args(parser, *, max_new_tokens: int, temperature: float, top_p: float,
+                      seed: int | None, seed_help: str) -> None:
+    """The sampling flags of chat.py and generate_answers.py, each script with its own defaults."""
+    from ..utils.config import Bounded
+
+    parser.add_argument("--max_new_tokens", type=Bounded(int, ">= 1"), default=max_new_tokens,
+                        help="most tokens an answer has")
+    parser.add_argument("--temperature", type=Bounded(float, ">= 0"), default=temperature, help="0 = greedy")
+    parser.add_argument("--top_p", type=Bounded(float, "(0, 1]"), default=top_p, help="nucleus sampling (1 = off)")
+    parser.add_argument("--top_k", type=Bounded(int, ">= 0"), default=0, help="top-k sampling (0 = off)")
+    parser.add_argument("--repetition_penalty", type=Bounded(float, "> 0"), default=1.0,
+                        help="1 = off; > 1 discourages repeats")
+    parser.add_argument("--seed", type=Bounded(int, ">= 0"), default=seed, help=seed_help)
 
 
 def load_from_args(args) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

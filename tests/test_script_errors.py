@@ -86,6 +86,15 @@ def test_refused_flag_combination_is_one_error_line(tmp_path, tok_dir):
                                         "set --lora_rank > 0"]
 
 
+def test_an_eval_split_that_leaves_nothing_to_train_is_one_error_line(tmp_path, tok_dir):
+    """Before, the reward model's default --eval_ratio on a file of one pair ended in a ValueError traceback."""
+    data = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "good", "rejected": "bad"}])
+    proc = _run(_base_argv("train_reward_model", tmp_path, tok_dir) + ["--dataset", str(data)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == ("error: --eval_ratio 0.05 holds out all 1 usable records and leaves none "
+                                            "to train on: give more data, --eval_ratio 0, or --eval_dataset")
+
+
 @pytest.mark.parametrize("script, flag", [("train_sft", "--dataset"), ("train_dpo", "--dataset"),
                                           ("train_prompts", "--prompt_dataset")])
 def test_a_model_dir_that_does_not_exist_is_one_error_line(script, flag, tmp_path, tok_dir):

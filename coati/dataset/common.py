@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from torch.utils.data import Dataset, Subset
 
+from ..errors import UsageError
 from .io import DatasetFormatError, EmptyFieldError, Record
 from ..utils import IGNORE_INDEX
 
@@ -97,7 +98,8 @@ def split_dataset(dataset: Dataset, eval_ratio: float, seed: int = 42) -> tuple[
     if n_eval == 0:
         return dataset, None
     if n_eval >= n:
-        raise ValueError(f"eval_ratio={eval_ratio} leaves no training samples out of {n}")
+        raise UsageError(f"--eval_ratio {eval_ratio} holds out all {n} usable records and leaves none to train on: "
+                         "give more data, --eval_ratio 0, or --eval_dataset")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return Subset(dataset, sorted(order[n_eval:])), Subset(dataset, sorted(order[:n_eval]))

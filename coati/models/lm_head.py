@@ -16,16 +16,27 @@ activation checkpointing so backward again holds one chunk's logits at a time (:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 # elements of one chunk of logits (32 MiB in fp32): chunk_size = this // V rows when not given
 _CHUNK_ELEMENTS = 1 << 23
-# True while a backward keeps its graph for a second one (LOMO's norm pass: coati.trainer.optim.fused_backward)
-KEEP_GRADS = [False]
+_KEEP_GRADS = [False]  # inside keep_head_grads()
+
+
+@contextlib.contextmanager
+def keep_head_grads() -> Iterator[None]:
+    """A backward in here keeps the fused head's precomputed gradients for a second backward over the same graph
+    (LOMO's gradient-norm pass, :func:`coati.trainer.optim.fused_backward`); otherwise they are freed."""
+    _KEEP_GRADS[0] = True
+    try:
+        yield
+    finally:
+        _KEEP_GRADS[0] = False
 
 
 @dataclass(frozen=True)
@@ -217,7 +228,7 @@ class _ChunkedLogProbSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grads, (weight, bias) = ctx.grads, ctx.weight_bias
-        if not KEEP_GRADS[0]:  # freed after the last backward: they are the size of the head's weight
+        if not _KEEP_GRADS[0]:  # freed after the last backward: they are the size of the head's weight
             ctx.grads = None
         return (*grads.result(weight, bias, grad_out.float()), None, None, None, None, None)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MissingDependencyError
-from ..models.lm_head import KEEP_GRADS
+from ..models.lm_head import keep_head_grads
 from ..utils.optim import FUSED, OPTIMIZERS, check_optimizer
 
 
@@ -111,11 +111,8 @@ def fused_backward(optimizer: Any, loss: torch.Tensor) -> None:
     graph kept), then the backward that updates each weight with the scheduler's current lr as its gradient
     arrives, clipped by that norm."""
     if optimizer.clip_grad_norm:
-        KEEP_GRADS[0] = True  # the LM head's loss keeps its gradients for the second backward
-        try:
+        with keep_head_grads():  # the LM head's loss keeps its gradients for the second backward
             optimizer.grad_norm(loss)
-        finally:
-            KEEP_GRADS[0] = False
     optimizer.fused_backward(loss, optimizer.param_groups[0]["lr"])
     optimizer._opt_called = True  # the step LambdaLR looks for before it steps (else it warns it came first)
 

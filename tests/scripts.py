@@ -14,3 +14,9 @@ def load_script(relative_path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """torchrun on this host with a free rendezvous port, so test suites running side by side never collide."""
+    import sys
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

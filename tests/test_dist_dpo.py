@@ -7,20 +7,21 @@ import sys
 
 import pytest
 
-from tests.test_dist_sft import _losses, _run, _torchrun
+from tests.scripts import torchrun
+from tests.test_dist_sft import _losses, _run
 from tests.test_fsdp import needs_fsdp
 
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("loss_type,data,port", [("dpo", "dpo_en_demo.json", 29621), ("kto", "kto_en_demo.json", 29622)])
-def test_ddp_matches_single_process(loss_type, data, port, tiny_llama_dir, shared_data, tmp_path):
+@pytest.mark.parametrize("loss_type,data", [("dpo", "dpo_en_demo.json"), ("kto", "kto_en_demo.json")])
+def test_ddp_matches_single_process(loss_type, data, tiny_llama_dir, shared_data, tmp_path):
     common = ["examples/train_dpo.py", "--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset",
               str(shared_data / "preference" / data), "--loss_type", loss_type, "--max_datasets_size", "200",
               "--max_len", "96", "--max_steps", "5", "--lr", "1e-3", "--eval_ratio", "0", "--log_interval", "1",
               "--seed", "7"]
     _run([sys.executable, *common, "--strategy", "naive", "--batch_size", "4", "--save_path", str(tmp_path / "naive")])
-    _run(_torchrun(2, port) + [*common, "--strategy", "ddp", "--batch_size", "2", "--save_path", str(tmp_path / "ddp")])
+    _run(torchrun(2) + [*common, "--strategy", "ddp", "--batch_size", "2", "--save_path", str(tmp_path / "ddp")])
     single, ddp = _losses(tmp_path / "naive"), _losses(tmp_path / "ddp")
     assert len(single) == len(ddp) == 5
     assert ddp == pytest.approx(single, abs=1e-5)
@@ -41,7 +42,7 @@ def test_fsdp_matches_single_process(tiny_llama_dir, shared_data, tmp_path):
         _run([sys.executable, "examples/train_dpo.py", *common, *extra, "--strategy", "naive", "--batch_size", "4",
               "--save_path", str(tmp_path / name)])
     runs = {"z3": ["--strategy", "fsdp", "--zero_stage", "3"], "z3_lora": ["--strategy", "fsdp", *lora]}
-    _run(_torchrun(2, 29623) + ["tests/fsdp_runs.py", "examples/train_dpo.py", str(tmp_path), json.dumps(runs),
+    _run(torchrun(2) + ["tests/fsdp_runs.py", "examples/train_dpo.py", str(tmp_path), json.dumps(runs),
                                 *common, "--batch_size", "2"])
     for single, sharded in (("naive", "z3"), ("naive_lora", "z3_lora")):
         want, got = _losses(tmp_path / single), _losses(tmp_path / sharded)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import torchrun
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.dist
 
@@ -25,11 +27,6 @@ def _run(cmd: list[str]) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def _torchrun(nproc: int, port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
@@ -50,7 +47,7 @@ def test_ddp_matches_single_process(stage, tiny_llama_dir, shared_data, tmp_path
               "--log_interval", "1", "--seed", "7", "--eval_dataset", str(eval_file), *extra]
     _run([sys.executable, script, *common, "--strategy", "naive", "--batch_size", "4",
           "--save_path", str(tmp_path / "naive")])
-    _run(_torchrun(2, 29611 if stage == "sft" else 29612) + [script, *common, "--strategy", "ddp",
+    _run(torchrun(2) + [script, *common, "--strategy", "ddp",
                                                               "--batch_size", "2", "--save_path", str(tmp_path / "ddp")])
     single, ddp = _losses(tmp_path / "naive"), _losses(tmp_path / "ddp")
     assert len(single) == len(ddp) >= 5

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from coati.models import Actor, LoraSettings, RewardModel
 from coati.trainer.strategies import fsdp, make_strategy
 from tests import tiny
+from tests.scripts import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_fsdp = pytest.mark.skipif(not (fsdp.RUNS_ON_CPU or torch.cuda.is_available()),
@@ -34,9 +35,8 @@ def _train_losses(save_path: Path) -> list[float]:
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
-def _torchrun(port: int, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", *args]
+def _torchrun(*args: str) -> None:
+    cmd = [*torchrun(2), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -53,8 +53,8 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def _run_matrix(port, script, runs, common, out):
-    _torchrun(port, "tests/fsdp_runs.py", script, str(out), json.dumps(runs), *common)
+def _run_matrix(script, runs, common, out):
+    _torchrun("tests/fsdp_runs.py", script, str(out), json.dumps(runs), *common)
 
 
 @pytest.mark.dist
@@ -74,7 +74,7 @@ def test_fsdp_sft_matches_ddp_saves_the_same_model_and_resumes(tiny_llama_dir, s
               str(shared_data / "sft" / "alpaca_en_demo.json"), "--max_datasets_size", "48", "--max_len", "96",
               "--max_epochs", "1", "--lr", "1e-3", "--log_interval", "1", "--seed", "7",
               "--accumulation_steps", "2", "--batch_size", "2"]
-    _run_matrix(29641, "examples/train_sft.py", runs, common, tmp_path)
+    _run_matrix("examples/train_sft.py", runs, common, tmp_path)
 
     ddp = _train_losses(tmp_path / "ddp")
     assert len(ddp) >= 5 and ddp[-1] < ddp[0]
@@ -110,7 +110,7 @@ def test_fsdp_reward_model_matches_ddp(tiny_llama_dir, shared_data, tmp_path):
               "--max_epochs", "1", "--lr", "1e-3", "--log_interval", "1", "--seed", "7", "--eval_ratio", "0",
               "--batch_size", "2"]
     runs = {k: v for k, v in FSDP_RUNS.items()}
-    _run_matrix(29642, "examples/train_reward_model.py", runs, common, tmp_path)
+    _run_matrix("examples/train_reward_model.py", runs, common, tmp_path)
 
     ddp = _train_losses(tmp_path / "ddp")
     assert len(ddp) >= 5
@@ -132,7 +132,7 @@ def test_fsdp_reward_model_matches_ddp(tiny_llama_dir, shared_data, tmp_path):
 @pytest.mark.dist
 @needs_fsdp
 def test_fsdp_ppo_reward_rises(tmp_path):
-    _torchrun(29643, "tests/dist_fsdp_ppo.py", str(tmp_path), "3")
+    _torchrun("tests/dist_fsdp_ppo.py", str(tmp_path), "3")
     scores = json.loads((tmp_path / "scores.json").read_text())
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     assert first < 0.06  # random policy: about 1/64 of the characters are '7'

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from coati.trainer.base import LRSchedule
-from tests.scripts import load_script
+from tests.scripts import load_script, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,8 +101,7 @@ def test_the_alpaca_command_on_two_processes_equals_coatis_spelling(tiny_llama_d
     outs = {}
     for i, (name, spell) in enumerate((("hf", _hf), ("coati", _coati))):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{29631 + i}", "examples/train_sft.py",
+        cmd = [*torchrun(2), "examples/train_sft.py",
                *spell(str(tiny_llama_dir), str(data), str(out)), "--max_len", "96", "--max_datasets_size", "64",
                "--max_steps", "4"]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -199,13 +199,14 @@ def test_lomo_under_fsdp_trains_as_one_process(tiny_llama_dir, shared_data, tmp_
     """FSDP2 hands each process its gradient shards only at the end of backward, where LOMO then updates them (its
     hooks see no gradient before): two processes with batch 2 still give one process's losses with batch 4,
     gradient clipping (the first backward's global norm) included."""
-    from tests.test_dist_sft import _losses, _run, _torchrun
+    from tests.scripts import torchrun
+    from tests.test_dist_sft import _losses, _run
 
     common = ["examples/train_sft.py", "--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset",
               str(shared_data / "sft" / "alpaca_en_demo.json"), "--max_datasets_size", "32", "--max_len", "128",
               "--accumulation_steps", "1", "--optim", "lomo", "--lr", "1e-2", "--log_interval", "1", "--seed", "7"]
     _run([sys.executable, *common, "--batch_size", "4", "--save_path", str(tmp_path / "one")])
-    _run(_torchrun(2, 29617) + [*common, "--strategy", "fsdp", "--batch_size", "2", "--save_path", str(tmp_path / "fsdp")])
+    _run(torchrun(2) + [*common, "--strategy", "fsdp", "--batch_size", "2", "--save_path", str(tmp_path / "fsdp")])
     one, fsdp = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
     assert len(one) == len(fsdp) >= 6
     assert fsdp == pytest.approx(one, abs=1e-5)

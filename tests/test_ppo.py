@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from coati.trainer.ppo import PPOTrainer
 from coati.trainer.strategies import NaiveStrategy
 from tests import dist_ppo as h
 from tests import tiny
-from tests.scripts import load_script
+from tests.scripts import load_script, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -377,9 +376,7 @@ def test_cli_run_with_reward_fn_file(tmp_path, tiny_llama_dir, shared_data):
 @pytest.mark.dist
 def test_ddp_ppo_ranks_hold_identical_weights(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:29631", str(ROOT / "tests" / "dist_ppo.py"),
-           str(tmp_path)]
+    cmd = [*torchrun(2), str(ROOT / "tests" / "dist_ppo.py"), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))

@@ -27,7 +27,7 @@ from coati.trainer.ppo import PPOTrainer  # noqa: E402
 from coati.trainer.strategies import NaiveStrategy  # noqa: E402
 from tests import dist_ppo as h  # noqa: E402
 from tests import tiny  # noqa: E402
-from tests.scripts import load_script  # noqa: E402
+from tests.scripts import load_script, torchrun  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGE_ATOL = {"4bit": 1e-4, "8bit": 3e-2}
@@ -243,10 +243,9 @@ def test_ddp_4bit_sft_matches_single_process(tiny_llama_dir, shared_data, tmp_pa
         rows = map(json.loads, (tmp_path / save / "metrics.jsonl").read_text().splitlines())
         return [r["loss"] for r in rows if r["split"] == "train"]
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:29683"]
+    launcher = torchrun(2)
     single = run([sys.executable], ["--strategy", "naive", "--batch_size", "4"], "naive")
-    ddp = run(torchrun, ["--strategy", "ddp", "--batch_size", "2"], "ddp")
+    ddp = run(launcher, ["--strategy", "ddp", "--batch_size", "2"], "ddp")
     assert len(single) == len(ddp) >= 3
     assert ddp == pytest.approx(single, abs=1e-4)
     assert single[-1] < single[0]

@@ -17,7 +17,7 @@ from coati.trainer.ppo import PPOTrainer
 from coati.trainer.strategies import NaiveStrategy
 from tests import dist_ppo as h
 from tests import tiny
-from tests.scripts import load_script
+from tests.scripts import load_script, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_KL_KW = {k: v for k, v in h.PPO_KW.items() if k != "kl_coef"}  # the preset's KL
@@ -495,8 +495,7 @@ def test_every_algo_gives_one_update_on_one_or_two_processes_and_any_accumulatio
     processes: each process divided by its own token count."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     script = str(ROOT / "tests" / "dist_rl.py")
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=127.0.0.1:29641", script, str(tmp_path), "ddp"]
+    ddp = [*torchrun(2), script, str(tmp_path), "ddp"]
     for cmd in (ddp, [sys.executable, script, str(tmp_path), "single"]):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny
+from tests.scripts import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_SFT = {"instruction": "Hi", "output": "Hello"}
@@ -163,8 +164,7 @@ def test_other_rank_reports_its_error_when_rank_0_does_not_stop_it(tmp_path, tok
 def test_torchrun_prints_the_error_once(tmp_path, tok_dir):
     """Both ranks hit the bad line; rank 0 alone reports it and every rank exits with status 2."""
     data = _jsonl(tmp_path / "data.jsonl", [GOOD_SFT, {"instruction": "Yo", "output": 5}, GOOD_SFT])
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:29631"]
+    launcher = torchrun(2)
     argv = launcher + _base_argv("train_sft", tmp_path, tok_dir)[1:] + ["--dataset", str(data), "--strategy", "ddp"]
     proc = _run(argv, timeout=600)
     output = proc.stdout + proc.stderr
@@ -176,10 +176,9 @@ def test_torchrun_prints_the_error_once(tmp_path, tok_dir):
     assert proc.returncode != 0
 
 
-def _launch(argv: list[str], port: int) -> subprocess.CompletedProcess:
+def _launch(argv: list[str]) -> subprocess.CompletedProcess:
     """``python -m coati.launch`` (torchrun's flags), 2 processes; stdout and stderr as one stream, in order."""
-    launcher = [sys.executable, "-m", "coati.launch", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
-                f"--rdzv_endpoint=127.0.0.1:{port}"]
+    launcher = [sys.executable, "-m", "coati.launch", "--standalone", "--nproc_per_node=2"]
     return subprocess.run(launcher + argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=600)
 
@@ -190,7 +189,7 @@ def test_coati_launch_ends_a_failed_run_with_the_one_error_line(tmp_path, tok_di
     logged once (rank 0), and the last line is coati's error, once, after torchrun's own lines; status 2."""
     missing = tmp_path / "no_such_data"
     proc = _launch(["examples/colossal_llama/train.py", "--pretrained", str(tok_dir), "--dataset", str(missing),
-                    "--mixed_precision", "no", "--save_dir", str(tmp_path / "out")], 29633)
+                    "--mixed_precision", "no", "--save_dir", str(tmp_path / "out")])
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert lines[-1] == f"error: {missing}: no such prepared dataset dir", proc.stdout[-4000:]
     assert sum(line.startswith("error: ") for line in lines) == 1, proc.stdout[-4000:]
@@ -203,7 +202,7 @@ def test_coati_launch_ends_a_failed_run_with_the_one_error_line(tmp_path, tok_di
 def test_coati_launch_keeps_torchrun_report_for_other_failures(tmp_path):
     script = tmp_path / "fails.py"
     script.write_text("raise SystemExit(3)\n")
-    proc = _launch([str(script)], 29634)
+    proc = _launch([str(script)])
     assert "ChildFailedError" in proc.stdout and "exitcode  : 3" in proc.stdout, proc.stdout[-4000:]
     assert not any(line.startswith("error: ") for line in proc.stdout.splitlines())
     assert proc.returncode == 1

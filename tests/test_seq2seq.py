@@ -27,7 +27,7 @@ from coati.models import Seq2SeqActor
 from coati.models.quant import quant_mode
 from coati.utils import IGNORE_INDEX
 from tests import tiny
-from tests.scripts import load_script
+from tests.scripts import load_script, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("Name a color.", "Blue."), ("What is 2+3?", "5"), ("Largest planet?", "Jupiter."),
@@ -274,11 +274,9 @@ def test_two_processes_match_one(strategy, data, tmp_path):
     common = ["examples/train_sft.py", "--pretrain", str(pretrain), "--dataset", str(data), "--max_epochs", "3",
               "--accumulation_steps", "1", "--lr", "3e-3", "--warmup_ratio", "0", "--log_interval", "1", "--seed", "7"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{29631 if strategy == 'ddp' else 29632}"]
     for cmd in ([sys.executable, *common, "--strategy", "naive", "--batch_size", "4",
                  "--save_path", str(tmp_path / "one")],
-                [*torchrun, *common, "--strategy", strategy, "--batch_size", "2", "--save_path", str(tmp_path / "two")]):
+                [*torchrun(2), *common, "--strategy", strategy, "--batch_size", "2", "--save_path", str(tmp_path / "two")]):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")

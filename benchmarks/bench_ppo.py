@@ -95,6 +95,8 @@ def add_args(parser) -> None:
     parser.add_argument("--prompts", default=str(PROMPTS), help="prompt file coati's PromptDataset reads")
     parser.add_argument("--rollout_engine", nargs="+", choices=["hf", "vllm"], default=None,
                         help="measure coati alone with each of these rollout engines, side by side (no TRL)")
+    parser.add_argument("--vllm_gpu_memory_utilization", type=Bounded(float, "(0, 1]"), default=None,
+                        help="--rollout_engine vllm: share of GPU memory vLLM takes (default: train_prompts.py's)")
     parser.add_argument("--algo", choices=["ppo", "grpo"], default="ppo",
                         help="coati's side: ppo (actor + critic, GAE, KL in the reward) or grpo (critic-free "
                              "--algo grpo, n_samples_per_prompt = G, k3 KL as a loss term: like for like with TRL)")
@@ -195,7 +197,7 @@ def worker_coati(job: dict) -> None:
     algo = dict(algo="grpo", n_samples_per_prompt=per_prompt) if grpo else dict(
         critic_optim=harness.coati_optimizer(job, critic.parameters(), job["lr"]), critic_lr=job["lr"])
     engine_name = job.get("rollout_engine") or "hf"
-    engine = _vllm_engine(job, tok, strategy) if engine_name == "vllm" else None
+    engine = _vllm_engine(job, tok) if engine_name == "vllm" else None
     trainer = TimedPPOTrainer(
         strategy, actor, critic, reward_model=reward_model, tokenizer=tok,
         actor_optim=harness.coati_optimizer(job, actor.parameters(), job["lr"]),
@@ -227,7 +229,7 @@ def worker_coati(job: dict) -> None:
              "optimizer": f"AdamW ({job['coati_optim']})" + ("" if grpo else " x2 (actor, critic)")})
 
 
-def _vllm_engine(job: dict, tok, strategy):
+def _vllm_engine(job: dict, tok):
     """vLLM on the benchmark's model dir, in the trainer's compute precision, in this process."""
     import os
 
@@ -239,10 +241,11 @@ def _vllm_engine(job: dict, tok, strategy):
 
     # on CPU vLLM would reserve a share of the machine's memory for its KV cache: 1 GiB holds the bench's batches
     cpu = {} if torch.cuda.is_available() else dict(enforce_eager=True, kv_cache_memory_bytes=2**30)
+    share = job["vllm_gpu_memory_utilization"] or make_config().vllm_gpu_memory_utilization  # train_prompts.py's
     return VLLMEngine(job["model_dir"], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=job["seed"],
                       dtype="bfloat16" if job["precision"] == "bf16" else "float32",
                       max_model_len=job["seq_len"] + job["gen_len"],
-                      gpu_memory_utilization=make_config().vllm_gpu_memory_utilization, **cpu)  # train_prompts.py's
+                      gpu_memory_utilization=share, **cpu)
 
 
 def engines_main(args) -> dict:

@@ -1,7 +1,8 @@
 """``inference/server.py --engine vllm``: the HF engine's server tests (tests/test_inference.py: chat, streaming,
 completions, stop strings, bad JSON, bad key, unknown model, oversize prompt, 32 concurrent clients) against a
 vLLM server, every answer compared token for token with plain HF ``generate``; then what only vLLM's engine
-does (a request joins a running batch, a saved generation_config.json never applies).
+does (a request joins and leaves a running batch, a cancel stops its request, a saved generation_config.json
+never applies).
 
 Needs vLLM (``pip install 'coati[vllm]'``; CI runs it in the vLLM venv, see ``.ci/run``) and skips without it.
 """
@@ -94,3 +95,49 @@ def test_saved_generation_config_never_applies(client, tiny_llama_dir):
     texts = {client.completions.create(model=Path(tiny_llama_dir).name, prompt="hello world", max_tokens=2,
                                        temperature=1.0, seed=seed).choices[0].text for seed in range(12)}
     assert len(texts) >= 6  # near-flat random logits over 32000 tokens: no top-k 1, so seeds differ
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    """A second engine, in this process, to drive requests' timing directly."""
+    from coati.inference.loading import load_tokenizer
+    from coati.inference.vllm_engine import VLLMServingEngine
+
+    engine = VLLMServingEngine(tiny_llama_dir, load_tokenizer(tiny_llama_dir), dtype="float32", max_num_seqs=4,
+                               enforce_eager=True, kv_cache_memory_bytes=2**27).start()
+    yield engine
+    engine.stop()
+
+
+@needs_vllm
+def test_a_short_request_joins_and_leaves_a_running_long_one_which_a_cancel_stops(engine, ref):
+    import asyncio
+
+    import torch
+
+    from coati.inference.generation import SamplingParams, encode_text
+
+    model, tok = ref
+    long_ids, short_ids = encode_text(tok, "a long story begins"), encode_text(tok, "short")
+    with torch.no_grad():
+        want = model.generate(torch.tensor([short_ids]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                              pad_token_id=tok.pad_token_id)[0, len(short_ids):].tolist()
+    stats = engine.stats
+
+    async def scenario():
+        before = (stats.batches, stats.cancelled, stats.completion_tokens)
+        long = asyncio.create_task(engine.complete(long_ids, SamplingParams(max_new_tokens=400, ignore_eos=True)))
+        while stats.batches < before[0] + 3:  # the long request is generating
+            await asyncio.sleep(0.002)
+        short = await engine.complete(short_ids, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        running = not long.done()
+        long.cancel()
+        while stats.active:
+            await asyncio.sleep(0.01)
+        return short, running, before
+
+    short, running, (_, cancelled, tokens) = asyncio.run(scenario())
+    assert running  # the short request did not wait for the long one
+    assert short.token_ids == want and short.finish_reason == "length"
+    assert stats.cancelled == cancelled + 1 and stats.active == 0
+    assert stats.completion_tokens - tokens < 400  # the long one stopped early

@@ -7,7 +7,6 @@ never applies).
 Needs vLLM (``pip install 'coati[vllm]'``; CI runs it in the vLLM venv, see ``.ci/run``) and skips without it.
 """
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -41,9 +40,6 @@ def test_engine_vllm_refuses_what_it_cannot_serve(flags, message, tiny_llama_dir
 
 
 if HAS_VLLM:
-    # in-process vLLM on CPU, a small KV cache (GiB) on a shared machine
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # the HF engine's server tests, run here against --engine vllm (fixtures overridden below)
     from tests.test_inference import (  # noqa: F401
         client,
@@ -55,6 +51,15 @@ if HAS_VLLM:
         test_errors_are_openai_shaped_4xx_and_server_keeps_serving,
     )
 from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_env():
+    """vLLM in-process on CPU, with a small KV cache (GiB) on a shared machine, for this module's servers."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +146,4 @@ def test_a_short_request_joins_and_leaves_a_running_long_one_which_a_cancel_stop
     assert short.token_ids == want and short.finish_reason == "length"
     assert stats.cancelled == cancelled + 1 and stats.active == 0
     assert stats.completion_tokens - tokens < 400  # the long one stopped early
+    assert engine.engine.get_num_unfinished_requests() == 0  # and vLLM dropped it (aborted, not left running)

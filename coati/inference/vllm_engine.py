@@ -89,6 +89,7 @@ class VLLMServingEngine:
             generation_config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(
                 str(model_path), trust_remote_code=llm_kwargs.get("trust_remote_code", False)))
         self.eos_ids = eos_ids(generation_config, tokenizer)
+        # the HF engine's per-row rules, fed one request's tokens at a time (rows live on the requests)
         self.tracker = RowTracker([], self.eos_ids, lambda ids: decode(tokenizer, ids))
         self._ids = itertools.count()
         self._new: deque[_Request] = deque()

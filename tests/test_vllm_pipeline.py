@@ -55,3 +55,15 @@ def test_quick_grpo_with_vllm_raises_sampled_accuracy(tmp_path, monkeypatch):
     assert max(m["rollout/logprob_diff/max"] for m in metrics) < LOGPROB_ATOL
     rows = [json.loads(line) for line in (tmp_path / "grpo" / "rollouts.jsonl").read_text().splitlines()]
     assert rows and all(r["weight_version"] == r["step"] - 1 for r in rows)
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'coati[vllm]')")
+def test_ppo_stage_samples_with_vllm_in_step_with_the_trainer(tmp_path, monkeypatch):
+    """--algo ppo (reward model, critic) on vLLM, a few episodes: each one synced and scored alike."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    summary = main(["--quick", "--rollout_engine", "vllm", "--sft_steps", "50", "--rm_steps", "50",
+                    "--ppo_episodes", "4", "--num_eval", "20", "--output_dir", str(tmp_path), "--threads", "1"])
+    metrics = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4 and all(m["timing_s/weight_sync"] > 0 for m in metrics)
+    assert max(m["rollout/logprob_diff/max"] for m in metrics) < LOGPROB_ATOL
+    assert summary["models"]["ppo"] == str(tmp_path / "ppo") and (tmp_path / "ppo" / "config.json").is_file()

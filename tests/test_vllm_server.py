@@ -39,6 +39,19 @@ def test_engine_vllm_refuses_what_it_cannot_serve(flags, message, tiny_llama_dir
         load_script("inference/server.py").main([str(tiny_llama_dir), "--engine", "vllm", *flags])
 
 
+@needs_vllm
+def test_engine_vllm_refuses_an_adapter_dir_and_a_missing_dir(tmp_path):
+    from coati.errors import MissingInputError
+    from tests.scripts import load_script
+
+    main = load_script("inference/server.py").main
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(UsageError, match="is a LoRA adapter: merge it"):
+        main([str(tmp_path), "--engine", "vllm"])
+    with pytest.raises(MissingInputError, match="no such model directory"):
+        main([str(tmp_path / "absent"), "--engine", "vllm"])
+
+
 if HAS_VLLM:
     # the HF engine's server tests, run here against --engine vllm (fixtures overridden below)
     from tests.test_inference import (  # noqa: F401

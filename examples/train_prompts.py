@@ -228,8 +228,9 @@ def check_engine(args: argparse.Namespace, strategy: Any) -> None:
     if cfg.vllm_sleep and not torch.cuda.is_available():
         raise UsageError("--vllm_sleep frees vLLM's GPU memory during updates: it needs a GPU (none here)")
     import_vllm()
-    if strategy.world_size > 1:
-        raise UsageError("--rollout_engine vllm runs in one process for now: drop torchrun / use --strategy naive")
+    if strategy.world_size > 1 and cfg.vllm_tensor_parallel_size > 1:
+        raise UsageError("--vllm_tensor_parallel_size > 1 under torchrun is not supported: each trainer process "
+                         "runs its own single-device engine")
     if args.quant:
         raise UsageError("--rollout_engine vllm syncs merged full weights: not with a --quant base")
     if not (Path(args.pretrain) / "config.json").is_file():

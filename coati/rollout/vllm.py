@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -213,6 +214,7 @@ class VLLMEngine:
         self._lora_dir = Path(tempfile.mkdtemp(prefix=f"coati-vllm-lora-rank{self.rank}-")) \
             if self.lora_adapter else None
         if self.lora_adapter:
+            weakref.finalize(self, shutil.rmtree, self._lora_dir, True)
             if lora_rank > _VLLM_LORA_RANKS[-1]:
                 raise UsageError(f"vLLM serves LoRA ranks up to {_VLLM_LORA_RANKS[-1]}; --lora_rank is {lora_rank}")
             llm_kwargs.update(enable_lora=True, max_loras=1,

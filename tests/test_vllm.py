@@ -238,6 +238,12 @@ def test_vllm_sleep_is_refused_without_a_gpu(setup):
 
 
 @needs_vllm
+def test_sampling_without_a_temperature_samples_at_temperature_1(setup):
+    params = setup[0].sampling_params({"do_sample": True, "max_new_tokens": 4})  # HF's GenerationConfig: None
+    assert params.temperature == 1.0 and setup[0].sampling_params(GREEDY).temperature == 0.0
+
+
+@needs_vllm
 def test_unsupported_generation_settings_are_refused(setup):
     with pytest.raises(ValueError, match="num_beams"):
         setup[0].sampling_params({**GREEDY, "num_beams": 2})

@@ -255,7 +255,7 @@ class VLLMEngine:
             raise ValueError("VLLMEngine needs max_new_tokens")
         sample = bool(config.do_sample)
         return SamplingParams(
-            n=1, temperature=float(config.temperature) if sample else 0.0,
+            n=1, temperature=(1.0 if config.temperature is None else float(config.temperature)) if sample else 0.0,
             top_p=float(config.top_p) if sample and config.top_p is not None else 1.0,
             top_k=int(config.top_k) if sample and config.top_k else 0,
             repetition_penalty=float(config.repetition_penalty or 1.0), max_tokens=int(config.max_new_tokens),

@@ -4,8 +4,8 @@ its engine's and HF generate's greedy tokens for its own prompts, before and aft
 ``OUT/rank{r}.json`` (tests/test_vllm_dist.py asserts on them).
 
 MODE: ``full`` (full weights), ``lora_merge`` (a LoRA actor merged into the engine's weights), ``lora_adapter``
-(the adapter served by vLLM's LoRA support) or ``broken`` (rank 1 syncs a state dict missing a tensor, then
-rank 1 never arrives at a sync).
+(the adapter served by vLLM's LoRA support) or ``broken`` (rank 1 syncs a state dict missing a tensor, then its
+engine fails part way through loading the FSDP-sharded actor, then rank 1 never arrives at a sync).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ GREEDY = {"do_sample": False, "max_new_tokens": 8}
 LORA_RANK = 4
 BROKEN_TENSOR = "model.layers.1.mlp.down_proj.weight"
 BROKEN_TIMEOUT_S = 10.0  # the sync timeout of the broken run
+FAIL_AFTER = 3  # tensors rank 1's failing engine loads before it raises
 
 
 def build_actor(lora: bool) -> Actor:
@@ -64,10 +65,27 @@ def main(strategy_name: str, mode: str, out: Path) -> None:
             record["missing_error"] = str(e)
         record["missing_s"] = time.perf_counter() - t0
         record["version_after_missing"] = engine.weight_version
+        # rank 1's engine fails while loading the sharded actor's stream: rank 0 keeps all-gathering to the end
+        # (rank 1 still takes part), then both raise naming rank 1 and the tensor
+        sharded = strategy.prepare_model(actor)
+        if rank == 1:
+            def failing_reload(method, timeout=None, kwargs=None):
+                tensors = iter(kwargs["weights_iterator"])
+                for _ in range(FAIL_AFTER):
+                    next(tensors)
+                raise RuntimeError("the engine broke")
+            engine.llm.collective_rpc = failing_reload
+        t0 = time.perf_counter()
+        try:
+            engine.update_weights(sharded)
+        except ValueError as e:
+            record["load_error"] = str(e)
+        record["load_s"] = time.perf_counter() - t0
+        record["version_after_load"] = engine.weight_version
         if rank == 0:  # rank 1 never comes: rank 0 must give up after the timeout, not wait
             t0 = time.perf_counter()
             try:
-                engine.update_weights(full_weights(actor))
+                engine.update_weights(sharded)
             except RuntimeError as e:
                 record["absent_error"] = str(e)
             record["absent_s"] = time.perf_counter() - t0
@@ -93,6 +111,9 @@ def main(strategy_name: str, mode: str, out: Path) -> None:
     record["hf_after"] = greedy(HFRolloutEngine(trained, eos_token_id=2, pad_token_id=0))  # FSDP: every rank
     record["vllm_after"] = greedy(engine)
     record["version"] = engine.weight_version
+    one = {"input_ids": torch.tensor([[1, 40, 41, 42]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    sampled = engine.generate(one["input_ids"], one["attention_mask"], {"do_sample": True, "max_new_tokens": 16})
+    record["sampled_same_prompt"] = sampled.sequences.tolist()  # seeded per rank: differs between ranks
     # a second sync of other weights: the engine must follow again (a stale adapter would keep the first)
     torch.manual_seed(1)  # the same noise on every rank: each adds it to its own shard
     with torch.no_grad():

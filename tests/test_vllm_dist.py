@@ -35,6 +35,7 @@ def _run(tmp_path: Path, strategy: str, mode: str) -> list[dict]:
 def test_after_a_grpo_update_each_ranks_vllm_greedy_equals_hf_generate(tmp_path, strategy, mode):
     ranks = _run(tmp_path, strategy, mode)
     assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each rank generates its own prompts
+    assert ranks[0]["sampled_same_prompt"] != ranks[1]["sampled_same_prompt"]  # and samples with its own seed
     for r in ranks:
         assert r["vllm_before"] == r["hf_before"]  # the engine starts from the actor's weights
         assert r["optim_step"] == r["version"] == 1
@@ -55,6 +56,13 @@ def test_a_sync_broken_on_one_rank_fails_on_every_rank_within_the_timeout(tmp_pa
         assert r["missing_error"] == want  # rank 0's tensors were fine: it raises naming rank 1
         assert r["version_after_missing"] == 0  # nothing was sent
         assert r["missing_s"] < BROKEN_TIMEOUT_S
+    from tests.dist_vllm import FAIL_AFTER, build_actor
+
+    failing = list(build_actor(lora=False).model.state_dict())[FAIL_AFTER - 1]  # the last tensor rank 1 took
+    for r in ranks:  # rank 1's engine failed part way; rank 0 was never left waiting in an all-gather
+        assert r["load_error"] == (f"weight sync on rank 1: loading tensor {failing!r} failed: RuntimeError: the "
+                                   f"engine broke")
+        assert r["version_after_load"] == 0 and r["load_s"] < BROKEN_TIMEOUT_S
     absent = ranks[0]  # rank 1 never came to the next sync
     assert absent["absent_error"] == (f"weight sync on rank 0: the other ranks did not reach the sync within "
                                       f"{BROKEN_TIMEOUT_S:g} s (RuntimeError)")

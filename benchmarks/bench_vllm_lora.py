@@ -37,21 +37,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
+from coati.utils.config import Bounded  # noqa: E402
 
 MODES = ("merge", "adapter")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", choices=sorted(harness.PRESETS), default="small")
-    p.add_argument("--hidden", type=int, default=None, help="override the preset's hidden size")
-    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    p.add_argument("--lora_rank", type=int, default=8)
-    p.add_argument("--syncs", type=int, default=4)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--prompt_len", type=int, default=16)
-    p.add_argument("--gen_len", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", choices=sorted(harness.PRESETS), default="small", help="LLaMA shape preset")
+    p.add_argument("--hidden", type=Bounded(int, ">= 4"), default=None, help="override the preset's hidden size")
+    p.add_argument("--layers", type=Bounded(int, ">= 1"), default=None, help="override the preset's layer count")
+    p.add_argument("--lora_rank", type=Bounded(int, ">= 1"), default=8, help="rank of the actor's LoRA adapter")
+    p.add_argument("--syncs", type=Bounded(int, ">= 1"), default=4,
+                   help="update + sync + generate rounds per mode (the first one is untimed when there are more)")
+    p.add_argument("--batch_size", type=Bounded(int, ">= 1"), default=8, help="prompts per generate call")
+    p.add_argument("--prompt_len", type=Bounded(int, ">= 1"), default=16, help="tokens per random prompt")
+    p.add_argument("--gen_len", type=Bounded(int, ">= 1"), default=32, help="generated tokens per prompt")
+    p.add_argument("--seed", type=Bounded(int, ">= 0"), default=0, help="seed of the model, adapter and prompts")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -110,8 +110,9 @@ def setup(tmp_path_factory):
     actor = Actor.from_config(tiny.llama_config(vocab_size=h.VOCAB, num_attention_heads=2,
                                                 num_key_value_heads=1)).eval()
     actor.save_pretrained(path)
+    # an explicit KV cache: vLLM's CPU default reserves half the machine's memory, refused when others use it
     engine = VLLMEngine(path, eos_token_id=2, pad_token_id=0, dtype="float32", enforce_eager=True,
-                        max_model_len=128, seed=0)
+                        max_model_len=128, kv_cache_memory_bytes=32 << 20, seed=0)
     batch = next(iter(h.loaders(NaiveStrategy(seed=0), experience_batch_size=4)[0]))
     return engine, actor, batch, path
 
@@ -237,6 +238,12 @@ def test_vllm_sleep_is_refused_without_a_gpu(setup):
 
 
 @needs_vllm
+def test_sampling_without_a_temperature_samples_at_temperature_1(setup):
+    params = setup[0].sampling_params({"do_sample": True, "max_new_tokens": 4})  # HF's GenerationConfig: None
+    assert params.temperature == 1.0 and setup[0].sampling_params(GREEDY).temperature == 0.0
+
+
+@needs_vllm
 def test_unsupported_generation_settings_are_refused(setup):
     with pytest.raises(ValueError, match="num_beams"):
         setup[0].sampling_params({**GREEDY, "num_beams": 2})
@@ -258,6 +265,9 @@ def _train_prompts_main():
     (["--rollout_is", "token"], "--rollout_is .* need --rollout_engine vllm"),
     (["--rollout_engine", "vllm", "--vllm_sleep"], "needs a GPU" if not torch.cuda.is_available() else None),
     (["--rollout_engine", "vllm"], r"pip install 'coati\[vllm\]'" if not HAS_VLLM else "local checkpoint dir"),
+    (["--vllm_lora", "adapter"], "--vllm_lora adapter .* needs --rollout_engine vllm"),
+    (["--rollout_engine", "vllm", "--vllm_lora", "adapter", "--lora_rank", "4", "--lora_train_bias", "all"],
+     r"pip install 'coati\[vllm\]'" if not HAS_VLLM else "--lora_train_bias all trains biases it cannot carry"),
 ])
 def test_train_prompts_refuses_bad_engine_flags_before_training(flags, message, tmp_path):
     if message is None:

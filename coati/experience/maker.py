@@ -442,7 +442,9 @@ class ExperienceMaker:
     # ----- state ------------------------------------------------------------------------------------------
     def update_weights(self, actor: nn.Module, version: int | None = None) -> None:
         """The next rollouts' policy: hand the trained actor to the rollout engine; ``version`` (the optimizer
-        step) is the weight version rollouts must come from from now on (engines without versions ignore it)."""
+        step) is the weight version rollouts must come from from now on (engines without versions ignore it).
+        Every process calls it together: the strategy-wrapped actor's shards are gathered by the engine as it
+        loads them (the vLLM engine all-gathers FSDP parameters one at a time)."""
         if version is not None:
             self.weight_version = version
         if "version" in inspect.signature(self.engine.update_weights).parameters:

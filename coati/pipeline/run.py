@@ -215,15 +215,13 @@ def _check_answer(prompt: str, response: str, extras: dict) -> bool:
 
 
 def tiny_llama(tokenizer: Any, hidden_size: int, num_layers: int, for_vllm: bool = False) -> Any:
-    """The built-in model. Under vLLM its heads have vLLM's CPU head size, and its output head is a weight of its
-    own: vLLM's CPU reload keeps a tied head's repacked copy of the old embeddings (the synced engine's log-probs
-    drift from the trainer's, ``rollout/logprob_diff``)."""
+    """The built-in model; under vLLM its heads have vLLM's CPU head size."""
     from transformers import LlamaConfig
 
     heads = hidden_size // VLLM_HEAD_SIZE if for_vllm else 4
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
                        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=tokenizer.model_max_length, tie_word_embeddings=not for_vllm,
+                       max_position_embeddings=tokenizer.model_max_length, tie_word_embeddings=True,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
 

@@ -176,6 +176,17 @@ def _world() -> tuple[int, int]:
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def _repack_tied_head(worker: Any) -> None:
+    """Re-process a tied output head after a reload. It shares the embedding's weight but loads no tensor of its
+    own, so the reload never re-processes it, and on CPU its matmul keeps the old embedding repacked (the engine's
+    log-probs drift from the trainer's after the first sync)."""
+    model = worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if weight is not None and any(m is not head and getattr(m, "weight", None) is weight for m in model.modules()):
+        head.quant_method.process_weights_after_loading(head)
+
+
 class VLLMEngine:
     """A :class:`~coati.rollout.RolloutEngine` on ``vllm.LLM(model_path)``, one per trainer process.
     ``eos_token_id`` ends responses (the checkpoint's ``generation_config.json`` never applies), ``pad_token_id``
@@ -373,6 +384,7 @@ class VLLMEngine:
                 # first load removed (CPU repacks weights), then the model's load_weights fuses HF tensors
                 self.llm.collective_rpc("reload_weights", timeout=self.sync_timeout_s,
                                         kwargs={"weights_iterator": tensors, "is_checkpoint_format": True})
+                self.llm.collective_rpc(_repack_tied_head, timeout=self.sync_timeout_s)
         except Exception as e:  # noqa: BLE001 - reported on every rank by _agree
             problem = f"loading tensor {sent[-1] if sent else None!r} failed: {type(e).__name__}: {e}"
         left = [name for name, _ in tensors]  # a rank that stopped early still joins the remaining all-gathers

@@ -112,6 +112,9 @@ class RLConfig:
                            "distribution", bounds=">= 0", group=S)
     top_p: float = option(1.0, "nucleus sampling (1 = off); biases PPO: log-probs stay those of the untruncated "
                                "distribution", bounds="(0, 1]", group=S)
+    stop: tuple[str, ...] = option((), "stop strings: a response ends with the token that completes the first one "
+                                       "(kept, as HF's stop_strings; no EOS after it); the same in both rollout "
+                                       "engines", group=S)
     # rollout engine
     rollout_engine: str = option("hf", "what generates rollouts: HF generate on the trained actor, or vLLM (needs "
                                        "coati[vllm]; weights synced after every update)",

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     cli.neftune_from_args(model, args)
     model = strategy.prepare_model(model)
 
-    sampler = BucketSampler(dataset.bins, num_replicas=strategy.world_size, rank=strategy.rank, seed=args.seed)
+    sampler = BucketSampler(dataset.bins, num_replicas=strategy.dp_size, rank=strategy.dp_rank, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.micro_batch_size, sampler=sampler, drop_last=True,
                         collate_fn=truncating(SFTCollator(tokenizer.pad_token_id), args.max_length))
     trainer = SFTTrainer(

@@ -1,0 +1,158 @@
+"""Tensor parallelism (``--strategy fsdp --tp_size N``) on a 2-D (dp, tp) mesh of gloo processes equals one process:
+the same loss curve and weights (fp32: losses within 1e-5, weights within 1e-4), saves plain transformers dirs,
+resumes on the same mesh only; flags and families it cannot serve are refused in one line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from coati.errors import UsageError
+from coati.trainer.strategies import fsdp, make_strategy
+from tests import tiny
+from tests.scripts import torchrun
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_fsdp = pytest.mark.skipif(not (fsdp.RUNS_ON_CPU or torch.cuda.is_available()),
+                                reason="torch < 2.6 runs FSDP2 on GPUs only")
+LOSS_TOL = 1e-5  # fp32: the sharded matmuls only reorder sums
+WEIGHT_TOL = 1e-4  # after AdamW steps at lr 1e-3
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _runs(nproc: int, script: str, out: Path, runs: dict[str, list[str]], common: list[str]) -> None:
+    """``runs`` (name -> flags) one after another in one torchrun job of ``nproc`` processes."""
+    _run([*torchrun(nproc), "tests/fsdp_runs.py", script, str(out), json.dumps(runs), *common])
+
+
+def _train_losses(save_path: Path) -> list[float]:
+    rows = [json.loads(line) for line in (save_path / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).state_dict()  # plain transformers reloads it
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.mark.dist
+@needs_fsdp
+def test_sft_tp2_and_dp2_tp2_match_one_process_save_and_resume(tiny_llama_dir, shared_data, tmp_path):
+    common = ["--pretrain", str(tiny_llama_dir), "--model", "llama", "--dataset",
+              str(shared_data / "sft" / "alpaca_en_demo.json"), "--max_datasets_size", "16", "--max_len", "64",
+              "--max_epochs", "1", "--lr", "1e-3", "--log_interval", "1", "--seed", "7", "--accumulation_steps", "1"]
+    # one process, batch 2 | tp 2 (dp 1), batch 2 | dp 2 x tp 2, batch 1 per replica: the same global batch
+    _run([sys.executable, "examples/train_sft.py", *common, "--batch_size", "2", "--save_path",
+          str(tmp_path / "one")])
+    tp = ["--strategy", "fsdp", "--tp_size", "2"]
+    _runs(2, "examples/train_sft.py", tmp_path, {
+        "tp2": [*tp, "--batch_size", "2", "--save_interval", "2"],
+        "tp2_resumed": [*tp, "--batch_size", "2", "--resume", str(tmp_path / "tp2" / "checkpoints" / "step_2")],
+    }, common)
+    _runs(4, "examples/train_sft.py", tmp_path, {"dp2_tp2": [*tp, "--batch_size", "1"]}, common)
+
+    one = _train_losses(tmp_path / "one")
+    assert len(one) >= 4 and one[-1] < one[0]
+    one_weights = _weights(tmp_path / "one")
+    assert _max_diff(one_weights, _weights(tiny_llama_dir)) > 1e-3  # training moved the weights
+    for name in ("tp2", "dp2_tp2"):
+        assert _train_losses(tmp_path / name) == pytest.approx(one, abs=LOSS_TOL), name
+        assert _max_diff(_weights(tmp_path / name), one_weights) < WEIGHT_TOL, name
+
+    # resumed at step 2 on the same mesh: the same steps 3..N
+    assert _train_losses(tmp_path / "tp2_resumed") == pytest.approx(_train_losses(tmp_path / "tp2")[2:], abs=1e-6)
+    state_dir = tmp_path / "tp2" / "checkpoints" / "step_2" / "trainer_state"
+    assert json.loads((state_dir / fsdp.SHARDING_FILE).read_text())["mesh"] == {"dp": 1, "tp": 2}
+
+
+def test_resume_on_another_mesh_is_refused_naming_both(tmp_path):
+    (tmp_path / fsdp.SHARDING_FILE).write_text(json.dumps({"strategy": "fsdp", "world_size": 2,
+                                                           "mesh": {"dp": 1, "tp": 2}}))
+    strategy = object.__new__(fsdp.FSDPStrategy)  # no process group needed to read the layout file
+    strategy.world_size, strategy.rank, strategy.tp_size = 2, 0, 1
+    with pytest.raises(UsageError) as err:
+        strategy.load_state(tmp_path)
+    assert str(err.value) == (f"{tmp_path}: optimizer state is sharded over 2 processes as dp 1 x tp 2; resume with "
+                              "--nproc_per_node/--nnodes and --tp_size giving that mesh (this run has 2 processes "
+                              "as dp 2 x tp 1)")
+
+
+def test_tp_size_needs_fsdp():
+    with pytest.raises(ValueError, match=r"^--tp_size 2 needs --strategy fsdp \(tensor parallelism is composed "
+                                         r"with FSDP2\), not ddp$"):
+        make_strategy("ddp", tp_size=2)
+
+
+def test_a_family_without_a_plan_is_refused_by_name():
+    from coati.trainer.strategies.tensor_parallel import tp_plan
+
+    with pytest.raises(UsageError) as err:
+        tp_plan(tiny.gpt2_config(), 2)
+    assert str(err.value) == ("--tp_size 2: transformers has no tensor-parallel plan (base_model_tp_plan) for "
+                              "model_type 'gpt2'; train it with --tp_size 1")
+
+
+def test_sizes_the_ranks_cannot_split_are_refused():
+    from coati.trainer.strategies.tensor_parallel import tp_plan
+
+    assert len(tp_plan(tiny.llama_config(), 2)) == 7  # q, k, v, o, gate, up, down
+    with pytest.raises(UsageError) as err:
+        tp_plan(tiny.llama_config(), 3)
+    assert str(err.value) == ("--tp_size 3: llama's num_attention_heads 4, num_key_value_heads 2, "
+                              "intermediate_size 128 must be divisible by it")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return tiny.save_tiny_model("gpt2", tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.mark.parametrize("extra, world, message", [
+    (["--model", "gpt2"], "2", "--tp_size 2: transformers has no tensor-parallel plan (base_model_tp_plan) for "
+                               "model_type 'gpt2'; train it with --tp_size 1"),
+    (["--lora_rank", "4"], "2", "--tp_size 2: LoRA adapters are not tensor-parallel; use --tp_size 1 with "
+                                "--lora_rank"),
+    ([], "3", "--tp_size 2 must divide the number of processes (3)"),
+    (["--strategy", "ddp"], "2", "--tp_size 2 needs --strategy fsdp (tensor parallelism is composed with FSDP2), "
+                                 "not ddp"),
+])
+def test_scripts_refuse_what_tp_cannot_serve_before_loading(extra, world, message, tiny_llama_dir, tiny_gpt2_dir,
+                                                            tmp_path, monkeypatch):
+    """WORLD_SIZE as torchrun sets it: the refusals come before any process group, data or weights."""
+    from tests.scripts import load_script
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    model = tiny_gpt2_dir if "gpt2" in extra else tiny_llama_dir
+    argv = ["--pretrain", str(model), "--dataset", str(tmp_path / "unread.jsonl"), "--strategy", "fsdp",
+            "--tp_size", "2", "--save_path", str(tmp_path / "out"), *extra]
+    with pytest.raises(UsageError) as err:
+        load_script("examples/train_sft.py").main(argv)
+    assert str(err.value) == message
+
+
+def test_a_refusal_is_one_error_line_and_status_2(tiny_gpt2_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "examples/train_sft.py", "--pretrain", str(tiny_gpt2_dir), "--model",
+                           "gpt2", "--dataset", str(tmp_path / "unread.jsonl"), "--strategy", "fsdp", "--tp_size",
+                           "2"], cwd=ROOT, env={**_env(), "WORLD_SIZE": "2"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: --tp_size 2: transformers has no tensor-parallel plan "
+                                        "(base_model_tp_plan) for model_type 'gpt2'; train it with --tp_size 1"]

@@ -12,6 +12,7 @@ import torch
 
 from coati.errors import UsageError
 from coati.trainer.strategies import fsdp, make_strategy
+from tests import dist_ppo as h
 from tests import tiny
 from tests.scripts import torchrun
 
@@ -81,6 +82,34 @@ def test_sft_tp2_and_dp2_tp2_match_one_process_save_and_resume(tiny_llama_dir, s
     assert _train_losses(tmp_path / "tp2_resumed") == pytest.approx(_train_losses(tmp_path / "tp2")[2:], abs=1e-6)
     state_dir = tmp_path / "tp2" / "checkpoints" / "step_2" / "trainer_state"
     assert json.loads((state_dir / fsdp.SHARDING_FILE).read_text())["mesh"] == {"dp": 1, "tp": 2}
+
+
+@pytest.mark.dist
+@needs_fsdp
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_grpo_under_tp_samples_alike_in_a_tp_group_and_matches_one_process(nproc, tmp_path):
+    """tp 2 (dp 1 or 2): greedy generation equals the whole model's token for token (checked on every rank inside
+    the job); the ranks of a tp group sample the same responses, dp replicas different ones; one process replaying
+    those responses on the same global batch ends 2 episodes of GRPO with the same weights (Adam turns rounding
+    of near-zero gradients into ~1e-5, as in tests/test_rl.py) and metrics."""
+    script = str(ROOT / "tests" / "dist_rl.py")
+    _run([*torchrun(nproc), script, str(tmp_path), "tp", "grpo"])
+    responses = [json.loads((tmp_path / f"responses_rank{r}.json").read_text()) for r in range(nproc)]
+    assert responses[0] == responses[1] and responses[0]["grpo"]
+    if nproc == 4:
+        assert responses[2] == responses[3] and set(responses[0]["grpo"]).isdisjoint(responses[2]["grpo"])
+    _run([sys.executable, script, str(tmp_path), "single", "grpo"])
+    want = torch.load(tmp_path / "actor_grpo_single_1.pt")
+    got = torch.load(tmp_path / "actor_grpo_tp_1.pt")
+    start = h.models(seed=0)[0].state_dict()
+    assert max((want[k] - start[k]).abs().max().item() for k in start) > 1e-3  # it trained
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=3e-5, rtol=0, msg=k)
+    hist = {m: json.loads((tmp_path / f"history_{m}.json").read_text())["grpo_1"] for m in ("tp", "single")}
+    assert len(hist["tp"]) == len(hist["single"]) == 2
+    for a, b in zip(hist["tp"], hist["single"]):
+        for key in ("critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/ppo_kl", "response_length/mean"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
 
 
 def test_resume_on_another_mesh_is_refused_naming_both(tmp_path):

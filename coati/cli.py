@@ -201,7 +201,10 @@ def strategy_from_args(args: argparse.Namespace, **extra: Any):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if kwargs.get("tp_size", 1) > 1:
-        check_tensor_parallel(args, kwargs["tp_size"])
+        check_tensor_parallel(kwargs["tp_size"], args.strategy,
+                              [getattr(args, k, None) for k in ("pretrain", "rm_pretrain", "critic_pretrain")],
+                              lora=getattr(args, "lora_rank", 0) > 0,
+                              trust_remote_code=getattr(args, "trust_remote_code", False))
     if getattr(args, "fsdp_block", None):
         kwargs["block_classes"] = [n for arg in args.fsdp_block for n in arg.split(",") if n]
     kwargs.update(extra)
@@ -209,25 +212,24 @@ def strategy_from_args(args: argparse.Namespace, **extra: Any):
         return make_strategy(args.strategy, **kwargs)
 
 
-def check_tensor_parallel(args: argparse.Namespace, tp_size: int) -> None:
+def check_tensor_parallel(tp_size: int, strategy: str, checkpoints: list[str | None], lora: bool = False,
+                          trust_remote_code: bool = False) -> None:
     """Refuse ``--tp_size`` where it cannot work, from the flags and the checkpoints' configs only (before any
     process group or weights): another strategy, a world it does not divide, LoRA, a family without a TP plan,
     sizes it cannot split."""
     from .trainer.strategies.tensor_parallel import check_tp_checkpoint
 
-    if args.strategy != "fsdp":
+    if strategy != "fsdp":
         raise UsageError(f"--tp_size {tp_size} needs --strategy fsdp (tensor parallelism is composed with FSDP2), "
-                         f"not {args.strategy}")
+                         f"not {strategy}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % tp_size:
         raise UsageError(f"--tp_size {tp_size} must divide the number of processes ({world})")
-    if getattr(args, "lora_rank", 0) > 0:
+    if lora:
         raise UsageError(f"--tp_size {tp_size}: LoRA adapters are not tensor-parallel; use --tp_size 1 with "
                          "--lora_rank")
-    checkpoints = {getattr(args, name, None) for name in ("pretrain", "rm_pretrain", "critic_pretrain")}
-    for path in sorted(p for p in checkpoints if p):
-        with flag_errors():
-            check_tp_checkpoint(path, tp_size, getattr(args, "trust_remote_code", False))
+    for path in sorted({p for p in checkpoints if p}):
+        check_tp_checkpoint(path, tp_size, trust_remote_code)
 
 
 @contextlib.contextmanager

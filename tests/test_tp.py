@@ -86,30 +86,34 @@ def test_sft_tp2_and_dp2_tp2_match_one_process_save_and_resume(tiny_llama_dir, s
 
 @pytest.mark.dist
 @needs_fsdp
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_grpo_under_tp_samples_alike_in_a_tp_group_and_matches_one_process(nproc, tmp_path):
+@pytest.mark.parametrize("nproc, algos", [(2, ("grpo", "ppo")), (4, ("grpo",))])
+def test_rl_under_tp_samples_alike_in_a_tp_group_and_matches_one_process(nproc, algos, tmp_path):
     """tp 2 (dp 1 or 2): greedy generation equals the whole model's token for token (checked on every rank inside
     the job); the ranks of a tp group sample the same responses, dp replicas different ones; one process replaying
-    those responses on the same global batch ends 2 episodes of GRPO with the same weights (Adam turns rounding
-    of near-zero gradients into ~1e-5, as in tests/test_rl.py) and metrics."""
+    those responses on the same global batch ends 2 episodes of GRPO (and PPO: critic, reference under TP too)
+    with the same weights (Adam turns rounding of near-zero gradients into ~1e-5, as in tests/test_rl.py) and
+    metrics."""
     script = str(ROOT / "tests" / "dist_rl.py")
-    _run([*torchrun(nproc), script, str(tmp_path), "tp", "grpo"])
+    _run([*torchrun(nproc), script, str(tmp_path), "tp", *algos])
     responses = [json.loads((tmp_path / f"responses_rank{r}.json").read_text()) for r in range(nproc)]
     assert responses[0] == responses[1] and responses[0]["grpo"]
     if nproc == 4:
         assert responses[2] == responses[3] and set(responses[0]["grpo"]).isdisjoint(responses[2]["grpo"])
-    _run([sys.executable, script, str(tmp_path), "single", "grpo"])
-    want = torch.load(tmp_path / "actor_grpo_single_1.pt")
-    got = torch.load(tmp_path / "actor_grpo_tp_1.pt")
+    _run([sys.executable, script, str(tmp_path), "single", *algos])
     start = h.models(seed=0)[0].state_dict()
-    assert max((want[k] - start[k]).abs().max().item() for k in start) > 1e-3  # it trained
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=3e-5, rtol=0, msg=k)
-    hist = {m: json.loads((tmp_path / f"history_{m}.json").read_text())["grpo_1"] for m in ("tp", "single")}
-    assert len(hist["tp"]) == len(hist["single"]) == 2
-    for a, b in zip(hist["tp"], hist["single"]):
-        for key in ("critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/ppo_kl", "response_length/mean"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    for algo in algos:
+        want = torch.load(tmp_path / f"actor_{algo}_single_1.pt")
+        got = torch.load(tmp_path / f"actor_{algo}_tp_1.pt")
+        assert max((want[k] - start[k]).abs().max().item() for k in start) > 1e-3, algo  # it trained
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=3e-5, rtol=0, msg=f"{algo} {k}")
+        hist = {m: json.loads((tmp_path / f"history_{m}.json").read_text())[f"{algo}_1"] for m in ("tp", "single")}
+        assert len(hist["tp"]) == len(hist["single"]) == 2
+        for a, b in zip(hist["tp"], hist["single"]):
+            for key in ("critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/ppo_kl", "critic/vf_loss",
+                        "response_length/mean"):
+                if key in b:
+                    assert a[key] == pytest.approx(b[key], abs=1e-5), (algo, key)
 
 
 def test_resume_on_another_mesh_is_refused_naming_both(tmp_path):
@@ -137,6 +141,19 @@ def test_a_family_without_a_plan_is_refused_by_name():
         tp_plan(tiny.gpt2_config(), 2)
     assert str(err.value) == ("--tp_size 2: transformers has no tensor-parallel plan (base_model_tp_plan) for "
                               "model_type 'gpt2'; train it with --tp_size 1")
+
+
+def test_a_plan_style_coati_does_not_apply_is_refused_by_name():
+    from transformers import Qwen3Config
+
+    from coati.trainer.strategies.tensor_parallel import tp_plan
+
+    config = Qwen3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(UsageError) as err:
+        tp_plan(config, 2)
+    assert str(err.value) == ("--tp_size 2: qwen3's tensor-parallel plan uses replicated_with_grad_allreduce, which "
+                              "coati does not apply (it applies colwise, rowwise, colwise_gather_output, "
+                              "rowwise_split_input); train it with --tp_size 1")
 
 
 def test_sizes_the_ranks_cannot_split_are_refused():
@@ -185,3 +202,25 @@ def test_a_refusal_is_one_error_line_and_status_2(tiny_gpt2_dir, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: --tp_size 2: transformers has no tensor-parallel plan "
                                         "(base_model_tp_plan) for model_type 'gpt2'; train it with --tp_size 1"]
+
+
+@pytest.mark.parametrize("plugin, zero, want", [
+    ("3d", 1, ("fsdp", {"zero_stage": 2, "tp_size": 2})),
+    ("3d", 0, ("fsdp", {"zero_stage": 2, "tp_size": 2})),
+    ("fsdp", 1, ("fsdp", {"tp_size": 2})),
+    ("gemini", 1, "--tp 2: tensor parallelism runs with --plugin 3d or fsdp, not gemini"),
+])
+def test_colossal_llama_tp_maps_to_tp_size(plugin, zero, want, tiny_llama_dir, monkeypatch):
+    import argparse
+
+    from tests.scripts import load_script
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    train = load_script("examples/colossal_llama/train.py")
+    args = argparse.Namespace(tp=2, plugin=plugin, zero=zero, pretrained=str(tiny_llama_dir))
+    if isinstance(want, str):
+        with pytest.raises(UsageError) as err:
+            train.resolve_strategy(args)
+        assert str(err.value) == want
+    else:
+        assert train.resolve_strategy(args) == want

@@ -144,16 +144,26 @@ def test_a_family_without_a_plan_is_refused_by_name():
 
 
 def test_a_plan_style_coati_does_not_apply_is_refused_by_name():
-    from transformers import Qwen3Config
-
     from coati.trainer.strategies.tensor_parallel import tp_plan
 
-    config = Qwen3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    config = tiny.llama_config()
+    config.base_model_tp_plan = {"layers.*.mlp.experts": "moe_tp_experts"}
     with pytest.raises(UsageError) as err:
         tp_plan(config, 2)
-    assert str(err.value) == ("--tp_size 2: qwen3's tensor-parallel plan uses replicated_with_grad_allreduce, which "
-                              "coati does not apply (it applies colwise, rowwise, colwise_gather_output, "
-                              "rowwise_split_input); train it with --tp_size 1")
+    assert str(err.value) == ("--tp_size 2: llama's tensor-parallel plan uses moe_tp_experts, which coati does not "
+                              "apply (it applies colwise, rowwise, colwise_gather_output, rowwise_split_input, "
+                              "replicated_with_grad_allreduce); train it with --tp_size 1")
+
+
+@pytest.mark.dist
+@needs_fsdp
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_every_family_with_a_plan_gets_the_whole_models_gradients(nproc, tmp_path):
+    """llama, gpt_neox, qwen2 (biases), qwen3 / gemma3 (per-head q/k norms), phi3 (fused, gathered outputs);
+    the checks run inside the job (tests/dist_tp_grads.py), which names every family it passed."""
+    done = tmp_path / "done"
+    _run([*torchrun(nproc), "tests/dist_tp_grads.py", str(done)])
+    assert done.read_text().split() == ["llama", "gpt_neox", "qwen2", "qwen3", "gemma3", "phi3"]
 
 
 def test_sizes_the_ranks_cannot_split_are_refused():

@@ -14,19 +14,39 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from ...errors import UsageError
 
-# transformers' style name -> the torch style doing the same to a linear layer
+class ReplicatedOnLocalShards(ParallelStyle):
+    """A module with whole (replicated) weights that runs on this rank's slice of a tensor, e.g. Qwen3's per-head
+    ``q_norm`` between the column-split ``q_proj`` and the row-split ``o_proj`` (transformers'
+    ``replicated_with_grad_allreduce``). Its weights become Replicate DTensors and its input a DTensor sharded on
+    dim 0: the norm reduces over the last dim only, so which leading dim really holds the heads does not matter,
+    and the weight gradient, a sum over the sharded dim, comes back partial and is all-reduced by DTensor."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def to_dtensor(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+            return tuple(DTensor.from_local(x, mesh, [Shard(0)], run_check=False) if isinstance(x, torch.Tensor)
+                         and not isinstance(x, DTensor) else x for x in inputs)
+
+        def to_local(mod: nn.Module, output: Any, mesh: DeviceMesh) -> Any:
+            return output.to_local() if isinstance(output, DTensor) else output
+
+        return distribute_module(module, device_mesh, input_fn=to_dtensor, output_fn=to_local)
+
+
+# transformers' style name -> the torch style doing the same
 _STYLES: dict[str, Callable[[], ParallelStyle]] = {
     "colwise": ColwiseParallel,
     "rowwise": RowwiseParallel,
     "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
     "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate()),
+    "replicated_with_grad_allreduce": ReplicatedOnLocalShards,
 }
 # styles whose module stays whole on every tensor-parallel rank (see the module docstring)
 _KEEP_WHOLE = ("embedding_rowwise", "embedding_colwise", "vocab_parallel_embedding")

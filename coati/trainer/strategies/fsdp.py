@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,14 @@ class FSDPStrategy(DistributedStrategy):
     # ----- checkpoints ----------------------------------------------------------------------------------
     def _gather_replica(self, model: nn.Module) -> nn.Module | None:
         """All ranks: gather the full state dict. Rank 0 gets a plain CPU copy of ``model``; others None."""
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # a (dp, tp)-sharded weight is gathered in two steps, which torch warns about on every rank and save
+        quiet = logging.getLogger("torch.distributed.tensor._redistribute")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        finally:
+            quiet.setLevel(level)
         if not self.is_rank0():
             return None
         return plain_replica(model, state)

@@ -68,7 +68,10 @@ def test_sft_tp2_and_dp2_tp2_match_one_process_save_and_resume(tiny_llama_dir, s
         "tp2": [*tp, "--batch_size", "2", "--save_interval", "2"],
         "tp2_resumed": [*tp, "--batch_size", "2", "--resume", str(tmp_path / "tp2" / "checkpoints" / "step_2")],
     }, common)
-    _runs(4, "examples/train_sft.py", tmp_path, {"dp2_tp2": [*tp, "--batch_size", "1"]}, common)
+    _runs(4, "examples/train_sft.py", tmp_path, {
+        "dp2_tp2": [*tp, "--batch_size", "1", "--save_interval", "2"],
+        "dp2_tp2_resumed": [*tp, "--batch_size", "1", "--resume", str(tmp_path / "dp2_tp2" / "checkpoints" / "step_2")],
+    }, common)
 
     one = _train_losses(tmp_path / "one")
     assert len(one) >= 4 and one[-1] < one[0]
@@ -78,10 +81,12 @@ def test_sft_tp2_and_dp2_tp2_match_one_process_save_and_resume(tiny_llama_dir, s
         assert _train_losses(tmp_path / name) == pytest.approx(one, abs=LOSS_TOL), name
         assert _max_diff(_weights(tmp_path / name), one_weights) < WEIGHT_TOL, name
 
-    # resumed at step 2 on the same mesh: the same steps 3..N
-    assert _train_losses(tmp_path / "tp2_resumed") == pytest.approx(_train_losses(tmp_path / "tp2")[2:], abs=1e-6)
-    state_dir = tmp_path / "tp2" / "checkpoints" / "step_2" / "trainer_state"
-    assert json.loads((state_dir / fsdp.SHARDING_FILE).read_text())["mesh"] == {"dp": 1, "tp": 2}
+    # resumed at step 2 on the same mesh (optimizer shards strided over dp and tp): the same steps 3..N
+    for name, mesh in (("tp2", {"dp": 1, "tp": 2}), ("dp2_tp2", {"dp": 2, "tp": 2})):
+        resumed = _train_losses(tmp_path / f"{name}_resumed")
+        assert resumed == pytest.approx(_train_losses(tmp_path / name)[2:], abs=1e-6), name
+        state_dir = tmp_path / name / "checkpoints" / "step_2" / "trainer_state"
+        assert json.loads((state_dir / fsdp.SHARDING_FILE).read_text())["mesh"] == mesh
 
 
 @pytest.mark.dist

@@ -19,9 +19,14 @@ process holds 1/N of them and every process must call them on the same number of
 do; ``shard_frozen=False`` replicates them instead (no communication in their forward). LoRA adapters are
 sharded beside their frozen base weights; only they get gradients and optimizer state.
 
+Tensor parallelism (``tp_size`` > 1): the processes form a 2-D ``(dp, tp)`` mesh; each model's decoder layers are
+first split over ``tp`` by its family's transformers plan (:mod:`.tensor_parallel`), then FSDP2 shards everything
+over ``dp``. Data, reductions and sampling seeds follow the data-parallel replica (``dp_rank``, ``dp_group``).
+
 Checkpoints: ``save_model`` writes the same consolidated ``save_pretrained`` directory as every other
 strategy (gathered on rank 0); ``load_model`` reads one on rank 0 and broadcasts it into the shards.
-Optimizer state is saved per rank (its shards), so ``--resume`` needs the same number of processes.
+Optimizer state is saved per rank (its shards), so ``--resume`` needs the same mesh (processes and tp_size),
+recorded in ``sharding.json``.
 """
 from __future__ import annotations
 
@@ -39,7 +44,10 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard  # FSDP2's dp placement of a TP-sharded dim
+from torch.distributed.tensor import placement_types
+
+# FSDP2's dp placement of a dim tensor parallelism already split (absent from older torch, which has no such case)
+_StridedShard = getattr(placement_types, "_StridedShard", ())
 
 from ...errors import UsageError
 from .base import StrategyUnavailableError, atomic_dir, load_plain, rng_state, set_rng_state

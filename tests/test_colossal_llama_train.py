@@ -119,7 +119,6 @@ def test_plugin_3d_with_tp_2_trains_as_one_process(recipe, tmp_path):
     and gives one process's losses (fp32: to 1e-5)."""
     import os
     import subprocess
-    import sys
 
     from tests.scripts import ROOT, torchrun
 

@@ -22,6 +22,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 
 from ...errors import UsageError
 
+
 class ReplicatedOnLocalShards(ParallelStyle):
     """A module with whole (replicated) weights that runs on this rank's slice of a tensor, e.g. Qwen3's per-head
     ``q_norm`` between the column-split ``q_proj`` and the row-split ``o_proj`` (transformers'

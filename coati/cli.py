@@ -209,7 +209,12 @@ def strategy_from_args(args: argparse.Namespace, **extra: Any):
         kwargs["block_classes"] = [n for arg in args.fsdp_block for n in arg.split(",") if n]
     kwargs.update(extra)
     with flag_errors():  # the strategy refuses a flag value or combination
-        return make_strategy(args.strategy, **kwargs)
+        strategy = make_strategy(args.strategy, **kwargs)
+    if getattr(args, "resume", None):  # a checkpoint this strategy cannot load: say so before any model loads
+        from .trainer.base import resolve_resume
+
+        strategy.check_resume(resolve_resume(args.resume, getattr(args, "save_path", None)) / "trainer_state")
+    return strategy
 
 
 def check_tensor_parallel(tp_size: int, strategy: str, checkpoints: list[str | None], lora: bool = False,

@@ -135,6 +135,23 @@ def test_resume_on_another_mesh_is_refused_naming_both(tmp_path):
                               "as dp 2 x tp 1)")
 
 
+def test_a_script_refuses_resuming_on_another_mesh_before_any_model_loads(tmp_path):
+    """(``--pretrain`` names no model at all: the refusal comes first.)"""
+    state = tmp_path / "checkpoints" / "step_2" / "trainer_state"
+    state.mkdir(parents=True)
+    torch.save({}, state / "state.pt")
+    (state / fsdp.SHARDING_FILE).write_text(json.dumps({"strategy": "fsdp", "world_size": 2,
+                                                        "mesh": {"dp": 1, "tp": 2}}))
+    proc = subprocess.run([sys.executable, "examples/train_sft.py", "--pretrain", str(tmp_path / "no_model"),
+                           "--dataset", str(tmp_path / "unread.jsonl"), "--strategy", "fsdp", "--save_path",
+                           str(tmp_path), "--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: {state}: optimizer state is sharded over 2 processes as dp 1 x tp 2; "
+                                        "resume with --nproc_per_node/--nnodes and --tp_size giving that mesh (this "
+                                        "run has 1 process as dp 1 x tp 1)"]
+
+
 def test_tp_size_needs_fsdp():
     with pytest.raises(ValueError, match=r"^--tp_size 2 needs --strategy fsdp \(tensor parallelism is composed "
                                          r"with FSDP2\), not ddp$"):

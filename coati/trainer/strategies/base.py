@@ -285,6 +285,10 @@ class Strategy:
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         self.barrier()
 
+    def check_resume(self, path: str | os.PathLike) -> None:
+        """Raise a UserError where the trainer state in ``path`` cannot be loaded by this strategy as configured
+        (scripts call it before any model loads); states of unsharded strategies load anywhere."""
+
     def load_state(self, path: str | os.PathLike) -> dict[str, Any]:
         path = Path(path)
         state = self._restore_scaler(load_plain(path / "state.pt"))

@@ -267,7 +267,8 @@ class FSDPStrategy(DistributedStrategy):
         """``{"dp": data-parallel replicas, "tp": tensor-parallel degree}``: how optimizer state is sharded."""
         return {"dp": self.dp_size, "tp": self.tp_size}
 
-    def load_state(self, path: str | os.PathLike) -> dict[str, Any]:
+    def check_resume(self, path: str | os.PathLike) -> None:
+        """Refuse trainer state written by another strategy or sharded over another mesh (its ``sharding.json``)."""
         path = Path(path)
         meta_file = path / SHARDING_FILE
         if not meta_file.is_file():
@@ -277,11 +278,16 @@ class FSDPStrategy(DistributedStrategy):
         saved = meta.get("mesh") or {"dp": meta["world_size"], "tp": 1}
         if saved != self.mesh_shape():
             def shape(m: dict[str, int]) -> str:
-                return f"{m['dp'] * m['tp']} processes as dp {m['dp']} x tp {m['tp']}"
+                n = m["dp"] * m["tp"]
+                return f"{n} process{'es' if n != 1 else ''} as dp {m['dp']} x tp {m['tp']}"
 
             raise UsageError(f"{path}: optimizer state is sharded over {shape(saved)}; resume with "
                              f"--nproc_per_node/--nnodes and --tp_size giving that mesh (this run has "
                              f"{shape(self.mesh_shape())})")
+
+    def load_state(self, path: str | os.PathLike) -> dict[str, Any]:
+        path = Path(path)
+        self.check_resume(path)
         name = "state.pt" if self.is_rank0() else f"state_rank{self.rank}.pt"
         state = self._restore_scaler(_from_local(load_plain(path / name), self.mesh))
         set_rng_state(load_plain(path / f"rng_rank{self.rank}.pt"))

@@ -258,3 +258,17 @@ def test_colossal_llama_tp_maps_to_tp_size(plugin, zero, want, tiny_llama_dir, m
         assert str(err.value) == want
     else:
         assert train.resolve_strategy(args) == want
+
+
+def test_vllm_rollouts_are_refused_under_tp(tmp_path):
+    from types import SimpleNamespace
+
+    from tests.scripts import load_script
+
+    script = load_script("examples/train_prompts.py")
+    args = script.build_parser().parse_args(["--pretrain", str(tmp_path), "--prompt_dataset", str(tmp_path / "p"),
+                                             "--rollout_engine", "vllm", "--strategy", "fsdp", "--tp_size", "2"])
+    with pytest.raises(UsageError) as err:
+        script.check_engine(args, SimpleNamespace(tp_size=2, world_size=2))
+    assert str(err.value) == ("--rollout_engine vllm with --tp_size 2: each process would run its own engine and "
+                              "sample its own responses; use --rollout_engine hf under tensor parallelism")

@@ -99,6 +99,10 @@ def add_strategy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fsdp_block", nargs="+", default=None,
                    help="fsdp only: class names of the modules sharded one by one (commas also separate); default: "
                         "the model's own (_no_split_modules, e.g. LlamaDecoderLayer)")
+    g.add_argument("--tp_size", type=Bounded(int, ">= 1"), default=None,
+                   help="fsdp only: tensor-parallel degree: each model's decoder layers are split over this many "
+                        "processes by the family's transformers TP plan (DTensor), and FSDP2 shards over the "
+                        "rest (world = dp x tp); default: no tensor parallelism")
     g.add_argument("--tf32", action=BoolFlag, default=None,
                    help="TF32 matmuls and convolutions on GPUs that have them (default: torch's setting)")
 
@@ -193,14 +197,44 @@ def strategy_from_args(args: argparse.Namespace, **extra: Any):
     if getattr(args, "tf32", None) is not None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     kwargs = dict(seed=args.seed, mixed_precision=args.mixed_precision, grad_clip=args.grad_clip)
-    for name in ("zero_stage", "cpu_offload", "placement_policy"):
+    for name in ("zero_stage", "cpu_offload", "placement_policy", "tp_size"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
+    if kwargs.get("tp_size", 1) > 1:
+        check_tensor_parallel(kwargs["tp_size"], args.strategy,
+                              [getattr(args, k, None) for k in ("pretrain", "rm_pretrain", "critic_pretrain")],
+                              lora=getattr(args, "lora_rank", 0) > 0,
+                              trust_remote_code=getattr(args, "trust_remote_code", False))
     if getattr(args, "fsdp_block", None):
         kwargs["block_classes"] = [n for arg in args.fsdp_block for n in arg.split(",") if n]
     kwargs.update(extra)
     with flag_errors():  # the strategy refuses a flag value or combination
-        return make_strategy(args.strategy, **kwargs)
+        strategy = make_strategy(args.strategy, **kwargs)
+    if getattr(args, "resume", None):  # a checkpoint this strategy cannot load: say so before any model loads
+        from .trainer.base import resolve_resume
+
+        strategy.check_resume(resolve_resume(args.resume, getattr(args, "save_path", None)) / "trainer_state")
+    return strategy
+
+
+def check_tensor_parallel(tp_size: int, strategy: str, checkpoints: list[str | None], lora: bool = False,
+                          trust_remote_code: bool = False) -> None:
+    """Refuse ``--tp_size`` where it cannot work, from the flags and the checkpoints' configs only (before any
+    process group or weights): another strategy, a world it does not divide, LoRA, a family without a TP plan,
+    sizes it cannot split."""
+    from .trainer.strategies.tensor_parallel import check_tp_checkpoint
+
+    if strategy != "fsdp":
+        raise UsageError(f"--tp_size {tp_size} needs --strategy fsdp (tensor parallelism is composed with FSDP2), "
+                         f"not {strategy}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % tp_size:
+        raise UsageError(f"--tp_size {tp_size} must divide the number of processes ({world})")
+    if lora:
+        raise UsageError(f"--tp_size {tp_size}: LoRA adapters are not tensor-parallel; use --tp_size 1 with "
+                         "--lora_rank")
+    for path in sorted({p for p in checkpoints if p}):
+        check_tp_checkpoint(path, tp_size, trust_remote_code)
 
 
 @contextlib.contextmanager

@@ -223,6 +223,9 @@ def check_engine(args: argparse.Namespace, strategy: Any) -> None:
     cfg = rl_config(args)
     if cfg.rollout_engine != "vllm":
         return
+    if strategy.tp_size > 1:  # the ranks of a tp group must sample alike; vLLM engines are per process
+        raise UsageError(f"--rollout_engine vllm with --tp_size {strategy.tp_size}: each process would run its own "
+                         "engine and sample its own responses; use --rollout_engine hf under tensor parallelism")
     from coati.rollout.vllm import import_vllm
 
     if cfg.vllm_sleep and not torch.cuda.is_available():

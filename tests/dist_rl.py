@@ -2,6 +2,8 @@
 
     torchrun --nproc_per_node=2 tests/dist_rl.py OUT ddp     # samples, records each prompt's responses
     python tests/dist_rl.py OUT single                       # one process, 2x the batch, replays them
+    torchrun --nproc_per_node=2|4 tests/dist_rl.py OUT tp grpo   # fsdp --tp_size 2 (dp 1|2): samples, records
+                                                                 # (tests/test_tp.py), checks greedy generation
 
 Ranks sample from their own streams, which one process cannot reproduce, so every run after the first replays the
 responses the first generated (same prompt, same episode): everything after generation (scores, advantages,
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -82,7 +85,7 @@ def _replay(trainer, recorded: dict[str, list[list[int]]]):
 def run(algo: str, strategy, accumulation: int, generate_hook) -> tuple[list[dict], dict]:
     from coati.trainer.ppo import PPOTrainer
 
-    batch = PROMPTS_PER_RANK * (2 // strategy.world_size)
+    batch = PROMPTS_PER_RANK * (2 // strategy.dp_size)
     actor, critic = h.models(seed=0)
     loader = strategy.setup_dataloader(h.prompt_data(16), batch, shuffle=False, collate_fn=PromptCollator(0))
     trainer = PPOTrainer(strategy, actor, critic if algo == "ppo" else None, tokenizer=tiny.tokenizer("llama"),
@@ -90,23 +93,43 @@ def run(algo: str, strategy, accumulation: int, generate_hook) -> tuple[list[dic
                          accumulation_steps=accumulation, **{**KW, **OVERRIDES.get(algo, {})})
     hf_engine.generate_with_masks = generate_hook(trainer)  # what the HF rollout engine samples with
     history = trainer.fit(loader)
-    return history, strategy.unwrap(trainer.actor).state_dict()
+    state = strategy.unwrap(trainer.actor).state_dict()
+    return history, {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
 
 
-def main(out: str, mode: str) -> None:
-    from coati.trainer.strategies import DDPStrategy, NaiveStrategy
+def check_greedy_generation(strategy) -> None:
+    """A tensor-parallel (and FSDP-sharded) actor generates greedily the tokens the whole model does."""
+    from coati.models.generation import generate_with_masks
 
-    strategy = DDPStrategy(seed=0) if mode == "ddp" else NaiveStrategy(seed=0)
+    whole, _ = h.models(seed=0)
+    sharded = strategy.prepare_model(h.models(seed=0)[0])
+    batch = PromptCollator(0)(h.prompt_data(4, seed=strategy.dp_rank))
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD, do_sample=False, max_new_tokens=8)
+    want = generate_with_masks(whole, batch["input_ids"], batch["attention_mask"], **kw)[0]
+    got = generate_with_masks(sharded, batch["input_ids"], batch["attention_mask"], **kw)[0]
+    if not torch.equal(got, want):
+        raise AssertionError(f"rank {strategy.rank}: greedy tokens under tensor parallelism {got.tolist()} != "
+                             f"{want.tolist()}")
+
+
+def main(out: str, mode: str, algos: tuple[str, ...] = ALGOS) -> None:
+    from coati.trainer.strategies import DDPStrategy, NaiveStrategy, make_strategy
+
+    if mode == "tp":
+        strategy = make_strategy("fsdp", seed=0, tp_size=2)
+        check_greedy_generation(strategy)
+    else:
+        strategy = DDPStrategy(seed=0) if mode == "ddp" else NaiveStrategy(seed=0)
     recorded: dict[str, dict[str, list[list[int]]]] = {}
     if mode == "single":
         for f in sorted(Path(out).glob("responses_rank*.json")):
             for algo, responses in json.loads(f.read_text()).items():
                 recorded.setdefault(algo, {}).update(responses)
     results = {}
-    for algo in ALGOS:
-        for accumulation in (1, 2):
+    for algo in algos:
+        for accumulation in (1,) if mode == "tp" else (1, 2):
             rec = recorded.setdefault(algo, {})
-            if mode == "ddp" and accumulation == 1:  # the first run samples; every other replays its responses
+            if mode in ("ddp", "tp") and accumulation == 1:  # the first run samples; every other replays its responses
                 hook = lambda trainer, rec=rec: _record(trainer, rec)  # noqa: E731
             else:
                 hook = lambda trainer, rec=rec: _replay(trainer, rec)  # noqa: E731
@@ -114,7 +137,7 @@ def main(out: str, mode: str) -> None:
             if strategy.is_rank0():
                 torch.save(weights, Path(out, f"actor_{algo}_{mode}_{accumulation}.pt"))
                 results[f"{algo}_{accumulation}"] = history
-    if mode == "ddp":
+    if mode in ("ddp", "tp"):
         Path(out, f"responses_rank{strategy.rank}.json").write_text(json.dumps(recorded))
     if strategy.is_rank0():
         Path(out, f"history_{mode}.json").write_text(json.dumps(results))
@@ -122,4 +145,4 @@ def main(out: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], tuple(sys.argv[3:]) or ALGOS)

@@ -44,12 +44,15 @@ def recipe(shared_data, tmp_path_factory):
     return root, held_out
 
 
+def _argv(root, save_dir, *extra) -> list[str]:
+    return ["--pretrained", str(root / "model"), "--dataset", str(root / "data"), "--plugin", "naive",
+            "--mixed_precision", "no", "--micro_batch_size", "4", "--accumulation_steps", "1", "--lr", "3e-3",
+            "--weight_decay", "0", "--warmup_steps", "0", "--max_length", str(MAX_LEN), "--save_dir", str(save_dir),
+            "--save_interval", "0", "--log_interval", "100", *extra]
+
+
 def _train(root, save_dir, *extra):
-    return load_script("examples/colossal_llama/train.py").main([
-        "--pretrained", str(root / "model"), "--dataset", str(root / "data"), "--plugin", "naive",
-        "--mixed_precision", "no", "--micro_batch_size", "4", "--accumulation_steps", "1", "--lr", "3e-3",
-        "--weight_decay", "0", "--warmup_steps", "0", "--max_length", str(MAX_LEN), "--save_dir", str(save_dir),
-        "--save_interval", "0", "--log_interval", "100", *extra])
+    return load_script("examples/colossal_llama/train.py").main(_argv(root, save_dir, *extra))
 
 
 def _held_out_loss(model_dir, texts) -> float:
@@ -108,3 +111,27 @@ def test_freeze_non_embeds_params_leaves_every_other_weight_identical(recipe, tm
             assert not torch.equal(after[name][32000:], tensor[32000:]), name
         else:
             assert torch.equal(after[name], tensor), name
+
+
+@pytest.mark.dist
+def test_plugin_3d_with_tp_2_trains_as_one_process(recipe, tmp_path):
+    """--plugin 3d --tp 2 on 2 processes (tensor parallel 2, one data-parallel replica) walks the same buckets
+    and gives one process's losses (fp32: to 1e-5)."""
+    import os
+    import subprocess
+
+    from tests.scripts import ROOT, torchrun
+
+    root, _ = recipe
+    one = _train(root, tmp_path / "one", "--log_interval", "1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([*torchrun(2), "examples/colossal_llama/train.py",
+                           *_argv(root, tmp_path / "tp", "--log_interval", "1", "--plugin", "3d", "--tp", "2")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = [json.loads(line) for line in (tmp_path / "tp" / "metrics.jsonl").read_text().splitlines()]
+    got = [r["loss"] for r in rows if r["split"] == "train"]
+    assert len(got) == one.total_steps >= 2
+    assert got == pytest.approx([h["loss"] for h in one.history], abs=1e-5)
+    assert json.loads((tmp_path / "tp" / "train_config.json").read_text())["resolved_strategy_kwargs"] == {
+        "zero_stage": 2, "tp_size": 2}

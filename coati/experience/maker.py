@@ -282,7 +282,7 @@ class ExperienceMaker:
     def _group_ids(self, num_prompts: int, device: torch.device) -> torch.Tensor:
         """One id per prompt, unique over the run and over processes (``groups_made``, saved in
         :meth:`state_dict`, counts this process's prompts), repeated for its samples."""
-        rank, world = (self.strategy.rank, self.strategy.world_size) if self.strategy is not None else (0, 1)
+        rank, world = (self.strategy.dp_rank, self.strategy.dp_size) if self.strategy is not None else (0, 1)
         ids = (torch.arange(num_prompts, device=device) + self.groups_made) * world + rank
         self.groups_made += num_prompts
         return ids.repeat_interleave(self.config.n_samples_per_prompt)

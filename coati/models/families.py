@@ -23,7 +23,8 @@ class Family:
     position ids restarting at 0 into a block-diagonal mask. OPT derives positions from the attention mask and
     builds its mask without position ids, BLOOM takes no position ids at all (ALiBi): both would let a packed
     sample attend to the one before it. ``tp_plan``: transformers ships a tensor-parallel plan for it
-    (``base_model_tp_plan`` of its config class; ``from_pretrained(tp_plan="auto")``). ``remote_code``: no
+    (``base_model_tp_plan`` of its config class; ``from_pretrained(tp_plan="auto")``), which ``--strategy fsdp
+    --tp_size N`` applies. ``remote_code``: no
     transformers class, the checkpoint brings its modelling code, so loading needs ``--trust_remote_code``.
     """
 

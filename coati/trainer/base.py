@@ -343,7 +343,7 @@ class SupervisedTrainer:
         global_count = strategy.all_reduce(torch.stack(counts).sum(), op="sum").clamp(min=1)
         # Gradient averaging over processes divides by world size; undo it so the step's gradient is the
         # sum over every unit in the global batch divided by the global unit count.
-        scale = strategy.world_size / global_count
+        scale = strategy.dp_size / global_count
         loss_total = torch.zeros((), device=device)
         sums: dict[str, list[float]] = {}
         for i, batch in enumerate(micro_batches):

@@ -283,7 +283,7 @@ class DPOTrainer(SupervisedTrainer):
                    "logps/chosen": ((logps.detach() * good).sum(), good.sum()),
                    "logps/rejected": ((logps.detach() * bad).sum(), bad.sum()),
                    # every process holds the same z0: the mean over micro-batches
-                   "kl": (kl / self.strategy.world_size, 1.0 / self.strategy.world_size)}
+                   "kl": (kl / self.strategy.dp_size, 1.0 / self.strategy.dp_size)}
         return losses.sum(), torch.tensor(len(logps)), metrics
 
     def _train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:

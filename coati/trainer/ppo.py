@@ -447,7 +447,7 @@ class PPOTrainer:
         by: the step is the aggregation of the global batch, whatever the processes' and micro-batches' sizes."""
         sizes = torch.tensor([[float(e.action_mask.sum()), float(e.batch_size)] for e in group], dtype=torch.float64)
         totals = self.strategy.all_reduce(sizes.sum(0), op="sum").cpu().clamp(min=1.0)
-        shares = sizes * self.strategy.world_size / totals
+        shares = sizes * self.strategy.dp_size / totals
         return shares[:, 0].tolist(), shares[:, 1].tolist()
 
     def _actor_step(self, group: list[Experience]) -> dict[str, float]:
@@ -598,7 +598,7 @@ class PPOTrainer:
             zero, groups = (float(v) for v in reduced_sum[3 * len(keys): 3 * len(keys) + 2])
             metrics["sampling/zero_adv_group_share"] = zero / max(groups, 1.0)
         total_tokens = float(reduced_sum[-1])
-        samples = sum(len(info["score"]) for info in infos) * strategy.world_size
+        samples = sum(len(info["score"]) for info in infos) * strategy.dp_size
         for k, v in timings.items():
             metrics[f"timing_s/{k}"] = v
         metrics["perf/samples_per_s"] = samples / max(timings["step"], 1e-9)
@@ -674,7 +674,7 @@ class PPOTrainer:
             self._dump_rollouts(exp)
         if "kl_seq" in exp.info:
             kl_seq = float(self.strategy.all_reduce(exp.info["kl_seq"].float().mean(), op="mean"))
-            self.kl_ctl.update(kl_seq, prompts_per_batch * self.strategy.world_size * self.config.n_samples_per_prompt)
+            self.kl_ctl.update(kl_seq, prompts_per_batch * self.strategy.dp_size * self.config.n_samples_per_prompt)
         collected.add(exp)
         return exp
 
@@ -715,7 +715,7 @@ class PPOTrainer:
                                                   dtype=torch.float64), op="sum").cpu()
         dropped = 1.0 - float(totals[1]) / max(float(totals[0]), 1.0)
         return {"sampling/dropped_group_share": dropped,
-                "sampling/generation_rounds": float(totals[2]) / strategy.world_size}
+                "sampling/generation_rounds": float(totals[2]) / strategy.dp_size}
 
     # ----- main loop ----------------------------------------------------------------------------------
     def fit(self, prompt_dataloader: DataLoader, pretrain_dataloader: DataLoader | None = None, *,

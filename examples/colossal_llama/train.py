@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "bucket-based training")
     p.add_argument("--plugin", default="gemini", choices=[*PLUGINS, "3d", *COATI_STRATEGIES],
                    help="gemini / gemini_auto / zero2 / zero2_cpu: ColossalAI's plugin where ColossalAI and a GPU "
-                        "run, else torch FSDP2 with the same sharding; 3d: FSDP2 (coati has no tensor / pipeline "
-                        "parallelism); naive / ddp / fsdp: coati's strategies")
+                        "run, else torch FSDP2 with the same sharding; 3d: FSDP2 with --tp tensor parallelism "
+                        "(coati has no pipeline parallelism); naive / ddp / fsdp: coati's strategies")
     p.add_argument("--load_checkpoint", default=None,
                    help="a training checkpoint (a checkpoints/step_N dir, or a save dir holding checkpoints/ but "
                         "no final model): resume exactly; a model dir (a finished stage's save dir): its weights "
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs a CUDA GPU and flash-attn or kernels; refused before training without them)")
     p.add_argument("--freeze_non_embeds_params", action=cli.BoolFlag, default=False,
                    help="train only the input embedding and the LM head (the new vocabulary's rows with them)")
-    p.add_argument("--tp", type=cli.Bounded(int, ">= 1"), default=1, help="tensor parallel size (3d plugin); coati supports 1 only")
+    p.add_argument("--tp", type=cli.Bounded(int, ">= 1"), default=1,
+                   help="tensor parallel size (3d plugin; also with --plugin fsdp): the training scripts' --tp_size")
     p.add_argument("--zero", type=int, default=1, choices=[0, 1, 2],
                    help="ZeRO stage of the 3d plugin: 0 = DDP, 1 / 2 = FSDP2 with ZeRO-2 sharding")
     p.add_argument("--seed", type=cli.Bounded(int, ">= 0"), default=42, help="seed for init and the bucket order")
@@ -99,13 +100,19 @@ def resolve_strategy(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """(coati strategy name, its keyword arguments) for --plugin, falling back to FSDP2 where ColossalAI
     cannot run (the reason logged)."""
     if args.tp != 1:
-        raise UsageError(f"--tp {args.tp}: coati has no tensor parallelism; use --tp 1 (FSDP2 shards the "
-                         "parameters instead)")
+        if args.plugin not in ("3d", "fsdp"):
+            raise UsageError(f"--tp {args.tp}: tensor parallelism runs with --plugin 3d or fsdp, not {args.plugin}")
+        with cli.flag_errors():
+            cli.check_tensor_parallel(args.tp, "fsdp", [args.pretrained])
+        if args.plugin == "3d" and cli.rank() == 0:
+            logger.warning("--plugin 3d: coati has no pipeline parallelism; running fsdp with ZeRO-2 sharding "
+                           "over the data-parallel ranks and tensor parallelism %d", args.tp)
+        return "fsdp", {"zero_stage": 2, "tp_size": args.tp} if args.plugin == "3d" else {"tp_size": args.tp}
     if args.plugin in COATI_STRATEGIES:
         return args.plugin, {}
     if args.plugin == "3d":
         if cli.rank() == 0:
-            logger.warning("--plugin 3d: coati has no tensor / pipeline parallelism; running %s",
+            logger.warning("--plugin 3d --tp 1 (and coati has no pipeline parallelism): running %s",
                            "ddp" if args.zero == 0 else "fsdp with ZeRO-2 sharding")
         return ("ddp", {}) if args.zero == 0 else ("fsdp", {"zero_stage": 2})
     name, kwargs, fallback = PLUGINS[args.plugin]
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     cli.neftune_from_args(model, args)
     model = strategy.prepare_model(model)
 
-    sampler = BucketSampler(dataset.bins, num_replicas=strategy.world_size, rank=strategy.rank, seed=args.seed)
+    sampler = BucketSampler(dataset.bins, num_replicas=strategy.dp_size, rank=strategy.dp_rank, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.micro_batch_size, sampler=sampler, drop_last=True,
                         collate_fn=truncating(SFTCollator(tokenizer.pad_token_id), args.max_length))
     trainer = SFTTrainer(

@@ -11,9 +11,16 @@ def make_strategy(name: str, **kwargs) -> Strategy:
     """Build a strategy by its CLI name; heavy backends are imported only when asked for.
 
     ``zero_stage`` / ``cpu_offload`` / ``placement_policy`` configure the sharded strategies; naive and ddp
-    refuse them when set (None / False mean unset), rather than silently not sharding.
+    refuse them when set (None / False mean unset), rather than silently not sharding; ``tp_size`` > 1 (tensor
+    parallelism) is fsdp's alone.
     """
     sharding = {k: kwargs.pop(k) for k in ("zero_stage", "cpu_offload", "placement_policy") if k in kwargs}
+    tp_size = kwargs.pop("tp_size", None)
+    if tp_size not in (None, 1) and name != "fsdp":
+        raise ValueError(f"--tp_size {tp_size} needs --strategy fsdp (tensor parallelism is composed with FSDP2), "
+                         f"not {name}")
+    if tp_size is not None and name == "fsdp":
+        kwargs["tp_size"] = tp_size
     if "block_classes" in kwargs and name != "fsdp":
         raise ValueError(f"--fsdp_block applies only to --strategy fsdp, not {name}")
     if name in ("naive", "ddp"):

@@ -102,6 +102,7 @@ class Strategy:
     """One process on CPU or one GPU. Subclasses: DDPStrategy, FSDPStrategy, ColossalAIStrategy."""
 
     name = "naive"
+    tp_size = 1  # ranks holding slices of one model replica (tensor parallelism); the others are data-parallel
 
     def __init__(self, seed: int = 42, mixed_precision: str | None = None, grad_clip: float = 1.0) -> None:
         if mixed_precision not in PRECISIONS:
@@ -137,10 +138,22 @@ class Strategy:
         torch.manual_seed(seed)
 
     def set_sampling_seed(self) -> None:
-        """Seed this process with ``seed + rank`` once every model is built (PPO calls it before its first
+        """Seed this process with ``seed + dp_rank`` once every model is built (PPO calls it before its first
         rollout): ``set_seed`` gives every rank the same seed so models built from config start identical,
-        but ranks sampling from one stream would draw the same response for the same prompt."""
-        self.set_seed(self.seed + self.rank)
+        but replicas sampling from one stream would draw the same response for the same prompt; the ranks of
+        one tensor-parallel group must draw the same one."""
+        self.set_seed(self.seed + self.dp_rank)
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: the processes that see different data (ranks of one tensor-parallel group see
+        the same batches and sample the same responses)."""
+        return self.world_size // self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's data-parallel replica, in ``range(dp_size)``."""
+        return self.rank // self.tp_size
 
     def is_rank0(self) -> bool:
         return self.rank == 0
@@ -238,9 +251,9 @@ class Strategy:
     def setup_dataloader(self, dataset: Dataset, batch_size: int, *, shuffle: bool = True,
                          collate_fn: Callable | None = None, drop_last: bool = False, seed: int | None = None,
                          num_workers: int = 0, lengths: list[int] | None = None) -> DataLoader:
-        """A loader over this rank's share of ``dataset``; ``batch_size`` is per process. ``lengths`` (one per
-        sample) groups batches by length (:class:`LengthGroupedSampler`)."""
-        kwargs = dict(num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
+        """A loader over this data-parallel replica's share of ``dataset``; ``batch_size`` is per replica.
+        ``lengths`` (one per sample) groups batches by length (:class:`LengthGroupedSampler`)."""
+        kwargs = dict(num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle,
                       seed=self.seed if seed is None else seed, drop_last=drop_last)
         sampler = (ResumableSampler(dataset, **kwargs) if lengths is None
                    else LengthGroupedSampler(dataset, lengths, batch_size, **kwargs))
@@ -271,6 +284,10 @@ class Strategy:
             torch.save(self._with_scaler(state), path / "state.pt")
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         self.barrier()
+
+    def check_resume(self, path: str | os.PathLike) -> None:
+        """Raise a UserError where the trainer state in ``path`` cannot be loaded by this strategy as configured
+        (scripts call it before any model loads); states of unsharded strategies load anywhere."""
 
     def load_state(self, path: str | os.PathLike) -> dict[str, Any]:
         path = Path(path)

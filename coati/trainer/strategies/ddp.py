@@ -17,7 +17,12 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 
 
 class DistributedStrategy(Strategy):
-    """Process-group plumbing shared by every multi-process strategy (DDP, FSDP)."""
+    """Process-group plumbing shared by every multi-process strategy (DDP, FSDP).
+
+    ``all_reduce`` and ``all_gather_object`` span the data-parallel replicas (``dp_group``; None = every process):
+    the ranks of one tensor-parallel group hold the same values, which must count once."""
+
+    dp_group: Any = None
 
     def setup_distributed(self) -> None:
         if not dist.is_initialized():
@@ -37,10 +42,10 @@ class DistributedStrategy(Strategy):
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
         tensor = tensor.detach().clone().to(self.device)
         if op == "mean":
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-            tensor /= self.world_size
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dp_group)
+            tensor /= self.dp_size
         else:
-            dist.all_reduce(tensor, op=_OPS[op])
+            dist.all_reduce(tensor, op=_OPS[op], group=self.dp_group)
         return tensor
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
@@ -49,8 +54,8 @@ class DistributedStrategy(Strategy):
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        out: list[Any] = [None] * self.dp_size
+        dist.all_gather_object(out, obj, group=self.dp_group)
         return out
 
 

@@ -19,15 +19,21 @@ process holds 1/N of them and every process must call them on the same number of
 do; ``shard_frozen=False`` replicates them instead (no communication in their forward). LoRA adapters are
 sharded beside their frozen base weights; only they get gradients and optimizer state.
 
+Tensor parallelism (``tp_size`` > 1): the processes form a 2-D ``(dp, tp)`` mesh; each model's decoder layers are
+first split over ``tp`` by its family's transformers plan (:mod:`.tensor_parallel`), then FSDP2 shards everything
+over ``dp``. Data, reductions and sampling seeds follow the data-parallel replica (``dp_rank``, ``dp_group``).
+
 Checkpoints: ``save_model`` writes the same consolidated ``save_pretrained`` directory as every other
 strategy (gathered on rank 0); ``load_model`` reads one on rank 0 and broadcasts it into the shards.
-Optimizer state is saved per rank (its shards), so ``--resume`` needs the same number of processes.
+Optimizer state is saved per rank (its shards), so ``--resume`` needs the same mesh (processes and tp_size),
+recorded in ``sharding.json``.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,10 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import placement_types
+
+# FSDP2's dp placement of a dim tensor parallelism already split (absent from older torch, which has no such case)
+_StridedShard = getattr(placement_types, "_StridedShard", ())
 
 from ...errors import UsageError
 from .base import StrategyUnavailableError, atomic_dir, load_plain, rng_state, set_rng_state
@@ -64,6 +74,7 @@ except ImportError:  # torch 2.5 (ColossalAI's pinned stack): FSDP2 there needs 
     )
 
 SHARDING_FILE = "sharding.json"
+MESH_DIMS = ("dp", "tp")
 
 
 class FSDPStrategy(DistributedStrategy):
@@ -73,7 +84,8 @@ class FSDPStrategy(DistributedStrategy):
 
     def __init__(self, seed: int = 42, mixed_precision: str | None = None, grad_clip: float = 1.0,
                  zero_stage: int = 3, cpu_offload: bool = False, shard_frozen: bool = True,
-                 placement_policy: str | None = None, block_classes: list[str] | None = None) -> None:
+                 placement_policy: str | None = None, block_classes: list[str] | None = None,
+                 tp_size: int = 1) -> None:
         if zero_stage not in (2, 3):
             raise ValueError(f"fsdp supports --zero_stage 2 or 3, got {zero_stage}")
         if placement_policy is not None:
@@ -86,8 +98,15 @@ class FSDPStrategy(DistributedStrategy):
         self.cpu_offload = bool(cpu_offload)
         self.shard_frozen = shard_frozen
         self.block_classes = block_classes
+        self.tp_size = tp_size
         super().__init__(seed=seed, mixed_precision=mixed_precision, grad_clip=grad_clip)
-        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        if self.world_size % tp_size:
+            raise ValueError(f"--tp_size {tp_size} must divide the number of processes ({self.world_size})")
+        if tp_size == 1:
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=MESH_DIMS[:1])
+        else:  # ranks r = dp_rank * tp_size + tp_rank: a tensor-parallel group is tp_size consecutive ranks
+            self.mesh = init_device_mesh(self.device.type, (self.dp_size, tp_size), mesh_dim_names=MESH_DIMS)
+            self.dp_group = self.mesh["dp"].get_group()
 
     def _setup_device(self) -> None:
         super()._setup_device()
@@ -99,7 +118,7 @@ class FSDPStrategy(DistributedStrategy):
 
     # ----- wrapping ------------------------------------------------------------------------------------
     def _policies(self, reshard: bool) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"mesh": self.mesh, "reshard_after_forward": reshard}
+        kwargs: dict[str, Any] = {"mesh": self.mesh["dp"], "reshard_after_forward": reshard}
         if self.mixed_precision is not None:
             dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -119,6 +138,10 @@ class FSDPStrategy(DistributedStrategy):
                 return model.to(self.device)
         if isinstance(model, FSDPModule):
             return model
+        if self.tp_size > 1:
+            from .tensor_parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(model, self.mesh["tp"])
         # A frozen model has no backward that could reuse gathered parameters: always reshard it.
         reshard = self.zero_stage == 3 or not trainable
         kwargs = self._policies(reshard)
@@ -155,23 +178,27 @@ class FSDPStrategy(DistributedStrategy):
         return contextlib.nullcontext()
 
     def clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
-        """Global L2 norm over sharded (DTensor) and plain gradients; clips in place, returns the norm."""
+        """Global L2 norm over sharded (DTensor) and plain gradients; clips in place, returns the norm.
+
+        A DTensor gradient's squared sum is reduced over the mesh dimensions it is sharded on (FSDP's dp, TP's
+        tp, or both), never over those it is replicated on, so each element counts once."""
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        local = torch.zeros((), dtype=torch.float32, device=self.device)
-        replicated = torch.zeros((), dtype=torch.float32, device=self.device)
+        partial: dict[tuple, torch.Tensor] = {}  # (mesh, sharded dims) -> this rank's squared sum
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for g in grads:
             if isinstance(g, DTensor):
                 sq = g.to_local().detach().float().pow(2).sum().to(self.device)
-                if all(isinstance(p, Shard) for p in g.placements):
-                    local += sq
-                else:
-                    replicated += sq
+                key = (g.device_mesh, tuple(i for i, p in enumerate(g.placements) if _is_shard(p)))
+                partial[key] = partial.get(key, 0) + sq
             else:
-                replicated += g.detach().float().pow(2).sum().to(self.device)
-        dist.all_reduce(local, op=dist.ReduceOp.SUM)
-        total = (local + replicated).sqrt()
+                total += g.detach().float().pow(2).sum().to(self.device)
+        for (mesh, dims), sq in partial.items():  # the same keys, in the same order, on every rank
+            for dim in dims:
+                dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+            total += sq
+        total = total.sqrt()
         if self.grad_clip and self.grad_clip > 0:
             coef = (self.grad_clip / (total + 1e-6)).clamp(max=1.0)
             for g in grads:
@@ -182,7 +209,14 @@ class FSDPStrategy(DistributedStrategy):
     # ----- checkpoints ----------------------------------------------------------------------------------
     def _gather_replica(self, model: nn.Module) -> nn.Module | None:
         """All ranks: gather the full state dict. Rank 0 gets a plain CPU copy of ``model``; others None."""
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # a (dp, tp)-sharded weight is gathered in two steps, which torch warns about on every rank and save
+        quiet = logging.getLogger("torch.distributed.tensor._redistribute")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        finally:
+            quiet.setLevel(level)
         if not self.is_rank0():
             return None
         return plain_replica(model, state)
@@ -225,19 +259,35 @@ class FSDPStrategy(DistributedStrategy):
         torch.save(_to_local(self._with_scaler(state)), path / name)
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         if self.is_rank0():
-            (path / SHARDING_FILE).write_text(json.dumps({"strategy": self.name, "world_size": self.world_size}))
+            (path / SHARDING_FILE).write_text(json.dumps({"strategy": self.name, "world_size": self.world_size,
+                                                          "mesh": self.mesh_shape()}))
         self.barrier()
 
-    def load_state(self, path: str | os.PathLike) -> dict[str, Any]:
+    def mesh_shape(self) -> dict[str, int]:
+        """``{"dp": data-parallel replicas, "tp": tensor-parallel degree}``: how optimizer state is sharded."""
+        return {"dp": self.dp_size, "tp": self.tp_size}
+
+    def check_resume(self, path: str | os.PathLike) -> None:
+        """Refuse trainer state written by another strategy or sharded over another mesh (its ``sharding.json``)."""
         path = Path(path)
         meta_file = path / SHARDING_FILE
         if not meta_file.is_file():
-            raise ValueError(f"{path}: not written by --strategy fsdp (no {SHARDING_FILE}); resume with the "
+            raise UsageError(f"{path}: not written by --strategy fsdp (no {SHARDING_FILE}); resume with the "
                              "strategy that wrote it")
-        saved = json.loads(meta_file.read_text())["world_size"]
-        if saved != self.world_size:
-            raise ValueError(f"{path}: optimizer state is sharded over {saved} processes; resume with "
-                             f"--nproc_per_node/--nnodes giving {saved} processes (this run has {self.world_size})")
+        meta = json.loads(meta_file.read_text())
+        saved = meta.get("mesh") or {"dp": meta["world_size"], "tp": 1}
+        if saved != self.mesh_shape():
+            def shape(m: dict[str, int]) -> str:
+                n = m["dp"] * m["tp"]
+                return f"{n} process{'es' if n != 1 else ''} as dp {m['dp']} x tp {m['tp']}"
+
+            raise UsageError(f"{path}: optimizer state is sharded over {shape(saved)}; resume with "
+                             f"--nproc_per_node/--nnodes and --tp_size giving that mesh (this run has "
+                             f"{shape(self.mesh_shape())})")
+
+    def load_state(self, path: str | os.PathLike) -> dict[str, Any]:
+        path = Path(path)
+        self.check_resume(path)
         name = "state.pt" if self.is_rank0() else f"state_rank{self.rank}.pt"
         state = self._restore_scaler(_from_local(load_plain(path / name), self.mesh))
         set_rng_state(load_plain(path / f"rng_rank{self.rank}.pt"))
@@ -320,18 +370,31 @@ def plain_replica(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mod
 _SHARD = "__coati_dtensor_local__"
 
 
+def _is_shard(p: Any) -> bool:
+    return p.is_shard() or isinstance(p, _StridedShard)
+
+
 def _placement_to_plain(p: Any) -> list:
+    if isinstance(p, _StridedShard):
+        return ["strided_shard", p.dim, p.split_factor]
     if isinstance(p, Shard):
         return ["shard", p.dim]
     if isinstance(p, Replicate):
         return ["replicate"]
-    raise ValueError(f"cannot checkpoint a DTensor placed as {p!r} (only Shard and Replicate)")
+    raise ValueError(f"cannot checkpoint a DTensor placed as {p!r} (only Shard, _StridedShard and Replicate)")
+
+
+def _plain_to_placement(p: list) -> Any:
+    if p[0] == "strided_shard":
+        return _StridedShard(p[1], split_factor=p[2])
+    return Shard(p[1]) if p[0] == "shard" else Replicate()
 
 
 def _to_local(obj: Any) -> Any:
     if isinstance(obj, DTensor):
         return {_SHARD: obj.to_local().detach().cpu(), "shape": list(obj.shape), "stride": list(obj.stride()),
-                "placements": [_placement_to_plain(p) for p in obj.placements]}
+                "placements": [_placement_to_plain(p) for p in obj.placements],
+                "mesh": list(obj.device_mesh.mesh_dim_names or ())}
     if isinstance(obj, dict):
         return {k: _to_local(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -340,9 +403,12 @@ def _to_local(obj: Any) -> Any:
 
 
 def _from_local(obj: Any, mesh) -> Any:
+    """Rebuild the DTensors :func:`_to_local` saved, each on the dims of ``mesh`` it was saved on."""
     if isinstance(obj, dict) and _SHARD in obj:
-        placements = [Shard(p[1]) if p[0] == "shard" else Replicate() for p in obj["placements"]]
-        return DTensor.from_local(obj[_SHARD], mesh, placements, run_check=False, shape=torch.Size(obj["shape"]),
+        placements = [_plain_to_placement(p) for p in obj["placements"]]
+        names = tuple(obj.get("mesh") or ())
+        on = mesh if not names or names == tuple(mesh.mesh_dim_names or ()) else mesh[names]
+        return DTensor.from_local(obj[_SHARD], on, placements, run_check=False, shape=torch.Size(obj["shape"]),
                                   stride=tuple(obj["stride"]))
     if isinstance(obj, dict):
         return {k: _from_local(v, mesh) for k, v in obj.items()}

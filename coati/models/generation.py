@@ -56,7 +56,7 @@ def sample_dropping_finished(model: Any, input_ids: torch.Tensor, logits_process
         if has_eos_stopping_criteria:
             next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-        unfinished = unfinished & ~stopping_criteria(input_ids, next_token_scores)
+        unfinished = unfinished & ~stopping_criteria(input_ids, None)  # scores: None, as _sample without output_scores
         if unfinished.max() == 0:
             return input_ids
         keep = unfinished[active].bool()

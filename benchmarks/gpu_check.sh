@@ -26,6 +26,15 @@
 #      AdaLomo: AdamW's ~26 GB of weights, gradients and moments run out of memory, AdaLomo's step fits
 #      (grpo_adalomo_gpu_1b.json).
 #   OPTIM_CHECK_STEPS="a c" runs a subset.
+#
+#   benchmarks/gpu_check.sh generate  the HF rollout engine's sampling paths (benchmarks/bench_generate.py), its
+#                                     own device call of about 6 min (run(command="bash benchmarks/gpu_check.sh
+#                                     generate", carry=[".gpu"], timeout_s=420)): the 1B preset in bf16, 64 rows
+#   (16 prompts x 4) of up to 128 tokens, transformers' own loop against dropping finished rows (the engine's
+#   loop), the static cache, static cache + torch.compile, and continuous batching (generate_gpu_1b*.json), where
+#   the last two are expected to matter; samples_equal says whether each keeps the same tokens on CUDA.
+#   GENERATE_CHECK_ARGS replaces the bench flags (a rehearsal on CPU: GENERATE_CHECK_ARGS="--config tiny
+#   --batch_size 8 --max_new_tokens 16 --repeats 1").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +45,7 @@ if [ "${1:-run}" = prepare ]; then
   rm -rf .gpu && mkdir -p .gpu/data/sft .gpu/data/tokenizers .gpu/whl
   cp "$shared/sft/alpaca_en_demo.json" .gpu/data/sft/
   cp -r "$shared/tokenizers/llama2" .gpu/data/tokenizers/
+  mkdir -p .gpu/data/prompts && cp "$shared/prompts/vicuna_question_80.jsonl" .gpu/data/prompts/  # `generate`
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d .gpu/whl liger-kernel==0.8.5
   # the optimizers' packages (the `optim` checks): lomo-optim and bitsandbytes (about 42 MiB)
@@ -69,6 +79,19 @@ if [ "${1:-run}" = optim ]; then
     tail -c 1500 "$out/optim_$step.log"; echo
   done
   ls -la "$out"
+  exit 0
+fi
+if [ "${1:-run}" = generate ]; then
+  export PYTHONPATH=$PWD
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/generate_gpu.txt"
+  bench="$py benchmarks/bench_generate.py ${GENERATE_CHECK_ARGS:---config 1b --device cuda --precision bf16 \
+--batch_size 64 --num_generations 4 --max_new_tokens 128 --eos_prob 0.02 --repeats 3}"
+  # continuous batching in a run of its own, so that a hang there cannot cost the others
+  timeout 240 $bench --paths generate,drop_finished,static,static_compile --output "$out/generate_gpu_1b.json" \
+    2> "$out/generate_gpu_1b.log" | tail -c 2500; echo
+  timeout 150 $bench --paths generate,continuous_batching --output "$out/generate_gpu_1b_cb.json" \
+    2> "$out/generate_gpu_1b_cb.log" | tail -c 1500; echo
+  tail -n 3 "$out"/generate_gpu_1b*.log
   exit 0
 fi
 args=${GPU_CHECK_ARGS:---config 1b --device cuda --precision bf16 --packing --seq_len 2048 --batch_size 128 \

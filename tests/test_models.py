@@ -371,6 +371,8 @@ def test_generate_with_masks_samples_what_plain_generate_samples(family, pad_id)
     with temperature, top-k and top-p, and greedy."""
     from transformers import GenerationConfig
 
+    from coati.models.generation import DROPS_FINISHED_ROWS
+
     torch.manual_seed(0)
     actor = Actor.from_config(CONFIGS[family]()).eval()
     g = torch.Generator().manual_seed(1)
@@ -381,12 +383,18 @@ def test_generate_with_masks_samples_what_plain_generate_samples(family, pad_id)
         config = GenerationConfig(eos_token_id=2, pad_token_id=pad_id, max_new_tokens=16, **sampling)
         torch.manual_seed(5)
         want = actor.generate(ids, mask, generation_config=config, logits_processor=procs)
+        rows = []  # the batch size of every forward
+        hook = actor.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].size(0)),
+                                                     with_kwargs=True)
         torch.manual_seed(5)
         got, _, action_mask = generate_with_masks(actor, ids, mask, eos_token_id=2, pad_token_id=pad_id,
                                                   max_new_tokens=16, logits_processor=procs, **sampling)
+        hook.remove()
         lengths = action_mask.sum(1)
         if sampling["do_sample"]:  # the case in point: rows end at different steps while others go on
             assert lengths.max() == 16 and len(set(lengths.tolist())) > 2
+            if DROPS_FINISHED_ROWS:  # and the model ran on the unfinished rows only
+                assert rows[-1] == (lengths == 16).sum() < len(ids) == rows[0]
         assert torch.equal(got, want)
 
 

@@ -18,13 +18,14 @@ Workload (GRPO-shaped): ``--batch_size`` rows = batch_size / G prompts of
 sampled at temperature 1 (no top-k / top-p) for up to ``--max_new_tokens``. The random-weight model ends a
 response with a geometric length: its LM head gets a bias on EOS, calibrated so that EOS has probability
 about ``--eos_prob`` per token (0: no bias, every row runs to ``--max_new_tokens``), as rollouts of a real
-policy end at different lengths.
+policy end at different lengths. Each repeat seeds every path alike and starts with the next path in turn.
 
 Figures per path: ``tokens_per_s`` (generated tokens up to and including EOS, per wall second) and
 ``tokens_per_cpu_s`` (per CPU second of this process, the steadier figure on a shared CPU), medians over
-``--repeats``; ``ratio`` = path / ``generate`` of each; ``samples_equal``: every repeat's sequences equal
-``generate``'s token for token (each repeat seeds every path alike). One JSON line on stdout (``--output``
-also writes it).
+``--repeats`` (``runs`` lists each); ``ratio`` = path / ``generate`` of each; ``samples_equal``: every
+repeat's sequences equal ``generate``'s token for token. On a shared CPU read ``tokens_per_cpu_s``: other
+jobs stretch wall time, not the CPU time this single-threaded process spends. One JSON line on stdout
+(``--output`` also writes it).
 
 Example
   python benchmarks/bench_generate.py --config small --batch_size 32 --num_generations 4 \\
@@ -190,9 +191,11 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in runners}
     equal: dict[str, bool] = {n: True for n in runners}
     prompt_len = input_ids.size(1)
+    order = list(runners)
     for rep in range(args.repeats):
-        reference = None
-        for name, run in runners.items():
+        seqs_of = {}
+        for name in order[rep % len(order):] + order[:rep % len(order)]:  # each path first in turn
+            run = runners[name]
             torch.manual_seed(args.seed + 1 + rep)
             harness.sync(args.device)
             wall, cpu = time.perf_counter(), time.process_time()
@@ -201,11 +204,10 @@ def main() -> None:
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             generated = seqs[:, prompt_len:]
             tokens = int(action_mask_from_tokens(generated, EOS).sum())
-            if name == "generate":
-                reference = seqs
-            else:
-                equal[name] = equal[name] and bool(torch.equal(seqs.cpu(), reference.cpu()))
+            seqs_of[name] = seqs.cpu()
             runs[name].append({"wall_s": wall, "cpu_s": cpu, "tokens": tokens})
+        for name in runners:
+            equal[name] = equal[name] and bool(torch.equal(seqs_of[name], seqs_of["generate"]))
     results: dict[str, Any] = {}
     for name, rs in runs.items():
         tokens = statistics.median(r["tokens"] for r in rs)
@@ -213,7 +215,9 @@ def main() -> None:
             "tokens_per_s": round(statistics.median(r["tokens"] / r["wall_s"] for r in rs), 1),
             "tokens_per_cpu_s": round(statistics.median(r["tokens"] / r["cpu_s"] for r in rs), 1),
             "median_tokens": tokens, "mean_response_len": round(tokens / args.batch_size, 1),
-            "warmup_s": warmup_s[name], "samples_equal": equal[name] if name != "generate" else None}
+            "warmup_s": warmup_s[name], "samples_equal": equal[name] if name != "generate" else None,
+            "runs": [{"tokens_per_s": round(r["tokens"] / r["wall_s"], 1),
+                      "tokens_per_cpu_s": round(r["tokens"] / r["cpu_s"], 1)} for r in rs]}
     base = results.get("generate")
     for name, r in results.items():
         if base and name != "generate":

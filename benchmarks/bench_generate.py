@@ -22,7 +22,8 @@ policy end at different lengths. Each repeat seeds every path alike and starts w
 
 Figures per path: ``tokens_per_s`` (generated tokens up to and including EOS, per wall second) and
 ``tokens_per_cpu_s`` (per CPU second of this process, the steadier figure on a shared CPU), medians over
-``--repeats`` (``runs`` lists each); ``ratio`` = path / ``generate`` of each; ``samples_equal``: every
+``--repeats`` (``runs`` lists each); ``ratio``: the median over repeats of path / ``generate`` in the same
+repeat; ``samples_equal``: every
 repeat's sequences equal ``generate``'s token for token. On a shared CPU read ``tokens_per_cpu_s``: other
 jobs stretch wall time, not the CPU time this single-threaded process spends. One JSON line on stdout
 (``--output`` also writes it).
@@ -218,10 +219,11 @@ def main() -> None:
             "warmup_s": warmup_s[name], "samples_equal": equal[name] if name != "generate" else None,
             "runs": [{"tokens_per_s": round(r["tokens"] / r["wall_s"], 1),
                       "tokens_per_cpu_s": round(r["tokens"] / r["cpu_s"], 1)} for r in rs]}
-    base = results.get("generate")
-    for name, r in results.items():
-        if base and name != "generate":
-            r["ratio"] = {k: round(r[k] / base[k], 3) for k in ("tokens_per_s", "tokens_per_cpu_s")}
+    base_runs = results["generate"]["runs"]
+    for name, r in results.items():  # paired: each repeat's run against generate's in the same repeat
+        if name != "generate":
+            r["ratio"] = {k: round(statistics.median(a[k] / b[k] for a, b in zip(r["runs"], base_runs)), 3)
+                          for k in ("tokens_per_s", "tokens_per_cpu_s")}
     out = {"bench": "generate", "model": {"preset": args.config, **harness.PRESETS[args.config]},
            "batch_size": args.batch_size, "num_generations": args.num_generations,
            "prompt_len": prompt_len, "max_new_tokens": args.max_new_tokens, "eos_prob": args.eos_prob,

@@ -73,10 +73,12 @@ def _decode(model: Any, input_ids: torch.Tensor, outputs: Any, logits_processor:
     active = torch.arange(batch_size, device=input_ids.device)  # the rows model_kwargs and the cache hold
     while True:
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
-        logits = outputs.logits[:, -1].to(dtype=torch.float32)
+        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
         del outputs
-        next_token_logits = logits.new_zeros(batch_size, logits.size(-1))
-        next_token_logits[active] = logits
+        if len(active) < batch_size:  # ended rows: zeros, whose draws are thrown away as _sample's are
+            next_token_logits = logits.new_zeros(batch_size, logits.size(-1)).index_copy_(0, active, logits)
+        else:
+            next_token_logits = logits
         next_token_scores = logits_processor(input_ids, next_token_logits)
         if generation_config.do_sample:
             probs = torch.nn.functional.softmax(next_token_scores, dim=-1)

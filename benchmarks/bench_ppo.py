@@ -49,9 +49,19 @@ How to read the ratio
   ``gen_phase_tokens_per_s`` compares the generation engines alone (both HF generate: ~1 expected). Memory
   ratios < 1 mean coati uses less.
 
+Rollout engines (``--rollout_engine hf vllm``): coati alone, one worker per engine on the same weights, prompts
+  and settings, side by side in one JSON line (``engines``; TRL is not run). Each step splits into
+  ``generate`` (the engine's sampling), ``sync`` (copying the updated weights into vLLM; 0 for HF generate, which
+  samples from the trained module itself), ``make_experience`` (log-probs, reward, advantages) and ``train``.
+  ``step_over_generate`` is the step time over the engine's generation time (the cost of everything but
+  sampling); ``ratio_vllm_over_hf.gen_phase_tokens_per_s`` compares the engines' generation alone. Run it where
+  vLLM is installed (``pip install 'coati[vllm]'``); on CPU, vLLM runs in-process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+
 Example
   OMP_NUM_THREADS=1 python benchmarks/bench_ppo.py --algo grpo --config small --batch_size 8 \\
       --num_generations 4 --gen_len 64 --steps 5 --repeats 3
+  python benchmarks/bench_ppo.py --algo grpo --rollout_engine hf vllm --steps 3
 """
 from __future__ import annotations
 
@@ -83,6 +93,10 @@ def add_args(parser) -> None:
     parser.add_argument("--reward", choices=["fn", "model"], default="fn",
                         help="fn: a Python reward function; model: a (random) reward model on the same body")
     parser.add_argument("--prompts", default=str(PROMPTS), help="prompt file coati's PromptDataset reads")
+    parser.add_argument("--rollout_engine", nargs="+", choices=["hf", "vllm"], default=None,
+                        help="measure coati alone with each of these rollout engines, side by side (no TRL)")
+    parser.add_argument("--vllm_gpu_memory_utilization", type=Bounded(float, "(0, 1]"), default=None,
+                        help="--rollout_engine vllm: share of GPU memory vLLM takes (default: train_prompts.py's)")
     parser.add_argument("--algo", choices=["ppo", "grpo"], default="ppo",
                         help="coati's side: ppo (actor + critic, GAE, KL in the reward) or grpo (critic-free "
                              "--algo grpo, n_samples_per_prompt = G, k3 KL as a loss term: like for like with TRL)")
@@ -182,6 +196,8 @@ def worker_coati(job: dict) -> None:
 
     algo = dict(algo="grpo", n_samples_per_prompt=per_prompt) if grpo else dict(
         critic_optim=harness.coati_optimizer(job, critic.parameters(), job["lr"]), critic_lr=job["lr"])
+    engine_name = job.get("rollout_engine") or "hf"
+    engine = _vllm_engine(job, tok) if engine_name == "vllm" else None
     trainer = TimedPPOTrainer(
         strategy, actor, critic, reward_model=reward_model, tokenizer=tok,
         actor_optim=harness.coati_optimizer(job, actor.parameters(), job["lr"]),
@@ -189,11 +205,13 @@ def worker_coati(job: dict) -> None:
         kl_coef=job["kl_coef"], ptx_coef=0.0, num_episodes=total, num_collect_steps=1, num_update_steps=1,
         max_epochs=1, train_batch_size=job["batch_size"], lr=job["lr"], max_new_tokens=job["gen_len"],
         max_seq_len=None, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-        generate_kwargs={"min_new_tokens": job["gen_len"]}, log_interval=1, **algo)
+        generate_kwargs={"min_new_tokens": job["gen_len"]}, log_interval=1, engine=engine,
+        rollout_engine=engine_name, **algo)
     probe = harness.MemoryProbe(device)
     probe.start()
     history = trainer.fit(loader)
     split = {"generate": [h["timing_s/generate"] for h in history],
+             "sync": [h.get("timing_s/weight_sync", 0.0) for h in history],
              "make_experience": [h["timing_s/make_experience"] for h in history],
              "train": [h["timing_s/train_actor"] + h.get("timing_s/train_critic", 0.0) for h in history]}
     if not grpo:
@@ -207,7 +225,73 @@ def worker_coati(job: dict) -> None:
             {"algorithm": f"{job['algo'].upper()} ({models}" + (" + reward model)" if reward_model else ")"),
              "mean_response_len": lens[-1], "device_used": str(strategy.device),
              "critic_params": sum(p.numel() for p in trainer.critic.parameters()) if trainer.critic else 0,
+             "rollout_engine": engine_name,
              "optimizer": f"AdamW ({job['coati_optim']})" + ("" if grpo else " x2 (actor, critic)")})
+
+
+def _vllm_engine(job: dict, tok):
+    """vLLM on the benchmark's model dir, in the trainer's compute precision, in this process."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from coati.rl import make_config
+    from coati.rollout.vllm import VLLMEngine
+
+    # on CPU vLLM would reserve a share of the machine's memory for its KV cache: 1 GiB holds the bench's batches
+    cpu = {} if torch.cuda.is_available() else dict(enforce_eager=True, kv_cache_memory_bytes=2**30)
+    share = job["vllm_gpu_memory_utilization"] or make_config().vllm_gpu_memory_utilization  # train_prompts.py's
+    return VLLMEngine(job["model_dir"], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=job["seed"],
+                      dtype="bfloat16" if job["precision"] == "bf16" else "float32",
+                      max_model_len=job["seq_len"] + job["gen_len"],
+                      gpu_memory_utilization=share, **cpu)
+
+
+def engines_main(args) -> dict:
+    """``--rollout_engine``: one coati worker per engine on the same model dir and prompts; one JSON line."""
+    import os
+    import shutil
+    import tempfile
+
+    if args.warmup_steps < 1:
+        raise SystemExit("--warmup_steps must be >= 1 (the first step compiles and allocates)")
+    workdir = Path(tempfile.mkdtemp(prefix="coati_engines_"))
+    model_info = harness.write_model_dir(args, workdir / "model")
+    job = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    job.update(model_dir=str(workdir / "model"), workdir=str(workdir), **prepare(args, workdir))
+    results = {}
+    for engine in args.rollout_engine:
+        path = workdir / f"job_{engine}.json"
+        path.write_text(json.dumps({**job, "rollout_engine": engine}))
+        sys.stderr.write(f"[bench] coati with --rollout_engine {engine} ...\n")
+        res = harness.run_worker(__file__, "coati", path, args.threads, args.device, workdir / f"coati_{engine}.log")
+        if "error" not in res:
+            split = res["time_split_s"]
+            res["step_over_generate"] = round(res["step_s"] / split["generate"], 3) if split["generate"] else None
+        results[engine] = res
+    report = {"bench": f"{args.algo}_engines", "model": model_info, "batch_size": args.batch_size,
+              "seq_len": args.seq_len, "gen_len": args.gen_len, "num_generations": args.num_generations,
+              "warmup_steps": args.warmup_steps, "timed_steps": args.steps, "device": args.device,
+              "precision": args.precision, "threads": args.threads, "algo": args.algo, "engines": results}
+    if "error" not in results.get("hf", {"error": 1}) and "error" not in results.get("vllm", {"error": 1}):
+        report["ratio_vllm_over_hf"] = harness.ratios(results["vllm"], results["hf"],
+                                                      ["samples_per_s", "gen_phase_tokens_per_s", "step_s"])
+    report["notes"] = ("coati alone, one worker per rollout engine; time_split_s: generate / sync (weights into "
+                       "vLLM) / make_experience / train per step; step_over_generate = step_s / generate.")
+    report["versions"] = harness.versions()
+    report["machine"] = harness.machine(args.device)
+    report["command"] = "python " + " ".join([os.path.relpath(__file__, harness.REPO)] + sys.argv[1:])
+    line = json.dumps(report)
+    print(line, flush=True)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(line + "\n")
+    if args.keep_workdir:
+        sys.stderr.write(f"[bench] kept {workdir}\n")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
 
 
 # ----- TRL -------------------------------------------------------------------------------------------------
@@ -300,6 +384,9 @@ def main() -> None:
     if args._worker:
         job = json.loads(Path(args._job).read_text())
         (worker_coati if args._worker == "coati" else worker_trl)(job)
+        return
+    if args.rollout_engine:
+        engines_main(args)
         return
     notes = NOTES[args.algo] + " samples_per_s ratio > 1 = coati faster. --seq_len is the max prompt length here."
     harness.main(args, script=__file__, bench=args.algo, prepare=prepare,

@@ -27,6 +27,15 @@
 #      (grpo_adalomo_gpu_1b.json).
 #   OPTIM_CHECK_STEPS="a c" runs a subset.
 #
+#   benchmarks/gpu_check.sh vllm      the rollout engines (issue: vLLM), its own device call of about 8 min
+#                                     (run(command="bash benchmarks/gpu_check.sh vllm", carry=[".gpu"], timeout_s=540)):
+#   a GRPO and a PPO step of a 0.66B LLaMA (the 1b preset's shape, 12 layers; bf16 autocast, fp32 masters) with
+#   each rollout engine, side by side (bench_ppo.py --rollout_engine hf vllm), 64 rows of 256 new tokens;
+#   engines_{grpo,ppo}_gpu_1b.json. Goals, printed (never asserted): with vLLM a step takes at most 1.5x its
+#   generation (step_over_generate <= 1.5) and vLLM generates at least 3x as fast as HF generate
+#   (ratio_vllm_over_hf.gen_phase_tokens_per_s >= 3). vLLM (CUDA build) must be installed on the device
+#   machine: its wheels are far over what a call carries; without it the step says so and stops.
+#
 #   benchmarks/gpu_check.sh generate  the HF rollout engine's sampling paths (benchmarks/bench_generate.py), its
 #                                     own device call of about 6 min (run(command="bash benchmarks/gpu_check.sh
 #                                     generate", carry=[".gpu"], timeout_s=420)): the 1B preset in bf16, 64 rows
@@ -45,7 +54,7 @@ if [ "${1:-run}" = prepare ]; then
   rm -rf .gpu && mkdir -p .gpu/data/sft .gpu/data/tokenizers .gpu/whl
   cp "$shared/sft/alpaca_en_demo.json" .gpu/data/sft/
   cp -r "$shared/tokenizers/llama2" .gpu/data/tokenizers/
-  mkdir -p .gpu/data/prompts && cp "$shared/prompts/vicuna_question_80.jsonl" .gpu/data/prompts/  # `generate`
+  mkdir -p .gpu/data/prompts && cp "$shared/prompts/vicuna_question_80.jsonl" .gpu/data/prompts/  # bench_ppo, _generate
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d .gpu/whl liger-kernel==0.8.5
   # the optimizers' packages (the `optim` checks): lomo-optim and bitsandbytes (about 42 MiB)
@@ -77,6 +86,38 @@ if [ "${1:-run}" = optim ]; then
            --batch_size 4 --seq_len 256 --warmup_steps 0 --steps 1 --output "$out/grpo_adalomo_gpu_1b.json" ;;
     esac > "$out/optim_$step.log" 2>&1
     tail -c 1500 "$out/optim_$step.log"; echo
+  done
+  ls -la "$out"
+  exit 0
+fi
+if [ "${1:-run}" = vllm ]; then
+  export PYTHONPATH=$PWD
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    $py -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__)" 2>&1 | tail -n 1
+  } | tee "$out/engines_gpu.txt"
+  if ! $py -c "import vllm" >/dev/null 2>&1; then
+    echo "vllm step skipped: no vLLM on this machine (pip install 'coati[vllm]' there first)"
+    exit 0
+  fi
+  for algo in grpo ppo; do
+    name=engines_${algo}_gpu_1b
+    echo "== $name"
+    # PPO also trains a critic of the actor's size: vLLM gets less of the GPU there
+    util=$([ $algo = ppo ] && echo 0.25 || echo 0.4)
+    timeout 250 $py benchmarks/bench_ppo.py --algo $algo --rollout_engine hf vllm --config 1b --layers 12 \
+      --device cuda --precision bf16 --threads 16 --batch_size 64 --num_generations 8 --seq_len 128 --gen_len 256 \
+      --warmup_steps 1 --steps 2 --vllm_gpu_memory_utilization $util --output "$out/$name.json" \
+      2> "$out/$name.log" | $py -c "
+import json, sys
+r = json.loads(sys.stdin.read())
+for engine, e in r['engines'].items():
+    print(engine, {k: e.get(k) for k in ('step_s', 'time_split_s', 'step_over_generate', 'gen_phase_tokens_per_s',
+                                        'peak_gpu_mem_mb', 'error')})
+v, ratio = r['engines'].get('vllm', {}), r.get('ratio_vllm_over_hf', {}).get('gen_phase_tokens_per_s')
+print('goal step <= 1.5 x generate (vllm):', v.get('step_over_generate'), 'met' if (v.get('step_over_generate')
+      or 9) <= 1.5 else 'NOT met')
+print('goal vllm >= 3 x HF generate:', ratio, 'met' if (ratio or 0) >= 3 else 'NOT met')"
+    tail -n 3 "$out/$name.log"
   done
   ls -la "$out"
   exit 0

@@ -228,18 +228,24 @@ def check_engine(args: argparse.Namespace, strategy: Any) -> None:
     if cfg.vllm_sleep and not torch.cuda.is_available():
         raise UsageError("--vllm_sleep frees vLLM's GPU memory during updates: it needs a GPU (none here)")
     import_vllm()
-    if strategy.world_size > 1:
-        raise UsageError("--rollout_engine vllm runs in one process for now: drop torchrun / use --strategy naive")
+    if strategy.world_size > 1 and cfg.vllm_tensor_parallel_size > 1:
+        raise UsageError("--vllm_tensor_parallel_size > 1 under torchrun is not supported: each trainer process "
+                         "runs its own single-device engine")
     if args.quant:
-        raise UsageError("--rollout_engine vllm syncs merged full weights: not with a --quant base")
+        raise UsageError("--rollout_engine vllm starts from --pretrain's full-precision weights: not with a --quant "
+                         "base")
+    if cfg.vllm_lora == "adapter" and args.lora_rank > 0 and args.lora_train_bias != "none":
+        raise UsageError(f"--vllm_lora adapter sends only the LoRA adapter: --lora_train_bias "
+                         f"{args.lora_train_bias} trains biases it cannot carry (use --vllm_lora merge)")
     if not (Path(args.pretrain) / "config.json").is_file():
         raise UsageError(f"--rollout_engine vllm starts from a local checkpoint dir: --pretrain {args.pretrain} is "
                          f"none")
 
 
 def build_engine(args: argparse.Namespace, tokenizer: Any, strategy: Any, actor: Actor) -> Any:
-    """The vLLM rollout engine on --pretrain (the actor's starting weights), or None for HF generate. It computes
-    in the trainer's precision (vLLM's own default would run an fp32 checkpoint in bf16)."""
+    """The vLLM rollout engine on --pretrain (the actor's starting weights), or None for HF generate: one per
+    process under torchrun. It computes in the trainer's precision (vLLM's own default would run an fp32
+    checkpoint in bf16); with --vllm_lora adapter it serves the actor's LoRA adapter on that base."""
     cfg = rl_config(args)
     if cfg.rollout_engine != "vllm":
         return None
@@ -251,6 +257,7 @@ def build_engine(args: argparse.Namespace, tokenizer: Any, strategy: Any, actor:
     return VLLMEngine(args.pretrain, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, seed=args.seed,
                       dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                       tensor_parallel_size=cfg.vllm_tensor_parallel_size, sleep=cfg.vllm_sleep,
+                      lora_rank=args.lora_rank if cfg.vllm_lora == "adapter" else 0,
                       enforce_eager=not torch.cuda.is_available())
 
 

@@ -62,17 +62,23 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir):
+def engine_args() -> list[str]:
+    """The server's engine flags; tests/test_vllm_server.py runs this module's server tests with vLLM's."""
+    return ["--engine", "hf"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, engine_args):
     """`python inference/server.py` in a subprocess on a free loopback port, with an API key."""
     port = _free_port()
     cmd = [sys.executable, str(REPO / "inference" / "server.py"), str(tiny_llama_dir), "--host", "127.0.0.1",
            "--port", str(port), "--api_key", API_KEY, "--max_prompt_tokens", str(MAX_PROMPT),
            "--max_tokens_limit", str(MAX_TOKENS), "--max_batch_size", "8", "--batch_wait_ms", "20",
-           "--log_level", "warning"]
+           "--log_level", "warning", *engine_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 180  # vLLM's start (model load, KV cache) takes longer than HF's
     while True:
         if proc.poll() is not None:
             pytest.fail(f"server exited early:\n{proc.stdout.read()}")
@@ -83,7 +89,7 @@ def server(tiny_llama_dir):
             pass
         if time.time() > deadline:
             proc.kill()
-            pytest.fail("server did not become healthy in 90 s")
+            pytest.fail("server did not become healthy in 180 s")
         time.sleep(0.2)
     yield url
     proc.terminate()

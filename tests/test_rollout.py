@@ -5,6 +5,7 @@ import torch
 
 from coati.models.generation import generate_with_masks
 from coati.rollout import HFRolloutEngine, Rollout, RolloutEngine
+from coati.rollout.base import stop_length
 from coati.trainer.ppo import PPOTrainer
 from coati.trainer.strategies import NaiveStrategy
 from tests import dist_ppo as h
@@ -112,3 +113,37 @@ def test_experience_making_and_the_trainer_go_through_the_given_engine():
     assert exp.info["score"].tolist() == pytest.approx([2 / 3] * 8) and torch.all(exp.action_log_probs == -1.5)
     trainer.fit(prompts)
     assert len(engine.updates) == 2 and all(w is trainer.actor for w in engine.updates)  # once per episode
+
+
+def test_stop_length_is_the_shortest_prefix_whose_text_holds_a_stop_string():
+    decode = lambda ids: "".join(chr(i) for i in ids)  # noqa: E731 - one character per token
+    text = [ord(c) for c in "ab</x>cd</x>"]
+    assert stop_length(text, ["</x>"], decode) == 6  # the '>' completing the first one
+    assert stop_length(text, ["cd", "b<"], decode) == 3  # whichever stop string completes first
+    assert stop_length(text, ["zz"], decode) is None and stop_length([], ["a"], decode) is None
+    # a stop string the tokenizer spells across tokens: completed by the second token, whatever it holds after
+    pieces = {1: "An", 2: "swer:", 3: " 4"}
+    assert stop_length([1, 2, 3], ["nswer"], lambda ids: "".join(pieces[i] for i in ids)) == 2
+
+
+def test_the_maker_cuts_any_engines_responses_at_a_stop_string():
+    """Stop strings act on the engine's rollout (HF's or vLLM's alike): the tokens after the completing one become
+    padding, out of the score, the masks and the clipped count; a response without one is untouched."""
+    actor, _ = h.models(seed=0)
+    strategy = NaiveStrategy(seed=0)
+    prompts = h.loaders(strategy, experience_batch_size=4)[0]
+    tok = tiny.tokenizer("llama")
+    stop = tok.decode([9])
+    trainer = PPOTrainer(strategy, actor, None, tokenizer=tok, reward_fn=h.target_share, algo="rloo",
+                         n_samples_per_prompt=2, num_episodes=1, stop=(stop,), **h.PPO_KW)
+    maker = trainer.experience_maker
+    maker.engine = ScriptedEngine([h.TARGET_ID, 9, h.TARGET_ID, h.TARGET_ID])
+    exp = maker.make_experience(next(iter(prompts)))
+    assert exp.action_mask.tolist() == [[1, 1, 0, 0]] * 8
+    assert exp.sequences[:, -4:].tolist() == [[h.TARGET_ID, 9, 0, 0]] * 8  # padding after the stop
+    assert exp.attention_mask[:, -4:].tolist() == [[1, 1, 0, 0]] * 8
+    assert exp.info["score"].tolist() == pytest.approx([1 / 2] * 8)  # "7" + the stop: 1 of 2 characters is 7
+    assert exp.info["response_length"].tolist() == [2.0] * 8 and exp.info["response_clipped"].tolist() == [0.0] * 8
+    maker.engine = ScriptedEngine([h.TARGET_ID, h.TARGET_ID, h.TARGET_ID])  # no stop string, no EOS: clipped
+    exp = maker.make_experience(next(iter(prompts)))
+    assert exp.action_mask.tolist() == [[1, 1, 1]] * 8 and exp.info["response_clipped"].tolist() == [1.0] * 8

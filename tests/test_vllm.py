@@ -93,6 +93,16 @@ def test_without_vllm_one_line_names_the_extra(monkeypatch):
 
 
 # ----- the engine ----------------------------------------------------------------------------------------------
+def _config():
+    """dist_ppo's tiny LLaMA with head_dim 32 (vLLM's CPU attention has no 16), its output head tied to the
+    embeddings as in most small published checkpoints."""
+    from tests import dist_ppo as h
+    from tests import tiny
+
+    return tiny.llama_config(vocab_size=h.VOCAB, num_attention_heads=2, num_key_value_heads=1,
+                             tie_word_embeddings=True)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     if not HAS_VLLM:
@@ -103,15 +113,14 @@ def setup(tmp_path_factory):
     from tests import dist_ppo as h
 
     from coati.models import Actor
-    from tests import tiny
 
     path = tmp_path_factory.mktemp("vllm") / "actor"
-    torch.manual_seed(0)  # dist_ppo's tiny LLaMA with head_dim 32 (vLLM's CPU attention has no 16)
-    actor = Actor.from_config(tiny.llama_config(vocab_size=h.VOCAB, num_attention_heads=2,
-                                                num_key_value_heads=1)).eval()
+    torch.manual_seed(0)
+    actor = Actor.from_config(_config()).eval()
     actor.save_pretrained(path)
+    # an explicit KV cache: vLLM's CPU default reserves half the machine's memory, refused when others use it
     engine = VLLMEngine(path, eos_token_id=2, pad_token_id=0, dtype="float32", enforce_eager=True,
-                        max_model_len=128, seed=0)
+                        max_model_len=128, kv_cache_memory_bytes=32 << 20, seed=0)
     batch = next(iter(h.loaders(NaiveStrategy(seed=0), experience_batch_size=4)[0]))
     return engine, actor, batch, path
 
@@ -180,6 +189,11 @@ def test_after_a_grpo_update_vllm_greedy_equals_hf_generate(setup, tmp_path):
     after = engine.generate(batch["input_ids"], batch["attention_mask"], GREEDY)
     assert torch.equal(after.sequences, hf_after)  # token for token after the sync
     assert after.weight_version == 1
+    sampled = engine.generate(batch["input_ids"], batch["attention_mask"], {**GREEDY, "do_sample": True})
+    with torch.no_grad():  # every synced weight, the tied output head included: the same log-probs
+        trainer_lp = actor(sampled.sequences, sampled.attention_mask, num_actions=sampled.num_actions)
+    torch.testing.assert_close(sampled.engine_log_probs * sampled.action_mask, trainer_lp * sampled.action_mask,
+                               atol=LOGPROB_ATOL, rtol=0)
     metrics = history[-1]
     assert metrics["timing_s/weight_sync"] > 0 and metrics["rollout/logprob_diff/max"] < LOGPROB_ATOL
     assert 0 <= metrics["rollout/logprob_diff/mean"] < LOGPROB_ATOL
@@ -205,13 +219,10 @@ def test_repetition_penalty_and_min_new_tokens_map_to_vllm(setup):
 @needs_vllm
 def test_a_lora_actor_syncs_merged(setup):
     from coati.models import Actor, LoraSettings
-    from tests import dist_ppo as h
-    from tests import tiny
 
     engine, _, batch, _ = setup
     torch.manual_seed(1)
-    lora = Actor.from_config(tiny.llama_config(vocab_size=h.VOCAB, num_attention_heads=2, num_key_value_heads=1),
-                             lora=LoraSettings(rank=4, alpha=8)).eval()
+    lora = Actor.from_config(_config(), lora=LoraSettings(rank=4, alpha=8)).eval()
     with torch.no_grad():  # a trained-looking adapter: B != 0
         for name, p in lora.named_parameters():
             if "lora_B" in name:
@@ -237,6 +248,12 @@ def test_vllm_sleep_is_refused_without_a_gpu(setup):
 
 
 @needs_vllm
+def test_sampling_without_a_temperature_samples_at_temperature_1(setup):
+    params = setup[0].sampling_params({"do_sample": True, "max_new_tokens": 4})  # HF's GenerationConfig: None
+    assert params.temperature == 1.0 and setup[0].sampling_params(GREEDY).temperature == 0.0
+
+
+@needs_vllm
 def test_unsupported_generation_settings_are_refused(setup):
     with pytest.raises(ValueError, match="num_beams"):
         setup[0].sampling_params({**GREEDY, "num_beams": 2})
@@ -258,6 +275,9 @@ def _train_prompts_main():
     (["--rollout_is", "token"], "--rollout_is .* need --rollout_engine vllm"),
     (["--rollout_engine", "vllm", "--vllm_sleep"], "needs a GPU" if not torch.cuda.is_available() else None),
     (["--rollout_engine", "vllm"], r"pip install 'coati\[vllm\]'" if not HAS_VLLM else "local checkpoint dir"),
+    (["--vllm_lora", "adapter"], "--vllm_lora adapter .* needs --rollout_engine vllm"),
+    (["--rollout_engine", "vllm", "--vllm_lora", "adapter", "--lora_rank", "4", "--lora_train_bias", "all"],
+     r"pip install 'coati\[vllm\]'" if not HAS_VLLM else "--lora_train_bias all trains biases it cannot carry"),
 ])
 def test_train_prompts_refuses_bad_engine_flags_before_training(flags, message, tmp_path):
     if message is None:

@@ -32,7 +32,7 @@ from coati.models.utils import masked_mean
 from coati.rewards import RewardFn, call_reward_fn
 from coati.rl import (ADV_ESTIMATORS, FixedKLController, RLConfig, compute_reward, kl_clamped_share,
                       logprob_diff_stats, make_config, make_kl_controller, overlong_penalty, rollout_is_weights)
-from coati.rollout import HFRolloutEngine, Rollout, RolloutEngine
+from coati.rollout import HFRolloutEngine, Rollout, RolloutEngine, cut_at_stop_strings
 
 logger = logging.getLogger("coati")
 
@@ -244,11 +244,14 @@ class ExperienceMaker:
         return [self.tokenizer.decode([t for t, m in zip(row, mask) if m], skip_special_tokens=True)
                 for row, mask in zip(actions.tolist(), action_mask.tolist())]
 
-    def _no_eos(self, actions: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-        """1.0 for responses cut by the token limit (no EOS among their valid tokens)."""
+    def _clipped(self, rollout: Rollout) -> torch.Tensor:
+        """1.0 for responses cut by the token limit (neither an EOS among their valid tokens nor a stop string)."""
+        actions, action_mask = rollout.sequences[:, -rollout.num_actions:], rollout.action_mask
         eos = torch.as_tensor(self.eos_token_id, device=actions.device).reshape(-1)
-        has_eos = (torch.isin(actions, eos) & action_mask.bool()).any(-1)
-        return (~has_eos).float()
+        ended = (torch.isin(actions, eos) & action_mask.bool()).any(-1)
+        if rollout.stopped is not None:
+            ended |= rollout.stopped
+        return (~ended).float()
 
     @torch.no_grad()
     def _sequence_reward(self, batch: dict[str, Any], sequences: torch.Tensor, attention_mask: torch.Tensor,
@@ -295,6 +298,8 @@ class ExperienceMaker:
             if rollout.weight_version is not None and rollout.weight_version != self.weight_version:
                 raise RuntimeError(f"a rollout came from weight version {rollout.weight_version}, the trainer is at "
                                    f"{self.weight_version}: the engine missed a weight sync")
+            if self.config.stop:
+                rollout = cut_at_stop_strings(rollout, self.config.stop, self.tokenizer.decode, self.pad_token_id)
             if rollout.engine_log_probs is not None and rollout.log_probs is None:
                 # another engine sampled: the trainer's log-probs of its tokens (old log-probs, the log-prob
                 # diff and the rollout correction all need them)
@@ -400,7 +405,7 @@ class ExperienceMaker:
             "advantage": masked_mean(advantages, action_mask, dim=-1),
             "response_length": mask.sum(-1),
             "prompt_length": rollout.attention_mask[:, :prompt_width].float().sum(-1),
-            "response_clipped": self._no_eos(rollout.sequences[:, prompt_width:], action_mask),
+            "response_clipped": self._clipped(rollout),
         }
         if ref is not None and log_probs is not None:
             log_ratio = (log_probs - ref) * mask
@@ -442,7 +447,9 @@ class ExperienceMaker:
     # ----- state ------------------------------------------------------------------------------------------
     def update_weights(self, actor: nn.Module, version: int | None = None) -> None:
         """The next rollouts' policy: hand the trained actor to the rollout engine; ``version`` (the optimizer
-        step) is the weight version rollouts must come from from now on (engines without versions ignore it)."""
+        step) is the weight version rollouts must come from from now on (engines without versions ignore it).
+        Every process calls it together: the strategy-wrapped actor's shards are gathered by the engine as it
+        loads them (the vLLM engine all-gathers FSDP parameters one at a time)."""
         if version is not None:
             self.weight_version = version
         if "version" in inspect.signature(self.engine.update_weights).parameters:

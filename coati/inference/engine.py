@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Protocol, Sequence
 
 from coati.inference.generation import Completion, Generator, SamplingParams
 
@@ -61,8 +61,30 @@ class EngineStats:
     completion_tokens: int = 0  # generated in all, cancelled rows' partial answers included
 
 
+class ServingEngine(Protocol):
+    """What the server needs from an engine: `BatchingEngine` (HF generate) or `VLLMServingEngine` (vLLM)."""
+
+    stats: EngineStats
+
+    @property
+    def tokenizer(self): ...
+
+    @property
+    def max_model_len(self) -> int | None: ...
+
+    def start(self) -> "ServingEngine": ...
+
+    def stop(self) -> None: ...
+
+    async def complete(self, prompt: Sequence[int], params: SamplingParams) -> Completion: ...
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[str | Completion]: ...
+
+
 class BatchingEngine:
-    """Owns the generation thread. `start()` before use, `stop()` to end the thread."""
+    """Owns the generation thread. `start()` before use, `stop()` to end the thread. The server needs only
+    this interface (`tokenizer`, `max_model_len`, `stats`, `start`, `stop`, `complete`, `stream`), which
+    `coati.inference.vllm_engine.VLLMServingEngine` shares."""
 
     def __init__(self, generator: Generator, max_batch_size: int = 8, batch_wait_s: float = 0.005):
         if max_batch_size < 1:
@@ -73,6 +95,14 @@ class BatchingEngine:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self.stats = EngineStats()
+
+    @property
+    def tokenizer(self):
+        return self.generator.tokenizer
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.generator.max_model_len
 
     def start(self) -> "BatchingEngine":
         if self._thread is None:

@@ -87,7 +87,8 @@ TextCallback = Callable[[str], None]
 
 
 @dataclass
-class _Row:
+class Row:
+    """One request's decoding state: its tokens so far, whether and why it finished, the text already sent."""
     params: SamplingParams
     prompt_tokens: int
     on_text: TextCallback | None
@@ -99,12 +100,12 @@ class _Row:
     emitted: str = ""
 
 
-class _RowTracker(BaseStreamer):
+class RowTracker(BaseStreamer):
     """Sees each step's new tokens (as `generate`'s streamer), decides per row when it is finished, and
     sends finished text to the row's callback. Text that might begin a stop string, or ends inside a
     multi-byte character, is held back, so the pieces always join to the final `Completion.text`."""
 
-    def __init__(self, rows: list[_Row], eos_ids: Sequence[int], decode: Callable[[list[int]], str]):
+    def __init__(self, rows: list[Row], eos_ids: Sequence[int], decode: Callable[[list[int]], str]):
         self.rows, self.eos, self.decode = rows, set(eos_ids), decode
         self._prompt_seen = False
 
@@ -113,13 +114,16 @@ class _RowTracker(BaseStreamer):
             self._prompt_seen = True
             return
         for row, tok in zip(self.rows, value.reshape(-1).tolist()):
-            if not row.done:
-                self._step(row, tok)
+            self.add(row, tok)
 
     def end(self) -> None:
         pass
 
-    def _step(self, row: _Row, tok: int) -> None:
+    def add(self, row: Row, tok: int) -> None:
+        """Row `row`'s next token; an engine that steps requests itself (vLLM) feeds them here one by one, so
+        EOS, length, stop strings and streamed text follow the same rules as in `Generator.generate`."""
+        if row.done:
+            return
         p = row.params
         if row.cancel is not None and row.cancel.is_set():
             row.done, row.reason = True, "cancelled"
@@ -142,7 +146,7 @@ class _RowTracker(BaseStreamer):
             self._emit(row, text[: len(text) - hold])
 
     @staticmethod
-    def _emit(row: _Row, text: str) -> None:
+    def _emit(row: Row, text: str) -> None:
         if row.on_text is not None and len(text) > len(row.emitted) and text.startswith(row.emitted):
             row.on_text(text[len(row.emitted):])
             row.emitted = text
@@ -150,7 +154,7 @@ class _RowTracker(BaseStreamer):
     def finished(self) -> list[bool]:
         return [r.done or (r.cancel is not None and r.cancel.is_set()) for r in self.rows]
 
-    def completion(self, row: _Row) -> Completion:
+    def completion(self, row: Row) -> Completion:
         text = self.decode(row.tokens)
         if row.stop_at is not None:
             text = text[: row.stop_at]
@@ -161,11 +165,25 @@ class _RowTracker(BaseStreamer):
 
 
 class _TrackerStop(StoppingCriteria):
-    def __init__(self, tracker: _RowTracker):
+    def __init__(self, tracker: RowTracker):
         self.tracker = tracker
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         return torch.tensor(self.tracker.finished(), dtype=torch.bool, device=input_ids.device)
+
+
+def eos_ids(generation_config: GenerationConfig | None, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end an answer: the model's EOS ids (a chat model may have several) and the tokenizer's."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return eos
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """An answer's text, as every engine returns it."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class Generator:
@@ -175,18 +193,14 @@ class Generator:
         self.model, self.tokenizer = model, tokenizer
         self.device = model_device(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        self.eos_ids = eos
+        self.eos_ids = eos_ids(model.generation_config, tokenizer)
         cfg = getattr(model, "config", None)
         self.max_model_len: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(
             cfg, "n_positions", None)
         self.lock = threading.Lock()  # one generate at a time on the device
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return decode(self.tokenizer, ids)
 
     def _generation_config(self, p: SamplingParams, max_new_tokens: int) -> GenerationConfig:
         """Every decoding field is set explicitly: transformers fills unset (None) fields from the model's
@@ -223,8 +237,8 @@ class Generator:
             mask[i, width - len(p):] = 1
         cancels = list(cancels) if cancels is not None else [None] * n
         on_text = list(on_text) if on_text is not None else [None] * n
-        rows = [_Row(params[i], len(prompts[i]), on_text[i], cancels[i]) for i in range(n)]
-        tracker = _RowTracker(rows, self.eos_ids, self.decode)
+        rows = [Row(params[i], len(prompts[i]), on_text[i], cancels[i]) for i in range(n)]
+        tracker = RowTracker(rows, self.eos_ids, self.decode)
         gen_cfg = self._generation_config(params[0], max(p.max_new_tokens for p in params))
         with self.lock, torch.inference_mode():
             if params[0].seed is not None and not params[0].greedy:

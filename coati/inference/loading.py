@@ -113,7 +113,7 @@ def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "au
     adapter = is_adapter_dir(path)
     base_path = _adapter_base(path, base_model) if adapter else str(path)
     tok_path = path if (not adapter or _has_tokenizer(path)) else base_path
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_path), trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tok_path, trust_remote_code)
 
     if _config_quant_method(base_path) == "gptq":
         _check_gptq_backend()
@@ -134,9 +134,15 @@ def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "au
         if merge_adapter and qconfig is None:
             model = model.merge_and_unload()
     model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A model dir's tokenizer, padding with EOS where it has no pad token (batched generation pads)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def _from_pretrained(path: str, kwargs: dict[str, Any]) -> PreTrainedModel:

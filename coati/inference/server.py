@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP API over a `BatchingEngine` (FastAPI; `pip install coati[serve]`).
+"""OpenAI-compatible HTTP API over a `ServingEngine`: HF `BatchingEngine` or `VLLMServingEngine` (FastAPI;
+`pip install coati[serve]`).
 
 Routes: POST /v1/chat/completions, POST /v1/completions (JSON or server-sent events with `stream: true`),
 GET /v1/models, GET /health. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`,
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coati.inference.engine import BatchingEngine
+from coati.inference.engine import ServingEngine
 from coati.inference.generation import Completion, SamplingParams, encode_chat, encode_text
 
 
@@ -110,13 +111,13 @@ class _SlotStreamingResponse(StreamingResponse):
 
 
 class _API:
-    """The OpenAI-compatible endpoints over one :class:`BatchingEngine`: key check, request parsing, sampling
+    """The OpenAI-compatible endpoints over one :class:`ServingEngine`: key check, request parsing, sampling
     limits, admission (``max_concurrent`` requests in flight, else 429) and the response shapes."""
 
-    def __init__(self, engine: BatchingEngine, config: ServerConfig) -> None:
+    def __init__(self, engine: ServingEngine, config: ServerConfig) -> None:
         self.engine, self.config = engine, config
-        self.tokenizer = engine.generator.tokenizer
-        self.max_model_len = engine.generator.max_model_len
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
         self.in_flight = 0
         self.names = {config.model_name, *config.aliases}
 
@@ -323,7 +324,7 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: BatchingEngine, config: ServerConfig) -> FastAPI:
+def create_app(engine: ServingEngine, config: ServerConfig) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine thread."""
     from contextlib import asynccontextmanager
 

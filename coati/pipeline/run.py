@@ -20,6 +20,7 @@ own model and data (the rest stay built-in); task accuracy is reported only for 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from ..models.families import resolve_packing
 from ..plot import plot_run_if_possible
 from ..trainer import DPOTrainer, PPOTrainer, PreferenceConfig, RewardModelTrainer, SFTTrainer, TrainConfig
 from ..trainer.strategies import NaiveStrategy
-from ..utils.config import BoolFlag, Bounded, Parser
+from ..utils.config import BoolFlag, Bounded, Parser, add_config_args
 from ..utils.optim import OPTIMIZERS
 from .evaluation import evaluate_policy, standardize_reward_model
 from .task import WRONG_KINDS, ArithmeticTask, exact_match_reward, write_jsonl
@@ -68,6 +69,9 @@ CRITIC_FREE = tuple(name for name, preset in rl.PRESETS.items()
 PREFERENCE = ("dpo", "ipo", "orpo", "simpo")
 ALGOS = ("ppo", *CRITIC_FREE, *PREFERENCE)
 CURVE_POINTS = 25  # RL stages log (and curves.png draws) this many points
+ENGINE_GROUP = "rollout engine"  # RLConfig's flag group of --rollout_engine and its settings
+# vLLM's CPU attention kernels start at head size 32: the built-in model's heads have that size under vLLM
+VLLM_HEAD_SIZE = 32
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden_size", type=Bounded(int, ">= 4"), default=None, help="tiny LLaMA hidden size")
     t.add_argument("--num_layers", type=Bounded(int, ">= 1"), default=None, help="tiny LLaMA layers")
     _add_stage_args(p.add_argument_group("stage sizes and learning rates"))
+    # train_prompts.py's rollout-engine flags, declared once in RLConfig; they apply to the RL stage
+    add_config_args(p, rl.RLConfig, only_groups=[ENGINE_GROUP])
     return p
 
 
@@ -208,11 +214,13 @@ def _check_answer(prompt: str, response: str, extras: dict) -> bool:
     return ArithmeticTask.is_correct(prompt, response)
 
 
-def tiny_llama(tokenizer: Any, hidden_size: int, num_layers: int) -> Any:
+def tiny_llama(tokenizer: Any, hidden_size: int, num_layers: int, for_vllm: bool = False) -> Any:
+    """The built-in model; under vLLM its heads have vLLM's CPU head size."""
     from transformers import LlamaConfig
 
+    heads = hidden_size // VLLM_HEAD_SIZE if for_vllm else 4
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                       num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
+                       num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=tokenizer.model_max_length, tie_word_embeddings=True,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
@@ -277,6 +285,31 @@ class _Run:
             self.eval_items = [held[i] for i in range(min(len(held), args.num_eval))]
         model_type = "llama" if self.builtin_model else checkpoint_model_type(args.pretrain)
         self.packing = resolve_packing(args.packing, "auto", model_type)
+        self.uses_vllm = args.rollout_engine == "vllm"
+
+    def rollout_engine(self, policy: Actor) -> Any:
+        """vLLM on the saved SFT model (the RL stage's starting weights), in the policy's precision; None for HF
+        generate on the policy itself."""
+        if not self.uses_vllm:
+            return None
+        from ..rollout.vllm import VLLMEngine
+
+        args, tokenizer = self.args, self.tokenizer
+        config = policy.model.config
+        max_len = min(getattr(config, "max_position_embeddings", None) or 10**9, args.max_len + self.max_new_tokens)
+        cpu = {} if torch.cuda.is_available() else dict(
+            enforce_eager=True, kv_cache_memory_bytes=_kv_cache_bytes(config, policy, max_len * self.rollout_rows))
+        return VLLMEngine(self.out / "sft", eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          dtype=str(next(policy.parameters()).dtype).removeprefix("torch."), seed=args.seed,
+                          gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                          tensor_parallel_size=args.vllm_tensor_parallel_size, sleep=args.vllm_sleep,
+                          max_model_len=max_len, **cpu)
+
+    @property
+    def rollout_rows(self) -> int:
+        """Responses sampled in one RL episode."""
+        args = self.args
+        return args.ppo_batch_size if self.algo == "ppo" else args.rl_batch_size * args.n_samples_per_prompt
 
     def table(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -328,8 +361,8 @@ class _Run:
         args, strategy, tokenizer = self.args, self.strategy, self.tokenizer
         t0 = time.perf_counter()
         strategy.set_seed(args.seed)
-        actor = (Actor.from_config(tiny_llama(tokenizer, args.hidden_size, args.num_layers)) if self.builtin_model
-                 else Actor.from_pretrained(args.pretrain))
+        actor = (Actor.from_config(tiny_llama(tokenizer, args.hidden_size, args.num_layers, self.uses_vllm))
+                 if self.builtin_model else Actor.from_pretrained(args.pretrain))
         actor = strategy.prepare_model(actor)
         data = SFTDataset(args.dataset or self.files["sft"], tokenizer, **self._data_kw())
         pad_id = tokenizer.pad_token_id
@@ -390,6 +423,7 @@ class _Run:
                                               shuffle=True, collate_fn=PromptCollator(tokenizer.pad_token_id),
                                               drop_last=True)
         ppo = PPOTrainer(strategy, policy, critic, reward_model, reference, tokenizer=tokenizer,
+                         engine=self.rollout_engine(policy), **engine_settings(args),
                          kl_coef=args.kl_coef, ptx_coef=0.0, num_episodes=args.ppo_episodes, num_collect_steps=1,
                          num_update_steps=1, max_epochs=1, train_batch_size=args.ppo_train_batch_size,
                          lr=args.ppo_lr, critic_lr=args.critic_lr, optim=args.optim, max_new_tokens=self.max_new_tokens,
@@ -436,7 +470,9 @@ class _Run:
         prompt_dl = strategy.setup_dataloader(prompts, min(args.rl_batch_size, len(prompts)), shuffle=True,
                                               collate_fn=PromptCollator(tokenizer.pad_token_id), drop_last=True)
         trainer = PPOTrainer(strategy, policy, None, None, reference, tokenizer=tokenizer,
-                             reward_fn=exact_match_reward, algo=args.algo, n_samples_per_prompt=args.n_samples_per_prompt,
+                             engine=self.rollout_engine(policy), **engine_settings(args),
+                             reward_fn=exact_match_reward, algo=args.algo,
+                             n_samples_per_prompt=args.n_samples_per_prompt,
                              kl_coef=args.kl_coef, ptx_coef=0.0, num_episodes=args.rl_episodes, num_collect_steps=1,
                              num_update_steps=1, max_epochs=1,
                              train_batch_size=prompt_dl.batch_size * args.n_samples_per_prompt, lr=args.rl_lr,
@@ -475,6 +511,44 @@ class _Run:
         return self.summary
 
 
+def _kv_cache_bytes(config: Any, policy: Actor, tokens: int) -> int:
+    """vLLM's KV cache for ``tokens`` positions at once (K and V, every layer), at least 64 MiB: on CPU vLLM would
+    otherwise reserve a share of the machine's memory."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * next(policy.parameters()).element_size()
+    return max(per_token * tokens, 64 * 2**20)
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The RL stage's --rollout_engine settings, as RLConfig fields."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(rl.RLConfig)
+            if f.metadata.get("group") == ENGINE_GROUP}
+
+
+def check_engine(args: argparse.Namespace) -> None:
+    """Refuse --rollout_engine settings the run cannot use, before any data or model is made (one line each)."""
+    engine = engine_settings(args)
+    if args.algo in PREFERENCE:
+        if args.rollout_engine != "hf":
+            raise UsageError(f"--rollout_engine picks what samples the RL stage's rollouts; --algo {args.algo} "
+                             f"samples none")
+        return
+    groups = args.n_samples_per_prompt if args.algo in CRITIC_FREE else 1
+    rl.make_config(algo=args.algo, n_samples_per_prompt=groups, **engine)  # what RLConfig refuses (--rollout_is + hf)
+    if args.rollout_engine != "vllm":
+        return
+    from ..rollout.vllm import import_vllm
+
+    import_vllm()
+    if args.vllm_sleep and not torch.cuda.is_available():
+        raise UsageError("--vllm_sleep frees vLLM's GPU memory during updates: it needs a GPU (none here)")
+    if args.pretrain is None and (args.hidden_size or SIZES[args.preset]["hidden_size"]) % VLLM_HEAD_SIZE:
+        raise UsageError(f"--rollout_engine vllm gives the built-in model heads of size {VLLM_HEAD_SIZE}: "
+                         f"--hidden_size must be a multiple of {VLLM_HEAD_SIZE}")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """SFT, then the reward model and PPO (``--algo ppo``) or the one stage of ``--algo``; the table after each."""
     args = resolve_sizes(args)
@@ -482,6 +556,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--algo {args.algo} is rewarded by the built-in task's checker, which cannot check answers "
                          f"to --prompt_dataset; run examples/train_prompts.py --algo {args.algo} --reward_fn ... "
                          f"instead")
+    check_engine(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()

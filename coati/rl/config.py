@@ -112,9 +112,12 @@ class RLConfig:
                            "distribution", bounds=">= 0", group=S)
     top_p: float = option(1.0, "nucleus sampling (1 = off); biases PPO: log-probs stay those of the untruncated "
                                "distribution", bounds="(0, 1]", group=S)
+    stop: tuple[str, ...] = option((), "stop strings: a response ends with the token that completes the first one "
+                                       "(kept, as HF's stop_strings; no EOS after it); the same in both rollout "
+                                       "engines", group=S)
     # rollout engine
     rollout_engine: str = option("hf", "what generates rollouts: HF generate on the trained actor, or vLLM (needs "
-                                       "coati[vllm]; full weights synced after every update)",
+                                       "coati[vllm]; weights synced after every update)",
                                  choices=["hf", "vllm"], group=R)
     rollout_is: str = option("off", "rollout correction for an engine whose log-probs differ from the trainer's: "
                                     "truncated importance weights per token or per sequence (vllm only)",
@@ -130,6 +133,10 @@ class RLConfig:
     vllm_tensor_parallel_size: int = option(1, "GPUs vLLM shards the model over", bounds=">= 1", group=R)
     vllm_sleep: bool = option(False, "vLLM frees its GPU memory during updates (sleep / wake up; GPU only)",
                               group=R)
+    vllm_lora: str = option("merge", "how a LoRA actor reaches vLLM after each update: merged into the full "
+                                      "weights, or as an adapter served by vLLM's LoRA support (only the adapter "
+                                      "moves; slower generation: README's vLLM section has the numbers)",
+                            choices=["merge", "adapter"], group=R)
     # memory
     offload_ref_reward: bool = option(False, "keep reference and reward models on CPU between uses (not with "
                                              "fsdp, which shards them: use --cpu_offload there)", group=M)
@@ -193,6 +200,8 @@ class RLConfig:
                              "from the trainer's: they need --rollout_engine vllm")
         if cfg.vllm_sleep and cfg.rollout_engine != "vllm":
             raise UsageError("--vllm_sleep puts the vLLM engine to sleep: it needs --rollout_engine vllm")
+        if cfg.vllm_lora == "adapter" and cfg.rollout_engine != "vllm":
+            raise UsageError("--vllm_lora adapter serves the LoRA adapter from vLLM: it needs --rollout_engine vllm")
         if cfg.overlong_buffer_len:
             if cfg.max_new_tokens is None:
                 raise UsageError(f"--overlong_buffer_len {cfg.overlong_buffer_len} penalises lengths near the "

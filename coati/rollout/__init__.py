@@ -15,8 +15,8 @@ samples with vLLM and imports it only when built. An engine's contract:
 * ``update_weights`` makes the next ``generate`` use the given weights, or raises: an engine never silently
   keeps generating from stale weights, and never waits forever on a transfer.
 """
-from .base import Rollout, RolloutEngine, sampling_temperature
+from .base import Rollout, RolloutEngine, cut_at_stop_strings, sampling_temperature
 from .hf import HFRolloutEngine
 from .vllm import VLLMEngine
 
-__all__ = ["Rollout", "RolloutEngine", "HFRolloutEngine", "VLLMEngine", "sampling_temperature"]
+__all__ = ["Rollout", "RolloutEngine", "HFRolloutEngine", "VLLMEngine", "cut_at_stop_strings", "sampling_temperature"]

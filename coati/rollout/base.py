@@ -1,8 +1,9 @@
 """The rollout interface: :class:`Rollout`, :class:`RolloutEngine` and the sampled temperature."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,7 @@ class Rollout:
     # the version of the weights it sampled with (the optimizer step of its last update_weights)
     engine_log_probs: torch.Tensor | None = None
     weight_version: int | None = None
+    stopped: torch.Tensor | None = None  # (B,) bool: the response ended at a stop string (cut_at_stop_strings)
 
     @property
     def num_actions(self) -> int:
@@ -40,6 +42,43 @@ class RolloutEngine(Protocol):
         """Generate from ``weights`` (the trained module or its state dict) from now on; ``version`` (the
         optimizer step) stamps the rollouts of an engine that records it."""
         ...
+
+
+def stop_length(tokens: Sequence[int], stops: Sequence[str], decode: Callable[[Sequence[int]], str]) -> int | None:
+    """The number of leading ``tokens`` up to and including the one that completes the first of ``stops`` in the
+    decoded text, or None. Whether a prefix contains a stop string only turns from no to yes as it grows, so a
+    binary search decodes O(log n) prefixes."""
+    if not tokens or not any(s in decode(tokens) for s in stops):
+        return None
+    lo, hi = 1, len(tokens)  # the shortest prefix containing a stop string lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in decode(tokens[:mid]) for s in stops):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def cut_at_stop_strings(rollout: Rollout, stops: Sequence[str], decode: Callable[[Sequence[int]], str],
+                        pad_token_id: int) -> Rollout:
+    """End each response at its first stop string (the completing token kept), whichever engine sampled it: the
+    tokens after it become padding and leave the masks. Engines sample up to EOS or the token limit, and this
+    one function gives stop strings their meaning, so both engines' rollouts mean the same."""
+    action_mask = rollout.action_mask.clone()
+    stopped = torch.zeros(action_mask.size(0), dtype=torch.bool, device=action_mask.device)
+    actions = rollout.sequences[:, -rollout.num_actions:]
+    for row, (tokens, valid) in enumerate(zip(actions.tolist(), action_mask.sum(-1).tolist())):
+        length = stop_length(tokens[:int(valid)], stops, decode) if stops else None
+        if length is not None:
+            action_mask[row, length:] = 0
+            stopped[row] = True
+    sequences = rollout.sequences.clone()
+    sequences[:, -rollout.num_actions:].masked_fill_(action_mask.eq(0), pad_token_id)
+    attention_mask = rollout.attention_mask.clone()
+    attention_mask[:, -rollout.num_actions:] = action_mask.to(attention_mask.dtype)
+    return dataclasses.replace(rollout, sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
+                               stopped=stopped)
 
 
 def sampling_temperature(sampling: dict[str, Any]) -> float:

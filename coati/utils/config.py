@@ -155,6 +155,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type,
             group = groups[md["group"]] = parser.add_argument_group(md["group"])
         kind = _flag_type(hints[f.name])
         default = defaults.get(f.name, f.default)
+        if typing.get_origin(kind) is tuple:  # tuple[str, ...]: any number of values after the flag
+            group.add_argument(f"--{f.name}", dest=f.name, nargs="*", type=typing.get_args(kind)[0],
+                               default=default, metavar="TEXT", help=md["help"])
+            continue
         if kind is bool:
             group.add_argument(f"--{f.name}", dest=f.name, action=BoolFlag, default=default, help=md["help"])
             continue

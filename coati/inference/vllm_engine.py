@@ -1,0 +1,238 @@
+"""vLLM's continuous batching behind the server's engine interface (``inference/server.py --engine vllm``).
+
+One background thread owns an in-process ``vllm.LLM`` engine and steps it: requests join the running batch at
+the next step and leave it when they finish, so a long answer never holds back a short one (the HF engine runs
+each batch to its end). vLLM's ``AsyncLLM`` would always start its engine core in a second process; the
+thread keeps the engine in this one (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps even vLLM's core in-process, as
+the tests run it on CPU).
+
+vLLM only samples tokens here. EOS, length, stop strings, streamed text pieces and cancellation go through the
+same per-row tracker as the HF engine (``coati.inference.generation.RowTracker``), so both engines return the
+same text for the same tokens; vLLM's own defaults from the checkpoint's ``generation_config.json`` never
+apply (``generation_config="vllm"``).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from coati.errors import UsageError
+from coati.inference.engine import EngineStats, _post, _resolve
+from coati.inference.generation import Completion, Row, RowTracker, SamplingParams, decode, eos_ids
+
+
+def import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError:
+        raise UsageError("--engine vllm needs vLLM: pip install 'coati[vllm]'") from None
+    return vllm
+
+
+def vllm_sampling(p: SamplingParams, eos: Sequence[int]) -> Any:
+    """vLLM's SamplingParams for one request, field for field what the HF engine's GenerationConfig sets.
+    EOS is a stop token of ours (vLLM's own EOS from the checkpoint is ignored), dropped for ``ignore_eos``."""
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return VSamplingParams(n=1, temperature=0.0 if p.greedy else p.temperature,
+                           top_p=1.0 if p.greedy else p.top_p, top_k=0 if p.greedy else p.top_k,
+                           repetition_penalty=p.repetition_penalty, max_tokens=p.max_new_tokens,
+                           ignore_eos=True, stop_token_ids=[] if p.ignore_eos else list(eos), seed=p.seed,
+                           detokenize=False, output_kind=RequestOutputKind.DELTA)
+
+
+@dataclass
+class _Request:
+    prompt: Sequence[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future | None = None  # complete()
+    queue: asyncio.Queue | None = None  # stream()
+    cancel: threading.Event = field(default_factory=threading.Event)
+    row: Row | None = None
+
+    def reply(self, item: Any) -> None:
+        if self.queue is not None:
+            _post(self.loop, self.queue.put_nowait, item)
+        elif not isinstance(item, str):
+            _post(self.loop, _resolve, self.future, item)
+
+
+class VLLMServingEngine:
+    """The server's engine on ``vllm.LLM(model_path)``: `start()` before use, `stop()` to end the thread.
+
+    ``max_num_seqs`` caps the requests stepped together; ``llm_kwargs`` go to ``vllm.LLM`` (``max_model_len``,
+    ``gpu_memory_utilization``, ``enforce_eager`` ...). `stats.batches` counts engine steps and
+    `stats.max_batch` the most requests one step ran."""
+
+    def __init__(self, model_path: str | Path, tokenizer: PreTrainedTokenizerBase, *, dtype: str = "auto",
+                 max_num_seqs: int = 8, seed: int = 0, **llm_kwargs: Any) -> None:
+        vllm = import_vllm()
+        self.llm = vllm.LLM(model=str(model_path), skip_tokenizer_init=True,
+                            generation_config="vllm", dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
+                            **llm_kwargs)
+        self.engine = self.llm.llm_engine
+        self._tokenizer = tokenizer
+        try:
+            generation_config = GenerationConfig.from_pretrained(str(model_path))
+        except OSError:  # no generation_config.json: the model config's EOS, as transformers derives it
+            from transformers import AutoConfig
+
+            generation_config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(
+                str(model_path), trust_remote_code=llm_kwargs.get("trust_remote_code", False)))
+        self.eos_ids = eos_ids(generation_config, tokenizer)
+        # the HF engine's per-row rules, fed one request's tokens at a time (rows live on the requests)
+        self.tracker = RowTracker([], self.eos_ids, lambda ids: decode(tokenizer, ids))
+        self._ids = itertools.count()
+        self._new: deque[_Request] = deque()
+        self._live: dict[str, _Request] = {}
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.stats = EngineStats()
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.model_config.max_model_len)
+
+    def start(self) -> "VLLMServingEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="coati-vllm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _submit(self, req: _Request) -> None:
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("engine is stopped")
+            self._new.append(req)
+            self.stats.queued = len(self._new)
+            self.stats.active += 1
+            self._cond.notify()
+
+    async def complete(self, prompt: Sequence[int], params: SamplingParams) -> Completion:
+        loop = asyncio.get_running_loop()
+        req = _Request(prompt, params, loop, future=loop.create_future())
+        self._submit(req)
+        try:
+            return await req.future
+        finally:
+            req.cancel.set()  # no-op after completion; aborts the request if the caller was cancelled
+
+    async def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[str | Completion]:
+        """Yields text pieces, then the final `Completion`."""
+        loop = asyncio.get_running_loop()
+        req = _Request(prompt, params, loop, queue=asyncio.Queue())
+        self._submit(req)
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Completion):
+                    return
+        finally:
+            req.cancel.set()
+
+    # worker thread
+    def _loop(self) -> None:
+        while self._step():
+            pass
+
+    def _step(self) -> bool:
+        """Admits new requests, drops those whose caller left, runs one engine step; False once stopped."""
+        with self._cond:
+            while not self._new and not self._live and not self._stopped:
+                self._cond.wait()
+            if self._stopped:
+                self._fail_all(RuntimeError("engine is stopped"))
+                return False
+            new, self._new = list(self._new), deque()
+            self.stats.queued = 0
+        for req in new:
+            self._admit(req)
+        for rid, req in list(self._live.items()):
+            if req.cancel.is_set():
+                self._finish(rid, abort=True)
+        if not self._live:
+            return True
+        self.stats.batches += 1
+        self.stats.max_batch = max(self.stats.max_batch, len(self._live))
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # every running caller gets the error; the worker lives on
+            self._fail_all(err)
+            return True
+        for out in outputs:
+            req = self._live.get(out.request_id)
+            if req is None:
+                continue
+            for tok in out.outputs[0].token_ids:
+                self.tracker.add(req.row, tok)
+            if req.row.done or out.finished:
+                self._finish(out.request_id, abort=not out.finished)
+        return True
+
+    def _admit(self, req: _Request) -> None:
+        if req.cancel.is_set():  # the caller left while its request waited
+            self._done(0, cancelled=True)
+            return
+        on_text = (lambda piece: req.reply(piece)) if req.queue is not None else None
+        req.row = Row(req.params, len(req.prompt), on_text, req.cancel)
+        rid = str(next(self._ids))
+        try:
+            self.engine.add_request(rid, {"prompt_token_ids": list(req.prompt)},
+                                    vllm_sampling(req.params, self.eos_ids))
+        except Exception as err:
+            self._done(0)
+            req.reply(err)
+            return
+        self.stats.requests += 1
+        self._live[rid] = req
+
+    def _finish(self, rid: str, abort: bool) -> None:
+        req = self._live.pop(rid)
+        if abort:
+            self.engine.abort_request([rid])
+        out = self.tracker.completion(req.row)
+        self._done(out.completion_tokens, cancelled=out.finish_reason == "cancelled")
+        req.reply(out)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for rid, req in list(self._live.items()):
+            self._live.pop(rid)
+            try:
+                self.engine.abort_request([rid])
+            except Exception:  # the engine that failed may refuse this too; the caller still gets `err`
+                pass
+            self._done(0)
+            req.reply(err)
+        while self._new:
+            self._done(0)
+            self._new.popleft().reply(err)
+
+    def _done(self, tokens: int, cancelled: bool = False) -> None:
+        with self._cond:
+            self.stats.active -= 1
+            self.stats.cancelled += int(cancelled)
+            self.stats.completion_tokens += tokens

@@ -35,6 +35,15 @@
 #   generation (step_over_generate <= 1.5) and vLLM generates at least 3x as fast as HF generate
 #   (ratio_vllm_over_hf.gen_phase_tokens_per_s >= 3). vLLM (CUDA build) must be installed on the device
 #   machine: its wheels are far over what a call carries; without it the step says so and stops.
+#
+#   benchmarks/gpu_check.sh generate  the HF rollout engine's sampling paths (benchmarks/bench_generate.py), its
+#                                     own device call of about 6 min (run(command="bash benchmarks/gpu_check.sh
+#                                     generate", carry=[".gpu"], timeout_s=420)): the 1B preset in bf16, 64 rows
+#   (16 prompts x 4) of up to 128 tokens, transformers' own loop against dropping finished rows (the engine's
+#   loop), the static cache, static cache + torch.compile, and continuous batching (generate_gpu_1b*.json), where
+#   the last two are expected to matter; samples_equal says whether each keeps the same tokens on CUDA.
+#   GENERATE_CHECK_ARGS replaces the bench flags (a rehearsal on CPU: GENERATE_CHECK_ARGS="--config tiny
+#   --batch_size 8 --max_new_tokens 16 --repeats 1").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,7 +54,7 @@ if [ "${1:-run}" = prepare ]; then
   rm -rf .gpu && mkdir -p .gpu/data/sft .gpu/data/tokenizers .gpu/whl
   cp "$shared/sft/alpaca_en_demo.json" .gpu/data/sft/
   cp -r "$shared/tokenizers/llama2" .gpu/data/tokenizers/
-  mkdir -p .gpu/data/prompts && cp "$shared/prompts/vicuna_question_80.jsonl" .gpu/data/prompts/  # bench_ppo.py
+  mkdir -p .gpu/data/prompts && cp "$shared/prompts/vicuna_question_80.jsonl" .gpu/data/prompts/  # bench_ppo, _generate
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d .gpu/whl liger-kernel==0.8.5
   # the optimizers' packages (the `optim` checks): lomo-optim and bitsandbytes (about 42 MiB)
@@ -111,6 +120,19 @@ print('goal vllm >= 3 x HF generate:', ratio, 'met' if (ratio or 0) >= 3 else 'N
     tail -n 3 "$out/$name.log"
   done
   ls -la "$out"
+  exit 0
+fi
+if [ "${1:-run}" = generate ]; then
+  export PYTHONPATH=$PWD
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/generate_gpu.txt"
+  bench="$py benchmarks/bench_generate.py ${GENERATE_CHECK_ARGS:---config 1b --device cuda --precision bf16 \
+--batch_size 64 --num_generations 4 --max_new_tokens 128 --eos_prob 0.02 --repeats 3}"
+  # continuous batching in a run of its own, so that a hang there cannot cost the others
+  timeout 240 $bench --paths generate,drop_finished,static,static_compile --output "$out/generate_gpu_1b.json" \
+    2> "$out/generate_gpu_1b.log" | tail -c 2500; echo
+  timeout 150 $bench --paths generate,continuous_batching --output "$out/generate_gpu_1b_cb.json" \
+    2> "$out/generate_gpu_1b_cb.log" | tail -c 1500; echo
+  tail -n 3 "$out"/generate_gpu_1b*.log
   exit 0
 fi
 args=${GPU_CHECK_ARGS:---config 1b --device cuda --precision bf16 --packing --seq_len 2048 --batch_size 128 \

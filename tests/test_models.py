@@ -352,6 +352,52 @@ def test_generate_left_padded_matches_unpadded_greedy():
     assert torch.allclose(lp[1], lp_alone[0], atol=1e-5)
 
 
+class _EosBias(LogitsProcessor):
+    """Raises EOS, so that rows end at different steps of a sampled batch."""
+
+    def __init__(self, eos_id, bias):
+        self.eos_id, self.bias = eos_id, bias
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.eos_id] += self.bias
+        return scores
+
+
+@pytest.mark.parametrize("family, pad_id", [("llama", 0), ("llama", 2), ("gpt2", 0), ("gpt_neox", 0)])
+def test_generate_with_masks_samples_what_plain_generate_samples(family, pad_id):
+    """The decoding loop that drops finished rows (what generate_with_masks samples with) gives, for a fixed
+    seed, the tokens of transformers' own loop: left-padded prompts, rows ending at EOS mid-batch, sampling
+    with temperature, top-k and top-p, and greedy."""
+    from transformers import GenerationConfig
+
+    from coati.models.generation import DROPS_FINISHED_ROWS
+
+    torch.manual_seed(0)
+    actor = Actor.from_config(CONFIGS[family]()).eval()
+    g = torch.Generator().manual_seed(1)
+    ids, mask = _pad([torch.randint(3, 128, (int(n),), generator=g).tolist() for n in [7, 2, 5, 3, 6, 4, 1, 7]],
+                     "left", pad_id)
+    procs = LogitsProcessorList([_EosBias(2, 0.5)])
+    for sampling in (dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9), dict(do_sample=False)):
+        config = GenerationConfig(eos_token_id=2, pad_token_id=pad_id, max_new_tokens=16, **sampling)
+        torch.manual_seed(5)
+        want = actor.generate(ids, mask, generation_config=config, logits_processor=procs)
+        rows = []  # the batch size of every forward
+        hook = actor.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].size(0)),
+                                                     with_kwargs=True)
+        torch.manual_seed(5)
+        got, _, action_mask = generate_with_masks(actor, ids, mask, eos_token_id=2, pad_token_id=pad_id,
+                                                  max_new_tokens=16, logits_processor=procs, **sampling)
+        hook.remove()
+        lengths = action_mask.sum(1)
+        if sampling["do_sample"]:  # the case in point: rows end at different steps while others go on
+            assert lengths.max() == 16 and len(set(lengths.tolist())) > 2
+            if DROPS_FINISHED_ROWS:  # and the model ran on the unfinished rows only
+                assert rows[-1] == (lengths == 16).sum() < len(ids) == rows[0]
+        assert torch.equal(got, want)
+
+
 def _dropout_configs():
     from transformers import BloomConfig, OPTConfig
 

@@ -40,6 +40,34 @@ def test_hf_engine_returns_generate_tokens_and_their_tempered_log_probs():
         is None
 
 
+def test_hf_engine_samples_and_scores_what_plain_generate_gives():
+    """The engine drops finished rows while it samples; its tokens and rollout log-probs are those of
+    transformers' plain ``generate`` for the same seed, with rows ending at EOS mid-batch."""
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    class EosBias(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores + 2.0 * (torch.arange(scores.size(-1)) == 2)
+
+    actor = h.models(seed=0)[0].eval()
+    batch = _prompts()
+    sampling = dict(SAMPLING, max_new_tokens=12, logits_processor=LogitsProcessorList([EosBias()]))
+    engine = HFRolloutEngine(actor, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(3)
+    got = engine.generate(batch["input_ids"], batch["attention_mask"], sampling)
+    lengths = got.action_mask.sum(1)
+    assert lengths.max() == 12 and len(set(lengths.tolist())) > 2  # rows end at EOS while others go on
+    torch.manual_seed(3)
+    config = GenerationConfig(eos_token_id=2, pad_token_id=0)
+    extra = config.update(**sampling)
+    seqs = actor.generate(batch["input_ids"], batch["attention_mask"], generation_config=config, **extra)
+    n = seqs.size(1) - batch["input_ids"].size(1)
+    assert torch.equal(got.sequences, seqs)  # pad (0) after EOS in both
+    with torch.no_grad():
+        want = actor(seqs, got.attention_mask, num_actions=n, temperature=0.7).float()
+    assert torch.equal(got.log_probs, want)
+
+
 def test_hf_engine_weight_updates_apply_or_raise():
     actor, other = h.models(seed=0)[0].eval(), h.models(seed=1)[0].eval()
     engine = HFRolloutEngine(actor, eos_token_id=2, pad_token_id=0)

@@ -26,12 +26,12 @@ class DistributedStrategy(Strategy):
 
     def setup_distributed(self) -> None:
         if not dist.is_initialized():
-            if "RANK" not in os.environ:
-                # A plain `python script.py --strategy ddp` is a world of one; torchrun sets these.
-                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=os.environ.get("MASTER_PORT", "29555"))
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+            if "RANK" in os.environ:  # torchrun's rendezvous
+                dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+            else:  # a plain `python script.py --strategy ddp` is a world of one: an in-memory store, no port
+                dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                        timeout=timedelta(minutes=30))
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))

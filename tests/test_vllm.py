@@ -107,7 +107,7 @@ def _config():
 def setup(tmp_path_factory):
     if not HAS_VLLM:
         pytest.skip("vLLM is not installed (pip install 'coati[vllm]')")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the engine keeps itself in this process
     from coati.rollout.vllm import VLLMEngine
     from coati.trainer.strategies import NaiveStrategy
     from tests import dist_ppo as h
@@ -238,6 +238,18 @@ def test_a_lora_actor_syncs_merged(setup):
 
 
 @needs_vllm
+def test_the_engine_keeps_vllm_in_this_process(setup, monkeypatch):
+    """Syncs stream tensors into the workers, which vLLM's multiprocess client cannot carry: the engine (started
+    with the variable unset) set it to 0, and a run that asks for multiprocessing is refused in one line."""
+    from coati.rollout.vllm import VLLMEngine
+
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    with pytest.raises(UsageError, match="unset VLLM_ENABLE_V1_MULTIPROCESSING"):
+        VLLMEngine(setup[3], eos_token_id=2, pad_token_id=0)
+
+
+@needs_vllm
 def test_vllm_sleep_is_refused_without_a_gpu(setup):
     from coati.rollout.vllm import VLLMEngine
 
@@ -276,6 +288,7 @@ def _train_prompts_main():
     (["--rollout_engine", "vllm", "--vllm_sleep"], "needs a GPU" if not torch.cuda.is_available() else None),
     (["--rollout_engine", "vllm"], r"pip install 'coati\[vllm\]'" if not HAS_VLLM else "local checkpoint dir"),
     (["--vllm_lora", "adapter"], "--vllm_lora adapter .* needs --rollout_engine vllm"),
+    (["--stop", "</answer>", ""], "--stop: an empty stop string"),
     (["--rollout_engine", "vllm", "--vllm_lora", "adapter", "--lora_rank", "4", "--lora_train_bias", "all"],
      r"pip install 'coati\[vllm\]'" if not HAS_VLLM else "--lora_train_bias all trains biases it cannot carry"),
 ])

@@ -299,7 +299,9 @@ class ExperienceMaker:
                 raise RuntimeError(f"a rollout came from weight version {rollout.weight_version}, the trainer is at "
                                    f"{self.weight_version}: the engine missed a weight sync")
             if self.config.stop:
-                rollout = cut_at_stop_strings(rollout, self.config.stop, self.tokenizer.decode, self.pad_token_id)
+                # without clean-up a prefix decodes to a prefix of the longer text (cut_at_stop_strings relies on it)
+                decode = lambda ids: self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+                rollout = cut_at_stop_strings(rollout, self.config.stop, decode, self.pad_token_id)
             if rollout.engine_log_probs is not None and rollout.log_probs is None:
                 # another engine sampled: the trainer's log-probs of its tokens (old log-probs, the log-prob
                 # diff and the rollout correction all need them)

@@ -198,6 +198,9 @@ class RLConfig:
         if cfg.rollout_engine == "hf" and (cfg.rollout_is != "off" or cfg.rollout_mask_threshold is not None):
             raise UsageError("--rollout_is / --rollout_mask_threshold correct for an engine whose log-probs differ "
                              "from the trainer's: they need --rollout_engine vllm")
+        if any(not s for s in cfg.stop):
+            raise UsageError("--stop: an empty stop string is in every text, so it would end each response at its "
+                             "first token")
         if cfg.vllm_sleep and cfg.rollout_engine != "vllm":
             raise UsageError("--vllm_sleep puts the vLLM engine to sleep: it needs --rollout_engine vllm")
         if cfg.vllm_lora == "adapter" and cfg.rollout_engine != "vllm":

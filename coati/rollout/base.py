@@ -46,8 +46,9 @@ class RolloutEngine(Protocol):
 
 def stop_length(tokens: Sequence[int], stops: Sequence[str], decode: Callable[[Sequence[int]], str]) -> int | None:
     """The number of leading ``tokens`` up to and including the one that completes the first of ``stops`` in the
-    decoded text, or None. Whether a prefix contains a stop string only turns from no to yes as it grows, so a
-    binary search decodes O(log n) prefixes."""
+    decoded text, or None. Whether a prefix contains a stop string only turns from no to yes as it grows (a
+    ``decode`` whose prefixes decode to prefixes: no clean-up of spaces), so a binary search decodes O(log n)
+    prefixes."""
     if not tokens or not any(s in decode(tokens) for s in stops):
         return None
     lo, hi = 1, len(tokens)  # the shortest prefix containing a stop string lies in [lo, hi]

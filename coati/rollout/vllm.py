@@ -200,6 +200,12 @@ class VLLMEngine:
                  sleep: bool = False, seed: int = 0, sync_timeout_s: float = 600.0, lora_rank: int = 0,
                  **llm_kwargs: Any) -> None:
         vllm = import_vllm()
+        # syncs stream the trainer's tensors (a generator) and a function into the workers: only an engine in this
+        # process takes them (vLLM's multiprocess client serialises its calls and refuses both)
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise UsageError("--rollout_engine vllm runs vLLM in the trainer's process: unset "
+                             "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if sleep and not torch.cuda.is_available():
             raise UsageError("--vllm_sleep frees vLLM's GPU memory during updates: it needs a GPU (none here)")
         self.rank, self.world_size = _world()

@@ -1,6 +1,7 @@
 """torch DistributedDataParallel: gloo on CPU, nccl on GPU; launched by torchrun."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from datetime import timedelta
@@ -14,6 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 from .base import Strategy
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class DistributedStrategy(Strategy):
@@ -32,6 +38,9 @@ class DistributedStrategy(Strategy):
             else:  # a plain `python script.py --strategy ddp` is a world of one: an in-memory store, no port
                 dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
                                         timeout=timedelta(minutes=30))
+            # torn down before the interpreter's own teardown: a gloo group left to it can abort the process
+            # after the work is done ("terminate called without an active exception")
+            atexit.register(_destroy_process_group)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))

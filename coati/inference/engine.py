@@ -13,20 +13,33 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol, Sequence
+from typing import Any, AsyncIterator, Protocol, Sequence, TypeVar
 
-from coati.inference.generation import Completion, Generator, SamplingParams
+from coati.inference.generation import Completion, Generator, Row, SamplingParams
 
 
 @dataclass
 class _Request:
+    """One caller's request, shared by both engines: `complete()` waits on `future`, `stream()` reads `queue`."""
+
     prompt: Sequence[int]
     params: SamplingParams
-    stream: bool
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future | None = None
-    queue: asyncio.Queue | None = None
+    future: asyncio.Future | None = None  # complete()
+    queue: asyncio.Queue | None = None  # stream()
     cancel: threading.Event = field(default_factory=threading.Event)
+    row: Row | None = None  # the vLLM engine's per-request tracker state
+
+    @property
+    def stream(self) -> bool:
+        return self.queue is not None
+
+    def reply(self, item: Any) -> None:
+        """Hands a text piece, the `Completion` or an error to the caller; text pieces only reach streams."""
+        if self.queue is not None:
+            _post(self.loop, self.queue.put_nowait, item)
+        elif not isinstance(item, str):
+            _post(self.loop, _resolve, self.future, item)
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
@@ -81,32 +94,26 @@ class ServingEngine(Protocol):
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[str | Completion]: ...
 
 
-class BatchingEngine:
-    """Owns the generation thread. `start()` before use, `stop()` to end the thread. The server needs only
-    this interface (`tokenizer`, `max_model_len`, `stats`, `start`, `stop`, `complete`, `stream`), which
-    `coati.inference.vllm_engine.VLLMServingEngine` shares."""
+_E = TypeVar("_E", bound="EngineBase")
 
-    def __init__(self, generator: Generator, max_batch_size: int = 8, batch_wait_s: float = 0.005):
-        if max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
-        self.generator, self.max_batch_size, self.batch_wait_s = generator, max_batch_size, batch_wait_s
+
+class EngineBase:
+    """The part both engines share: the worker thread, the waiting queue (`_pending`) under one condition,
+    the stopped flag, `stats`, and the async `complete` / `stream` front. A subclass supplies `_step`, one
+    turn of its worker, and takes requests off `_pending` there."""
+
+    _thread_name = "coati-engine"
+
+    def __init__(self) -> None:
         self._pending: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
         self.stats = EngineStats()
 
-    @property
-    def tokenizer(self):
-        return self.generator.tokenizer
-
-    @property
-    def max_model_len(self) -> int | None:
-        return self.generator.max_model_len
-
-    def start(self) -> "BatchingEngine":
+    def start(self: _E) -> _E:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="coati-engine", daemon=True)
+            self._thread = threading.Thread(target=self._loop, name=self._thread_name, daemon=True)
             self._thread.start()
         return self
 
@@ -128,17 +135,17 @@ class BatchingEngine:
 
     async def complete(self, prompt: Sequence[int], params: SamplingParams) -> Completion:
         loop = asyncio.get_running_loop()
-        req = _Request(prompt, params, False, loop, future=loop.create_future())
+        req = _Request(prompt, params, loop, future=loop.create_future())
         self._submit(req)
         try:
             return await req.future
         finally:
-            req.cancel.set()  # no-op after completion; stops the row if the caller was cancelled
+            req.cancel.set()  # no-op after completion; drops the request if the caller was cancelled
 
     async def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[str | Completion]:
         """Yields text pieces, then the final `Completion`."""
         loop = asyncio.get_running_loop()
-        req = _Request(prompt, params, True, loop, queue=asyncio.Queue())
+        req = _Request(prompt, params, loop, queue=asyncio.Queue())
         self._submit(req)
         try:
             while True:
@@ -150,6 +157,44 @@ class BatchingEngine:
                     return
         finally:
             req.cancel.set()
+
+    # worker thread
+    def _finished(self, n: int, cancelled: int, tokens: int) -> None:
+        """Counts `n` requests done; `active` drops under the lock `_submit` raises it in."""
+        with self._cond:
+            self.stats.active -= n
+            self.stats.cancelled += cancelled
+            self.stats.completion_tokens += tokens
+
+    def _loop(self) -> None:
+        """`_step` runs in its own frame, so that no request outlives its turn in a local variable while
+        the worker waits for the next one."""
+        while self._step():
+            pass
+
+    def _step(self) -> bool:
+        """One turn of the worker; False once the engine stops."""
+        raise NotImplementedError
+
+
+class BatchingEngine(EngineBase):
+    """Owns the generation thread. `start()` before use, `stop()` to end the thread. The server needs only
+    this interface (`tokenizer`, `max_model_len`, `stats`, `start`, `stop`, `complete`, `stream`), which
+    `coati.inference.vllm_engine.VLLMServingEngine` shares through `EngineBase`."""
+
+    def __init__(self, generator: Generator, max_batch_size: int = 8, batch_wait_s: float = 0.005):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        super().__init__()
+        self.generator, self.max_batch_size, self.batch_wait_s = generator, max_batch_size, batch_wait_s
+
+    @property
+    def tokenizer(self):
+        return self.generator.tokenizer
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.generator.max_model_len
 
     # worker thread
     def _next_batch(self) -> list[_Request] | None:
@@ -173,13 +218,8 @@ class BatchingEngine:
             self.stats.queued = len(keep)
         return batch
 
-    def _loop(self) -> None:
-        while self._serve_next():
-            pass
-
-    def _serve_next(self) -> bool:
-        """Runs the next batch; False once the engine stops. Its own frame, so that no request outlives its
-        batch in a local variable while the worker waits for the next one."""
+    def _step(self) -> bool:
+        """Runs the next batch; False once the engine stops."""
         batch = self._next_batch()
         if batch is None:
             return False
@@ -191,17 +231,11 @@ class BatchingEngine:
             self._run(batch)
         return True
 
-    def _finished(self, n: int, cancelled: int, tokens: int) -> None:
-        with self._cond:
-            self.stats.active -= n
-            self.stats.cancelled += cancelled
-            self.stats.completion_tokens += tokens
-
     def _run(self, batch: list[_Request]) -> None:
         self.stats.batches += 1
         self.stats.requests += len(batch)
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
-        callbacks = [self._stream_callback(r) if r.stream else None for r in batch]
+        callbacks = [r.reply if r.stream else None for r in batch]
         try:
             outs = self.generator.generate([r.prompt for r in batch], [r.params for r in batch],
                                            [r.cancel for r in batch], callbacks)
@@ -211,11 +245,4 @@ class BatchingEngine:
         self._finished(len(batch), sum(o.finish_reason == "cancelled" for o in done),
                        sum(o.completion_tokens for o in done))
         for r, out in zip(batch, outs):
-            if r.stream:
-                _post(r.loop, r.queue.put_nowait, out)
-            else:
-                _post(r.loop, _resolve, r.future, out)
-
-    @staticmethod
-    def _stream_callback(req: _Request):
-        return lambda piece: _post(req.loop, req.queue.put_nowait, piece)
+            r.reply(out)

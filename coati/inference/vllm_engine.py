@@ -13,19 +13,16 @@ apply (``generation_config="vllm"``).
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
-import threading
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, Sequence
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from coati.errors import UsageError
-from coati.inference.engine import EngineStats, _post, _resolve
-from coati.inference.generation import Completion, Row, RowTracker, SamplingParams, decode, eos_ids
+from coati.inference.engine import EngineBase, _Request
+from coati.inference.generation import Row, RowTracker, SamplingParams, decode, eos_ids
 
 
 def import_vllm() -> Any:
@@ -49,32 +46,18 @@ def vllm_sampling(p: SamplingParams, eos: Sequence[int]) -> Any:
                            detokenize=False, output_kind=RequestOutputKind.DELTA)
 
 
-@dataclass
-class _Request:
-    prompt: Sequence[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future | None = None  # complete()
-    queue: asyncio.Queue | None = None  # stream()
-    cancel: threading.Event = field(default_factory=threading.Event)
-    row: Row | None = None
-
-    def reply(self, item: Any) -> None:
-        if self.queue is not None:
-            _post(self.loop, self.queue.put_nowait, item)
-        elif not isinstance(item, str):
-            _post(self.loop, _resolve, self.future, item)
-
-
-class VLLMServingEngine:
+class VLLMServingEngine(EngineBase):
     """The server's engine on ``vllm.LLM(model_path)``: `start()` before use, `stop()` to end the thread.
 
     ``max_num_seqs`` caps the requests stepped together; ``llm_kwargs`` go to ``vllm.LLM`` (``max_model_len``,
     ``gpu_memory_utilization``, ``enforce_eager`` ...). `stats.batches` counts engine steps and
     `stats.max_batch` the most requests one step ran."""
 
+    _thread_name = "coati-vllm-engine"
+
     def __init__(self, model_path: str | Path, tokenizer: PreTrainedTokenizerBase, *, dtype: str = "auto",
                  max_num_seqs: int = 8, seed: int = 0, **llm_kwargs: Any) -> None:
+        super().__init__()
         vllm = import_vllm()
         self.llm = vllm.LLM(model=str(model_path), skip_tokenizer_init=True,
                             generation_config="vllm", dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
@@ -92,12 +75,7 @@ class VLLMServingEngine:
         # the HF engine's per-row rules, fed one request's tokens at a time (rows live on the requests)
         self.tracker = RowTracker([], self.eos_ids, lambda ids: decode(tokenizer, ids))
         self._ids = itertools.count()
-        self._new: deque[_Request] = deque()
         self._live: dict[str, _Request] = {}
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._thread: threading.Thread | None = None
-        self.stats = EngineStats()
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -107,67 +85,15 @@ class VLLMServingEngine:
     def max_model_len(self) -> int:
         return int(self.engine.model_config.max_model_len)
 
-    def start(self) -> "VLLMServingEngine":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="coati-vllm-engine", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _submit(self, req: _Request) -> None:
-        with self._cond:
-            if self._stopped:
-                raise RuntimeError("engine is stopped")
-            self._new.append(req)
-            self.stats.queued = len(self._new)
-            self.stats.active += 1
-            self._cond.notify()
-
-    async def complete(self, prompt: Sequence[int], params: SamplingParams) -> Completion:
-        loop = asyncio.get_running_loop()
-        req = _Request(prompt, params, loop, future=loop.create_future())
-        self._submit(req)
-        try:
-            return await req.future
-        finally:
-            req.cancel.set()  # no-op after completion; aborts the request if the caller was cancelled
-
-    async def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[str | Completion]:
-        """Yields text pieces, then the final `Completion`."""
-        loop = asyncio.get_running_loop()
-        req = _Request(prompt, params, loop, queue=asyncio.Queue())
-        self._submit(req)
-        try:
-            while True:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, Completion):
-                    return
-        finally:
-            req.cancel.set()
-
-    # worker thread
-    def _loop(self) -> None:
-        while self._step():
-            pass
-
     def _step(self) -> bool:
         """Admits new requests, drops those whose caller left, runs one engine step; False once stopped."""
         with self._cond:
-            while not self._new and not self._live and not self._stopped:
+            while not self._pending and not self._live and not self._stopped:
                 self._cond.wait()
             if self._stopped:
                 self._fail_all(RuntimeError("engine is stopped"))
                 return False
-            new, self._new = list(self._new), deque()
+            new, self._pending = list(self._pending), deque()
             self.stats.queued = 0
         for req in new:
             self._admit(req)
@@ -197,7 +123,7 @@ class VLLMServingEngine:
         if req.cancel.is_set():  # the caller left while its request waited
             self._done(0, cancelled=True)
             return
-        on_text = (lambda piece: req.reply(piece)) if req.queue is not None else None
+        on_text = req.reply if req.stream else None
         req.row = Row(req.params, len(req.prompt), on_text, req.cancel)
         rid = str(next(self._ids))
         try:
@@ -227,12 +153,9 @@ class VLLMServingEngine:
                 pass
             self._done(0)
             req.reply(err)
-        while self._new:
+        while self._pending:
             self._done(0)
-            self._new.popleft().reply(err)
+            self._pending.popleft().reply(err)
 
     def _done(self, tokens: int, cancelled: bool = False) -> None:
-        with self._cond:
-            self.stats.active -= 1
-            self.stats.cancelled += int(cancelled)
-            self.stats.completion_tokens += tokens
+        self._finished(1, int(cancelled), tokens)

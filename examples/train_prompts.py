@@ -260,6 +260,7 @@ def build_engine(args: argparse.Namespace, tokenizer: Any, strategy: Any, actor:
     return VLLMEngine(args.pretrain, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, seed=args.seed,
                       dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                       tensor_parallel_size=cfg.vllm_tensor_parallel_size, sleep=cfg.vllm_sleep,
+                      sync_timeout_s=cfg.vllm_sync_timeout_s,
                       lora_rank=args.lora_rank if cfg.vllm_lora == "adapter" else 0,
                       enforce_eager=not torch.cuda.is_available())
 

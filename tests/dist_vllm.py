@@ -5,7 +5,8 @@ its engine's and HF generate's greedy tokens for its own prompts, before and aft
 
 MODE: ``full`` (full weights), ``lora_merge`` (a LoRA actor merged into the engine's weights), ``lora_adapter``
 (the adapter served by vLLM's LoRA support) or ``broken`` (rank 1 syncs a state dict missing a tensor, then its
-engine fails part way through loading the FSDP-sharded actor, then rank 1 never arrives at a sync).
+engine fails part way through loading the FSDP-sharded actor, then it stalls part way through past the sync
+timeout, then rank 1 never arrives at a sync).
 """
 from __future__ import annotations
 
@@ -82,6 +83,24 @@ def main(strategy_name: str, mode: str, out: Path) -> None:
             record["load_error"] = str(e)
         record["load_s"] = time.perf_counter() - t0
         record["version_after_load"] = engine.weight_version
+        # rank 1 stalls inside the stream past the sync timeout: rank 0's all-gather of the next tensor fails
+        # within the sync timeout (not the training group's 30 minutes), and so does rank 1's when it resumes
+        if rank == 1:
+            def stalling_reload(method, timeout=None, kwargs=None):
+                tensors = iter(kwargs["weights_iterator"])
+                for _ in range(FAIL_AFTER):
+                    next(tensors)
+                time.sleep(BROKEN_TIMEOUT_S * 1.5)
+                for _ in tensors:
+                    pass
+            engine.llm.collective_rpc = stalling_reload
+        t0 = time.perf_counter()
+        try:
+            engine.update_weights(sharded)
+        except RuntimeError as e:
+            record["stall_error"] = str(e)
+        record["stall_s"] = time.perf_counter() - t0
+        record["version_after_stall"] = engine.weight_version
         if rank == 0:  # rank 1 never comes: rank 0 must give up after the timeout, not wait
             t0 = time.perf_counter()
             try:

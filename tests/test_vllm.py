@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -271,7 +272,7 @@ def test_unsupported_generation_settings_are_refused(setup):
         setup[0].sampling_params({**GREEDY, "num_beams": 2})
 
 
-def _train_prompts_main():
+def _train_prompts():
     import importlib.util
     from pathlib import Path
 
@@ -279,7 +280,33 @@ def _train_prompts_main():
     spec = importlib.util.spec_from_file_location("coati_train_prompts_vllm", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+def _train_prompts_main():
+    return _train_prompts().main
+
+
+def test_train_prompts_hands_its_engine_flags_to_the_vllm_engine(monkeypatch):
+    """Each --vllm_* knob reaches VLLMEngine; left out, it is RLConfig's default, which is VLLMEngine's too."""
+    import inspect
+
+    import coati.rollout.vllm as rollout_vllm
+    from coati.trainer.strategies import NaiveStrategy
+
+    script = _train_prompts()
+    defaults = {name: p.default for name, p in inspect.signature(rollout_vllm.VLLMEngine).parameters.items()}
+    seen: dict = {}
+    monkeypatch.setattr(rollout_vllm, "VLLMEngine", lambda path, **kw: seen.update(kw, path=path))
+    actor = torch.nn.Linear(2, 2)
+    tok = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    base = ["--pretrain", "some/dir", "--prompt_dataset", "p.jsonl", "--rollout_engine", "vllm"]
+    script.build_engine(script.build_parser().parse_args(
+        [*base, "--vllm_sync_timeout_s", "42", "--vllm_gpu_memory_utilization", "0.3"]), tok, NaiveStrategy(), actor)
+    assert (seen["sync_timeout_s"], seen["gpu_memory_utilization"], seen["path"]) == (42.0, 0.3, "some/dir")
+    script.build_engine(script.build_parser().parse_args(base), tok, NaiveStrategy(), actor)
+    for name in ("sync_timeout_s", "gpu_memory_utilization", "tensor_parallel_size", "sleep"):
+        assert seen[name] == defaults[name], name
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -3,8 +3,8 @@
 After a GRPO update, and again after a second sync of other weights, each rank's vLLM greedy output for its own
 prompts equals HF generate of the trained actor token for token, and before the sync it differs: with FSDP
 (parameters all-gathered one by one into the engine), DDP, and a LoRA actor either merged or served as a vLLM
-adapter. A sync broken on one rank fails on both, naming the tensor and the rank, and a rank that never arrives
-makes the other raise after the sync timeout. Needs vLLM (skips without it; CI's vLLM venv runs it).
+adapter. A sync broken on one rank fails on both, naming the tensor and the rank; a rank that stalls inside the
+stream, or never arrives, makes the other raise after the sync timeout. Needs vLLM (skips without it; CI's vLLM venv runs it).
 """
 import importlib.util
 import json
@@ -63,6 +63,13 @@ def test_a_sync_broken_on_one_rank_fails_on_every_rank_within_the_timeout(tmp_pa
         assert r["load_error"] == (f"weight sync on rank 1: loading tensor {failing!r} failed: RuntimeError: the "
                                    f"engine broke")
         assert r["version_after_load"] == 0 and r["load_s"] < BROKEN_TIMEOUT_S
+    stalled = list(build_actor(lora=False).model.state_dict())[FAIL_AFTER]  # the tensor rank 1 stalled before
+    for r in ranks:  # rank 1 stalled in the stream: the FSDP all-gather is bounded by the sync timeout
+        assert r["stall_error"].startswith(f"weight sync on rank {r['rank']}: all-gathering tensor {stalled!r} "
+                                           f"failed: RuntimeError: ")
+        assert r["stall_error"].endswith(f" (sync timeout {BROKEN_TIMEOUT_S:g} s)")
+        assert r["version_after_stall"] == 0
+    assert BROKEN_TIMEOUT_S * 0.9 <= ranks[0]["stall_s"] < BROKEN_TIMEOUT_S * 2  # not the 30-minute training one
     absent = ranks[0]  # rank 1 never came to the next sync
     assert absent["absent_error"] == (f"weight sync on rank 0: the other ranks did not reach the sync within "
                                       f"{BROKEN_TIMEOUT_S:g} s (RuntimeError)")

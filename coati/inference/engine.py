@@ -168,13 +168,26 @@ class EngineBase:
 
     def _loop(self) -> None:
         """`_step` runs in its own frame, so that no request outlives its turn in a local variable while
-        the worker waits for the next one."""
-        while self._step():
-            pass
+        the worker waits for the next one. An error in a turn goes to the callers it strands (a dead worker
+        would leave them waiting forever), and the worker lives on."""
+        while True:
+            try:
+                if not self._step():
+                    return
+            except Exception as err:  # noqa: BLE001 - handed to the callers
+                with self._cond:
+                    self._fail_all(err)
 
     def _step(self) -> bool:
         """One turn of the worker; False once the engine stops."""
         raise NotImplementedError
+
+    def _fail_all(self, err: BaseException) -> None:
+        """Hands `err` to every request the engine holds (here: the waiting ones); called under `_cond`."""
+        while self._pending:
+            self._finished(1, 0, 0)
+            self._pending.popleft().reply(err)
+        self.stats.queued = 0
 
 
 class BatchingEngine(EngineBase):

@@ -14,6 +14,7 @@ apply (``generation_config="vllm"``).
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,7 +48,8 @@ def vllm_sampling(p: SamplingParams, eos: Sequence[int]) -> Any:
 
 
 class VLLMServingEngine(EngineBase):
-    """The server's engine on ``vllm.LLM(model_path)``: `start()` before use, `stop()` to end the thread.
+    """The server's engine on ``vllm.LLM(model_path)``, built and stepped by its own thread, which starts with it;
+    `stop()` ends the thread.
 
     ``max_num_seqs`` caps the requests stepped together; ``llm_kwargs`` go to ``vllm.LLM`` (``max_model_len``,
     ``gpu_memory_utilization``, ``enforce_eager`` ...). `stats.batches` counts engine steps and
@@ -59,10 +61,6 @@ class VLLMServingEngine(EngineBase):
                  max_num_seqs: int = 8, seed: int = 0, **llm_kwargs: Any) -> None:
         super().__init__()
         vllm = import_vllm()
-        self.llm = vllm.LLM(model=str(model_path), skip_tokenizer_init=True,
-                            generation_config="vllm", dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
-                            **llm_kwargs)
-        self.engine = self.llm.llm_engine
         self._tokenizer = tokenizer
         try:
             generation_config = GenerationConfig.from_pretrained(str(model_path))
@@ -76,6 +74,16 @@ class VLLMServingEngine(EngineBase):
         self.tracker = RowTracker([], self.eos_ids, lambda ids: decode(tokenizer, ids))
         self._ids = itertools.count()
         self._live: dict[str, _Request] = {}
+        # the worker thread builds vLLM's engine and steps it: on CPU vLLM sets up OpenMP for the thread that builds
+        # it, and its attention kernels refuse to run on a thread with another OpenMP thread count
+        self._build = lambda: vllm.LLM(model=str(model_path), skip_tokenizer_init=True, generation_config="vllm",
+                                       dtype=dtype, seed=seed, max_num_seqs=max_num_seqs, **llm_kwargs)
+        self._ready = threading.Event()
+        self._build_error: BaseException | None = None
+        self.start()
+        self._ready.wait()
+        if self._build_error is not None:
+            raise self._build_error
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -84,6 +92,17 @@ class VLLMServingEngine(EngineBase):
     @property
     def max_model_len(self) -> int:
         return int(self.engine.model_config.max_model_len)
+
+    def _loop(self) -> None:
+        try:
+            self.llm = self._build()
+            self.engine = self.llm.llm_engine
+        except BaseException as err:  # noqa: BLE001 - raised again by __init__, in the caller's thread
+            self._build_error = err
+            return
+        finally:
+            self._ready.set()
+        super()._loop()
 
     def _step(self) -> bool:
         """Admits new requests, drops those whose caller left, runs one engine step; False once stopped."""
@@ -104,11 +123,7 @@ class VLLMServingEngine(EngineBase):
             return True
         self.stats.batches += 1
         self.stats.max_batch = max(self.stats.max_batch, len(self._live))
-        try:
-            outputs = self.engine.step()
-        except Exception as err:  # every running caller gets the error; the worker lives on
-            self._fail_all(err)
-            return True
+        outputs = self.engine.step()  # an error reaches every caller (EngineBase._loop)
         for out in outputs:
             req = self._live.get(out.request_id)
             if req is None:
@@ -149,13 +164,11 @@ class VLLMServingEngine(EngineBase):
             self._live.pop(rid)
             try:
                 self.engine.abort_request([rid])
-            except Exception:  # the engine that failed may refuse this too; the caller still gets `err`
+            except Exception:  # noqa: BLE001 - the engine that failed may refuse this too; the caller gets `err`
                 pass
             self._done(0)
             req.reply(err)
-        while self._pending:
-            self._done(0)
-            self._pending.popleft().reply(err)
+        super()._fail_all(err)
 
     def _done(self, tokens: int, cancelled: bool = False) -> None:
         self._finished(1, int(cancelled), tokens)

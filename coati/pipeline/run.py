@@ -303,7 +303,7 @@ class _Run:
                           dtype=str(next(policy.parameters()).dtype).removeprefix("torch."), seed=args.seed,
                           gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                           tensor_parallel_size=args.vllm_tensor_parallel_size, sleep=args.vllm_sleep,
-                          max_model_len=max_len, **cpu)
+                          sync_timeout_s=args.vllm_sync_timeout_s, max_model_len=max_len, **cpu)
 
     @property
     def rollout_rows(self) -> int:

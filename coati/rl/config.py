@@ -133,6 +133,9 @@ class RLConfig:
     vllm_tensor_parallel_size: int = option(1, "GPUs vLLM shards the model over", bounds=">= 1", group=R)
     vllm_sleep: bool = option(False, "vLLM frees its GPU memory during updates (sleep / wake up; GPU only)",
                               group=R)
+    vllm_sync_timeout_s: float = option(600.0, "seconds a weight sync into vLLM may take on every rank (FSDP's "
+                                               "all-gathers included) before it raises naming the rank and tensor",
+                                        bounds="> 0", group=R)
     vllm_lora: str = option("merge", "how a LoRA actor reaches vLLM after each update: merged into the full "
                                       "weights, or as an adapter served by vLLM's LoRA support (only the adapter "
                                       "moves; slower generation: README's vLLM section has the numbers)",

@@ -18,9 +18,11 @@ fresh adapter id and directory per version; the base weights never move).
 A sync is checked before anything moves: names and shapes against the checkpoint the engine was started from
 (a missing, unknown or misshapen tensor raises naming it and the rank), and the ranks agree on the outcome over
 a gloo group whose timeout is ``sync_timeout_s``, so a rank that fails, or never arrives, makes every rank
-raise instead of waiting in an all-gather. Log-probs are vLLM's ``processed_logprobs`` of the sampled tokens:
-``log_softmax(logits / temperature)`` after top-k / top-p (untruncated with the defaults), temperature 1 when
-greedy.
+raise instead of waiting in an all-gather; the all-gathers of sharded weights during a sync time out after
+``sync_timeout_s`` too, so a rank that stalls in the stream fails the others within it.
+
+Log-probs are vLLM's ``processed_logprobs`` of the sampled tokens: ``log_softmax(logits / temperature)`` after
+top-k / top-p (untruncated with the defaults), temperature 1 when greedy.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ import os
 import shutil
 import tempfile
 import weakref
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,6 +45,7 @@ from transformers import GenerationConfig
 from ..errors import UsageError
 from ..models.lora import is_peft_model
 from ..models.loading import base_lm
+from ..rl.config import RLConfig
 from .base import Rollout
 
 # GenerationConfig fields the engine maps onto vLLM's SamplingParams (any other one set is refused).
@@ -165,6 +169,25 @@ def full_weights(weights: nn.Module | dict[str, torch.Tensor]) -> dict[str, torc
     return {e.name: e.make() for e in weight_entries(weights)}
 
 
+@contextmanager
+def _bounded_gathers(weights: nn.Module | dict[str, torch.Tensor], seconds: float) -> Iterator[None]:
+    """Within the block, the process groups that all-gather the sharded (DTensor) weights time out after the
+    sync's ``seconds``, not the training timeout (30 minutes by default), so a rank stalled in a sync's stream
+    fails the others within the sync timeout; the training timeout returns afterwards."""
+    tensors = weights.values() if isinstance(weights, dict) else weights.parameters()
+    meshes = {id(t.device_mesh): t.device_mesh for t in tensors if isinstance(t, DTensor)}
+    groups = {id(g): g for mesh in meshes.values() for g in mesh.get_all_groups()}
+    backends = [g._get_backend(device) for g in groups.values() for device in g._device_types]
+    saved = [(b, b.options._timeout) for b in backends]
+    for b, _ in saved:
+        b._set_default_timeout(timedelta(seconds=seconds))
+    try:
+        yield
+    finally:
+        for b, timeout in saved:
+            b._set_default_timeout(timeout)
+
+
 def _world() -> tuple[int, int]:
     """(rank, world size) of the trainer's process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -196,8 +219,9 @@ class VLLMEngine:
     one host share its memory, so each takes ``gpu_memory_utilization`` / local processes."""
 
     def __init__(self, model_path: str | Path, *, eos_token_id: int | Sequence[int], pad_token_id: int,
-                 dtype: str = "auto", gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
-                 sleep: bool = False, seed: int = 0, sync_timeout_s: float = 600.0, lora_rank: int = 0,
+                 dtype: str = "auto", gpu_memory_utilization: float = RLConfig.vllm_gpu_memory_utilization,
+                 tensor_parallel_size: int = RLConfig.vllm_tensor_parallel_size, sleep: bool = RLConfig.vllm_sleep,
+                 seed: int = 0, sync_timeout_s: float = RLConfig.vllm_sync_timeout_s, lora_rank: int = 0,
                  **llm_kwargs: Any) -> None:
         vllm = import_vllm()
         # syncs stream the trainer's tensors (a generator) and a function into the workers: only an engine in this
@@ -374,26 +398,37 @@ class VLLMEngine:
         self._agree(problem)
         self._wake()
         sent: list[str] = []
+        gather_failed: list[str] = []
 
         def stream():
             for entry in entries:
                 sent.append(entry.name)
-                yield entry.name, entry.make()
+                try:
+                    tensor = entry.make()
+                except Exception as e:  # noqa: BLE001 - a peer stalled or died in an all-gather: end the stream
+                    gather_failed.append(f"all-gathering tensor {entry.name!r} failed: {type(e).__name__}: "
+                                         f"{(str(e).strip().splitlines() or [''])[-1]}")
+                    return
+                yield entry.name, tensor
 
         tensors = stream()
         problem = None
-        try:
-            if self.lora_adapter:
-                self._load_adapter(weights, tensors)
-            else:
-                # vLLM's in-place reload: its layerwise machinery restores the loaders that processing after the
-                # first load removed (CPU repacks weights), then the model's load_weights fuses HF tensors
-                self.llm.collective_rpc("reload_weights", timeout=self.sync_timeout_s,
-                                        kwargs={"weights_iterator": tensors, "is_checkpoint_format": True})
-                self.llm.collective_rpc(_repack_tied_head, timeout=self.sync_timeout_s)
-        except Exception as e:  # noqa: BLE001 - reported on every rank by _agree
-            problem = f"loading tensor {sent[-1] if sent else None!r} failed: {type(e).__name__}: {e}"
-        left = [name for name, _ in tensors]  # a rank that stopped early still joins the remaining all-gathers
+        with _bounded_gathers(weights, self.sync_timeout_s):
+            try:
+                if self.lora_adapter:
+                    self._load_adapter(weights, tensors)
+                else:
+                    # vLLM's in-place reload: its layerwise machinery restores the loaders that processing after
+                    # the first load removed (CPU repacks weights), then the model's load_weights fuses HF tensors
+                    self.llm.collective_rpc("reload_weights", timeout=self.sync_timeout_s,
+                                            kwargs={"weights_iterator": tensors, "is_checkpoint_format": True})
+                    self.llm.collective_rpc(_repack_tied_head, timeout=self.sync_timeout_s)
+            except Exception as e:  # noqa: BLE001 - reported on every rank by _agree
+                problem = f"loading tensor {sent[-1] if sent else None!r} failed: {type(e).__name__}: {e}"
+            left = [name for name, _ in tensors]  # a rank that stopped early still joins the remaining all-gathers
+        if gather_failed:  # the gathering group is broken: no agreement can follow, each rank reports its own
+            raise RuntimeError(f"weight sync on rank {self.rank}: {gather_failed[0]} (sync timeout "
+                               f"{self.sync_timeout_s:g} s)")
         if problem is None and left:
             problem = f"tensor {left[0]!r} was not loaded ({len(left)} left in all)"
         self._agree(problem)

@@ -234,9 +234,9 @@ def check_engine(args: argparse.Namespace, strategy: Any) -> None:
     if strategy.world_size > 1 and cfg.vllm_tensor_parallel_size > 1:
         raise UsageError("--vllm_tensor_parallel_size > 1 under torchrun is not supported: each trainer process "
                          "runs its own single-device engine")
-    if args.quant:
-        raise UsageError("--rollout_engine vllm starts from --pretrain's full-precision weights: not with a --quant "
-                         "base")
+    if args.quant and cfg.vllm_lora == "adapter":
+        raise UsageError(f"--vllm_lora adapter would run the adapter on --pretrain's full-precision base, not the "
+                         f"--quant {args.quant} one the actor computes with: use --vllm_lora merge")
     if cfg.vllm_lora == "adapter" and args.lora_rank > 0 and args.lora_train_bias != "none":
         raise UsageError(f"--vllm_lora adapter sends only the LoRA adapter: --lora_train_bias "
                          f"{args.lora_train_bias} trains biases it cannot carry (use --vllm_lora merge)")
@@ -248,7 +248,8 @@ def check_engine(args: argparse.Namespace, strategy: Any) -> None:
 def build_engine(args: argparse.Namespace, tokenizer: Any, strategy: Any, actor: Actor) -> Any:
     """The vLLM rollout engine on --pretrain (the actor's starting weights), or None for HF generate: one per
     process under torchrun. It computes in the trainer's precision (vLLM's own default would run an fp32
-    checkpoint in bf16); with --vllm_lora adapter it serves the actor's LoRA adapter on that base."""
+    checkpoint in bf16); with --vllm_lora adapter it serves the actor's LoRA adapter on that base. A --quant
+    actor's dequantized base replaces --pretrain's weights before the first rollout."""
     cfg = rl_config(args)
     if cfg.rollout_engine != "vllm":
         return None
@@ -257,12 +258,15 @@ def build_engine(args: argparse.Namespace, tokenizer: Any, strategy: Any, actor:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(strategy.compute_precision) or \
         str(next(actor.parameters()).dtype).removeprefix("torch.")
-    return VLLMEngine(args.pretrain, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, seed=args.seed,
-                      dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                      tensor_parallel_size=cfg.vllm_tensor_parallel_size, sleep=cfg.vllm_sleep,
-                      sync_timeout_s=cfg.vllm_sync_timeout_s,
-                      lora_rank=args.lora_rank if cfg.vllm_lora == "adapter" else 0,
-                      enforce_eager=not torch.cuda.is_available())
+    engine = VLLMEngine(args.pretrain, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, seed=args.seed,
+                        dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                        tensor_parallel_size=cfg.vllm_tensor_parallel_size, sleep=cfg.vllm_sleep,
+                        sync_timeout_s=cfg.vllm_sync_timeout_s,
+                        lora_rank=args.lora_rank if cfg.vllm_lora == "adapter" else 0,
+                        enforce_eager=not torch.cuda.is_available())
+    if args.quant:  # the actor computes with its quantized base: the first rollouts must too
+        engine.update_weights(actor, version=0)
+    return engine
 
 
 def trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -56,58 +56,50 @@ def main(strategy_name: str, mode: str, out: Path) -> None:
                         lora_rank=LORA_RANK if mode == "lora_adapter" else 0)
     record: dict = {"rank": rank}
     if mode == "broken":
+        def attempt(case: str, weights, error: type[Exception]) -> None:
+            """One sync expected to fail: its message, seconds and the engine's version after it."""
+            t0 = time.perf_counter()
+            try:
+                engine.update_weights(weights)
+            except error as e:
+                record[f"{case}_error"] = str(e)
+            record[f"{case}_s"] = time.perf_counter() - t0
+            record[f"version_after_{case}"] = engine.weight_version
+
+        def reload_then(then):
+            """rank 1's engine takes FAIL_AFTER tensors of the stream, then does ``then(rest of the stream)``."""
+            def reload(method, timeout=None, kwargs=None):
+                tensors = iter(kwargs["weights_iterator"])
+                for _ in range(FAIL_AFTER):
+                    next(tensors)
+                then(tensors)
+            return reload
+
+        def broke(tensors):
+            raise RuntimeError("the engine broke")
+
+        def stall(tensors):
+            time.sleep(BROKEN_TIMEOUT_S * 1.5)
+            for _ in tensors:
+                pass
+
         state = full_weights(actor)
         if rank == 1:
             del state[BROKEN_TENSOR]
-        t0 = time.perf_counter()
-        try:
-            engine.update_weights(state)
-        except ValueError as e:
-            record["missing_error"] = str(e)
-        record["missing_s"] = time.perf_counter() - t0
-        record["version_after_missing"] = engine.weight_version
+        attempt("missing", state, ValueError)
         # rank 1's engine fails while loading the sharded actor's stream: rank 0 keeps all-gathering to the end
         # (rank 1 still takes part), then both raise naming rank 1 and the tensor
         sharded = strategy.prepare_model(actor)
         if rank == 1:
-            def failing_reload(method, timeout=None, kwargs=None):
-                tensors = iter(kwargs["weights_iterator"])
-                for _ in range(FAIL_AFTER):
-                    next(tensors)
-                raise RuntimeError("the engine broke")
-            engine.llm.collective_rpc = failing_reload
-        t0 = time.perf_counter()
-        try:
-            engine.update_weights(sharded)
-        except ValueError as e:
-            record["load_error"] = str(e)
-        record["load_s"] = time.perf_counter() - t0
-        record["version_after_load"] = engine.weight_version
+            engine.llm.collective_rpc = reload_then(broke)
+        attempt("load", sharded, ValueError)
         # rank 1 stalls inside the stream past the sync timeout: rank 0's all-gather of the next tensor fails
         # within the sync timeout (not the training group's 30 minutes), and so does rank 1's when it resumes
         if rank == 1:
-            def stalling_reload(method, timeout=None, kwargs=None):
-                tensors = iter(kwargs["weights_iterator"])
-                for _ in range(FAIL_AFTER):
-                    next(tensors)
-                time.sleep(BROKEN_TIMEOUT_S * 1.5)
-                for _ in tensors:
-                    pass
-            engine.llm.collective_rpc = stalling_reload
-        t0 = time.perf_counter()
-        try:
-            engine.update_weights(sharded)
-        except RuntimeError as e:
-            record["stall_error"] = str(e)
-        record["stall_s"] = time.perf_counter() - t0
-        record["version_after_stall"] = engine.weight_version
+            engine.llm.collective_rpc = reload_then(stall)
+        attempt("stall", sharded, RuntimeError)
         if rank == 0:  # rank 1 never comes: rank 0 must give up after the timeout, not wait
-            t0 = time.perf_counter()
-            try:
-                engine.update_weights(sharded)
-            except RuntimeError as e:
-                record["absent_error"] = str(e)
-            record["absent_s"] = time.perf_counter() - t0
+            attempt("absent", sharded, RuntimeError)
         else:
             time.sleep(BROKEN_TIMEOUT_S * 1.5)
         (out / f"rank{rank}.json").write_text(json.dumps(record))

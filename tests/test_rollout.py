@@ -115,6 +115,46 @@ def test_experience_making_and_the_trainer_go_through_the_given_engine():
     assert len(engine.updates) == 2 and all(w is trainer.actor for w in engine.updates)  # once per episode
 
 
+class VersionedEngine(ScriptedEngine):
+    """Stamps its rollouts with the weight version it holds, as the vLLM engine does."""
+
+    weight_version, fail = 0, False
+
+    def generate(self, input_ids, attention_mask, sampling, *, return_log_probs=True):
+        rollout = super().generate(input_ids, attention_mask, sampling, return_log_probs=return_log_probs)
+        rollout.weight_version = self.weight_version
+        return rollout
+
+    def update_weights(self, weights, version=None):
+        if self.fail:
+            raise RuntimeError("the sync failed")
+        self.weight_version = self.weight_version + 1 if version is None else version
+
+
+def test_the_maker_expects_the_version_the_engine_holds_after_each_sync():
+    """A sync without a version (the engine counts on) and a failed sync (the engine keeps its weights) leave
+    the maker expecting exactly the engine's version: no false 'missed a weight sync', no stale rollout taken."""
+    actor, _ = h.models(seed=0)
+    strategy = NaiveStrategy(seed=0)
+    batch = next(iter(h.loaders(strategy, experience_batch_size=4)[0]))
+    trainer = PPOTrainer(strategy, actor, None, tokenizer=tiny.tokenizer("llama"), reward_fn=h.target_share,
+                         algo="rloo", n_samples_per_prompt=2, num_episodes=1, **h.PPO_KW)
+    maker = trainer.experience_maker
+    maker.engine = engine = VersionedEngine([h.TARGET_ID, 9])
+    maker.update_weights(actor)
+    assert maker.weight_version == engine.weight_version == 1
+    maker.make_experience(batch)
+    maker.update_weights(actor, version=5)
+    engine.fail = True
+    with pytest.raises(RuntimeError, match="the sync failed"):
+        maker.update_weights(actor, version=6)
+    assert maker.weight_version == 5
+    maker.make_experience(batch)
+    engine.weight_version = 4  # an engine that fell behind is still caught
+    with pytest.raises(RuntimeError, match="missed a weight sync"):
+        maker.make_experience(batch)
+
+
 def test_stop_length_is_the_shortest_prefix_whose_text_holds_a_stop_string():
     decode = lambda ids: "".join(chr(i) for i in ids)  # noqa: E731 - one character per token
     text = [ord(c) for c in "ab</x>cd</x>"]

@@ -104,6 +104,32 @@ def _config():
                              tie_word_embeddings=True)
 
 
+def test_a_4bit_lora_actors_sync_tensors_are_the_weights_it_computes_with(tmp_path):
+    """What a --quant actor sends (no vLLM needed to check it): the plain checkpoint's names and full shapes,
+    NF4 weights dequantized and the adapter merged, so a plain model loaded with them gives the actor's logits."""
+    pytest.importorskip("bitsandbytes")
+    from coati.models import Actor, LoraSettings
+    from coati.models.quant import bnb_layers
+    from coati.rollout.vllm import full_weights, weight_entries
+
+    torch.manual_seed(0)
+    Actor.from_config(_config()).save_pretrained(tmp_path)
+    actor = Actor.from_pretrained(tmp_path, lora=LoraSettings(rank=4, alpha=8), quant="4bit",
+                                  quant_compute_dtype="float32").eval()
+    assert len(list(bnb_layers(actor.model))) >= 8
+    with torch.no_grad():
+        for name, p in actor.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    plain = Actor.from_config(_config()).eval()
+    own = plain.model.state_dict()
+    assert {e.name: e.shape for e in weight_entries(actor)} == {k: tuple(v.shape) for k, v in own.items()}
+    plain.model.load_state_dict(full_weights(actor))
+    ids = torch.randint(3, 60, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(plain.model(ids).logits, actor.model(ids).logits, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     if not HAS_VLLM:
@@ -239,6 +265,48 @@ def test_a_lora_actor_syncs_merged(setup):
 
 
 @needs_vllm
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_a_quantized_lora_actor_syncs_dequantized_and_merged(setup, quant):
+    """A --quant actor computes with its quantized base, not the checkpoint the engine started from: after a sync
+    of the dequantized, merged weights the engine's log-probs equal the trainer's for NF4, whose matmul runs on
+    the dequantized weight. LLM.int8 also rounds the trainer's activations to int8, which the engine's
+    full-precision matmul does not: the gap stays at that rounding (about 1e-3 here, what
+    rollout/logprob_diff reports and --rollout_is corrects)."""
+    pytest.importorskip("bitsandbytes")
+    from coati.models import Actor, LoraSettings
+    from coati.models.quant import bnb_layers
+
+    engine, _, batch, path = setup
+    torch.manual_seed(2)
+    actor = Actor.from_pretrained(path, lora=LoraSettings(rank=4, alpha=8), quant=quant,
+                                  quant_compute_dtype="float32").eval()
+    assert len(list(bnb_layers(actor.model))) >= 8  # the base really is quantized
+    with torch.no_grad():  # a trained-looking adapter: B != 0
+        for name, p in actor.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+
+    def gap() -> float:
+        out = engine.generate(batch["input_ids"], batch["attention_mask"], GREEDY)
+        with torch.no_grad():
+            trainer = actor(out.sequences, out.attention_mask, num_actions=out.num_actions)
+        return float(((trainer - out.engine_log_probs) * out.action_mask).abs().max())
+
+    engine.update_weights(setup[1])  # the checkpoint's full-precision weights
+    before = gap()
+    version = engine.weight_version + 1
+    engine.update_weights(actor, version=version)
+    assert engine.generate(batch["input_ids"], batch["attention_mask"], GREEDY).weight_version == version
+    after = gap()
+    if quant == "4bit":
+        assert after < LOGPROB_ATOL < before, (before, after)
+        got = engine.generate(batch["input_ids"], batch["attention_mask"], GREEDY)
+        assert torch.equal(got.sequences, _hf(actor, batch, GREEDY).sequences)
+    else:
+        assert after < 1e-2 and after < before / 100, (before, after)
+
+
+@needs_vllm
 def test_the_engine_keeps_vllm_in_this_process(setup, monkeypatch):
     """Syncs stream tensors into the workers, which vLLM's multiprocess client cannot carry: the engine (started
     with the variable unset) set it to 0, and a run that asks for multiprocessing is refused in one line."""
@@ -318,6 +386,8 @@ def test_train_prompts_hands_its_engine_flags_to_the_vllm_engine(monkeypatch):
     (["--stop", "</answer>", ""], "--stop: an empty stop string"),
     (["--rollout_engine", "vllm", "--vllm_lora", "adapter", "--lora_rank", "4", "--lora_train_bias", "all"],
      r"pip install 'coati\[vllm\]'" if not HAS_VLLM else "--lora_train_bias all trains biases it cannot carry"),
+    (["--rollout_engine", "vllm", "--vllm_lora", "adapter", "--lora_rank", "4", "--quant", "4bit"],
+     r"pip install 'coati\[vllm\]'" if not HAS_VLLM else "not the --quant 4bit one the actor computes with"),
 ])
 def test_train_prompts_refuses_bad_engine_flags_before_training(flags, message, tmp_path):
     if message is None:

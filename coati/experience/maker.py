@@ -452,12 +452,14 @@ class ExperienceMaker:
         step) is the weight version rollouts must come from from now on (engines without versions ignore it).
         Every process calls it together: the strategy-wrapped actor's shards are gathered by the engine as it
         loads them (the vLLM engine all-gathers FSDP parameters one at a time)."""
-        if version is not None:
-            self.weight_version = version
         if "version" in inspect.signature(self.engine.update_weights).parameters:
             self.engine.update_weights(self._unwrap(actor), version=version)
         else:
             self.engine.update_weights(self._unwrap(actor))
+        # only after the sync succeeded; an engine that keeps versions says which one it holds now
+        held = getattr(self.engine, "weight_version", None)
+        if held is not None or version is not None:
+            self.weight_version = held if held is not None else version
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly: the running reward statistics and the group count."""

@@ -215,6 +215,7 @@ class BatchingEngine(EngineBase):
             while not self._pending and not self._stopped:
                 self._cond.wait()
             if self._stopped:
+                self._fail_all(RuntimeError("engine is stopped"))
                 return None
         if self.batch_wait_s > 0 and self.max_batch_size > 1:
             time.sleep(self.batch_wait_s)  # let requests sent at the same moment join this batch

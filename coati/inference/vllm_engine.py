@@ -123,13 +123,17 @@ class VLLMServingEngine(EngineBase):
             return True
         self.stats.batches += 1
         self.stats.max_batch = max(self.stats.max_batch, len(self._live))
-        outputs = self.engine.step()  # an error reaches every caller (EngineBase._loop)
+        outputs = self.engine.step()  # an error here reaches every caller (EngineBase._loop)
         for out in outputs:
             req = self._live.get(out.request_id)
             if req is None:
                 continue
-            for tok in out.outputs[0].token_ids:
-                self.tracker.add(req.row, tok)
+            try:
+                for tok in out.outputs[0].token_ids:
+                    self.tracker.add(req.row, tok)
+            except Exception as err:  # noqa: BLE001 - this request's error: the others run on
+                self._fail(out.request_id, err)
+                continue
             if req.row.done or out.finished:
                 self._finish(out.request_id, abort=not out.finished)
         return True
@@ -138,13 +142,12 @@ class VLLMServingEngine(EngineBase):
         if req.cancel.is_set():  # the caller left while its request waited
             self._done(0, cancelled=True)
             return
-        on_text = req.reply if req.stream else None
-        req.row = Row(req.params, len(req.prompt), on_text, req.cancel)
-        rid = str(next(self._ids))
         try:
+            req.row = Row(req.params, len(req.prompt), req.reply if req.stream else None, req.cancel)
+            rid = str(next(self._ids))
             self.engine.add_request(rid, {"prompt_token_ids": list(req.prompt)},
                                     vllm_sampling(req.params, self.eos_ids))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - handed to the caller
             self._done(0)
             req.reply(err)
             return
@@ -152,22 +155,32 @@ class VLLMServingEngine(EngineBase):
         self._live[rid] = req
 
     def _finish(self, rid: str, abort: bool) -> None:
-        req = self._live.pop(rid)
-        if abort:
-            self.engine.abort_request([rid])
-        out = self.tracker.completion(req.row)
+        """Ends a live request with its completion (or with the error that ending it raised)."""
+        req = self._live[rid]
+        try:
+            if abort:
+                self.engine.abort_request([rid])
+            out = self.tracker.completion(req.row)
+        except Exception as err:  # noqa: BLE001 - handed to the caller
+            self._fail(rid, err)
+            return
+        del self._live[rid]
         self._done(out.completion_tokens, cancelled=out.finish_reason == "cancelled")
         req.reply(out)
 
+    def _fail(self, rid: str, err: BaseException) -> None:
+        """Ends a live request with ``err``, vLLM dropping it too."""
+        req = self._live.pop(rid)
+        try:
+            self.engine.abort_request([rid])
+        except Exception:  # noqa: BLE001 - the engine that failed may refuse this too; the caller gets `err`
+            pass
+        self._done(0)
+        req.reply(err)
+
     def _fail_all(self, err: BaseException) -> None:
-        for rid, req in list(self._live.items()):
-            self._live.pop(rid)
-            try:
-                self.engine.abort_request([rid])
-            except Exception:  # noqa: BLE001 - the engine that failed may refuse this too; the caller gets `err`
-                pass
-            self._done(0)
-            req.reply(err)
+        for rid in list(self._live):
+            self._fail(rid, err)
         super()._fail_all(err)
 
     def _done(self, tokens: int, cancelled: bool = False) -> None:

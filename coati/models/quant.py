@@ -151,7 +151,8 @@ def quant_mode(model: nn.Module) -> str | None:
     return None
 
 
-def _bnb_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+def bnb_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """(name, layer) of every bitsandbytes 4-bit / 8-bit Linear in ``model``."""
     import bitsandbytes as bnb
 
     return ((n, m) for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)))
@@ -168,13 +169,14 @@ def prepare_kbit_model(model: nn.Module) -> nn.Module:
     from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    for _, layer in _bnb_layers(model):
+    for _, layer in bnb_layers(model):
         if hasattr(layer, "support_avx512bf16_for_cpu"):
             layer.support_avx512bf16_for_cpu = False
     return model
 
 
-def _dequantized_weight(layer: nn.Module) -> torch.Tensor:
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """A bitsandbytes Linear's weight as the full matrix its forward computes with (peft's dequantization)."""
     from peft.utils.integrations import dequantize_bnb_weight
 
     state = getattr(layer.weight, "quant_state", None)
@@ -194,9 +196,9 @@ def dequantized_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32)
     base = model.get_base_model() if is_peft_model(model) else model
     state: dict[str, torch.Tensor] = {}
     quantized = set()
-    for name, layer in _bnb_layers(base) if quant_mode(base) else ():
+    for name, layer in bnb_layers(base) if quant_mode(base) else ():
         key = name.removesuffix(".base_layer")
-        state[f"{key}.weight"] = _dequantized_weight(layer).to(dtype)
+        state[f"{key}.weight"] = dequantized_weight(layer).to(dtype)
         quantized.add(f"{name}.weight")
     for name, param in base.named_parameters():
         if name in quantized or _is_adapter_param(name):

@@ -45,6 +45,7 @@ from transformers import GenerationConfig
 from ..errors import UsageError
 from ..models.lora import is_peft_model
 from ..models.loading import base_lm
+from ..models.quant import bnb_layers, dequantized_weight, quant_mode
 from ..rl.config import RLConfig
 from .base import Rollout
 
@@ -89,13 +90,15 @@ class WeightEntry(NamedTuple):
 
 
 def _entries(state: dict[str, torch.Tensor], make: Callable[[str, torch.Tensor], Callable[[], torch.Tensor]],
-             rename: Callable[[str], str] = lambda k: k) -> list[WeightEntry]:
+             rename: Callable[[str], str] = lambda k: k,
+             shapes: dict[str, tuple[int, ...]] | None = None) -> list[WeightEntry]:
+    """One entry per state-dict key; ``shapes`` gives the full shape of keys whose tensor is packed."""
     first: dict[Any, str] = {}
     out = []
     for key, t in state.items():
         same = id(t) if isinstance(t, DTensor) else (t.data_ptr(), t.dtype, tuple(t.shape))
         name = rename(key)
-        out.append(WeightEntry(name, tuple(t.shape), make(key, t), first.get(same)))
+        out.append(WeightEntry(name, (shapes or {}).get(key, tuple(t.shape)), make(key, t), first.get(same)))
         first.setdefault(same, name)
     return out
 
@@ -106,16 +109,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _merged(layer: nn.Module, base: torch.Tensor) -> torch.Tensor:
-    """A peft LoRA layer's merged weight, ``W + B A scaling`` per active adapter, computed in fp32 from the
-    gathered tensors and returned in ``W``'s dtype."""
-    weight = _full(base)
+def _merged(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A peft LoRA layer's merged weight, ``W + B A scaling`` per active adapter (``weight`` is the full ``W``),
+    computed in fp32 from the gathered tensors and returned in ``W``'s dtype."""
     merged = weight.float()
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
-        if layer.use_dora.get(name):
-            raise ValueError(f"weight sync: {name!r} is a DoRA adapter; the vLLM engine merges plain LoRA only")
         delta = _full(layer.lora_B[name].weight).float() @ _full(layer.lora_A[name].weight).float()
         merged = merged + (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[name]
     return merged.to(weight.dtype)
@@ -124,7 +124,8 @@ def _merged(layer: nn.Module, base: torch.Tensor) -> torch.Tensor:
 def weight_entries(weights: nn.Module | dict[str, torch.Tensor], *, lora_adapter: bool = False) -> list[WeightEntry]:
     """The tensors a sync sends, named as the HF checkpoint names them, each made only when called: the full
     weights of an :class:`~coati.models.Actor`, an HF model or a state dict (a LoRA actor merged tensor by
-    tensor), or, with ``lora_adapter``, the LoRA actor's adapter tensors as peft saves them."""
+    tensor, a bitsandbytes base dequantized), or, with ``lora_adapter``, the LoRA actor's adapter tensors as peft
+    saves them."""
     plain = lambda key, t: lambda: _full(t)  # noqa: E731
     if isinstance(weights, dict):
         return _entries(weights, plain)
@@ -139,20 +140,30 @@ def weight_entries(weights: nn.Module | dict[str, torch.Tensor], *, lora_adapter
         state = {k: v for k, v in model.state_dict(keep_vars=True).items() if ".lora_" in k}
         return _entries(state, plain, _adapter_name)
     lm = base_lm(model)
-    if not is_peft_model(model):
-        return _entries(lm.state_dict(keep_vars=True), plain)
-    from peft.tuners.lora import LoraLayer
+    # a bitsandbytes base (--quant): each packed weight goes out dequantized, its quantization state stays home
+    packed = dict(bnb_layers(lm)) if quant_mode(lm) else {}
+    state = {k: v for k, v in lm.state_dict(keep_vars=True).items() if ".lora_" not in k
+             and not any(k.startswith(f"{n}.") and k not in (f"{n}.weight", f"{n}.bias") for n in packed)}
+    lora = {}
+    if is_peft_model(model):
+        from peft.tuners.lora import LoraLayer
 
-    layers = {name: m for name, m in lm.named_modules() if isinstance(m, LoraLayer)}
+        lora = {name: m for name, m in lm.named_modules() if isinstance(m, LoraLayer)}
+        dora = {n for m in lora.values() for n in m.active_adapters if m.use_dora.get(n)}
+        if dora:
+            raise ValueError(f"weight sync: {sorted(dora)[0]!r} is a DoRA adapter; the vLLM engine merges plain LoRA "
+                             f"only")
 
     def make(key: str, t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        layer = packed.get(key.removesuffix(".weight"))
+        weight = (lambda: dequantized_weight(layer)) if layer is not None else (lambda: _full(t))
         owner, _, leaf = key.rpartition(".base_layer.")
-        if owner in layers and leaf == "weight":
-            return lambda: _merged(layers[owner], t)
-        return lambda: _full(t)
+        if owner in lora and leaf == "weight":
+            return lambda: _merged(lora[owner], weight())
+        return weight
 
-    state = {k: v for k, v in lm.state_dict(keep_vars=True).items() if ".lora_" not in k}
-    return _entries(state, make, lambda k: k.replace(".base_layer.", "."))
+    shapes = {f"{n}.weight": (m.out_features, m.in_features) for n, m in packed.items()}
+    return _entries(state, make, lambda k: k.replace(".base_layer.", "."), shapes)
 
 
 def _adapter_name(key: str) -> str:
@@ -169,19 +180,25 @@ def full_weights(weights: nn.Module | dict[str, torch.Tensor]) -> dict[str, torc
     return {e.name: e.make() for e in weight_entries(weights)}
 
 
-@contextmanager
-def _bounded_gathers(weights: nn.Module | dict[str, torch.Tensor], seconds: float) -> Iterator[None]:
-    """Within the block, the process groups that all-gather the sharded (DTensor) weights time out after the
-    sync's ``seconds``, not the training timeout (30 minutes by default), so a rank stalled in a sync's stream
-    fails the others within the sync timeout; the training timeout returns afterwards."""
+def _gather_groups(weights: nn.Module | dict[str, torch.Tensor]) -> list[Any]:
+    """The process groups that all-gather the sharded (DTensor) weights among ``weights``; none when unsharded."""
     tensors = weights.values() if isinstance(weights, dict) else weights.parameters()
     meshes = {id(t.device_mesh): t.device_mesh for t in tensors if isinstance(t, DTensor)}
-    groups = {id(g): g for mesh in meshes.values() for g in mesh.get_all_groups()}
-    backends = [g._get_backend(device) for g in groups.values() for device in g._device_types]
-    saved = [(b, b.options._timeout) for b in backends]
-    for b, _ in saved:
-        b._set_default_timeout(timedelta(seconds=seconds))
+    return list({id(g): g for mesh in meshes.values() for g in mesh.get_all_groups()}.values())
+
+
+@contextmanager
+def _bounded(groups: list[Any], seconds: float) -> Iterator[None]:
+    """Within the block, ``groups`` time out after ``seconds``, not the training timeout (30 minutes by default),
+    so a rank stalled in a sync's stream fails the others within the sync timeout (gloo raises; NCCL's watchdog
+    aborts the process); the training timeout returns afterwards."""
+    saved = []
     try:
+        for b in (g._get_backend(device) for g in groups for device in g._device_types):
+            # a debug wrapper (TORCH_DISTRIBUTED_DEBUG=DETAIL) keeps the training timeout
+            if hasattr(b, "_set_default_timeout") and hasattr(getattr(b, "options", None), "_timeout"):
+                saved.append((b, b.options._timeout))
+                b._set_default_timeout(timedelta(seconds=seconds))
         yield
     finally:
         for b, timeout in saved:
@@ -399,21 +416,25 @@ class VLLMEngine:
         self._wake()
         sent: list[str] = []
         gather_failed: list[str] = []
+        streamed = [False]
+        groups = _gather_groups(weights)
 
         def stream():
             for entry in entries:
                 sent.append(entry.name)
                 try:
                     tensor = entry.make()
-                except Exception as e:  # noqa: BLE001 - a peer stalled or died in an all-gather: end the stream
-                    gather_failed.append(f"all-gathering tensor {entry.name!r} failed: {type(e).__name__}: "
-                                         f"{(str(e).strip().splitlines() or [''])[-1]}")
-                    return
+                except Exception as e:  # a peer stalled or died in an all-gather: the load fails with it
+                    if groups:
+                        gather_failed.append(f"all-gathering tensor {entry.name!r} failed: {type(e).__name__}: "
+                                             f"{(str(e).strip().splitlines() or [''])[-1]}")
+                    raise
                 yield entry.name, tensor
+            streamed[0] = True
 
         tensors = stream()
         problem = None
-        with _bounded_gathers(weights, self.sync_timeout_s):
+        with _bounded(groups, self.sync_timeout_s):
             try:
                 if self.lora_adapter:
                     self._load_adapter(weights, tensors)
@@ -424,8 +445,10 @@ class VLLMEngine:
                                             kwargs={"weights_iterator": tensors, "is_checkpoint_format": True})
                     self.llm.collective_rpc(_repack_tied_head, timeout=self.sync_timeout_s)
             except Exception as e:  # noqa: BLE001 - reported on every rank by _agree
-                problem = f"loading tensor {sent[-1] if sent else None!r} failed: {type(e).__name__}: {e}"
-            left = [name for name, _ in tensors]  # a rank that stopped early still joins the remaining all-gathers
+                where = "finishing the load" if streamed[0] else f"loading tensor {sent[-1] if sent else None!r}"
+                problem = f"{where} failed: {type(e).__name__}: {e}"
+            # a rank that stopped early still joins the remaining all-gathers (none after a failed one)
+            left = [] if gather_failed else [name for name, _ in tensors]
         if gather_failed:  # the gathering group is broken: no agreement can follow, each rank reports its own
             raise RuntimeError(f"weight sync on rank {self.rank}: {gather_failed[0]} (sync timeout "
                                f"{self.sync_timeout_s:g} s)")

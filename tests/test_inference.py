@@ -263,6 +263,49 @@ def test_429_when_too_many_requests_in_flight(tiny_llama_dir):
     assert done.json()["choices"][0]["text"] == after.json()["choices"][0]["text"]
 
 
+def test_stop_answers_the_requests_still_queued(tiny_llama_dir):
+    """The running batch finishes; a request still waiting when the engine stops gets an error instead of
+    waiting forever, and the engine holds no request after."""
+    from coati.inference.engine import BatchingEngine
+    from coati.inference.generation import Completion, SamplingParams
+
+    model, tok = load_model(tiny_llama_dir)
+    gate = threading.Event()
+
+    class Gated(Generator):
+        def generate(self, *a, **kw):
+            gate.wait(30)
+            return super().generate(*a, **kw)
+
+    engine = BatchingEngine(Gated(model, tok), max_batch_size=1, batch_wait_s=0).start()
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+
+    async def scenario():
+        first = asyncio.create_task(engine.complete([1, 5, 6, 7], params))
+        while engine.stats.batches == 0:  # the first request is generating (held at the gate)
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(engine.complete([1, 5, 6, 8], params))
+        while engine.stats.queued == 0:
+            await asyncio.sleep(0.01)
+        stopper = threading.Thread(target=engine.stop)
+        stopper.start()
+        while not engine._stopped:
+            await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 60)
+        stopper.join()
+        return results
+
+    try:
+        first, second = asyncio.run(scenario())
+    finally:
+        gate.set()
+        engine.stop()
+    assert isinstance(first, Completion) and first.completion_tokens == 3
+    assert isinstance(second, RuntimeError) and str(second) == "engine is stopped"
+    assert engine.stats.active == 0 and engine.stats.queued == 0
+
+
 def test_stream_frees_its_slot_when_the_client_leaves_before_the_first_chunk(tiny_llama_dir):
     """A client gone before the response starts means the SSE generator never runs: the slot must still be
     freed, or the server ends up refusing everything with 429."""

@@ -182,6 +182,16 @@ class EngineBase:
         """One turn of the worker; False once the engine stops."""
         raise NotImplementedError
 
+    def _await_work(self, holding: bool = False) -> bool:
+        """Under `_cond` (the caller holds it): waits for a request unless the worker is `holding` some; once the
+        engine stops, hands every request it holds an error and returns False."""
+        while not self._pending and not holding and not self._stopped:
+            self._cond.wait()
+        if self._stopped:
+            self._fail_all(RuntimeError("engine is stopped"))
+            return False
+        return True
+
     def _fail_all(self, err: BaseException) -> None:
         """Hands `err` to every request the engine holds (here: the waiting ones); called under `_cond`."""
         while self._pending:
@@ -212,10 +222,7 @@ class BatchingEngine(EngineBase):
     # worker thread
     def _next_batch(self) -> list[_Request] | None:
         with self._cond:
-            while not self._pending and not self._stopped:
-                self._cond.wait()
-            if self._stopped:
-                self._fail_all(RuntimeError("engine is stopped"))
+            if not self._await_work():
                 return None
         if self.batch_wait_s > 0 and self.max_batch_size > 1:
             time.sleep(self.batch_wait_s)  # let requests sent at the same moment join this batch

@@ -107,10 +107,7 @@ class VLLMServingEngine(EngineBase):
     def _step(self) -> bool:
         """Admits new requests, drops those whose caller left, runs one engine step; False once stopped."""
         with self._cond:
-            while not self._pending and not self._live and not self._stopped:
-                self._cond.wait()
-            if self._stopped:
-                self._fail_all(RuntimeError("engine is stopped"))
+            if not self._await_work(holding=bool(self._live)):
                 return False
             new, self._pending = list(self._pending), deque()
             self.stats.queued = 0

@@ -14,10 +14,11 @@ from .base import Rollout, sampling_temperature
 class HFRolloutEngine:
     """Generates with ``actor`` (an unwrapped :class:`~coati.models.Actor`) and scores the sampled tokens with
     one forward of it. Generation is :func:`~coati.models.generate_with_masks`: transformers' ``generate``,
-    whose rows leave the batch once they end (the tokens of its own loop for the same seed, fewer forwards). It shares the trained module, so the trainer's new weights are already in place:
-    ``update_weights`` given that module does nothing, given another module raises, and given a state dict with
-    the actor's keys copies in the tensors that are not the actor's own (other keys raise). ``autocast`` makes
-    the context of the scoring forward (the strategy's mixed precision)."""
+    whose rows leave the batch once they end (the tokens of its own loop for the same seed, fewer forwards).
+    It shares the trained module, so the trainer's new weights are already in place: ``update_weights`` given
+    that module does nothing, given another module raises, and given a state dict with the actor's keys copies
+    in the tensors that are not the actor's own (other keys raise). ``autocast`` makes the context of the
+    scoring forward (the strategy's mixed precision)."""
 
     def __init__(self, actor: nn.Module, *, eos_token_id: int | Sequence[int], pad_token_id: int,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:

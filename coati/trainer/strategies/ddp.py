@@ -32,12 +32,11 @@ class DistributedStrategy(Strategy):
 
     def setup_distributed(self) -> None:
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if "RANK" in os.environ:  # torchrun's rendezvous
-                dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-            else:  # a plain `python script.py --strategy ddp` is a world of one: an in-memory store, no port
-                dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
-                                        timeout=timedelta(minutes=30))
+            # torchrun's rendezvous; a plain `python script.py --strategy ddp` is a world of one: an in-memory
+            # store, no port
+            world = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                    timeout=timedelta(minutes=30), **world)
             # torn down before the interpreter's own teardown: a gloo group left to it can abort the process
             # after the work is done ("terminate called without an active exception")
             atexit.register(_destroy_process_group)
